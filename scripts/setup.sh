@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Set up what gvisor-mcp needs on a Debian 12 machine, idempotently:
+#   1. runsc from bookworm-backports (Debian 12's own runsc, 2022-12-19, fails
+#      `ls /` with EINVAL from statx, so it is never good enough);
+#   2. a virtualenv at .venv with this package installed (with test extras).
+# Re-running it when everything is in place takes well under a second.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${GVISOR_MCP_VENV:-$here/.venv}"
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root to install runsc (apt-get) and to run sandboxes; try: sudo $0"
+    exit 1
+  fi
+}
+
+# runsc reports its release date, e.g. "runsc version 0.0~20240729.0" (Debian)
+# or "release-20240729.0" (upstream); the broken bookworm one is from 2022.
+# Anything from 2024 on is accepted.
+runsc_ok() {
+  command -v runsc >/dev/null 2>&1 || return 1
+  local rel
+  rel="$(runsc --version 2>/dev/null | head -n1 | grep -oE '20[0-9]{6}' | head -n1)"
+  [ -n "$rel" ] && [ "$rel" -ge 20240101 ]
+}
+
+# Add bookworm-backports next to the machine's existing Debian source, reusing
+# its URIs and keyring (no mirror host is written by us).
+add_backports_source() {
+  local out=/etc/apt/sources.list.d/gvisor-mcp-backports.sources
+  [ -f "$out" ] && return 0
+  if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null; then
+    return 0
+  fi
+  local uri="" signed=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    # First deb822 stanza whose Suites has plain "bookworm".
+    read -r uri signed < <(awk '
+      BEGIN { RS=""; FS="\n" }
+      {
+        u=""; s=""; k=0
+        for (i=1;i<=NF;i++) {
+          if ($i ~ /^URIs:/) { u=$i; sub(/^URIs:[ \t]*/, "", u); split(u, a, " "); u=a[1] }
+          if ($i ~ /^Signed-By:/) { s=$i; sub(/^Signed-By:[ \t]*/, "", s) }
+          if ($i ~ /^Suites:/ && $i ~ /[ \t]bookworm([ \t]|$)/) k=1
+        }
+        if (k && u != "") { print u, (s==""?"-":s); exit }
+      }' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    uri="$(awk '$1=="deb" && $3=="bookworm" { for(i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' /etc/apt/sources.list)"
+    signed="-"
+  fi
+  if [ -z "$uri" ]; then
+    log "cannot find a Debian bookworm apt source to extend with bookworm-backports;"
+    log "add 'bookworm-backports' to your Debian source's Suites and re-run"
+    exit 1
+  fi
+  log "adding bookworm-backports (same URIs as the existing Debian source) in $out"
+  {
+    echo "Types: deb"
+    echo "URIs: $uri"
+    echo "Suites: bookworm-backports"
+    echo "Components: main"
+    [ "$signed" != "-" ] && echo "Signed-By: $signed"
+  } > "$out"
+}
+
+install_runsc() {
+  runsc_ok && return 0
+  need_root
+  add_backports_source
+  log "apt-get update"
+  apt-get update -qq || log "apt-get update reported errors; trying the install anyway"
+  log "installing runsc from bookworm-backports"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 -t bookworm-backports runsc >&2
+  if ! runsc_ok; then
+    log "runsc is installed but is not a 2024+ release: $(runsc --version 2>&1 | head -n1)"
+    exit 1
+  fi
+}
+
+pick_python() {
+  for p in python3.11 python3.12 python3.13 python3; do
+    if command -v "$p" >/dev/null 2>&1 &&
+       "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      echo "$p"; return 0
+    fi
+  done
+  return 1
+}
+
+install_venv() {
+  local stamp="$venv/.gvisor-mcp-stamp" want
+  want="$(cat "$here/pyproject.toml" | sha256sum | cut -c1-16)"
+  if [ -x "$venv/bin/gvisor-mcp" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  local py
+  if ! py="$(pick_python)"; then
+    need_root
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
+    py="$(pick_python)" || { log "need Python >= 3.11"; exit 1; }
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtualenv $venv with $py"
+    if ! "$py" -m venv "$venv" 2>/dev/null; then
+      need_root
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+      rm -rf "$venv"; "$py" -m venv "$venv"
+    fi
+  fi
+  log "installing gvisor-mcp and its test extras into $venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]" >&2
+  echo "$want" > "$stamp"
+}
+
+install_runsc
+install_venv

@@ -1,0 +1,209 @@
+"""Per-run cgroups that we own: limits written by us, counters read by us.
+
+runsc applies the spec's limits only to a cgroup it creates, and then deletes
+that cgroup (and its counters) when `run` returns. So the leaf is made here,
+limits written here, runsc joins it, and after `run` returns we read peak
+memory and the OOM counter, then remove it. Paths are fresh for every run: a
+stale cgroup at a reused path would keep its old limits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import anyio
+from pydantic import BaseModel, ConfigDict
+
+from .options import ResourceSpec
+from .spec import CPU_PERIOD_US, host_pids_limit, to_cgroup_v2_entries
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_OWNED = ("memory", "cpu", "pids")
+"""v1 controllers whose leaf we create (not cpuset: it needs cpus/mems copied)."""
+
+
+class CgroupStats(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    peak_memory_bytes: int = 0
+    oom_kills: int = 0
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _read_keyed(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def detect_version(root: Path = CGROUP_ROOT) -> int | None:
+    """2 for a unified hierarchy, 1 when a v1 memory controller is mounted."""
+    if (root / "cgroup.controllers").exists():
+        return 2
+    if (root / "memory" / "memory.limit_in_bytes").exists():
+        return 1
+    return None
+
+
+class Cgroup:
+    """One run's cgroup at `rel` (e.g. "/gvisor-mcp/gm-...") under `root`."""
+
+    def __init__(self, rel: str, version: int, root: Path = CGROUP_ROOT) -> None:
+        self.rel = rel
+        self.version = version
+        self.root = root
+
+    def _dir(self, controller: str | None = None) -> Path:
+        base = self.root if self.version == 2 else self.root / (controller or "")
+        return base / self.rel.lstrip("/")
+
+    def create(self, res: ResourceSpec) -> None:
+        """Create the leaf and write the limits (zero fields stay unlimited)."""
+        if self.version == 2:
+            self._create_v2(res)
+        else:
+            self._create_v1(res)
+
+    def _create_v1(self, res: ResourceSpec) -> None:
+        made: list[Path] = []
+        try:
+            for c in V1_OWNED:
+                d = self._dir(c)
+                d.parent.mkdir(parents=True, exist_ok=True)
+                d.mkdir()
+                made.append(d)
+            mem = self._dir("memory")
+            if res.memory_mb:
+                limit = str(res.memory_mb * 1024 * 1024)
+                _write(mem / "memory.limit_in_bytes", limit)
+                sw = mem / "memory.memsw.limit_in_bytes"
+                if sw.exists():
+                    try:
+                        _write(sw, limit)
+                    except OSError:
+                        pass  # swap accounting off: nothing to cap
+            cpu = self._dir("cpu")
+            if res.cpus:
+                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                quota = max(1000, int(res.cpus * CPU_PERIOD_US + 0.999))
+                _write(cpu / "cpu.cfs_quota_us", str(quota))
+            _write(self._dir("pids") / "pids.max", str(host_pids_limit(res.max_pids)))
+        except BaseException:
+            for d in made:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            raise
+
+    def _create_v2(self, res: ResourceSpec) -> None:
+        leaf = self._dir()
+        parent = leaf.parent
+        if not parent.exists():
+            parent.mkdir(parents=True)
+        # Enable the controllers for our leaves, all the way down from the root.
+        node = self.root
+        for part in parent.relative_to(self.root).parts:
+            ctl = node / "cgroup.subtree_control"
+            try:
+                _write(ctl, "+memory +cpu +pids")
+            except OSError:
+                pass  # already enabled or delegated by the service manager
+            node = node / part
+        try:
+            _write(parent / "cgroup.subtree_control", "+memory +cpu +pids")
+        except OSError:
+            pass
+        leaf.mkdir()
+        try:
+            for e in to_cgroup_v2_entries(res):
+                p = leaf / e.file
+                if p.exists():
+                    _write(p, e.value)
+        except BaseException:
+            leaf.rmdir()
+            raise
+
+    def stats(self) -> CgroupStats:
+        """Peak memory and OOM kills so far; read before remove()."""
+        if self.version == 2:
+            d = self._dir()
+            return CgroupStats(
+                peak_memory_bytes=_read_int(d / "memory.peak"),
+                oom_kills=_read_keyed(d / "memory.events", "oom_kill"),
+            )
+        d = self._dir("memory")
+        return CgroupStats(
+            peak_memory_bytes=_read_int(d / "memory.max_usage_in_bytes"),
+            oom_kills=_read_keyed(d / "memory.oom_control", "oom_kill"),
+        )
+
+    def existing_dirs(self) -> list[Path]:
+        """Every directory of this cgroup, in every hierarchy (runsc makes the
+        v1 controllers we did not, and leaves them when its client is killed)."""
+        if self.version == 2:
+            d = self._dir()
+            return [d] if d.is_dir() else []
+        out = []
+        for ctl in sorted(self.root.iterdir()):
+            d = ctl / self.rel.lstrip("/")
+            if d.is_dir() and not ctl.is_symlink():
+                out.append(d)
+        return out
+
+    async def remove(self, attempts: int = 50) -> list[Path]:
+        """rmdir everywhere, retrying while the last tasks exit; returns what remains."""
+        left = self.existing_dirs()
+        for _ in range(attempts):
+            still = []
+            for d in left:
+                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
+                    _rmdir(sub)
+                if not _rmdir(d):
+                    still.append(d)
+            left = still
+            if not left:
+                return []
+            await anyio.sleep(0.02)
+        return left
+
+
+def _rmdir(d: Path) -> bool:
+    try:
+        os.rmdir(d)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return False
+        raise
+
+
+def list_leaves(parent_rel: str, version: int, root: Path = CGROUP_ROOT) -> set[str]:
+    """Names of run cgroups under `parent_rel`, in any hierarchy."""
+    names: set[str] = set()
+    bases = [root] if version == 2 else [c for c in root.iterdir() if not c.is_symlink()]
+    for base in bases:
+        d = base / parent_rel.lstrip("/")
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if p.is_dir())
+    return names

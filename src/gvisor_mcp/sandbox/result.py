@@ -1,0 +1,74 @@
+"""What happened in one run, told honestly."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ContainerStatus(str, enum.Enum):
+    """How the run ended.
+
+    exited: the command ended by itself (any exit code, or a signal it got
+        from inside the sandbox).
+    timed_out: our deadline passed and we killed it.
+    oom_killed: the sandbox cgroup's OOM counter rose during the run. Exit
+        codes cannot tell this (gVisor gives 1, 0 or 137), so only the
+        counter decides.
+    killed: cancelled by the caller or by Manager.close().
+    error: an infrastructure failure after the container existed.
+    """
+
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"
+    OOM_KILLED = "oom_killed"
+    KILLED = "killed"
+    ERROR = "error"
+
+
+class ContainerResult(BaseModel):
+    """The outcome of one run.
+
+    stdout/stderr hold at most max_output_bytes each: when a stream was
+    longer, they hold its first half-cap bytes followed directly by its last
+    half-cap bytes, `*_truncated` is set and `*_bytes` counts everything the
+    command wrote. Durations are in seconds. `boot_duration` is the time until
+    the sandbox was running the command; `duration` the whole call.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    container_id: str
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    duration: float = 0.0
+    boot_duration: float = 0.0
+    status: ContainerStatus
+    oom_killed: bool = False
+    peak_memory_bytes: int = 0
+    signal: int | None = None
+    """Signal number when the command died of one (exit code 128 + N)."""
+    error: str | None = None
+    """Why, when status is error."""
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        parts = [f"status={self.status.value}", f"exit_code={self.exit_code}"]
+        if self.signal:
+            parts.append(f"signal={self.signal}")
+        parts += [
+            f"duration={self.duration:.3f}s",
+            f"boot={self.boot_duration:.3f}s",
+            f"peak_memory={self.peak_memory_bytes}",
+            f"stdout_bytes={self.stdout_bytes}{' (truncated)' if self.stdout_truncated else ''}",
+            f"stderr_bytes={self.stderr_bytes}{' (truncated)' if self.stderr_truncated else ''}",
+        ]
+        if self.error:
+            parts.append(f"error={self.error!r}")
+        return " ".join(parts)

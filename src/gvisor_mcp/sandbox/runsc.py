@@ -1,0 +1,265 @@
+"""The one place that builds runsc command lines and runs them.
+
+Everything runsc-specific lives here: global flags, the foreground `run`
+(DESIGN.md: `runsc wait` loses the exit status after create/start, and
+detached sandboxes keep pipes open), kill/delete/list, and reading runsc's
+state directory to learn when the sandbox is running the command.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from .options import NetworkMode
+
+# Only what runsc itself needs: the server's own environment (secrets, LD_*
+# tricks) never reaches the runsc process.
+RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+class RunscError(RuntimeError):
+    """runsc itself failed (not the command it ran)."""
+
+
+class Runsc:
+    def __init__(self, path: str, root: str, platform: str = "systrap") -> None:
+        resolved = shutil.which(path)
+        if resolved is None:
+            raise RunscError(
+                f"runsc not found at {path!r}: install it from bookworm-backports "
+                "(scripts/setup.sh does) or set runsc_path"
+            )
+        self.path = resolved
+        self.root = root
+        self.platform = platform
+
+    def _global(self, network: NetworkMode | None = None) -> list[str]:
+        flags = [self.path, f"--root={self.root}", f"--platform={self.platform}"]
+        if network is not None:
+            # "sandbox" (gVisor's netstack) needs a prepared namespace: see Manager.
+            flags.append("--network=host" if network is NetworkMode.HOST else "--network=none")
+        return flags
+
+    def run_argv(
+        self, container_id: str, bundle: str, network: NetworkMode, log_path: str
+    ) -> list[str]:
+        return [
+            *self._global(network),
+            # Writes to the root go to sandbox memory (charged to its cgroup),
+            # never to a file in the image directory; rw binds keep their writes.
+            "--overlay2=root:memory",
+            f"--log={log_path}",
+            "--log-format=json",
+            "run",
+            f"--bundle={bundle}",
+            "--",
+            container_id,
+        ]
+
+    async def open_run(
+        self,
+        container_id: str,
+        bundle: str,
+        network: NetworkMode,
+        log_path: str,
+        stdin: bool,
+    ) -> anyio.abc.Process:
+        return await anyio.open_process(
+            self.run_argv(container_id, bundle, network, log_path),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=bundle,
+            env=RUNSC_ENV,
+            # Our own process group: a Ctrl-C aimed at the server or CLI must
+            # not reach runsc behind our back; we kill containers ourselves.
+            start_new_session=True,
+        )
+
+    async def _call(self, args: Sequence[str], timeout: float = 10.0) -> tuple[int, str, str]:
+        with anyio.move_on_after(timeout):
+            r = await anyio.run_process(
+                [*self._global(), *args], check=False, env=RUNSC_ENV
+            )
+            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(
+                errors="replace"
+            )
+        return -1, "", f"runsc {' '.join(args)} timed out after {timeout}s"
+
+    async def kill(self, container_id: str, signal: str = "KILL") -> bool:
+        rc, _, _ = await self._call(["kill", "--all", "--", container_id, signal])
+        return rc == 0
+
+    async def delete(self, container_id: str) -> tuple[bool, str]:
+        rc, _, err = await self._call(["delete", "--force", "--", container_id], timeout=20)
+        return rc == 0, err.strip()
+
+    async def list_ids(self) -> list[str]:
+        rc, out, err = await self._call(["list", "--format=json"])
+        if rc != 0:
+            raise RunscError(f"runsc list failed: {err.strip()}")
+        data = json.loads(out or "null") or []
+        return [c["id"] for c in data]
+
+    async def version(self) -> str:
+        r = await anyio.run_process([self.path, "--version"], check=False, env=RUNSC_ENV)
+        return r.stdout.decode(errors="replace").splitlines()[0] if r.stdout else ""
+
+    def state_file(self, container_id: str) -> Path:
+        return Path(self.root) / f"{container_id}_sandbox:{container_id}.state"
+
+    def has_state(self, container_id: str) -> bool:
+        root = Path(self.root)
+        try:
+            return any(n.startswith(container_id + "_") for n in os.listdir(root)) or (
+                root / f"runsc-{container_id}.sock"
+            ).exists()
+        except FileNotFoundError:
+            return False
+
+    def remove_state_files(self, container_id: str) -> None:
+        """Last resort after `delete --force`: the files a killed client left."""
+        root = Path(self.root)
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return
+        for n in names:
+            if n.startswith(container_id + "_") or n == f"runsc-{container_id}.sock":
+                try:
+                    (root / n).unlink()
+                except FileNotFoundError:
+                    pass
+
+    def ids_in_state_dir(self) -> set[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for n in names:
+            if "_sandbox:" in n:
+                out.add(n.split("_sandbox:", 1)[0])
+            elif n.startswith("runsc-") and n.endswith(".sock"):
+                out.add(n[len("runsc-") : -len(".sock")])
+        return out
+
+    def process_pids(self, container_id: str) -> list[int]:
+        """Host processes of ours (run client, sandbox, gofer) for a container.
+
+        runsc's sandbox and gofer carry --root= and the container id on their
+        command line; orphans whose state is gone are found only this way.
+        """
+        pids = []
+        needle_root = f"--root={self.root}".encode()
+        needle_id = container_id.encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if needle_root in cmd and needle_id in cmd.split(b"\0"):
+                pids.append(int(entry))
+        return pids
+
+    def all_run_ids(self, prefix: str) -> set[str]:
+        """Container ids (starting with `prefix`) of every runsc process on our root."""
+        ids = set()
+        needle_root = f"--root={self.root}".encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if needle_root in cmd:
+                ids.update(
+                    a.decode() for a in cmd.split(b"\0") if a.startswith(prefix.encode())
+                )
+        return ids
+
+
+# --- boot detection -------------------------------------------------------
+
+_IN_CLOSE_WRITE = 0x8
+_IN_MOVED_TO = 0x80
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+class BootWatch:
+    """Learns when runsc marks a container "running" in its state file.
+
+    runsc writes `<id>_sandbox:<id>.state` at create and again at start; the
+    second write, status "running", is the moment the command starts. An
+    inotify watch on the state directory catches it without polling.
+    """
+
+    def __init__(self, runsc: Runsc, container_id: str) -> None:
+        self._state = runsc.state_file(container_id)
+        self._name = self._state.name.encode()
+        self.running_at: float | None = None
+        self._fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            self._fd = -1
+            return
+        Path(runsc.root).mkdir(parents=True, exist_ok=True)
+        wd = _libc.inotify_add_watch(
+            self._fd, runsc.root.encode(), _IN_CLOSE_WRITE | _IN_MOVED_TO
+        )
+        if wd < 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def available(self) -> bool:
+        return self._fd >= 0
+
+    def _is_running(self) -> bool:
+        try:
+            return '"status":"running"' in self._state.read_text().replace(" ", "")
+        except OSError:
+            return False
+
+    async def wait(self) -> None:
+        """Return once the state says running; sets running_at (monotonic)."""
+        if self._fd < 0:
+            return
+        while True:
+            await anyio.wait_readable(self._fd)
+            try:
+                buf = os.read(self._fd, 65536)
+            except BlockingIOError:
+                continue
+            i = 0
+            hit = False
+            while i + 16 <= len(buf):
+                _, _, _, ln = struct.unpack_from("iIII", buf, i)
+                name = buf[i + 16 : i + 16 + ln].rstrip(b"\0")
+                i += 16 + ln
+                if name == self._name:
+                    hit = True
+            if hit and self._is_running():
+                self.running_at = time.monotonic()
+                return
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
