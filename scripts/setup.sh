@@ -114,7 +114,10 @@ install_venv() {
     fi
   fi
   log "installing gvisor-mcp and its test extras into $venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]" >&2
+  local rc=0
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) >&2 || rc=$?
+  if [ "$rc" -ne 0 ]; then log "pip install failed (exit $rc)"; exit 1; fi
   echo "$want" > "$stamp"
 }
 

@@ -1,2 +1,249 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""`gvisor-mcp serve | run | doctor | cleanup | policy ...`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import anyio
+
+from . import logs
+from .sandbox import (
+    ContainerOptions,
+    ContainerStatus,
+    InvalidOptionsError,
+    Manager,
+    ManagerConfig,
+    NetworkMode,
+    ResourceSpec,
+    RunscError,
+    SandboxError,
+    UserSpec,
+)
+from .sandbox.manager import canary
+from .sandbox.runsc import RUNSC_ENV
+
+
+def _manager_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runsc", default="runsc", help="runsc binary (default: from PATH)")
+    p.add_argument("--platform", default="systrap", choices=["systrap", "ptrace", "kvm"])
+    p.add_argument(
+        "--state-root",
+        default="/run/gvisor-mcp",
+        help="where runsc state and bundles live (default: /run/gvisor-mcp)",
+    )
+
+
+def _config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
+    return ManagerConfig(
+        runsc_path=args.runsc,
+        platform=args.platform,
+        bundle_base_dir=os.path.join(args.state_root, "bundles"),
+        runsc_root=os.path.join(args.state_root, "runsc"),
+        **kw,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gvisor-mcp",
+        description="Run shell commands for LLM agents, each in a fresh gVisor sandbox.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("GVISOR_MCP_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run one command in a fresh sandbox and stream its output")
+    _manager_args(p)
+    p.add_argument("--memory-mb", type=int, default=0, help="memory limit in MiB (default 512)")
+    p.add_argument("--cpus", type=float, default=0.0, help="CPU cores (default: no limit)")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds (default 120)")
+    p.add_argument("--max-pids", type=int, default=0, help="processes (default 1024)")
+    p.add_argument("--network", default="none", help="none | host | sandbox (default none)")
+    p.add_argument("--user", default=None, help="UID[:GID] inside the sandbox (default 0:0)")
+    p.add_argument("--workdir", default="/", help="working directory inside the sandbox")
+    p.add_argument("--rootfs", default=None, help="host directory to use as root (default: built-in image)")
+    p.add_argument("--read-only", action="store_true", help="make the root filesystem read-only")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    p = sub.add_parser("doctor", help="check that this host can run sandboxes")
+    _manager_args(p)
+
+    p = sub.add_parser("cleanup", help="remove containers, cgroups and bundles left by dead servers")
+    _manager_args(p)
+
+    p = sub.add_parser("serve", help="serve MCP on stdio")
+    _manager_args(p)
+    p.add_argument("--policy", default=None)
+    p.add_argument("--tenant", default=None)
+    p.add_argument("--state-dir", default=None)
+
+    sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # `policy` owns its own argument parsing.
+    if argv and argv[0] == "policy":
+        from .policy.cli import policy_main
+
+        raise SystemExit(policy_main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level.upper(), json=True)
+    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve}
+    raise SystemExit(handler[args.cmd](args))
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"gvisor-mcp: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return _fail(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    try:
+        network = NetworkMode(args.network)
+    except ValueError:
+        return _fail(f"--network {args.network!r}: expected one of none, sandbox, host")
+    try:
+        options = ContainerOptions(
+            command=command,
+            workdir=args.workdir,
+            env=env or None,
+            rootfs=args.rootfs,
+            network=network,
+            user=UserSpec.parse(args.user) if args.user else None,
+            read_only_rootfs=args.read_only,
+            resources=ResourceSpec(
+                cpus=args.cpus,
+                memory_mb=args.memory_mb,
+                max_pids=args.max_pids,
+                timeout=args.timeout,
+            ),
+            stdin=None if sys.stdin is None or sys.stdin.isatty() else _stdin_bytes(),
+            stdout_writer=_writer(sys.stdout),
+            stderr_writer=_writer(sys.stderr),
+        )
+    except (ValueError, InvalidOptionsError) as e:
+        return _fail(_clean_validation(e))
+
+    async def go() -> int:
+        manager = Manager(_config(args))
+        try:
+            result = await manager.run(options)
+        except InvalidOptionsError as e:
+            print(f"gvisor-mcp: {e}", file=sys.stderr)
+            return 2
+        except (SandboxError, RunscError) as e:
+            print(f"gvisor-mcp: sandbox failure: {e}", file=sys.stderr)
+            return 125
+        finally:
+            await manager.close()
+        print(f"gvisor-mcp: {result.summary()}", file=sys.stderr)
+        return result.exit_code if 0 <= result.exit_code < 256 else 125
+
+    try:
+        return anyio.run(go)
+    except (SandboxError, RunscError) as e:
+        return _fail(str(e), 125)
+
+
+def _stdin_bytes() -> bytes | None:
+    data = sys.stdin.buffer.read()
+    return data or None
+
+
+def _writer(stream):  # type: ignore[no-untyped-def]
+    def write(chunk: bytes) -> None:
+        stream.buffer.write(chunk)
+        stream.buffer.flush()
+
+    return write
+
+
+def _clean_validation(e: Exception) -> str:
+    """pydantic's text around our own messages is noise for a CLI user."""
+    found = re.findall(r"Value error, (.*?)(?: \[type=|\n|$)", str(e))
+    return "; ".join(found) if found else str(e)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .sandbox.cgroups import detect_version
+
+    ok = True
+
+    def line(good: bool, what: str, detail: str) -> None:
+        nonlocal ok
+        ok = ok and good
+        print(f"{'ok  ' if good else 'FAIL'} {what}: {detail}")
+
+    line(os.geteuid() == 0, "root", "yes" if os.geteuid() == 0 else "run as root (runsc and cgroups need it)")
+    path = shutil.which(args.runsc)
+    line(path is not None, "runsc", path or f"{args.runsc!r} not found: run scripts/setup.sh")
+    if path:
+        import subprocess
+
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, env=RUNSC_ENV)
+        version = (out.stdout.splitlines() or ["?"])[0]
+        m = re.search(r"(20\d{6})", version)
+        good = bool(m and m.group(1) >= "20240101")
+        line(
+            good,
+            "runsc version",
+            version
+            + ("" if good else " (too old: Debian 12's own runsc cannot run `ls`; install from bookworm-backports)"),
+        )
+    line(True, "platform", args.platform)
+    cg = detect_version()
+    line(cg is not None, "cgroups", f"v{cg}" if cg else "no memory controller: limits cannot be enforced")
+    if not ok:
+        return 1
+
+    async def go() -> tuple[bool, str]:
+        manager = Manager(_config(args))
+        try:
+            return await canary(manager)
+        finally:
+            await manager.close()
+
+    passed, detail = anyio.run(go)
+    line(passed, "canary (ls -l / in a sandbox)", detail)
+    return 0 if ok else 1
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    async def go() -> list[dict]:
+        manager = Manager(_config(args))
+        try:
+            return await manager.reap_stale()
+        finally:
+            await manager.close()
+
+    report = anyio.run(go)
+    for entry in report:
+        print(
+            f"removed {entry['container_id']}: processes={entry['processes']} "
+            f"runsc_state={entry['runsc_state']} cgroups={entry['cgroups']} bundle={entry['bundle']}"
+        )
+    print(f"{len(report)} stale container(s) removed")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError:
+        print("gvisor-mcp: the MCP server is not built yet; running doctor instead", file=sys.stderr)
+        return cmd_doctor(args)
+    return serve(args)

@@ -135,11 +135,13 @@ class Cgroup:
         leaf.mkdir()
         try:
             for e in to_cgroup_v2_entries(res):
-                p = leaf / e.file
-                if p.exists():
-                    _write(p, e.value)
+                try:
+                    _write(leaf / e.file, e.value)
+                except OSError:
+                    if e.file != "memory.swap.max":  # absent without swap accounting
+                        raise
         except BaseException:
-            leaf.rmdir()
+            _rmdir(leaf)
             raise
 
     def stats(self) -> CgroupStats:

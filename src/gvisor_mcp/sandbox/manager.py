@@ -621,3 +621,22 @@ def _log_fields(r: ContainerResult) -> dict:
         "stdout_bytes": r.stdout_bytes,
         "stderr_bytes": r.stderr_bytes,
     }
+
+
+CANARY = ("/bin/sh", "-c", "ls -l / >/dev/null && echo ok")
+"""Debian 12's own runsc (2022) fails `ls -l /` with EINVAL (statx): this
+catches it, and anything else that keeps a sandbox from running a command."""
+
+
+async def canary(manager: Manager, timeout: float = 30.0) -> tuple[bool, str]:
+    """Run the canary in a sandbox; (passed, detail). Never raises."""
+    try:
+        r = await manager.run(
+            ContainerOptions(command=CANARY, resources=ResourceSpec(timeout=timeout))
+        )
+    except Exception as e:  # doctor and serve report it, they do not crash
+        return False, f"{type(e).__name__}: {e}"
+    if r.status is ContainerStatus.EXITED and r.exit_code == 0 and r.stdout.strip() == b"ok":
+        return True, f"ok in {r.duration * 1000:.0f} ms (boot {r.boot_duration * 1000:.0f} ms)"
+    detail = (r.stderr or r.stdout).decode(errors="replace").strip()[:500]
+    return False, f"{r.summary()}: {detail}"

@@ -162,7 +162,8 @@ def validate_resources(res: ResourceSpec) -> None:
         if not (value == value) or value in (float("inf"), float("-inf")):
             raise InvalidOptionsError(field, value, f"a finite number of {unit}")
         if value < 0 or value > ceiling:
-            raise InvalidOptionsError(field, value, f"0 to {ceiling:g} {unit}")
+            shown = f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:g}"
+            raise InvalidOptionsError(field, value, f"0 to {shown} {unit}")
     if 0 < res.cpus < 0.01:
         raise InvalidOptionsError(
             "resources.cpus", res.cpus, "at least 0.01 CPU (or 0 for no limit)"

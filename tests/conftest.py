@@ -1,0 +1,74 @@
+"""Shared fixtures. Integration tests use real runsc under a private root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+TEST_BASE = Path("/run/gvisor-mcp-test")
+CGROUP_PARENT = "gvisor-mcp-test"
+
+
+def runsc_usable() -> str | None:
+    """Why runsc tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("runsc") is None:
+        return "runsc not installed (scripts/setup.sh installs it)"
+    return None
+
+
+def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[str]]:
+    """Everything a finished test must not leave behind."""
+    root = base / "runsc"
+    out: dict[str, list[str]] = {}
+    if root.exists():
+        r = subprocess.run(
+            ["runsc", f"--root={root}", "list", "-quiet"], capture_output=True, text=True
+        )
+        ids = [x for x in r.stdout.split() if x]
+        if ids:
+            out["runsc list"] = ids
+        files = [n for n in os.listdir(root)]
+        if files:
+            out["runsc state files"] = files
+    bundles = base / "bundles"
+    if bundles.exists():
+        left = [n for n in os.listdir(bundles) if not n.startswith(".")]
+        if left:
+            out["bundles"] = left
+    cg = []
+    for ctl in Path("/sys/fs/cgroup").iterdir():
+        d = ctl / cgroup_parent
+        if d.is_dir() and not ctl.is_symlink():
+            cg += [f"{ctl.name}/{p.name}" for p in d.iterdir() if p.is_dir()]
+    if cg:
+        out["cgroups"] = cg
+    procs = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"--root={root}".encode() in cmd:
+                procs.append(pid)
+    if procs:
+        out["processes"] = procs
+    return out
+
+
+@pytest.fixture
+def sandbox_base() -> Path:
+    reason = runsc_usable()
+    if reason:
+        pytest.skip(reason)
+    base = TEST_BASE / uuid.uuid4().hex[:8]
+    base.mkdir(parents=True)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
