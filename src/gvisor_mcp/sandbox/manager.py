@@ -15,7 +15,6 @@ from a dead process's leftovers (lock free: reaped).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .cgroups import Cgroup, detect_version, list_leaves
+from .ownership import OwnerLock
 from .options import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_PIDS,
@@ -131,19 +131,13 @@ class Manager:
                 "cannot be enforced, refusing to run"
             )
         self.cgroup_version = version
-        self.instance = secrets.token_hex(4)
         self._base = Path(self.config.bundle_base_dir)
         self._base.mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(self.config.runsc_root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._etc = write_etc(self._base / ".image" / "etc")
         self._system = host_system_entries()
-        owners = self._base / ".owners"
-        owners.mkdir(exist_ok=True)
-        self._owner_path = owners / f"{self.instance}.lock"
-        self._owner_fd: int | None = os.open(
-            self._owner_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
-        )
-        fcntl.flock(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._owner = OwnerLock(self._base / ".owners")
+        self.instance = self._owner.instance
         self._limiter = anyio.CapacityLimiter(self.config.max_concurrent_containers)
         self._active: dict[str, ActiveRun] = {}
         self._closed = False
@@ -253,7 +247,7 @@ class Manager:
                     for run in runs:
                         await run.done.wait()
         finally:
-            self._release_owner()
+            self._owner.release()
             self._close_done.set()
 
     async def cleanup_stale(self) -> int:
@@ -282,25 +276,15 @@ class Manager:
             inst = _instance_of(cid)
             if inst is None:
                 continue  # not ours: never touch it
-            if inst == self.instance:
-                if cid in self._active:
-                    continue
-            else:
+            if inst == self.instance and cid in self._active:
+                continue
+            if inst != self.instance:
                 if inst not in alive:
-                    alive[inst] = self._owner_alive(inst)
+                    alive[inst] = self._owner.alive(inst)
                 if alive[inst]:
                     continue
             report.append(await self._reap(cid))
-        for inst, is_alive in alive.items():
-            if not is_alive:
-                try:
-                    (self._base / ".owners" / f"{inst}.lock").unlink()
-                except FileNotFoundError:
-                    pass
-        for lock in (self._base / ".owners").glob("*.lock"):
-            inst = lock.stem
-            if inst != self.instance and inst not in alive and not self._owner_alive(inst):
-                lock.unlink(missing_ok=True)
+        self._owner.forget_dead()
         if report:
             log.info("cleanup_stale", removed=len(report))
         return report
@@ -517,40 +501,6 @@ class Manager:
         removed["bundle"] = bundle.exists()
         shutil.rmtree(bundle, ignore_errors=True)
         return removed
-
-    # --- ownership ------------------------------------------------------------
-
-    def _owner_alive(self, instance: str) -> bool:
-        path = self._base / ".owners" / f"{instance}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-    def _release_owner(self) -> None:
-        if self._owner_fd is not None:
-            try:
-                self._owner_path.unlink()
-            except FileNotFoundError:
-                pass
-            os.close(self._owner_fd)
-            self._owner_fd = None
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_owner_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 def _instance_of(cid: str) -> str | None:
     if not cid.startswith(ID_PREFIX):
