@@ -1,0 +1,238 @@
+"""Commands in flight, independent of the request that started them.
+
+A tool call starts a Job and waits for it up to the policy's foreground limit;
+past that (or with background=true) the call returns `running` and the job
+goes on in the server's task group, reachable by inspect_result,
+list_active and cancel_command. Every job ends in the result store, whatever
+happens to the request, the client or the Manager.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from .audit import AuditLog
+from .results import ResultStore
+from .sandbox import (
+    ContainerOptions,
+    ContainerResult,
+    ContainerStatus,
+    InvalidOptionsError,
+    Manager,
+    ManagerClosedError,
+    RunscError,
+    SandboxError,
+)
+
+log = structlog.get_logger("gvisor_mcp.jobs")
+
+
+@dataclass
+class Job:
+    result_id: str
+    container_id: str
+    tenant: str
+    session: str | None
+    command: str
+    limits: dict[str, Any]
+    timeout: float
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: ContainerResult | None = None
+    status: str = "running"
+    error: str | None = None
+    out_bytes: int = 0
+    err_bytes: int = 0
+    last_line: bytes = b""
+    scope: anyio.CancelScope | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_mono
+
+    def seen(self, chunk: bytes, stream: str) -> None:
+        if stream == "stdout":
+            self.out_bytes += len(chunk)
+        else:
+            self.err_bytes += len(chunk)
+        lines = chunk.rstrip(b"\n").rsplit(b"\n", 1)
+        if lines[-1]:
+            self.last_line = lines[-1][-200:]
+
+
+class QuotaExceeded(Exception):
+    """A tenant is at its concurrency or rate quota; the message names it."""
+
+
+class Jobs:
+    def __init__(
+        self,
+        manager: Manager,
+        store: ResultStore,
+        audit: AuditLog,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self.manager = manager
+        self.store = store
+        self.audit = audit
+        self._tg = task_group
+        self._jobs: dict[str, Job] = {}
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
+
+    def active(self, tenant: str) -> list[Job]:
+        return [j for j in self._jobs.values() if j.tenant == tenant]
+
+    def get(self, result_id: str, tenant: str) -> Job | None:
+        job = self._jobs.get(result_id)
+        return job if job is not None and job.tenant == tenant else None
+
+    def admit(self, tenant: str, max_concurrent: int | None, per_minute: int | None) -> None:
+        """Raise QuotaExceeded when the tenant may not start another run now."""
+        if max_concurrent is not None and len(self.active(tenant)) >= max_concurrent:
+            raise QuotaExceeded(
+                f"quota: tenant {tenant!r} already has {max_concurrent} command(s) running "
+                f"(max_concurrent={max_concurrent}); wait for one to finish (inspect_result with "
+                "wait_seconds) or cancel one (cancel_command), then retry"
+            )
+        if per_minute is not None:
+            now = time.monotonic()
+            recent = self._recent[tenant]
+            while recent and now - recent[0] > 60:
+                recent.popleft()
+            if len(recent) >= per_minute:
+                retry = 60 - (now - recent[0])
+                raise QuotaExceeded(
+                    f"quota: tenant {tenant!r} started {per_minute} commands in the last minute "
+                    f"(runs_per_minute={per_minute}); retry in {retry:.0f} s"
+                )
+            recent.append(now)
+
+    def start(
+        self,
+        *,
+        tenant: str,
+        session: str | None,
+        command: str,
+        options: ContainerOptions,
+        limits: dict[str, Any],
+        policy_hash: str | None = None,
+    ) -> Job:
+        rid = self.store.new_id()
+        cid = self.manager.new_container_id()
+        cap = options.resources.merged_over(self.manager.config.default_resources).max_output_bytes
+        job = Job(
+            result_id=rid,
+            container_id=cid,
+            tenant=tenant,
+            session=session,
+            command=command,
+            limits=limits,
+            timeout=options.resources.timeout or self.manager.config.default_resources.timeout,
+        )
+        self.store.start(
+            rid, tenant=tenant, session=session, command=command, container_id=cid, limits=limits
+        )
+        out_w = self.store.part_writer(rid, "stdout", cap)
+        err_w = self.store.part_writer(rid, "stderr", cap)
+
+        def on_out(chunk: bytes) -> None:
+            job.seen(chunk, "stdout")
+            out_w(chunk)
+
+        def on_err(chunk: bytes) -> None:
+            job.seen(chunk, "stderr")
+            err_w(chunk)
+
+        opts = options.model_copy(update={"stdout_writer": on_out, "stderr_writer": on_err})
+        self._jobs[rid] = job
+        self._tg.start_soon(self._run, job, opts, (out_w, err_w), policy_hash)
+        return job
+
+    async def _run(self, job: Job, options: ContainerOptions, writers: tuple, policy_hash: str | None) -> None:
+        result: ContainerResult | None = None
+        error: str | None = None
+        status = "error"
+        try:
+            with anyio.CancelScope() as job.scope:
+                result = await self.manager.run(options, container_id=job.container_id)
+            if result is not None:
+                status, error = result.status.value, result.error
+            else:  # cancel_command while it waited for a free slot
+                status, error = "killed", "cancelled before a sandbox was free to run it"
+        except ManagerClosedError:
+            status, error = "killed", "the server shut down before the command could start"
+        except InvalidOptionsError as e:
+            error = str(e)
+        except (SandboxError, RunscError) as e:
+            error = f"sandbox failure: {e}"
+        except anyio.get_cancelled_exc_class():
+            status, error = "killed", "the server shut down while the command ran"
+            with anyio.CancelScope(shield=True):
+                self._finish(job, result, status, error, writers, policy_hash)
+            raise
+        except Exception as e:  # a bug must still end in a stored result
+            log.exception("job_crashed", result_id=job.result_id)
+            error = f"internal error: {type(e).__name__}"
+        self._finish(job, result, status, error, writers, policy_hash)
+
+    def _finish(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
+        for w in writers:
+            w.close()
+        fields: dict[str, Any] = {"error": error}
+        if result is not None:
+            fields.update(
+                exit_code=result.exit_code,
+                signal=result.signal,
+                duration_ms=round(result.duration * 1000),
+                boot_ms=round(result.boot_duration * 1000),
+                oom_killed=result.oom_killed,
+                peak_memory_bytes=result.peak_memory_bytes,
+                stdout_bytes=result.stdout_bytes,
+                stderr_bytes=result.stderr_bytes,
+                stdout_truncated=result.stdout_truncated,
+                stderr_truncated=result.stderr_truncated,
+            )
+        else:
+            fields.update(duration_ms=round(job.elapsed() * 1000))
+        try:
+            self.store.finish(
+                job.result_id,
+                status=status,
+                stdout=result.stdout if result else b"",
+                stderr=result.stderr if result else b"",
+                fields=fields,
+            )
+            self.store.evict(job.tenant)
+        except Exception:
+            log.exception("store_finish_failed", result_id=job.result_id)
+        self.audit.write(
+            tenant=job.tenant,
+            session=job.session,
+            result_id=job.result_id,
+            container_id=job.container_id,
+            command=job.command,
+            policy_hash=policy_hash,
+            decision="allowed",
+            status=status,
+            exit_code=result.exit_code if result else None,
+            duration_ms=fields.get("duration_ms"),
+            boot_ms=fields.get("boot_ms"),
+            error=error,
+        )
+        job.result, job.status, job.error = result, status, error
+        self._jobs.pop(job.result_id, None)
+        job.done.set()
+
+    async def cancel(self, job: Job) -> None:
+        if not await self.manager.kill(job.container_id, ContainerStatus.KILLED):
+            if job.scope is not None:
+                job.scope.cancel()
+        with anyio.move_on_after(self.manager.config.kill_grace * 3):
+            await job.done.wait()

@@ -1,0 +1,301 @@
+"""Durable results: SQLite for the record, one file per captured stream.
+
+Why sync sqlite3 inside async code: every statement here touches one row on
+local disk and takes well under a millisecond; a thread hop would cost more
+than it saves, and DESIGN.md asks for no threads unless a library forces them.
+
+Scoping: every read takes the caller's tenant, and a result of another tenant
+is reported exactly like an id that never existed.
+
+Streams: while a command runs, its output is appended to `<id>.<stream>.part`
+up to the capture cap (so `inspect_result` can page it live); when it ends,
+the Manager's head+tail capture is written to `<id>.<stream>` and the part
+file removed. Paging the final file reconstructs the captured stream byte for
+byte; when truncated, the gap sits at byte `cap // 2`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..sandbox.ownership import OwnerLock
+
+RESULT_ID_RE = re.compile(r"^res_[0-9a-f]{32}$")
+STREAMS = ("stdout", "stderr")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    result_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    session TEXT,
+    owner TEXT NOT NULL,
+    container_id TEXT,
+    command TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    duration_ms INTEGER,
+    boot_ms INTEGER,
+    oom_killed INTEGER,
+    peak_memory_bytes INTEGER,
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    stdout_truncated INTEGER NOT NULL DEFAULT 0,
+    stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    limits TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS results_tenant_created ON results (tenant, created_at);
+CREATE INDEX IF NOT EXISTS results_status ON results (status);
+"""
+
+
+class StoredResult(BaseModel):
+    """One row, as tools render it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    result_id: str
+    tenant: str
+    session: str | None
+    container_id: str | None
+    command: str
+    status: str
+    created_at: float
+    finished_at: float | None
+    exit_code: int | None
+    signal: int | None
+    duration_ms: int | None
+    boot_ms: int | None
+    oom_killed: bool
+    peak_memory_bytes: int | None
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    limits: dict[str, Any] | None
+    error: str | None
+
+
+class ResultStore:
+    """Results of one state directory, shared safely by several servers."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        max_bytes_per_tenant: int = 1 << 30,
+        max_age_seconds: float = 7 * 24 * 3600,
+    ) -> None:
+        self.dir = state_dir
+        self.out_dir = state_dir / "output"
+        self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.max_bytes_per_tenant = max_bytes_per_tenant
+        self.max_age_seconds = max_age_seconds
+        self._owner = OwnerLock(state_dir / "owners")
+        self._db = sqlite3.connect(state_dir / "results.db", timeout=10, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    @property
+    def instance(self) -> str:
+        return self._owner.instance
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Mark runs of dead servers as error; returns how many.
+
+        A server that crashed cannot finish its rows; they would otherwise say
+        "running" forever. Rows of live neighbours are left alone.
+        """
+        rows = self._db.execute(
+            "SELECT result_id, owner FROM results WHERE status = 'running'"
+        ).fetchall()
+        n = 0
+        for row in rows:
+            if not self._owner.alive(row["owner"]):
+                self._db.execute(
+                    "UPDATE results SET status='error', finished_at=?, "
+                    "error='the server stopped (crashed or was killed) while this command ran' "
+                    "WHERE result_id=? AND status='running'",
+                    (time.time(), row["result_id"]),
+                )
+                for stream in STREAMS:
+                    part = self._path(row["result_id"], stream, part=True)
+                    if part.exists():
+                        part.replace(self._path(row["result_id"], stream))
+                n += 1
+        self._owner.forget_dead()
+        return n
+
+    def close(self) -> None:
+        self._db.close()
+        self._owner.release()
+
+    # --- writes -----------------------------------------------------------------
+
+    def new_id(self) -> str:
+        return "res_" + secrets.token_hex(16)
+
+    def start(
+        self,
+        result_id: str,
+        *,
+        tenant: str,
+        session: str | None,
+        command: str,
+        container_id: str | None,
+        limits: dict[str, Any] | None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO results (result_id, tenant, session, owner, container_id, command, "
+            "status, created_at, limits) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            (
+                result_id,
+                tenant,
+                session,
+                self.instance,
+                container_id,
+                command,
+                time.time(),
+                json.dumps(limits) if limits is not None else None,
+            ),
+        )
+
+    def part_writer(self, result_id: str, stream: str, cap: int):  # type: ignore[no-untyped-def]
+        """A chunk writer appending to the live part file, up to `cap` bytes."""
+        path = self._path(result_id, stream, part=True)
+        f = open(path, "ab", buffering=0)
+        written = 0
+
+        def write(chunk: bytes) -> None:
+            nonlocal written
+            if f.closed or written >= cap:
+                return
+            piece = chunk[: cap - written]
+            f.write(piece)
+            written += len(piece)
+
+        write.close = f.close  # type: ignore[attr-defined]
+        return write
+
+    def finish(
+        self,
+        result_id: str,
+        *,
+        status: str,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        fields: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the final streams and the outcome; idempotent per result."""
+        stored = 0
+        for stream, data in (("stdout", stdout), ("stderr", stderr)):
+            final = self._path(result_id, stream)
+            tmp = final.with_suffix(final.suffix + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(final)
+            self._path(result_id, stream, part=True).unlink(missing_ok=True)
+            stored += len(data)
+        f = dict(fields or {})
+        cols = ["status=?", "finished_at=?", "stored_bytes=?"]
+        vals: list[Any] = [status, time.time(), stored]
+        for key in (
+            "container_id",
+            "exit_code",
+            "signal",
+            "duration_ms",
+            "boot_ms",
+            "oom_killed",
+            "peak_memory_bytes",
+            "stdout_bytes",
+            "stderr_bytes",
+            "stdout_truncated",
+            "stderr_truncated",
+            "error",
+        ):
+            if key in f:
+                cols.append(f"{key}=?")
+                v = f[key]
+                vals.append(int(v) if isinstance(v, bool) else v)
+        if "limits" in f:
+            cols.append("limits=?")
+            vals.append(json.dumps(f["limits"]))
+        vals.append(result_id)
+        self._db.execute(f"UPDATE results SET {', '.join(cols)} WHERE result_id=?", vals)
+
+    def evict(self, tenant: str) -> int:
+        """Drop the tenant's oldest finished results past the age or byte budget."""
+        now = time.time()
+        rows = self._db.execute(
+            "SELECT result_id, stored_bytes, created_at FROM results "
+            "WHERE tenant=? AND status != 'running' ORDER BY created_at DESC",
+            (tenant,),
+        ).fetchall()
+        total = 0
+        doomed = []
+        for row in rows:
+            total += row["stored_bytes"]
+            if total > self.max_bytes_per_tenant or now - row["created_at"] > self.max_age_seconds:
+                doomed.append(row["result_id"])
+        for rid in doomed:
+            self._db.execute("DELETE FROM results WHERE result_id=?", (rid,))
+            for stream in STREAMS:
+                self._path(rid, stream).unlink(missing_ok=True)
+        return len(doomed)
+
+    # --- reads -------------------------------------------------------------------
+
+    def get(self, result_id: str, tenant: str) -> StoredResult | None:
+        """The result, or None when absent OR another tenant's (indistinguishable)."""
+        if not RESULT_ID_RE.match(result_id or ""):
+            return None
+        row = self._db.execute(
+            "SELECT * FROM results WHERE result_id=? AND tenant=?", (result_id, tenant)
+        ).fetchone()
+        return _row(row) if row else None
+
+    def read(self, result: StoredResult, stream: str, offset: int, length: int) -> tuple[bytes, int]:
+        """(bytes at [offset, offset+length), total bytes stored so far)."""
+        done = result.status != "running"
+        path = self._path(result.result_id, stream, part=not done)
+        if not path.exists():
+            # Finished between our read of the row and of the file.
+            path = self._path(result.result_id, stream, part=done)
+        try:
+            with open(path, "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, total))
+                return f.read(max(0, length)), total
+        except FileNotFoundError:
+            return b"", 0
+
+    def _path(self, result_id: str, stream: str, part: bool = False) -> Path:
+        if stream not in STREAMS or not RESULT_ID_RE.match(result_id):
+            raise ValueError(f"bad stream or result id: {stream!r} {result_id!r}")
+        return self.out_dir / f"{result_id}.{stream}{'.part' if part else ''}"
+
+
+def _row(row: sqlite3.Row) -> StoredResult:
+    d = dict(row)
+    d.pop("owner", None)
+    d.pop("stored_bytes", None)
+    d["limits"] = json.loads(d["limits"]) if d.get("limits") else None
+    for k in ("oom_killed", "stdout_truncated", "stderr_truncated"):
+        d[k] = bool(d.get(k))
+    return StoredResult(**d)
