@@ -34,6 +34,14 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
         default="/run/gvisor-mcp",
         help="where runsc state and bundles live (default: /run/gvisor-mcp)",
     )
+    p.add_argument(
+        "--cgroup-parent",
+        default="gvisor-mcp",
+        help="cgroup directory that holds one leaf per run (default: gvisor-mcp)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=8, help="sandboxes running at once, all callers (default 8)"
+    )
 
 
 def _config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
@@ -42,6 +50,8 @@ def _config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
         platform=args.platform,
         bundle_base_dir=os.path.join(args.state_root, "bundles"),
         runsc_root=os.path.join(args.state_root, "runsc"),
+        cgroup_parent=args.cgroup_parent,
+        max_concurrent_containers=args.max_concurrent,
         **kw,
     )
 

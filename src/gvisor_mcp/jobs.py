@@ -86,6 +86,9 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._recent: dict[str, deque[float]] = defaultdict(deque)
 
+    def active_all(self) -> list[Job]:
+        return list(self._jobs.values())
+
     def active(self, tenant: str) -> list[Job]:
         return [j for j in self._jobs.values() if j.tenant == tenant]
 

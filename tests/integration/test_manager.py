@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -164,10 +165,23 @@ async def test_fork_bomb_is_contained(manager):
     assert (r.status, r.exit_code) == (ContainerStatus.EXITED, 0)
 
 
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 async def test_flood_is_truncated_head_and_tail(manager):
     cap = 1 << 20
     script = "printf HEAD; head -c 200000000 /dev/zero; printf TAIL"
     chunks: list[int] = []
+    _peak_rss_reset()
+    before = _peak_rss()
     r = await manager.run(sh(script, resources=ResourceSpec(max_output_bytes=cap, timeout=120),
                              stdout_writer=lambda c: chunks.append(len(c))))
     assert r.exit_code == 0, r.summary()
@@ -176,6 +190,8 @@ async def test_flood_is_truncated_head_and_tail(manager):
     assert len(r.stdout) == cap
     assert r.stdout.startswith(b"HEAD\0") and r.stdout.endswith(b"\0TAIL")
     assert sum(chunks) == r.stdout_bytes
+    # 200 MB went through; the process grew by about the cap, not the flood.
+    assert _peak_rss() - before < cap + 32 * 1024 * 1024
 
 
 async def test_network_none_reaches_nothing(manager):
