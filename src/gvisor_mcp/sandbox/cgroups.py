@@ -77,12 +77,66 @@ class Cgroup:
 
     def create(self, res: ResourceSpec) -> None:
         """Create the leaf and write the limits (zero fields stay unlimited)."""
-        if self.version == 2:
-            self._create_v2(res)
-        else:
-            self._create_v1(res)
+        made = self._mkdirs_v2() if self.version == 2 else self._mkdirs_v1()
+        try:
+            self.apply(res)
+        except BaseException:
+            for d in made:
+                _rmdir(d)
+            raise
 
-    def _create_v1(self, res: ResourceSpec) -> None:
+    def apply(self, res: ResourceSpec) -> None:
+        """(Re)write the limits: at creation, and when a warm sandbox is claimed.
+
+        A zero field means unlimited, so it is written as such (a pooled
+        sandbox may carry a previous limit).
+        """
+        if self.version == 2:
+            entries = {e.file: e.value for e in to_cgroup_v2_entries(res)}
+            entries.setdefault("memory.max", "max")
+            entries.setdefault("cpu.max", f"max {CPU_PERIOD_US}")
+            leaf = self._dir()
+            for name, value in entries.items():
+                try:
+                    _write(leaf / name, value)
+                except OSError:
+                    if name != "memory.swap.max":  # absent without swap accounting
+                        raise
+            return
+        mem = self._dir("memory")
+        limit = str(res.memory_mb * 1024 * 1024) if res.memory_mb else "-1"
+        sw = mem / "memory.memsw.limit_in_bytes"
+        # v1 wants memsw >= mem at every step: order the two writes accordingly.
+        writes = [(mem / "memory.limit_in_bytes", limit)]
+        if sw.exists():
+            writes = [writes[0], (sw, limit)] if res.memory_mb else [(sw, limit), writes[0]]
+        for path, value in writes:
+            try:
+                _write(path, value)
+            except OSError:
+                if path == sw:
+                    continue  # swap accounting off: nothing to cap
+                raise
+        cpu = self._dir("cpu")
+        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        quota = max(1000, int(res.cpus * CPU_PERIOD_US + 0.999)) if res.cpus else -1
+        _write(cpu / "cpu.cfs_quota_us", str(quota))
+        _write(self._dir("pids") / "pids.max", str(host_pids_limit(res.max_pids)))
+
+    def reset_peak(self) -> None:
+        """Start peak-memory accounting afresh (a claimed warm sandbox's boot
+        is not the command's usage). Best effort: v2 needs kernel >= 6.12."""
+        path = (
+            self._dir() / "memory.peak"
+            if self.version == 2
+            else self._dir("memory") / "memory.max_usage_in_bytes"
+        )
+        try:
+            _write(path, "0")
+        except OSError:
+            pass
+
+    def _mkdirs_v1(self) -> list[Path]:
         made: list[Path] = []
         try:
             for c in V1_OWNED:
@@ -90,31 +144,13 @@ class Cgroup:
                 d.parent.mkdir(parents=True, exist_ok=True)
                 d.mkdir()
                 made.append(d)
-            mem = self._dir("memory")
-            if res.memory_mb:
-                limit = str(res.memory_mb * 1024 * 1024)
-                _write(mem / "memory.limit_in_bytes", limit)
-                sw = mem / "memory.memsw.limit_in_bytes"
-                if sw.exists():
-                    try:
-                        _write(sw, limit)
-                    except OSError:
-                        pass  # swap accounting off: nothing to cap
-            cpu = self._dir("cpu")
-            if res.cpus:
-                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                quota = max(1000, int(res.cpus * CPU_PERIOD_US + 0.999))
-                _write(cpu / "cpu.cfs_quota_us", str(quota))
-            _write(self._dir("pids") / "pids.max", str(host_pids_limit(res.max_pids)))
         except BaseException:
             for d in made:
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
+                _rmdir(d)
             raise
+        return made
 
-    def _create_v2(self, res: ResourceSpec) -> None:
+    def _mkdirs_v2(self) -> list[Path]:
         leaf = self._dir()
         parent = leaf.parent
         if not parent.exists():
@@ -122,9 +158,8 @@ class Cgroup:
         # Enable the controllers for our leaves, all the way down from the root.
         node = self.root
         for part in parent.relative_to(self.root).parts:
-            ctl = node / "cgroup.subtree_control"
             try:
-                _write(ctl, "+memory +cpu +pids")
+                _write(node / "cgroup.subtree_control", "+memory +cpu +pids")
             except OSError:
                 pass  # already enabled or delegated by the service manager
             node = node / part
@@ -133,16 +168,7 @@ class Cgroup:
         except OSError:
             pass
         leaf.mkdir()
-        try:
-            for e in to_cgroup_v2_entries(res):
-                try:
-                    _write(leaf / e.file, e.value)
-                except OSError:
-                    if e.file != "memory.swap.max":  # absent without swap accounting
-                        raise
-        except BaseException:
-            _rmdir(leaf)
-            raise
+        return [leaf]
 
     def stats(self) -> CgroupStats:
         """Peak memory and OOM kills so far; read before remove()."""
