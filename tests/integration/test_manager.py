@@ -273,7 +273,7 @@ async def test_kill_by_id(manager):
         while not manager.active_runs():
             await anyio.sleep(0.01)
         await anyio.sleep(0.3)
-        assert await manager.kill(manager.active_runs()[0].container_id)
+        assert await manager.kill(manager.active_runs()[0].run_id)
     assert result[0].status is ContainerStatus.KILLED
 
 

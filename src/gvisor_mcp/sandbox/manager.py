@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,8 @@ from .output import BoundedCapture
 from .result import ContainerResult, ContainerStatus
 from .rootfs import host_system_entries, make_root, write_etc
 from .runsc import BootWatch, Runsc, RunscError
-from .spec import build_spec, check_workdir
+from .pool import STUB_COMMAND, PoolKey, PoolTarget, WarmPool, WarmSandbox, claim_line, pool_key
+from .spec import DEFAULT_ENV, build_spec, check_workdir
 
 log = structlog.get_logger("gvisor_mcp.sandbox")
 
@@ -86,6 +88,10 @@ class ManagerConfig(BaseModel):
     """Seconds close() waits for killed runs before force-deleting them."""
     kill_grace: float = Field(default=3.0, gt=0)
     """Seconds a run may take to exit after `runsc kill` before it is force-deleted."""
+    pool_max_age: float = Field(default=300.0, gt=0)
+    """Seconds a pooled sandbox may wait for a claim before it is recycled."""
+    boot_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a pooled sandbox may take to boot."""
 
     @model_validator(mode="after")
     def _paths(self) -> ManagerConfig:
@@ -104,9 +110,22 @@ class ManagerConfig(BaseModel):
 
 
 @dataclass
+class Sandbox:
+    """One container's host side: bundle, cgroup, boot watch and runsc process."""
+
+    container_id: str
+    bundle: Path
+    cgroup: Cgroup
+    watch: BootWatch | None = None
+    process: anyio.abc.Process | None = None
+
+
+@dataclass
 class ActiveRun:
     """A run in flight, as list_active() shows it."""
 
+    run_id: str
+    """The caller's handle (kill() takes it); the container id unless given."""
     container_id: str
     command: tuple[str, ...]
     started_at: float  # wall clock
@@ -116,6 +135,8 @@ class ActiveRun:
     process: anyio.abc.Process | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     cancel_scope: anyio.CancelScope | None = None
+    warm: bool = False
+    claimed_at: float | None = None
 
 
 class Manager:
@@ -142,6 +163,24 @@ class Manager:
         self._active: dict[str, ActiveRun] = {}
         self._closed = False
         self._close_done: anyio.Event | None = None
+        self.pool = WarmPool(self.config.pool_max_age)
+        self._booting_ids: set[str] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Manager:
+        """Inside `async with`, the Manager keeps its warm pool filled."""
+        self._tg = await anyio.create_task_group().__aenter__()
+        self._tg.start_soon(self._maintain_pool)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
 
     # --- public API ---------------------------------------------------------
 
@@ -176,43 +215,75 @@ class Manager:
             )
         return options.resources.merged_over(self.config.default_resources)
 
-    async def run(
-        self, options: ContainerOptions, *, container_id: str | None = None
-    ) -> ContainerResult:
+    async def run(self, options: ContainerOptions, *, run_id: str | None = None) -> ContainerResult:
         """Run one command in a fresh sandbox and destroy it.
 
         A command that fails is a normal result; only infrastructure failures
         before the command ran raise (SandboxError, RunscError). Invalid
         options raise InvalidOptionsError before anything is created.
         Cancelling the awaiting task kills the container, removes everything,
-        and re-raises the cancellation.
+        and re-raises the cancellation. `run_id` is the caller's handle for
+        kill() and active_runs() (default: the container id).
         """
         if self._closed:
             raise ManagerClosedError()
         res = self.prepare(options)
-        cid = container_id or self.new_container_id()
-        if not cid.startswith(f"{ID_PREFIX}{self.instance}-"):
-            raise InvalidOptionsError("container_id", cid, "an id from new_container_id()")
+        key = pool_key(options, res)
         async with self._limiter:
             if self._closed:
                 raise ManagerClosedError()
+            warm = self.pool.claim(key)
+            if warm is None:
+                await self._make_room()
+            cid = warm.container_id if warm else self.new_container_id()
+            rid = run_id or cid
+            if rid in self._active:
+                raise InvalidOptionsError("run_id", rid, "an id not already running")
             run = ActiveRun(
+                run_id=rid,
                 container_id=cid,
                 command=options.command,
                 started_at=time.time(),
                 started_mono=time.monotonic(),
                 resources=res,
+                warm=warm is not None,
             )
-            self._active[cid] = run
+            self._active[rid] = run
             try:
-                return await self._execute(run, options, res)
+                return await self._execute(run, options, res, warm)
             finally:
-                del self._active[cid]
+                del self._active[rid]
                 run.done.set()
+                self.pool.wake()
 
-    async def kill(self, container_id: str, reason: ContainerStatus = ContainerStatus.KILLED) -> bool:
-        """Kill a running container; its run() returns with `reason` as status."""
-        run = self._active.get(container_id)
+    def warm(self, template: ContainerOptions, size: int) -> None:
+        """Keep `size` sandboxes booted for requests shaped like `template`
+        (same image, network, user, mounts, process limit); 0 stops it.
+        Takes effect inside `async with manager`."""
+        res = self.prepare(template)
+        key = pool_key(template, res)
+        if key is None:
+            raise InvalidOptionsError("template", template.command, "options the pool can serve (built-in image)")
+        if size <= 0:
+            self.pool.targets.pop(key, None)
+        else:
+            self.pool.targets[key] = PoolTarget(template=template, size=size)
+        self.pool.wake()
+
+    async def wait_warm(self, template: ContainerOptions, timeout: float = 30.0) -> bool:
+        """Wait until the pool for `template` is full (tests and benchmarks)."""
+        key = pool_key(template, self.prepare(template))
+        with anyio.move_on_after(timeout):
+            while True:
+                target = self.pool.targets.get(key)
+                if target is None or len(self.pool.ready.get(key, [])) >= target.size:
+                    return target is not None
+                await self.pool.changed.wait()
+        return False
+
+    async def kill(self, run_id: str, reason: ContainerStatus = ContainerStatus.KILLED) -> bool:
+        """Kill a running run (by run_id); its run() returns with `reason` as status."""
+        run = self._active.get(run_id)
         if run is None:
             return False
         await self._terminate(run, reason)
@@ -231,10 +302,13 @@ class Manager:
         self._close_done = anyio.Event()
         try:
             runs = list(self._active.values())
+            self.pool.targets.clear()
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as tg:
                     for run in runs:
                         tg.start_soon(self._terminate, run, ContainerStatus.KILLED)
+                    for warm in self.pool.take_all():
+                        tg.start_soon(self._destroy_warm, warm)
                 with anyio.move_on_after(self.config.close_grace):
                     for run in runs:
                         await run.done.wait()
@@ -276,7 +350,7 @@ class Manager:
             inst = _instance_of(cid)
             if inst is None:
                 continue  # not ours: never touch it
-            if inst == self.instance and cid in self._active:
+            if inst == self.instance and cid in self._owned_ids():
                 continue
             if inst != self.instance:
                 if inst not in alive:
@@ -291,62 +365,102 @@ class Manager:
 
     # --- one run ------------------------------------------------------------
 
+    async def _create_sandbox(
+        self,
+        cid: str,
+        options: ContainerOptions,
+        res: ResourceSpec,
+        *,
+        command: tuple[str, ...],
+        stdin: bool,
+    ) -> Sandbox:
+        """Bundle, cgroup and a started `runsc run` (booting); torn down on failure."""
+        sb = Sandbox(
+            container_id=cid,
+            bundle=self._base / cid,
+            cgroup=Cgroup(f"/{self.config.cgroup_parent}/{cid}", self.cgroup_version),
+        )
+        try:
+            sb.bundle.mkdir(mode=0o700)
+            root = None
+            if options.rootfs is None:
+                root = sb.bundle / "rootfs"
+                make_root(
+                    root,
+                    [m.destination for m in options.extra_mounts] + [options.workdir],
+                    self._system,
+                )
+            spec = build_spec(
+                options.model_copy(update={"command": command}),
+                root_path=str(root) if root else None,
+                etc_dir=str(self._etc),
+                cgroups_path=sb.cgroup.rel,
+                resources=res,
+            )
+            (sb.bundle / "config.json").write_text(json.dumps(spec))
+            sb.cgroup.create(res)
+            sb.watch = BootWatch(self.runsc, cid)
+            sb.process = await self.runsc.open_run(
+                cid, str(sb.bundle), options.network, str(sb.bundle / "runsc.log"), stdin=stdin
+            )
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(sb)
+            if isinstance(e, OSError):
+                raise SandboxError(f"could not prepare the sandbox: {e}") from e
+            raise
+        return sb
+
     async def _execute(
-        self, run: ActiveRun, options: ContainerOptions, res: ResourceSpec
+        self,
+        run: ActiveRun,
+        options: ContainerOptions,
+        res: ResourceSpec,
+        warm: WarmSandbox | None,
     ) -> ContainerResult:
-        cid = run.container_id
         t0 = time.monotonic()
-        bundle = self._base / cid
-        cgroup = Cgroup(f"/{self.config.cgroup_parent}/{cid}", self.cgroup_version)
         out = BoundedCapture(res.max_output_bytes, options.stdout_writer)
         err = BoundedCapture(res.max_output_bytes, options.stderr_writer)
-        watch: BootWatch | None = None
-        proc: anyio.abc.Process | None = None
-        try:
+        header: bytes | None = None
+        if warm is not None:
+            sb = warm.sandbox
             try:
-                bundle.mkdir(mode=0o700)
-                root = None
-                if options.rootfs is None:
-                    root = bundle / "rootfs"
-                    make_root(
-                        root,
-                        [m.destination for m in options.extra_mounts] + [options.workdir],
-                        self._system,
-                    )
-                spec = build_spec(
-                    options,
-                    root_path=str(root) if root else None,
-                    etc_dir=str(self._etc),
-                    cgroups_path=cgroup.rel,
-                    resources=res,
-                )
-                (bundle / "config.json").write_text(json.dumps(spec))
-                cgroup.create(res)
-                watch = BootWatch(self.runsc, cid)
-                proc = await self.runsc.open_run(
-                    cid,
-                    str(bundle),
-                    options.network,
-                    str(bundle / "runsc.log"),
-                    stdin=options.stdin is not None,
-                )
-            except OSError as e:
-                raise SandboxError(f"could not prepare the sandbox: {e}") from e
+                sb.cgroup.apply(res)
+            except OSError as e:  # e.g. a limit below what the idle sandbox uses
+                await self._destroy_warm(warm)
+                raise SandboxError(f"could not apply limits to a pooled sandbox: {e}") from e
+            sb.cgroup.reset_peak()
+            env = dict(DEFAULT_ENV)
+            env.update(options.env or {})
+            header = claim_line(options, env)
+        else:
+            sb = await self._create_sandbox(
+                run.container_id, options, res,
+                command=options.command, stdin=options.stdin is not None,
+            )
+        oom_before = sb.cgroup.stats().oom_kills if warm else 0
+        proc = sb.process
+        assert proc is not None
+        try:
             run.process = proc
-            await self._supervise(run, proc, options, res, out, err, watch)
+            await self._supervise(run, sb, options, res, out, err, header)
             duration = time.monotonic() - t0
             returncode = proc.returncode if proc.returncode is not None else -1
-            stats = cgroup.stats()
-            runsc_error = _runsc_error(bundle / "runsc.log")
-            boot = (watch.running_at - t0) if watch.running_at else None
+            stats = sb.cgroup.stats()
+            oom_kills = stats.oom_kills - oom_before
+            runsc_error = _runsc_error(sb.bundle / "runsc.log")
+            if warm is not None:
+                boot = (run.claimed_at - t0) if run.claimed_at else None
+            else:
+                boot = (sb.watch.running_at - t0) if sb.watch and sb.watch.running_at else None
             if runsc_error and boot is None and run.reason is None:
                 raise SandboxError(f"runsc failed before the command started: {runsc_error}")
-            status, error = self._status(run, stats.oom_kills, runsc_error)
+            status, error = self._status(run, oom_kills, runsc_error)
             signal = returncode - 128 if 128 < returncode <= 128 + 64 else None
             if returncode < 0:  # the runsc client itself died of a signal
                 signal = -returncode
             result = ContainerResult(
-                container_id=cid,
+                container_id=sb.container_id,
                 exit_code=returncode,
                 stdout=out.value(),
                 stderr=err.value(),
@@ -357,38 +471,39 @@ class Manager:
                 duration=duration,
                 boot_duration=boot if boot is not None else duration,
                 status=status,
-                oom_killed=stats.oom_kills > 0,
+                oom_killed=oom_kills > 0,
                 peak_memory_bytes=stats.peak_memory_bytes,
                 signal=signal,
                 error=error,
+                warm=warm is not None,
             )
-            log.info("run", container_id=cid, **_log_fields(result))
+            log.info("run", container_id=sb.container_id, warm=result.warm, **_log_fields(result))
             return result
         finally:
             with anyio.CancelScope(shield=True):
-                if watch is not None:
-                    watch.close()
-                await self._teardown(cid, proc, cgroup, bundle)
+                await self._teardown(sb)
 
     async def _supervise(
         self,
         run: ActiveRun,
-        proc: anyio.abc.Process,
+        sb: Sandbox,
         options: ContainerOptions,
         res: ResourceSpec,
         out: BoundedCapture,
         err: BoundedCapture,
-        watch: BootWatch,
+        header: bytes | None,
     ) -> None:
+        proc = sb.process
+        assert proc is not None
         try:
             async with anyio.create_task_group() as tg:
                 run.cancel_scope = tg.cancel_scope
-                if watch.available:
-                    tg.start_soon(watch.wait)
+                if header is None and sb.watch is not None and sb.watch.available:
+                    tg.start_soon(sb.watch.wait)
                 if res.timeout:
                     tg.start_soon(self._deadline, run, res.timeout)
-                if options.stdin is not None and proc.stdin is not None:
-                    tg.start_soon(_feed, proc.stdin, options.stdin)
+                if proc.stdin is not None:
+                    tg.start_soon(self._feed, run, proc.stdin, header, options.stdin)
                 async with anyio.create_task_group() as io:
                     io.start_soon(_pump, proc.stdout, out)
                     io.start_soon(_pump, proc.stderr, err)
@@ -406,6 +521,131 @@ class Manager:
                 if proc.returncode is None:
                     await self._force_delete(run)
             raise
+
+    @staticmethod
+    async def _feed(
+        run: ActiveRun,
+        stream: anyio.abc.ByteSendStream,
+        header: bytes | None,
+        data: bytes | AsyncIterable[bytes] | None,
+    ) -> None:
+        """The claim line (warm), then the caller's stdin, then EOF."""
+        try:
+            if header is not None:
+                await stream.send(header)
+                run.claimed_at = time.monotonic()
+            if isinstance(data, bytes):
+                view = memoryview(data)
+                for i in range(0, len(view), 65536):
+                    await stream.send(bytes(view[i : i + 65536]))
+            elif data is not None:
+                async for chunk in data:
+                    await stream.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError):
+            pass  # the command stopped reading; not an error
+        finally:
+            try:
+                await stream.aclose()
+            except (anyio.BrokenResourceError, BrokenPipeError, OSError):
+                pass
+
+    # --- the warm pool --------------------------------------------------------
+
+    def _owned_ids(self) -> set[str]:
+        return (
+            {r.container_id for r in self._active.values()}
+            | self.pool.container_ids()
+            | self._booting_ids
+        )
+
+    async def _make_room(self) -> None:
+        """A cold run is starting: keep runs + pooled sandboxes within capacity."""
+        while (
+            len(self._active) + 1 + self.pool.in_flight() > self.config.max_concurrent_containers
+            and self.pool.idle()
+        ):
+            warm = self.pool.take_oldest()
+            if warm is None:
+                break
+            assert self._tg is not None
+            self._tg.start_soon(self._destroy_warm, warm)
+
+    async def _maintain_pool(self) -> None:
+        while not self._closed:
+            for warm in self.pool.expired():
+                self._tg.start_soon(self._destroy_warm, warm)  # type: ignore[union-attr]
+            for key, target in list(self.pool.targets.items()):
+                have = len(self.pool.ready.get(key, [])) + self.pool.booting.get(key, 0)
+                for _ in range(target.size - have):
+                    used = len(self._active) + self.pool.in_flight()
+                    if used >= self.config.max_concurrent_containers:
+                        break
+                    self.pool.booting[key] = self.pool.booting.get(key, 0) + 1
+                    self._tg.start_soon(self._boot_warm, key, target.template)  # type: ignore[union-attr]
+            with anyio.move_on_after(1.0):
+                await self.pool.changed.wait()
+
+    async def _boot_warm(self, key: PoolKey, template: ContainerOptions) -> None:
+        cid = self.new_container_id()
+        self._booting_ids.add(cid)
+        sb: Sandbox | None = None
+        try:
+            res = template.resources.merged_over(self.config.default_resources)
+            sb = await self._create_sandbox(cid, template, res, command=STUB_COMMAND, stdin=True)
+            assert sb.watch is not None and sb.process is not None
+            with anyio.move_on_after(self.config.boot_timeout):
+                async with anyio.create_task_group() as tg:
+
+                    async def exited() -> None:
+                        await sb.process.wait()  # type: ignore[union-attr]
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(exited)
+                    await sb.watch.wait()
+                    tg.cancel_scope.cancel()
+            if sb.watch.running_at is None or sb.process.returncode is not None or self._closed \
+                    or key not in self.pool.targets:
+                raise SandboxError("pooled sandbox did not boot (or is no longer wanted)")
+            sb.watch.close()
+            self.pool.ready.setdefault(key, []).append(WarmSandbox(container_id=cid, key=key, sandbox=sb))
+            sb = None
+        except Exception as e:
+            log.warning("pool_boot_failed", container_id=cid, error=str(e))
+            await anyio.sleep(1.0)  # do not spin on a persistent failure
+        finally:
+            if sb is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_idle(sb)
+            self._booting_ids.discard(cid)
+            self.pool.booting[key] -= 1
+            self.pool.wake()
+
+    async def _destroy_warm(self, warm: WarmSandbox) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stop_idle(warm.sandbox)
+
+    async def _stop_idle(self, sb: Sandbox) -> None:
+        """An unclaimed sandbox: EOF on the stub's stdin ends it cleanly."""
+        proc = sb.process
+        if proc is not None and proc.stdin is not None:
+            try:
+                await proc.stdin.aclose()
+            except (anyio.BrokenResourceError, BrokenPipeError, OSError):
+                pass
+        if proc is not None:
+            with anyio.move_on_after(self.config.kill_grace):
+                async with anyio.create_task_group() as tg:
+                    for stream in (proc.stdout, proc.stderr):
+                        tg.start_soon(_pump, stream, BoundedCapture(0))
+                await proc.wait()
+            if proc.returncode is None:
+                await self.runsc.kill(sb.container_id)
+                await self.runsc.delete(sb.container_id)
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+        await self._teardown(sb)
 
     async def _deadline(self, run: ActiveRun, timeout: float) -> None:
         await anyio.sleep(timeout)
@@ -453,31 +693,31 @@ class Manager:
             return ContainerStatus.ERROR, f"runsc: {runsc_error}"
         return ContainerStatus.EXITED, None
 
-    async def _teardown(
-        self,
-        cid: str,
-        proc: anyio.abc.Process | None,
-        cgroup: Cgroup,
-        bundle: Path,
-    ) -> None:
+    async def _teardown(self, sb: Sandbox) -> None:
         """Remove runsc state, the cgroup and the bundle. Never raises."""
+        cid = sb.container_id
         try:
+            if sb.watch is not None:
+                sb.watch.close()
+            proc = sb.process
             if proc is not None:
                 for stream in (proc.stdin, proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
-            if proc is None or self.runsc.has_state(cid):
-                if self.runsc.has_state(cid):
-                    await self.runsc.delete(cid)
-                    self.runsc.remove_state_files(cid)
-            left = await cgroup.remove()
+                if proc.returncode is None:
+                    with anyio.move_on_after(self.config.kill_grace):
+                        await proc.wait()
+            if self.runsc.has_state(cid):
+                await self.runsc.delete(cid)
+                self.runsc.remove_state_files(cid)
+            left = await sb.cgroup.remove()
             if left:
                 for pid in self.runsc.process_pids(cid):
                     _kill_pid(pid)
-                left = await cgroup.remove()
+                left = await sb.cgroup.remove()
             if left:
                 log.warning("cgroup_left", container_id=cid, paths=[str(p) for p in left])
-            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.rmtree(sb.bundle, ignore_errors=True)
         except Exception as e:  # teardown must not mask the result
             log.error("teardown_failed", container_id=cid, error=repr(e))
 
@@ -525,24 +765,6 @@ async def _pump(stream: anyio.abc.ByteReceiveStream | None, capture: BoundedCapt
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return
         await capture.feed(chunk)
-
-
-async def _feed(stream: anyio.abc.ByteSendStream, data: object) -> None:
-    try:
-        if isinstance(data, bytes):
-            view = memoryview(data)
-            for i in range(0, len(view), 65536):
-                await stream.send(bytes(view[i : i + 65536]))
-        else:
-            async for chunk in data:  # type: ignore[attr-defined]
-                await stream.send(chunk)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError):
-        pass  # the command stopped reading; not an error
-    finally:
-        try:
-            await stream.aclose()
-        except (anyio.BrokenResourceError, BrokenPipeError, OSError):
-            pass
 
 
 def _runsc_error(log_path: Path) -> str | None:

@@ -56,6 +56,9 @@ class ContainerResult(BaseModel):
     """Signal number when the command died of one (exit code 128 + N)."""
     error: str | None = None
     """Why, when status is error."""
+    warm: bool = False
+    """Served by a pre-booted sandbox from the warm pool (boot_duration is then
+    the time to claim it)."""
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
