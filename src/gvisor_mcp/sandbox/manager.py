@@ -195,6 +195,9 @@ class Manager:
     def active_runs(self) -> list[ActiveRun]:
         return list(self._active.values())
 
+    def active_run(self, run_id: str) -> ActiveRun | None:
+        return self._active.get(run_id)
+
     def new_container_id(self) -> str:
         """A fresh id embedding this Manager's instance (cleanup_stale relies on it)."""
         return f"{ID_PREFIX}{self.instance}-{secrets.token_hex(6)}"
@@ -603,9 +606,10 @@ class Manager:
                     tg.start_soon(exited)
                     await sb.watch.wait()
                     tg.cancel_scope.cancel()
-            if sb.watch.running_at is None or sb.process.returncode is not None or self._closed \
-                    or key not in self.pool.targets:
-                raise SandboxError("pooled sandbox did not boot (or is no longer wanted)")
+            if self._closed or key not in self.pool.targets:
+                return  # no longer wanted: the finally clause stops it
+            if sb.watch.running_at is None or sb.process.returncode is not None:
+                raise SandboxError("pooled sandbox did not boot in time")
             sb.watch.close()
             self.pool.ready.setdefault(key, []).append(WarmSandbox(container_id=cid, key=key, sandbox=sb))
             sb = None
