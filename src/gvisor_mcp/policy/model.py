@@ -1,0 +1,444 @@
+"""The policy file as frozen pydantic models: one class per YAML section.
+
+Every model forbids unknown keys (a misspelt `memroy:` must not silently
+leave the default in force) and parses human units on the way in (see
+units.py). Field defaults ARE the built-in baseline: a key left out of the
+file takes the value written here, and `policies/default.yaml` spells the
+same values out (a test keeps them equal).
+
+A tenant section reuses `Settings` but only the keys it actually writes
+(pydantic's `model_fields_set`) override what it inherits; see effective.py.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
+
+from ..sandbox.options import (
+    ENV_KEY_RE,
+    MAX_CPUS,
+    MAX_ENV,
+    MAX_ENV_BYTES,
+    MAX_MEMORY_MB,
+    MAX_OUTPUT_BYTES,
+    MAX_PIDS,
+    MAX_TIMEOUT,
+    InvalidOptionsError,
+    UserSpec,
+)
+from .units import (
+    CPUS_EXPECTED,
+    DURATION_EXPECTED,
+    SIZE_EXPECTED,
+    UnitError,
+    format_bytes,
+    format_duration,
+    format_mib,
+    parse_bytes,
+    parse_cpus,
+    parse_duration,
+    parse_mib,
+)
+
+NetworkName = Literal["none", "sandbox", "host"]
+OnExceed = Literal["reject", "clamp"]
+WorkspaceScope = Literal["session", "tenant"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_EXPECTED = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+DEFAULT_TENANT = "default"
+"""The tenant whose settings are the file's top level; always defined."""
+BUILTIN_IMAGE = "host"
+"""The image name meaning the sandbox's built-in image (ContainerOptions.rootfs=None)."""
+
+
+def _bounded(parse: Any, low: float, high: float, describe: Any, expected: str) -> Any:
+    def check(value: Any) -> Any:
+        parsed = parse(value)
+        if parsed < low or parsed > high:
+            raise UnitError(
+                f"{value!r} is out of range; expected {expected} from {describe(low)} to {describe(high)}"
+            )
+        return parsed
+
+    return check
+
+
+def _strict_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected a whole number")
+    return value
+
+
+def _count(low: int, high: int) -> Any:
+    def check(value: Any) -> int:
+        n = _strict_int(value)
+        if n < low or n > high:
+            raise UnitError(f"{value!r} is out of range; expected a whole number from {low} to {high:,}")
+        return n
+
+    return check
+
+
+def _size_schema(bare: str) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "description": f"a bare number is {bare}"},
+                {
+                    "type": "string",
+                    "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(B|KiB|Ki|MiB|Mi|GiB|Gi|TiB|Ti)?\s*$",
+                },
+            ],
+            "description": SIZE_EXPECTED,
+        }
+    )
+
+
+Cpus = Annotated[
+    float,
+    BeforeValidator(_bounded(parse_cpus, 0.01, MAX_CPUS, lambda v: f"{v:g}", CPUS_EXPECTED)),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CPUS, "description": CPUS_EXPECTED}),
+]
+MemoryMiB = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_mib, 16, MAX_MEMORY_MB, format_mib, "a memory size")),
+    PlainSerializer(format_mib, return_type=str, when_used="json"),
+    _size_schema("MiB"),
+]
+"""Memory in whole MiB; at least 16 MiB (the sandbox itself needs ~12 MiB)."""
+OutputBytes = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_bytes, 1024, MAX_OUTPUT_BYTES, format_bytes, "a size")),
+    PlainSerializer(format_bytes, return_type=str, when_used="json"),
+    _size_schema("bytes"),
+]
+ShownBytes = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_bytes, 0, 1024 * 1024, format_bytes, "a size")),
+    PlainSerializer(format_bytes, return_type=str, when_used="json"),
+    _size_schema("bytes"),
+]
+EnvBytes = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_bytes, 0, MAX_ENV_BYTES, format_bytes, "a size")),
+    PlainSerializer(format_bytes, return_type=str, when_used="json"),
+    _size_schema("bytes"),
+]
+WorkspaceMiB = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_mib, 1, MAX_MEMORY_MB, format_mib, "a size")),
+    PlainSerializer(format_mib, return_type=str, when_used="json"),
+    _size_schema("MiB"),
+]
+Duration = Annotated[
+    float,
+    BeforeValidator(_bounded(parse_duration, 0.001, MAX_TIMEOUT, format_duration, "a duration")),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "description": "seconds"},
+                {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)\s*)+$"},
+            ],
+            "description": DURATION_EXPECTED,
+        }
+    ),
+]
+Pids = Annotated[
+    int,
+    BeforeValidator(_count(4, MAX_PIDS)),
+    WithJsonSchema({"type": "integer", "minimum": 4, "maximum": MAX_PIDS}),
+]
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected a name of {NAME_EXPECTED}")
+    if not NAME_RE.match(value):
+        raise UnitError(f"{value!r} is not a valid name; expected {NAME_EXPECTED}")
+    return value
+
+
+Name = Annotated[
+    str,
+    BeforeValidator(_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_RE.pattern}),
+]
+
+
+def _container_path(value: Any) -> str:
+    expected = "an absolute path inside the sandbox, like /workspace"
+    if not isinstance(value, str):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected {expected}")
+    if not value.startswith("/") or "\x00" in value:
+        raise UnitError(f"{value!r} is not absolute; expected {expected}")
+    if ".." in value.split("/"):
+        raise UnitError(f"{value!r} contains '..'; expected {expected}, without '..'")
+    return posixpath.normpath(value) if value != "/" else "/"
+
+
+ContainerPath = Annotated[
+    str, BeforeValidator(_container_path), WithJsonSchema({"type": "string", "pattern": "^/"})
+]
+
+
+def _host_path(value: Any) -> str:
+    expected = "an absolute host path of a root filesystem directory"
+    if not isinstance(value, str):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected {expected}")
+    if not value.startswith("/") or "\x00" in value:
+        raise UnitError(f"{value!r} is not absolute; expected {expected}")
+    return posixpath.normpath(value)
+
+
+HostPath = Annotated[str, BeforeValidator(_host_path), WithJsonSchema({"type": "string", "pattern": "^/"})]
+
+
+def _user(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected UID:GID, like \"1000:1000\"")
+    try:
+        spec = UserSpec.parse(value)
+    except InvalidOptionsError:
+        raise UnitError(
+            f"{value!r} is not a user; expected UID:GID with numbers 0..2147483646, like \"1000:1000\""
+        ) from None
+    return f"{spec.uid}:{spec.gid}"
+
+
+UserText = Annotated[
+    str,
+    BeforeValidator(_user),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^[0-9]+(:[0-9]+)?$"}, {"type": "integer"}]}),
+]
+
+
+def _env_key(value: Any) -> str:
+    if not isinstance(value, str) or not ENV_KEY_RE.match(value):
+        raise UnitError(
+            f"{value!r} is not a variable name; expected letters, digits and '_', not starting with a digit"
+        )
+    return value
+
+
+EnvKey = Annotated[str, BeforeValidator(_env_key)]
+
+
+def _pattern(value: Any) -> str:
+    expected = "a variable name or fnmatch pattern like MY_* (letters, digits, '_', '*', '?', '[...]')"
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_*?\[\]!]+", value):
+        raise UnitError(f"{value!r} is not a key pattern; expected {expected}")
+    return value
+
+
+EnvPattern = Annotated[str, BeforeValidator(_pattern)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
+
+
+def _unique(field: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    seen: set[Any] = set()
+    for v in values:
+        if v in seen:
+            raise UnitError(f"{v!r} is listed twice; expected each {field} at most once")
+        seen.add(v)
+    return values
+
+
+class Defaults(_Section):
+    """What a run gets for every field the request leaves out."""
+
+    network: NetworkName = "none"
+    cpus: Cpus = 1.0
+    memory: MemoryMiB = 512
+    max_pids: Pids = 256
+    timeout: Duration = 120.0
+    max_output: OutputBytes = 10 * 1024 * 1024
+    """Capture cap per stream (head + tail kept, every byte counted)."""
+    image: Name = BUILTIN_IMAGE
+    workdir: ContainerPath | None = None
+    """None: the workspace mount when the workspace is enabled, else /tmp."""
+    user: UserText = "1000:1000"
+
+
+class Ceilings(_Section):
+    """The most a request may get; above it the request is rejected or clamped."""
+
+    cpus: Cpus = 2.0
+    memory: MemoryMiB = 2048
+    max_pids: Pids = 1024
+    timeout: Duration = 600.0
+    max_output: OutputBytes = 64 * 1024 * 1024
+
+
+class Network(_Section):
+    """Which network modes a request may use; `host` only if written here."""
+
+    allowed: tuple[NetworkName, ...] = Field(default=("none",), min_length=1)
+
+    @field_validator("allowed")
+    @classmethod
+    def _once(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique("network mode", v)
+
+
+class Images(_Section):
+    """Named root filesystems; `host` (the built-in image) is always defined."""
+
+    catalog: dict[Name, HostPath] = {}
+    """Image name -> absolute host path of an unpacked root filesystem directory."""
+    allowed: tuple[Name, ...] = Field(default=(BUILTIN_IMAGE,), min_length=1)
+    """Names a request may ask for (each must be `host` or in the catalog)."""
+
+    @field_validator("catalog")
+    @classmethod
+    def _no_builtin(cls, v: dict[str, str]) -> dict[str, str]:
+        if BUILTIN_IMAGE in v:
+            raise UnitError(
+                f"{BUILTIN_IMAGE!r} is the built-in image and cannot be redefined; expected another name"
+            )
+        return v
+
+    @field_validator("allowed")
+    @classmethod
+    def _once(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique("image", v)
+
+
+class Workspace(_Section):
+    """A persistent read-write directory mounted into every run.
+
+    The host directory is derived by the server (`<workspace_root>/<tenant>/...`),
+    never written in the file and never taken from a request.
+    """
+
+    enabled: StrictBool = True
+    mount: ContainerPath = "/workspace"
+    scope: WorkspaceScope = "session"
+    size: WorkspaceMiB = 1024
+
+    @field_validator("mount")
+    @classmethod
+    def _mount(cls, v: str) -> str:
+        if v == "/" or v.split("/")[1] in ("proc", "sys", "dev"):
+            raise UnitError(f"{v!r} cannot be a mount point; expected a directory below / outside /proc, /sys and /dev")
+        return v
+
+
+DEFAULT_ENV_DENY: tuple[str, ...] = ("LD_*", "BASH_ENV", "ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS")
+
+
+class Env(_Section):
+    """Environment variables: fixed ones, and which keys a request may set."""
+
+    set: dict[EnvKey, StrictStr] = {}
+    """Always set; a request may not change them."""
+    allow: tuple[EnvPattern, ...] = ("*",)
+    """fnmatch patterns (case-sensitive) of keys a request may set."""
+    deny: tuple[EnvPattern, ...] = DEFAULT_ENV_DENY
+    """Patterns never allowed; deny wins over allow."""
+    max_vars: Annotated[int, BeforeValidator(_count(0, MAX_ENV))] = 64
+    max_bytes: EnvBytes = 64 * 1024
+    """Sum over requested variables of len(key) + len(value) + 2."""
+
+
+class Output(_Section):
+    """How much of each stream the tool result shows the model (head and tail)."""
+
+    head: ShownBytes = 4096
+    tail: ShownBytes = 4096
+
+
+class Quotas(_Section):
+    """Per tenant: runs at once, and runs started per minute."""
+
+    max_concurrent: Annotated[int, BeforeValidator(_count(1, 4096))] = 4
+    runs_per_minute: Annotated[int, BeforeValidator(_count(1, 1_000_000))] = 60
+
+
+MERGED_MAPPINGS = {("env", "set"), ("images", "catalog")}
+"""Mapping-valued keys a tenant extends key by key; everything else is replaced."""
+
+
+class Settings(_Section):
+    """Everything a tenant's runs are governed by (the file's top level, or a tenant's)."""
+
+    defaults: Defaults = Defaults()
+    ceilings: Ceilings = Ceilings()
+    network: Network = Network()
+    on_exceed: OnExceed = "reject"
+    images: Images = Images()
+    workspace: Workspace = Workspace()
+    env: Env = Env()
+    output: Output = Output()
+    quotas: Quotas = Quotas()
+    foreground_limit: Duration = 45.0
+    """How long execute_command waits before returning a still-running handle."""
+
+    # Convenience for the server: flat names for what it enforces itself.
+    @property
+    def max_concurrent(self) -> int:
+        return self.quotas.max_concurrent
+
+    @property
+    def runs_per_minute(self) -> int:
+        return self.quotas.runs_per_minute
+
+    @property
+    def foreground_seconds(self) -> float:
+        return self.foreground_limit
+
+    @property
+    def head_bytes(self) -> int:
+        return self.output.head
+
+    @property
+    def tail_bytes(self) -> int:
+        return self.output.tail
+
+    @property
+    def default_workdir(self) -> str:
+        if self.defaults.workdir is not None:
+            return self.defaults.workdir
+        return self.workspace.mount if self.workspace.enabled else "/tmp"
+
+
+class TenantSection(Settings):
+    """One tenant: only the keys written here override what it inherits."""
+
+    extends: Name | None = None
+    """Inherit from this tenant instead of the top level."""
+    allow_above_ceilings: StrictBool = False
+    """Must be true for this tenant's ceilings (or network modes) to exceed the top level's."""
+
+
+class PolicyFile(Settings):
+    """The whole file."""
+
+    version: Literal[1]
+    tenants: dict[Name, TenantSection] = {}
+
+
+class TenantSettings(Settings):
+    """A tenant's effective settings after inheritance; what resolve() uses."""
+
+    name: str
