@@ -101,7 +101,7 @@ def load(path: str | Path, *, check_paths: bool = True) -> Policy:
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise PolicyError([Problem(name, 0, "", f"cannot read the file: {e.strerror or e}", "a readable policy file")]) from None
+        raise PolicyError([Problem(name, 1, "", f"cannot read the file: {e.strerror or e}", "a readable policy file")]) from None
     return loads(raw, name, check_paths=check_paths)
 
 

@@ -181,6 +181,18 @@ Name = Annotated[
 ]
 
 
+def _image_name(value: Any) -> str:
+    if value == BUILTIN_IMAGE:
+        raise UnitError(
+            f"{BUILTIN_IMAGE!r} is the built-in image and cannot be redefined; expected another name"
+        )
+    return _name(value)
+
+
+ImageName = Annotated[str, BeforeValidator(_image_name), WithJsonSchema({"type": "string", "pattern": NAME_RE.pattern})]
+"""A catalog entry's name: any name but the built-in `host`."""
+
+
 def _container_path(value: Any) -> str:
     expected = "an absolute path inside the sandbox, like /workspace"
     if not isinstance(value, str):
@@ -304,19 +316,10 @@ class Network(_Section):
 class Images(_Section):
     """Named root filesystems; `host` (the built-in image) is always defined."""
 
-    catalog: dict[Name, HostPath] = {}
+    catalog: dict[ImageName, HostPath] = {}
     """Image name -> absolute host path of an unpacked root filesystem directory."""
     allowed: tuple[Name, ...] = Field(default=(BUILTIN_IMAGE,), min_length=1)
     """Names a request may ask for (each must be `host` or in the catalog)."""
-
-    @field_validator("catalog")
-    @classmethod
-    def _no_builtin(cls, v: dict[str, str]) -> dict[str, str]:
-        if BUILTIN_IMAGE in v:
-            raise UnitError(
-                f"{BUILTIN_IMAGE!r} is the built-in image and cannot be redefined; expected another name"
-            )
-        return v
 
     @field_validator("allowed")
     @classmethod

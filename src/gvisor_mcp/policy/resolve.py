@@ -33,6 +33,7 @@ from .loader import Policy
 from .model import BUILTIN_IMAGE, Output, Quotas, TenantSettings
 from .receipt import LimitsReceipt, ReceiptEntry
 from .request import ExecRequest
+from .units import format_bytes
 
 SHELL = "/bin/sh"
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -184,7 +185,7 @@ class _Resolver:
         asked = dict(requested or {})
         allow_text = (
             f"keys matching {list(rules.allow)} except {list(rules.deny)} and the fixed "
-            f"{sorted(fixed)}; at most {rules.max_vars} variables, {rules.max_bytes} bytes"
+            f"{sorted(fixed)}; at most {rules.max_vars} variables, {format_bytes(rules.max_bytes)}"
         )
         for key, value in asked.items():
             if not isinstance(key, str) or not ENV_KEY_RE.match(key):
@@ -199,7 +200,7 @@ class _Resolver:
                 )
             if any(fnmatch.fnmatchcase(key, p) for p in rules.deny):
                 raise PolicyDenied(
-                    f"env.{key}", value, allow_text, f"{key} is never allowed; ask again without it."
+                    f"env.{key}", value, allow_text, f"Ask again without {key}; this policy never allows it."
                 )
             if not any(fnmatch.fnmatchcase(key, p) for p in rules.allow):
                 raise PolicyDenied(
@@ -217,7 +218,7 @@ class _Resolver:
         if size > rules.max_bytes:
             raise PolicyDenied(
                 "env", f"<{size} bytes>", allow_text,
-                f"Ask again with at most {rules.max_bytes} bytes of variables (pass large data via stdin or a file).",
+                f"Ask again with at most {format_bytes(rules.max_bytes)} of variables (pass large data via stdin or a file).",
             )
         self.entries.append(
             ReceiptEntry(

@@ -199,8 +199,9 @@ def parse(text: bytes, file: str) -> tuple[Source, list[Problem]]:
     except UnicodeDecodeError as e:
         line = text[: e.start].count(b"\n") + 1
         return source, [Problem(file, line, "", "not valid UTF-8", "a UTF-8 text file")]
-    loader = _PolicyLoader(decoded)
+    loader: _PolicyLoader | None = None
     try:
+        loader = _PolicyLoader(decoded)
         node = loader.get_single_node()
         if node is None:
             return source, [
@@ -215,9 +216,15 @@ def parse(text: bytes, file: str) -> tuple[Source, list[Problem]]:
         line = mark.line + 1 if mark is not None else 1
         what = " ".join(str(x) for x in (e.context, e.problem) if x)
         return source, [Problem(file, line, "", f"YAML syntax: {what}", "valid YAML")]
+    except yaml.reader.ReaderError as e:
+        line = decoded[: e.position].count("\n") + 1
+        return source, [
+            Problem(file, line, "", f"character U+{e.character:04X} is not allowed in YAML" if isinstance(e.character, int) else f"byte {e.character!r} is not allowed in YAML", "printable text")
+        ]
     except yaml.YAMLError as e:
         return source, [Problem(file, 1, "", f"YAML: {e}", "valid YAML")]
     except RecursionError:
         return source, [Problem(file, 1, "", "nested too deeply", f"at most {MAX_DEPTH} levels")]
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -158,4 +158,4 @@ def format_duration(seconds: float) -> str:
     ms = seconds * 1000
     if ms == int(ms):
         return f"{int(ms)}ms"
-    return f"{seconds:g}s"
+    return f"{seconds!r}s"
