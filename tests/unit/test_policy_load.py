@@ -72,6 +72,7 @@ CASES = [
     pytest.param("version: 1\ndefaults:\n  memory: 4GiB\n", 3, "defaults.memory", "defaults.memory 4GiB is above ceilings.memory 2GiB", id="default-above-ceiling"),
     pytest.param("version: 1\nceilings:\n  timeout: 1m\n", 3, "ceilings.timeout", "defaults.timeout 2m is above ceilings.timeout 1m", id="ceiling-below-default"),
     pytest.param("version: 1\ntenants:\n  a:\n    defaults:\n      cpus: 2\n    ceilings:\n      cpus: 1.5\n", 5, "tenants.a.defaults.cpus", "above ceilings.cpus 1.5 CPUs (tenant 'a')", id="tenant-default-above-ceiling"),
+    pytest.param("version: 1\ntenants:\n  a:\n    ceilings: {timeout: 1m}\n", 4, "tenants.a.ceilings.timeout", "defaults.timeout 2m is above ceilings.timeout 1m (tenant 'a')", id="tenant-ceiling-below-inherited-default"),
     pytest.param("version: 1\ndefaults:\n  network: host\n", 3, "defaults.network", "'host' is not in network.allowed ['none']", id="default-network-not-allowed"),
     pytest.param("version: 1\ndefaults:\n  image: py\n", 3, "defaults.image", "'py' is not in images.allowed", id="default-image-not-allowed"),
     pytest.param("version: 1\nimages:\n  allowed: [host, py]\n", 3, "images.allowed[1]", "image 'py' is not in images.catalog", id="allowed-image-not-in-catalog"),

@@ -357,3 +357,24 @@ def test_strict_policy() -> None:
     assert r.options.env == {"LANG": "C.UTF-8", "TZ": "UTC"}
     assert denied(policy, env={"PATH": "/evil"}).field == "env.PATH"
     assert denied(policy, timeout_seconds=120).field == "timeout_seconds"
+
+
+def test_receipt_is_json_and_summarises() -> None:
+    import json
+
+    r = run(CLAMP, memory_mb=9999, env={"A": "1"})
+    data = json.loads(r.receipt.model_dump_json())
+    assert data["tenant"] == "default" and data["policy_sha256"] == CLAMP.sha256
+    fields = [e["field"] for e in data["entries"]]
+    assert fields == ["timeout_seconds", "cpus", "memory_mb", "max_pids", "max_output_bytes",
+                      "network", "image", "workdir", "env", "user", "workspace"]
+    assert "memory_mb=2048 (clamped to ceiling)" in r.receipt.summary()
+    assert data["notes"] == ["memory_mb: asked 9999 MiB, granted 2048 MiB (clamped to the ceiling)"]
+
+
+def test_resolution_is_a_snapshot() -> None:
+    """A run keeps the settings it was admitted under, whatever is loaded later."""
+    first = loads("version: 1\ndefaults: {memory: 256MiB}\n")
+    r = run(first)
+    loads("version: 1\ndefaults: {memory: 1GiB}\n")
+    assert r.settings.defaults.memory == 256 and r.options.resources.memory_mb == 256

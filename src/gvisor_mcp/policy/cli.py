@@ -14,8 +14,8 @@ from typing import Any, TextIO
 import yaml
 
 from .errors import PolicyError, UnknownTenant
-from .loader import DEFAULT_POLICY_NAME, Policy, load, load_default
-from .model import DEFAULT_TENANT, PolicyFile, Settings, TenantSettings
+from .loader import Policy, load, load_default
+from .model import DEFAULT_TENANT, PolicyFile, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,4 +100,4 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
     return 0
 
 
-__all__ = ["DEFAULT_POLICY_NAME", "TenantSettings", "effective_yaml", "policy_main", "schema"]
+__all__ = ["effective_yaml", "policy_main", "schema"]

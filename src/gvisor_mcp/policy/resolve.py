@@ -183,9 +183,11 @@ class _Resolver:
         rules = self.s.env
         fixed = dict(rules.set)
         asked = dict(requested or {})
+        excluded = list(rules.deny) + sorted(fixed)
         allow_text = (
-            f"keys matching {list(rules.allow)} except {list(rules.deny)} and the fixed "
-            f"{sorted(fixed)}; at most {rules.max_vars} variables, {format_bytes(rules.max_bytes)}"
+            f"keys matching {list(rules.allow)}"
+            + (f" except {excluded}" if excluded else "")
+            + f"; at most {rules.max_vars} variables, {format_bytes(rules.max_bytes)}"
         )
         for key, value in asked.items():
             if not isinstance(key, str) or not ENV_KEY_RE.match(key):
