@@ -37,7 +37,6 @@ log = structlog.get_logger("gvisor_mcp.jobs")
 @dataclass
 class Job:
     result_id: str
-    container_id: str
     tenant: str
     session: str | None
     command: str
@@ -53,6 +52,8 @@ class Job:
     err_bytes: int = 0
     last_line: bytes = b""
     scope: anyio.CancelScope | None = None
+    container_id: str | None = None
+    """Known once a sandbox is assigned (a warm one may be claimed)."""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
@@ -85,6 +86,10 @@ class Jobs:
         self._tg = task_group
         self._jobs: dict[str, Job] = {}
         self._recent: dict[str, deque[float]] = defaultdict(deque)
+
+    def container_of(self, job: Job) -> str | None:
+        run = self.manager.active_run(job.result_id)
+        return run.container_id if run is not None else job.container_id
 
     def active_all(self) -> list[Job]:
         return list(self._jobs.values())
@@ -128,11 +133,9 @@ class Jobs:
         policy_hash: str | None = None,
     ) -> Job:
         rid = self.store.new_id()
-        cid = self.manager.new_container_id()
         cap = options.resources.merged_over(self.manager.config.default_resources).max_output_bytes
         job = Job(
             result_id=rid,
-            container_id=cid,
             tenant=tenant,
             session=session,
             command=command,
@@ -140,7 +143,7 @@ class Jobs:
             timeout=options.resources.timeout or self.manager.config.default_resources.timeout,
         )
         self.store.start(
-            rid, tenant=tenant, session=session, command=command, container_id=cid, limits=limits
+            rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits
         )
         out_w = self.store.part_writer(rid, "stdout", cap)
         err_w = self.store.part_writer(rid, "stderr", cap)
@@ -164,7 +167,7 @@ class Jobs:
         status = "error"
         try:
             with anyio.CancelScope() as job.scope:
-                result = await self.manager.run(options, container_id=job.container_id)
+                result = await self.manager.run(options, run_id=job.result_id)
             if result is not None:
                 status, error = result.status.value, result.error
             else:  # cancel_command while it waited for a free slot
@@ -190,7 +193,9 @@ class Jobs:
             w.close()
         fields: dict[str, Any] = {"error": error}
         if result is not None:
+            job.container_id = result.container_id
             fields.update(
+                container_id=result.container_id,
                 exit_code=result.exit_code,
                 signal=result.signal,
                 duration_ms=round(result.duration * 1000),
@@ -234,7 +239,7 @@ class Jobs:
         job.done.set()
 
     async def cancel(self, job: Job) -> None:
-        if not await self.manager.kill(job.container_id, ContainerStatus.KILLED):
+        if not await self.manager.kill(job.result_id, ContainerStatus.KILLED):
             if job.scope is not None:
                 job.scope.cancel()
         with anyio.move_on_after(self.manager.config.kill_grace * 3):

@@ -21,37 +21,37 @@ def safe_text(data: bytes) -> str:
 
 
 def excerpt(
-    data: bytes,
+    first: bytes,
+    last: bytes,
+    stored: int,
     *,
     result_id: str,
     stream: str,
-    head: int,
-    tail: int,
     written: int,
 ) -> str:
-    """Head and tail of a stored stream, with a marker saying what was left out.
+    """The text for a stored stream of `stored` bytes of which `first` (its
+    head) and `last` (its tail) were read; `first` alone when it is all of it.
 
-    `data` is the stored stream (what inspect_result pages); `written` is how
-    many bytes the command wrote in all (more than stored when capture
-    truncated it).
+    The marker gives the exact inspect_result call for the bytes in between;
+    `written` (all bytes the command wrote) above `stored` means the capture
+    cap dropped a middle part, which is said too.
     """
-    stored = len(data)
-    notes = []
-    if stored <= head + tail:
-        body = safe_text(data)
+    shown = len(first) + len(last)
+    if shown >= stored:
+        body = safe_text(first + last)
     else:
-        # Cut on byte offsets the model can reuse verbatim with inspect_result.
-        left_out = stored - head - tail
+        left_out = stored - shown
+        start = len(first)
         body = (
-            safe_text(data[:head])
-            + f"\n[... {left_out} bytes of {stream} not shown (bytes {head} to {head + left_out - 1}); "
+            safe_text(first)
+            + f"\n[... {left_out} bytes of {stream} not shown (offsets {start} to {start + left_out - 1}); "
             f'read them with inspect_result(result_id="{result_id}", stream="{stream}", '
-            f"offset={head}, length={left_out}) ...]\n"
-            + safe_text(data[stored - tail :])
+            f"offset={start}, length={left_out}) ...]\n"
+            + safe_text(last)
         )
     if written > stored:
-        notes.append(
-            f"[{stream}: the command wrote {written} bytes; the capture cap kept the first and "
-            f"last {stored // 2} bytes ({stored} in all); the middle {written - stored} bytes are gone]"
+        body += (
+            f"\n[{stream}: the command wrote {written} bytes; the capture cap kept the first and "
+            f"last {stored // 2} bytes; the {written - stored} bytes in between were not kept]"
         )
-    return body + ("\n" + "\n".join(notes) if notes else "")
+    return body

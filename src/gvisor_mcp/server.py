@@ -1,0 +1,244 @@
+"""The MCP server: lifespan owns the Manager, the result store and the policy.
+
+stdio first: one process serves one client session for one tenant chosen at
+start-up (identity is never a tool argument). Shutdown — stdin closed,
+SIGTERM, SIGINT — kills running containers and records their results.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from . import logs
+from .audit import AuditLog
+from .jobs import Jobs
+from .policy import Policy, load, load_default
+from .results import ResultStore
+from .sandbox import Manager, ManagerConfig
+from .sandbox.manager import canary
+
+log = structlog.get_logger("gvisor_mcp.server")
+
+SERVER_NAME = "gvisor-mcp"
+INSTRUCTIONS = (
+    "Runs shell commands for you, each in a NEW, isolated gVisor sandbox. Nothing carries "
+    "over between calls (no cd, no exported variables, no background processes, no "
+    "installed packages) except files in the workspace directory, when the policy mounts "
+    "one. Long output is cut to its head and tail; read the rest with inspect_result."
+)
+
+
+@dataclass
+class Settings:
+    tenant: str = "default"
+    policy_path: str | None = None
+    state_dir: Path = field(default_factory=lambda: default_state_dir())
+    runsc_path: str = "runsc"
+    platform: str = "systrap"
+    runtime_root: Path = Path("/run/gvisor-mcp")
+    cgroup_parent: str = "gvisor-mcp"
+    max_concurrent: int = 8
+
+    def manager_config(self, **kw: Any) -> ManagerConfig:
+        return ManagerConfig(
+            runsc_path=self.runsc_path,
+            platform=self.platform,
+            bundle_base_dir=str(self.runtime_root / "bundles"),
+            runsc_root=str(self.runtime_root / "runsc"),
+            cgroup_parent=self.cgroup_parent,
+            max_concurrent_containers=self.max_concurrent,
+            **kw,
+        )
+
+
+def default_state_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("gvisor-mcp"))
+
+
+class PolicyHolder:
+    """The current policy; reload() swaps it only when the new file is valid."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.current: Policy = load(path) if path else load_default()
+
+    def reload(self) -> bool:
+        if not self.path:
+            return False
+        try:
+            self.current = load(self.path)
+        except Exception as e:  # keep serving with the old policy
+            log.error("policy_reload_failed", path=self.path, error=str(e))
+            return False
+        log.info("policy_reloaded", path=self.path)
+        return True
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    manager: Manager
+    store: ResultStore
+    jobs: Jobs
+    audit: AuditLog
+    policy: PolicyHolder
+    tenant: str
+    session_id: str
+    workspace_root: Path
+    made_workspaces: set[Path] = field(default_factory=set)
+
+    def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
+        """Create the run's workspace directory, owned by the sandbox user.
+
+        Only paths under the server's own workspace root are ever created; the
+        policy derives them from tenant and session, never from a request.
+        """
+        root = self.workspace_root.resolve()
+        target = path.resolve()
+        if root not in target.parents:
+            raise RuntimeError(f"workspace {path} is outside {root}")
+        if not target.is_dir():
+            target.mkdir(parents=True, mode=0o700)
+            os.chown(target, uid, gid)
+        self.made_workspaces.add(target)
+
+
+def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-untyped-def]
+    from mcp.server.mcpserver import MCPServer
+
+    from .tools import register_tools
+    from .tools.view import schema_facts
+
+    @asynccontextmanager
+    async def lifespan(_server: Any) -> AsyncIterator[AppState]:
+        state_dir = settings.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        manager = Manager(settings.manager_config())
+        store = ResultStore(state_dir)
+        audit = AuditLog(state_dir / "audit.jsonl")
+        reaped = await manager.cleanup_stale()
+        recovered = store.recover()
+        log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
+                 reaped=reaped, recovered=recovered, policy_hash=policy.current.hash)
+        session_id = secrets.token_hex(16)
+        try:
+            async with anyio.create_task_group() as tg:
+                jobs = Jobs(manager, store, audit, tg)
+                app = AppState(
+                    settings=settings,
+                    manager=manager,
+                    store=store,
+                    jobs=jobs,
+                    audit=audit,
+                    policy=policy,
+                    tenant=settings.tenant,
+                    session_id=session_id,
+                    workspace_root=state_dir / "workspaces",
+                )
+                try:
+                    yield app
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await manager.close()
+                        with anyio.move_on_after(5):
+                            while jobs.active_all():
+                                await anyio.sleep(0.05)
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                _drop_session_workspaces(app, policy)
+                store.close()
+                audit.close()
+                log.info("server_stop", tenant=settings.tenant)
+
+    server = MCPServer(
+        name=SERVER_NAME,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level="WARNING",
+    )
+    register_tools(server, schema_facts(policy.current.tenant(settings.tenant)))
+    return server
+
+
+def _drop_session_workspaces(app: AppState, policy: PolicyHolder) -> None:
+    """Session-scoped workspaces end with the session (this process, on stdio)."""
+    for path in app.made_workspaces:
+        if app.session_id in path.parts:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
+    server = build_server(settings, policy)
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for sig in sigs:
+                    if sig == signal.SIGHUP:
+                        policy.reload()
+                        continue
+                    log.info("signal", signal=sig.name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(signals)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
+
+
+def serve(args: Any) -> int:
+    """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
+    logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
+    settings = Settings(
+        tenant=args.tenant or "default",
+        policy_path=args.policy,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+        runsc_path=args.runsc,
+        platform=args.platform,
+        runtime_root=Path(args.state_root),
+        cgroup_parent=args.cgroup_parent,
+        max_concurrent=args.max_concurrent,
+    )
+    try:
+        policy = PolicyHolder(settings.policy_path)
+        policy.current.tenant(settings.tenant)
+    except Exception as e:
+        print(f"gvisor-mcp: {e}", file=sys.stderr)
+        return 2
+
+    async def preflight() -> tuple[bool, str]:
+        manager = Manager(settings.manager_config())
+        try:
+            return await canary(manager)
+        finally:
+            await manager.close()
+
+    try:
+        ok, detail = anyio.run(preflight)
+    except Exception as e:
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        print(
+            "gvisor-mcp: refusing to serve: a sandbox could not run the canary "
+            f"(`ls -l /` inside gVisor): {detail}. Run `gvisor-mcp doctor`; "
+            "commands are never run outside gVisor.",
+            file=sys.stderr,
+        )
+        return 1
+    anyio.run(_serve_stdio, settings, policy)
+    return 0

@@ -1,0 +1,166 @@
+"""execute_command: run a shell command in a fresh sandbox, under the policy.
+
+No `from __future__ import annotations` here: the tool's signature is built
+at registration from the caller's policy (allowed networks and images as
+enums, ceilings as maximums), and the SDK reads those annotations as objects.
+"""
+
+import time
+from typing import Annotated, Any, Literal
+
+import anyio
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent
+from pydantic import Field, WithJsonSchema
+
+from ..jobs import Job, QuotaExceeded
+from ..policy import ExecRequest, PolicyDenied, resolve
+from ..sandbox import InvalidOptionsError
+from .models import ExecResult
+from .view import SchemaFacts, exec_result, render_text
+
+DESCRIPTION = """Run a shell command (`/bin/sh -c COMMAND`) in a NEW, isolated gVisor sandbox.
+
+Each call is a fresh container: nothing persists between calls (no `cd`, no exported
+variables, no background processes, no installed packages) EXCEPT files under the
+workspace directory{workspace}. Chain steps in one command (`cd dir && make && ./a.out`)
+or keep files in the workspace.
+
+Output: the result shows the first and last {head} bytes of stdout and of stderr;
+when more was written, a marker gives the exact inspect_result(result_id, stream,
+offset, length) call that reads the missing bytes. Exit codes are the command's;
+status says how it ended: exited, timed_out, oom_killed, killed, error, or running.
+Commands running longer than {foreground} s (or with background=true) return
+status "running" with a result_id: poll with inspect_result(wait_seconds=...),
+list with list_active, stop with cancel_command.
+Network: {networks}. Limits (defaults / maximums): {limits}."""
+
+
+def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
+    # Always an `enum` (pydantic would publish a one-value Literal as `const`,
+    # which some clients do not show as a choice).
+    NetworkT = Annotated[
+        Literal[tuple(facts.networks)],  # type: ignore[valid-type]
+        WithJsonSchema({"type": "string", "enum": list(facts.networks)}),
+    ]
+    ImageT = Annotated[
+        Literal[tuple(facts.images)],  # type: ignore[valid-type]
+        WithJsonSchema({"type": "string", "enum": list(facts.images)}),
+    ]
+
+    def limited(kind: type, ceiling: float | None) -> Any:
+        """A positive number whose schema shows the policy's ceiling as `maximum`.
+
+        Published, not enforced here: the policy enforces it (reject or clamp,
+        as the operator chose) and explains itself in the error or receipt.
+        """
+        extra = {"maximum": ceiling} if ceiling is not None else None
+        return Annotated[kind, Field(gt=0, json_schema_extra=extra)]
+
+    async def execute_command(
+        command: Annotated[str, Field(description="Shell command, run as /bin/sh -c COMMAND.")],
+        ctx: Context,
+        workdir: Annotated[
+            str | None, Field(description=f"Working directory inside the sandbox (default {facts.default_workdir}).")
+        ] = None,
+        env: Annotated[
+            dict[str, str] | None, Field(description="Extra environment variables (the policy decides which keys).")
+        ] = None,
+        stdin: Annotated[str | None, Field(description="Text fed to the command's standard input.")] = None,
+        timeout_seconds: Annotated[
+            limited(float, facts.max_timeout) | None,
+            Field(description=f"Wall-clock limit in seconds (default {facts.default_timeout:g}).")
+        ] = None,
+        cpus: Annotated[limited(float, facts.max_cpus) | None, Field(description="CPU cores.")] = None,
+        memory_mb: Annotated[
+            limited(int, facts.max_memory_mb) | None,
+            Field(description=f"Memory limit in MiB (default {facts.default_memory_mb}).")
+        ] = None,
+        max_pids: Annotated[limited(int, facts.max_pids) | None, Field(description="Maximum number of processes.")] = None,
+        network: Annotated[NetworkT | None, Field(description="Network access for this run.")] = None,
+        image: Annotated[ImageT | None, Field(description="Root filesystem image.")] = None,
+        background: Annotated[
+            bool, Field(description="Return at once with status running; the command goes on.")
+        ] = False,
+    ) -> Annotated[CallToolResult, ExecResult]:
+        app = ctx.request_context.lifespan_context
+        policy = app.policy.current
+        request = dict(
+            command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
+            cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
+        )
+        try:
+            resolved = resolve(
+                policy,
+                ExecRequest(**{k: v for k, v in request.items() if v is not None}),
+                app.tenant,
+                workspace_root=app.workspace_root,
+                session_id=app.session_id,
+            )
+        except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
+            app.audit.write(tenant=app.tenant, session=app.session_id, command=command,
+                            policy_hash=policy.hash, decision="denied", reason=str(e))
+            raise ToolError(str(e)) from e
+        settings = resolved.settings
+        try:
+            app.jobs.admit(app.tenant, settings.max_concurrent, settings.runs_per_minute)
+        except QuotaExceeded as e:
+            app.audit.write(tenant=app.tenant, session=app.session_id, command=command,
+                            policy_hash=policy.hash, decision="quota", reason=str(e))
+            raise ToolError(str(e)) from e
+        for mount in resolved.options.extra_mounts:
+            if mount.type == "bind" and not mount.read_only and resolved.workspace_path is not None \
+                    and mount.source == str(resolved.workspace_path):
+                user = resolved.options.user
+                app.prepare_workspace(resolved.workspace_path, user.uid if user else 0, user.gid if user else 0)
+        limits = resolved.receipt.model_dump(mode="json")
+        job = app.jobs.start(
+            tenant=app.tenant, session=app.session_id, command=command,
+            options=resolved.options, limits=limits, policy_hash=policy.hash,
+        )
+        wait = 0.0 if background else settings.foreground_seconds
+        try:
+            await _wait_with_progress(ctx, job, wait)
+        except anyio.get_cancelled_exc_class():
+            # The client abandoned the call (notifications/cancelled): the
+            # container must not outlive it.
+            with anyio.CancelScope(shield=True):
+                await app.jobs.cancel(job)
+            raise
+        stored = app.store.get(job.result_id, app.tenant)
+        result = exec_result(app, stored, settings.head_bytes, settings.tail_bytes)
+        return CallToolResult(
+            content=[TextContent(type="text", text=render_text(result, job.result_id))],
+            structured_content=result.model_dump(mode="json"),
+            is_error=False,
+        )
+
+    execute_command.__doc__ = DESCRIPTION.format(
+        workspace=f" ({facts.workspace})" if facts.workspace else " (none is mounted under this policy)",
+        head=facts.head_bytes,
+        foreground=f"{facts.foreground_seconds:g}",
+        networks=", ".join(facts.networks),
+        limits=facts.limits_text,
+    )
+    return execute_command
+
+
+async def _wait_with_progress(ctx: Context, job: Job, wait: float) -> None:
+    """Wait up to `wait` s for the job, reporting progress about once a second."""
+    deadline = time.monotonic() + wait
+    while not job.done.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        with anyio.move_on_after(min(1.0, left)):
+            await job.done.wait()
+        if job.done.is_set():
+            return
+        line = job.last_line.decode("utf-8", "replace")
+        await ctx.report_progress(
+            progress=round(job.elapsed(), 1),
+            total=job.timeout or None,
+            message=f"{job.out_bytes} bytes stdout, {job.err_bytes} bytes stderr"
+            + (f"; last line: {line}" if line else ""),
+        )

@@ -1,0 +1,136 @@
+"""What the tools show: structured results and the text a model reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..results import StoredResult
+from .models import ExecResult
+from .render import excerpt
+
+
+@dataclass(frozen=True)
+class SchemaFacts:
+    """What a caller's policy allows, as the tool schemas publish it."""
+
+    networks: tuple[str, ...]
+    images: tuple[str, ...]
+    default_workdir: str
+    default_timeout: float
+    default_memory_mb: int
+    max_timeout: float | None
+    max_cpus: float | None
+    max_memory_mb: int | None
+    max_pids: int | None
+    head_bytes: int
+    tail_bytes: int
+    foreground_seconds: float
+    workspace: str | None
+
+    @property
+    def limits_text(self) -> str:
+        parts = [
+            f"timeout {self.default_timeout:g} s / {_fmt(self.max_timeout, ' s')}",
+            f"memory {self.default_memory_mb} MiB / {_fmt(self.max_memory_mb, ' MiB')}",
+            f"cpus max {_fmt(self.max_cpus, '')}",
+            f"processes max {_fmt(self.max_pids, '')}",
+        ]
+        return "; ".join(parts)
+
+
+def schema_facts(settings: Any) -> SchemaFacts:
+    """The facts a tenant's effective policy settings publish in the schemas."""
+    return SchemaFacts(
+        networks=tuple(settings.network.allowed),
+        images=tuple(settings.images.allowed),
+        default_workdir=settings.default_workdir,
+        default_timeout=settings.defaults.timeout,
+        default_memory_mb=settings.defaults.memory,
+        max_timeout=settings.ceilings.timeout,
+        max_cpus=settings.ceilings.cpus,
+        max_memory_mb=settings.ceilings.memory,
+        max_pids=settings.ceilings.max_pids,
+        head_bytes=settings.output.head,
+        tail_bytes=settings.output.tail,
+        foreground_seconds=settings.foreground_limit,
+        workspace=settings.workspace.mount if settings.workspace.enabled else None,
+    )
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    return "no maximum" if v is None else f"{v:g}{unit}"
+
+
+def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> ExecResult:
+    """The structured result; stdout/stderr are the same excerpts the text shows."""
+    if stored is None:  # evicted in the instant since it finished: say so
+        raise LookupError("result no longer stored")
+    texts: dict[str, str] = {}
+    cut: dict[str, bool] = {}
+    for stream in ("stdout", "stderr"):
+        first, stored_len = app.store.read(stored, stream, 0, head + tail)
+        last = b""
+        if stored_len > head + tail:
+            first = first[:head]
+            last, _ = app.store.read(stored, stream, stored_len - tail, tail)
+        written = getattr(stored, f"{stream}_bytes") if stored.status != "running" else stored_len
+        texts[stream] = excerpt(
+            first, last, stored_len, result_id=stored.result_id, stream=stream, written=written
+        )
+        cut[stream] = stored_len > head + tail or written > stored_len
+    return ExecResult(
+        result_id=stored.result_id,
+        container_id=stored.container_id,
+        status=stored.status,  # type: ignore[arg-type]
+        exit_code=stored.exit_code,
+        signal=stored.signal,
+        stdout=texts["stdout"],
+        stderr=texts["stderr"],
+        stdout_truncated=cut["stdout"],
+        stderr_truncated=cut["stderr"],
+        stdout_bytes=stored.stdout_bytes if stored.status != "running" else 0,
+        stderr_bytes=stored.stderr_bytes if stored.status != "running" else 0,
+        duration_ms=stored.duration_ms,
+        boot_ms=stored.boot_ms,
+        oom_killed=stored.oom_killed,
+        peak_memory_bytes=stored.peak_memory_bytes,
+        limits=stored.limits,
+        error=stored.error,
+    )
+
+
+def render_text(r: ExecResult, result_id: str) -> str:
+    """The text content: one summary line, then each non-empty stream."""
+    head = [f"status={r.status}"]
+    if r.exit_code is not None:
+        head.append(f"exit_code={r.exit_code}")
+    if r.signal:
+        head.append(f"signal={r.signal}")
+    if r.duration_ms is not None:
+        head.append(f"duration={r.duration_ms}ms")
+    if r.boot_ms is not None:
+        head.append(f"boot={r.boot_ms}ms")
+    if r.peak_memory_bytes:
+        head.append(f"peak_memory={r.peak_memory_bytes // (1024 * 1024)}MiB")
+    if r.oom_killed:
+        head.append("OOM: the memory limit was hit")
+    head.append(f"result_id={result_id}")
+    lines = [" ".join(head)]
+    if r.status == "running":
+        lines.append(
+            f'Still running. Wait for it with inspect_result(result_id="{result_id}", wait_seconds=30); '
+            f'stop it with cancel_command(result_id="{result_id}").'
+        )
+    if r.status == "timed_out":
+        lines.append("The command hit its time limit and was killed.")
+    if r.error:
+        lines.append(f"error: {r.error}")
+    if r.limits and r.limits.get("notes"):
+        lines.extend(f"limits: {n}" for n in r.limits["notes"])
+    for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):
+        if text:
+            lines.append(f"--- {name} ---\n{text}")
+    if not r.stdout and not r.stderr and r.status != "running":
+        lines.append("(no output)")
+    return "\n".join(lines)

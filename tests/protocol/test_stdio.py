@@ -1,0 +1,248 @@
+"""What an MCP client receives from `gvisor-mcp serve` over stdio.
+
+Each test starts the real server as a subprocess (real runsc underneath) and
+asserts on the JSON the SDK's client gets back. The `serve` fixture checks
+afterwards that no container, cgroup, bundle or runsc process is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ..conftest import leftovers
+
+pytestmark = pytest.mark.runsc
+
+SNAPSHOT = Path(__file__).with_name("tools_snapshot.json")
+
+
+def structured(result) -> dict:
+    assert result.structured_content is not None, result
+    return result.structured_content
+
+
+def text(result) -> str:
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
+async def run(client, **args):
+    return await client.call_tool("execute_command", args)
+
+
+def tool_listing(tools) -> list[dict]:
+    return [
+        {
+            "name": t.name,
+            "description": t.description,
+            "inputSchema": t.input_schema,
+            "outputSchema": t.output_schema,
+        }
+        for t in sorted(tools, key=lambda t: t.name)
+    ]
+
+
+async def test_tool_list_snapshot(serve):
+    """The published tools, their schemas and descriptions. To update after a
+    deliberate change: GVISOR_MCP_UPDATE_SNAPSHOT=1 scripts/test.sh tests/protocol -k snapshot"""
+    async with serve() as c:
+        tools = (await c.list_tools()).tools
+    got = tool_listing(tools)
+    if os.environ.get("GVISOR_MCP_UPDATE_SNAPSHOT") or not SNAPSHOT.exists():
+        SNAPSHOT.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    assert got == json.loads(SNAPSHOT.read_text())
+    names = [t["name"] for t in got]
+    assert names == ["cancel_command", "execute_command", "inspect_result", "list_active"]
+    ex = next(t for t in got if t["name"] == "execute_command")
+    props = ex["inputSchema"]["properties"]
+    assert "NEW" in ex["description"] and "workspace" in ex["description"]
+    # The caller's policy shows in the schema: the default policy allows only "none".
+    net = props["network"]["anyOf"][0]
+    assert net["enum"] == ["none"]
+    assert props["memory_mb"]["anyOf"][0]["maximum"] > 0
+    assert set(ex["outputSchema"]["properties"]) >= {
+        "result_id", "container_id", "status", "exit_code", "stdout", "stderr",
+        "stdout_truncated", "stderr_truncated", "stdout_bytes", "stderr_bytes",
+        "duration_ms", "boot_ms", "oom_killed", "peak_memory_bytes", "limits",
+    }
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_echo(serve, mode):
+    async with serve(mode=mode) as c:
+        r = await run(c, command="echo hello; echo oops >&2")
+    assert not r.is_error
+    s = structured(r)
+    assert s["status"] == "exited" and s["exit_code"] == 0
+    assert s["stdout"] == "hello\n" and s["stderr"] == "oops\n"
+    assert s["stdout_bytes"] == 6 and not s["stdout_truncated"]
+    assert s["result_id"].startswith("res_")
+    assert s["boot_ms"] > 0 and s["duration_ms"] >= s["boot_ms"]
+    assert len(s["limits"]["policy_sha256"]) == 64
+    assert "hello" in text(r) and "exit_code=0" in text(r)
+
+
+async def test_nonzero_exit_timeout_and_oom_are_normal_results(serve):
+    async with serve() as c:
+        r = await run(c, command="exit 3")
+        assert not r.is_error and structured(r)["exit_code"] == 3
+        assert structured(r)["status"] == "exited"
+
+        r = await run(c, command="sleep 30", timeout_seconds=1)
+        s = structured(r)
+        assert not r.is_error and s["status"] == "timed_out" and not s["oom_killed"]
+        assert "time limit" in text(r)
+
+        r = await run(c, command="python3 -c 'x = bytearray(1 << 30)'", memory_mb=128)
+        s = structured(r)
+        assert s["status"] == "oom_killed" and s["oom_killed"]
+        assert s["peak_memory_bytes"] > 64 << 20
+        assert "OOM" in text(r)
+
+
+async def test_policy_denial_is_actionable(serve):
+    async with serve() as c:
+        r = await run(c, command="true", network="host")
+        assert r.is_error
+        msg = text(r)
+        # SDK-level validation: the schema enum only offers what the policy allows.
+        assert "none" in msg
+        r = await run(c, command="true", memory_mb=10**6)
+        assert r.is_error
+        msg = text(r)
+        assert "memory" in msg and "1000000" in msg.replace(",", "") and "allowed" in msg.lower()
+
+
+async def test_progress_notifications(serve):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    async with serve() as c:
+        r = await c.call_tool(
+            "execute_command", {"command": "for i in 1 2 3; do echo tick $i; sleep 1; done"},
+            progress_callback=on_progress,
+        )
+    assert structured(r)["exit_code"] == 0
+    assert len(seen) >= 2, seen
+    assert all(t == 120 for _, t, _ in seen)
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+    assert any("tick" in (m or "") for _, _, m in seen)
+
+
+async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_base):
+    async with serve() as c:
+        with anyio.move_on_after(2):
+            await run(c, command="sleep 60")
+        # The server got notifications/cancelled; its container goes away.
+        for _ in range(100):
+            if not leftovers(sandbox_base).get("runsc list"):
+                break
+            await anyio.sleep(0.1)
+        assert not leftovers(sandbox_base).get("runsc list")
+        r = await c.call_tool("list_active", {})
+        assert structured(r)["commands"] == []
+
+
+async def test_big_output_pages_back_byte_for_byte(serve):
+    script = "python3 -c \"import sys,random; r=random.Random(7); sys.stdout.buffer.write(bytes(r.getrandbits(8) for _ in range(5*1024*1024)))\""
+    import random
+
+    rnd = random.Random(7)
+    expected = bytes(rnd.getrandbits(8) for _ in range(5 * 1024 * 1024))
+    async with serve() as c:
+        r = await run(c, command=script)
+        s = structured(r)
+        assert s["stdout_bytes"] == len(expected)
+        assert s["stdout_truncated"]
+        assert len(text(r)) < 40_000  # the context is not flooded
+        assert "inspect_result(" in text(r)
+        got = bytearray()
+        offset = 0
+        pages = 0
+        while offset is not None:
+            p = await c.call_tool("inspect_result", {
+                "result_id": s["result_id"], "offset": offset, "length": 262144, "encoding": "base64"})
+            ps = structured(p)
+            page = base64.b64decode(ps["data"])
+            assert ps["data_bytes"] == len(page) and ps["offset"] == offset
+            got += page
+            offset = ps["next_offset"]
+            pages += 1
+        assert bytes(got) == expected and pages == 20
+        # Text pages are for reading: control bytes and invalid UTF-8 are escaped.
+        t = structured(await c.call_tool("inspect_result", {"result_id": s["result_id"], "length": 4096}))
+        assert t["encoding"] == "text" and t["data_bytes"] == 4096
+        assert "\x1b" not in t["data"] and "\x00" not in t["data"] and "\\x00" in t["data"]
+
+
+async def test_background_list_and_cancel(serve):
+    async with serve() as c:
+        r = await run(c, command="echo started; sleep 60", background=True)
+        s = structured(r)
+        assert s["status"] == "running" and s["exit_code"] is None
+        rid = s["result_id"]
+        listing = structured(await c.call_tool("list_active", {}))
+        assert [x["result_id"] for x in listing["commands"]] == [rid]
+        assert listing["capacity_in_use"] >= 1 and listing["capacity_max"] >= 1
+        # Output of a running command is readable while it runs.
+        with anyio.fail_after(30):
+            while structured(await c.call_tool("inspect_result", {"result_id": rid}))["data"] != "started\n":
+                await anyio.sleep(0.1)
+        r = await c.call_tool("cancel_command", {"result_id": rid})
+        assert structured(r)["status"] == "killed"
+        assert structured(await c.call_tool("list_active", {}))["commands"] == []
+        r = await c.call_tool("inspect_result", {"result_id": rid})
+        assert structured(r)["status"] == "killed"
+        assert structured(r)["data"] == "started\n"
+
+
+async def test_inspect_waits_for_a_running_command(serve):
+    async with serve() as c:
+        rid = structured(await run(c, command="sleep 2; echo late", background=True))["result_id"]
+        r = await c.call_tool("inspect_result", {"result_id": rid, "wait_seconds": 30})
+        s = structured(r)
+        assert s["status"] == "exited" and s["data"] == "late\n" and s["next_offset"] is None
+
+
+async def test_workspace_persists_between_calls(serve):
+    async with serve() as c:
+        r = await run(c, command="cd /workspace && echo kept > note.txt && ls -la")
+        assert structured(r)["exit_code"] == 0, text(r)
+        r = await run(c, command="cat /workspace/note.txt")
+        assert structured(r)["stdout"] == "kept\n"
+
+
+async def test_unknown_result_id(serve):
+    async with serve() as c:
+        for rid in ("res_" + "0" * 32, "nonsense", "../../etc/passwd"):
+            r = await c.call_tool("inspect_result", {"result_id": rid})
+            assert r.is_error and "not found" in text(r)
+
+
+async def test_results_survive_a_restart_and_tenants_are_separate(serve, tmp_path):
+    state = tmp_path / "state"
+    async with serve(state_dir=state) as c:
+        rid = structured(await run(c, command="echo remembered"))["result_id"]
+    async with serve(state_dir=state) as c:
+        r = await c.call_tool("inspect_result", {"result_id": rid})
+        assert structured(r)["data"] == "remembered\n"
+    # Another tenant on the same state directory sees nothing of it.
+    async with serve("--tenant", "other", "--policy", str(_two_tenant_policy(tmp_path)), state_dir=state) as c:
+        r = await c.call_tool("inspect_result", {"result_id": rid})
+        assert r.is_error and "not found" in text(r)
+        r = await c.call_tool("cancel_command", {"result_id": rid})
+        assert r.is_error and "not found" in text(r)
+
+
+def _two_tenant_policy(tmp_path: Path) -> Path:
+    p = tmp_path / "policy.yaml"
+    p.write_text("version: 1\ntenants:\n  other: {}\n")
+    return p
