@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None)
     p.add_argument("--tenant", default=None)
     p.add_argument("--state-dir", default=None)
+    p.add_argument(
+        "--pool-size", type=int, default=2, metavar="N",
+        help="sandboxes kept booted for the default request shape (default 2; 0 disables the warm pool)",
+    )
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     return parser

@@ -170,6 +170,8 @@ class Jobs:
                 result = await self.manager.run(options, run_id=job.result_id)
             if result is not None:
                 status, error = result.status.value, result.error
+                if result.status == ContainerStatus.KILLED and error is None and self.manager.closed:
+                    error = "the server shut down while the command ran"
             else:  # cancel_command while it waited for a free slot
                 status, error = "killed", "cancelled before a sandbox was free to run it"
         except ManagerClosedError:

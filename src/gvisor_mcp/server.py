@@ -24,10 +24,11 @@ import structlog
 from . import logs
 from .audit import AuditLog
 from .jobs import Jobs
-from .policy import Policy, load, load_default
+from .policy import ExecRequest, Policy, load, load_default, resolve
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.manager import canary
+from .stdio import serve_stdio
 
 log = structlog.get_logger("gvisor_mcp.server")
 
@@ -50,6 +51,8 @@ class Settings:
     runtime_root: Path = Path("/run/gvisor-mcp")
     cgroup_parent: str = "gvisor-mcp"
     max_concurrent: int = 8
+    pool_size: int = 2
+    """Sandboxes kept booted for the tenant's default request shape (0: none)."""
 
     def manager_config(self, **kw: Any) -> ManagerConfig:
         return ManagerConfig(
@@ -75,6 +78,8 @@ class PolicyHolder:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.current: Policy = load(path) if path else load_default()
+        self.listeners: list[Any] = []
+        """Called with no argument after a successful reload (e.g. to re-warm the pool)."""
 
     def reload(self) -> bool:
         if not self.path:
@@ -84,7 +89,9 @@ class PolicyHolder:
         except Exception as e:  # keep serving with the old policy
             log.error("policy_reload_failed", path=self.path, error=str(e))
             return False
-        log.info("policy_reloaded", path=self.path)
+        log.info("policy_reloaded", path=self.path, policy_hash=self.current.hash)
+        for listener in self.listeners:
+            listener()
         return True
 
 
@@ -100,6 +107,7 @@ class AppState:
     session_id: str
     workspace_root: Path
     made_workspaces: set[Path] = field(default_factory=set)
+    warmed: Any = None
 
     def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
         """Create the run's workspace directory, owned by the sandbox user.
@@ -116,6 +124,37 @@ class AppState:
             os.chown(target, uid, gid)
         self.made_workspaces.add(target)
 
+    def pool_template(self) -> Any:
+        """The options of this tenant's default request: what most calls look like.
+
+        Pooled sandboxes are booted for this shape (image, network, user,
+        mounts, process limit); a call that differs in any of those takes the
+        cold path. Memory, CPU, timeout, env and workdir are applied at claim.
+        """
+        resolved = resolve(
+            self.policy.current, ExecRequest(command="true"), self.tenant,
+            workspace_root=self.workspace_root, session_id=self.session_id,
+        )
+        if resolved.workspace_path is not None:
+            user = resolved.options.user
+            self.prepare_workspace(resolved.workspace_path, user.uid if user else 0, user.gid if user else 0)
+        return resolved.options
+
+    def warm_pool(self) -> None:
+        """(Re)target the warm pool at the current policy's default request."""
+        if self.settings.pool_size <= 0:
+            return
+        try:
+            template = self.pool_template()
+        except Exception as e:  # a policy whose default cannot be pooled: cold only
+            log.warning("pool_disabled", reason=str(e))
+            template = None
+        if self.warmed is not None and self.warmed != template:
+            self.manager.warm(self.warmed, 0)
+        self.warmed = template
+        if template is not None and template.rootfs is None:
+            self.manager.warm(template, self.settings.pool_size)
+
 
 def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-untyped-def]
     from mcp.server.mcpserver import MCPServer
@@ -127,16 +166,17 @@ def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-u
     async def lifespan(_server: Any) -> AsyncIterator[AppState]:
         state_dir = settings.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        manager = Manager(settings.manager_config())
         store = ResultStore(state_dir)
         audit = AuditLog(state_dir / "audit.jsonl")
-        reaped = await manager.cleanup_stale()
-        recovered = store.recover()
-        log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
-                 reaped=reaped, recovered=recovered, policy_hash=policy.current.hash)
         session_id = secrets.token_hex(16)
+        app: AppState | None = None
         try:
-            async with anyio.create_task_group() as tg:
+            async with Manager(settings.manager_config()) as manager, anyio.create_task_group() as tg:
+                reaped = await manager.cleanup_stale()
+                recovered = store.recover()
+                log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
+                         reaped=reaped, recovered=recovered, policy_hash=policy.current.hash,
+                         pool_size=settings.pool_size)
                 jobs = Jobs(manager, store, audit, tg)
                 app = AppState(
                     settings=settings,
@@ -149,6 +189,8 @@ def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-u
                     session_id=session_id,
                     workspace_root=state_dir / "workspaces",
                 )
+                app.warm_pool()
+                policy.listeners.append(app.warm_pool)
                 try:
                     yield app
                 finally:
@@ -160,7 +202,9 @@ def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-u
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                _drop_session_workspaces(app, policy)
+                if app is not None:
+                    policy.listeners.remove(app.warm_pool)
+                    _drop_session_workspaces(app, policy)
                 store.close()
                 audit.close()
                 log.info("server_stop", tenant=settings.tenant)
@@ -197,7 +241,7 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
                     return
 
         tg.start_soon(signals)
-        await server.run_stdio_async()
+        await serve_stdio(server)
         tg.cancel_scope.cancel()
 
 
@@ -213,6 +257,7 @@ def serve(args: Any) -> int:
         runtime_root=Path(args.state_root),
         cgroup_parent=args.cgroup_parent,
         max_concurrent=args.max_concurrent,
+        pool_size=args.pool_size,
     )
     try:
         policy = PolicyHolder(settings.policy_path)

@@ -137,16 +137,29 @@ async def test_progress_notifications(serve):
     assert any("tick" in (m or "") for _, _, m in seen)
 
 
-async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_base):
-    async with serve() as c:
-        with anyio.move_on_after(2):
-            await run(c, command="sleep 60")
-        # The server got notifications/cancelled; its container goes away.
-        for _ in range(100):
-            if not leftovers(sandbox_base).get("runsc list"):
-                break
-            await anyio.sleep(0.1)
-        assert not leftovers(sandbox_base).get("runsc list")
+@pytest.mark.parametrize("pool", ["0", "2"])
+async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_base, pool):
+    async with serve("--pool-size", pool) as c:
+        container = None
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def call() -> None:
+                with scope:
+                    await run(c, command="sleep 60")
+
+            tg.start_soon(call)
+            with anyio.fail_after(30):
+                while container is None:
+                    active = structured(await c.call_tool("list_active", {}))["commands"]
+                    container = active[0]["container_id"] if active else None
+                    await anyio.sleep(0.05)
+            assert container in leftovers(sandbox_base)["runsc list"]
+            scope.cancel()  # the client sends notifications/cancelled
+        # ... and the server kills that container.
+        with anyio.fail_after(30):
+            while container in leftovers(sandbox_base).get("runsc list", []):
+                await anyio.sleep(0.1)
         r = await c.call_tool("list_active", {})
         assert structured(r)["commands"] == []
 
