@@ -74,7 +74,7 @@ async def test_tool_list_snapshot(serve):
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
-async def test_echo(serve, mode):
+async def test_echo(serve, mode, sandbox_base):
     async with serve(mode=mode) as c:
         r = await run(c, command="echo hello; echo oops >&2")
     assert not r.is_error
@@ -86,6 +86,12 @@ async def test_echo(serve, mode):
     assert s["boot_ms"] > 0 and s["duration_ms"] >= s["boot_ms"]
     assert len(s["limits"]["policy_sha256"]) == 64
     assert "hello" in text(r) and "exit_code=0" in text(r)
+    # One audit line per call, with who, what, under which policy, and how it ended.
+    [entry] = [json.loads(x) for x in (sandbox_base / "state" / "audit.jsonl").read_text().splitlines()]
+    assert entry["tenant"] == "default" and entry["command"] == "echo hello; echo oops >&2"
+    assert entry["policy_hash"] == s["limits"]["policy_sha256"] and entry["decision"] == "allowed"
+    assert entry["status"] == "exited" and entry["exit_code"] == 0 and entry["result_id"] == s["result_id"]
+    assert entry["duration_ms"] == s["duration_ms"] and "time" in entry
 
 
 async def test_nonzero_exit_timeout_and_oom_are_normal_results(serve):
@@ -225,12 +231,24 @@ async def test_inspect_waits_for_a_running_command(serve):
         assert s["status"] == "exited" and s["data"] == "late\n" and s["next_offset"] is None
 
 
-async def test_workspace_persists_between_calls(serve):
-    async with serve() as c:
+@pytest.mark.parametrize("pool", ["0", "2"])
+async def test_workspace_persists_between_calls_of_one_session_only(serve, sandbox_base, pool):
+    state = sandbox_base / "state"
+    async with serve("--pool-size", pool) as c:
         r = await run(c, command="cd /workspace && echo kept > note.txt && ls -la")
         assert structured(r)["exit_code"] == 0, text(r)
         r = await run(c, command="cat /workspace/note.txt")
         assert structured(r)["stdout"] == "kept\n"
+        sessions = state / "workspaces" / "default" / "sessions"
+        [session_dir] = sessions.iterdir()
+        assert (session_dir / "note.txt").read_text() == "kept\n"
+        # Another session (another server process here) has its own, empty workspace.
+        async with serve("--pool-size", pool) as other:
+            r = await run(other, command="ls -A /workspace; cat /workspace/note.txt")
+            assert structured(r)["stdout"] == "" and structured(r)["exit_code"] != 0
+    # A session-scoped workspace ends with its session.
+    assert not session_dir.exists()
+    assert list(sessions.iterdir()) == []
 
 
 async def test_unknown_result_id(serve):
