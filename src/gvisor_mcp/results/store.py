@@ -23,13 +23,14 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
 from ..sandbox.ownership import OwnerLock
 
-RESULT_ID_RE = re.compile(r"^res_[0-9a-f]{32}$")
+# \Z, not $: "$" also matches before a trailing newline.
+RESULT_ID_RE = re.compile(r"^res_[0-9a-f]{32}\Z")
 STREAMS = ("stdout", "stderr")
 
 SCHEMA = """
@@ -90,7 +91,19 @@ class StoredResult(BaseModel):
 
 
 class ResultStore:
-    """Results of one state directory, shared safely by several servers."""
+    """Results of one state directory, shared safely by several servers.
+
+    Bounds, enforced per tenant by `evict()` (after each finished run) and for
+    every tenant by `recover()` (at server start):
+
+    - `max_bytes_per_tenant` (default 1 GiB): the stored stream bytes of a
+      tenant's finished results; past it the oldest results go first.
+    - `max_age_seconds` (default 7 days): finished results created longer ago
+      than this go.
+
+    Running results are never evicted. `clock` (default `time.time`) is the
+    wall clock used for timestamps and ages; tests pass their own.
+    """
 
     def __init__(
         self,
@@ -98,8 +111,10 @@ class ResultStore:
         *,
         max_bytes_per_tenant: int = 1 << 30,
         max_age_seconds: float = 7 * 24 * 3600,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dir = state_dir
+        self._clock = clock
         self.out_dir = state_dir / "output"
         self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes_per_tenant = max_bytes_per_tenant
@@ -121,26 +136,48 @@ class ResultStore:
         """Mark runs of dead servers as error; returns how many.
 
         A server that crashed cannot finish its rows; they would otherwise say
-        "running" forever. Rows of live neighbours are left alone.
+        "running" forever. Rows of live neighbours are left alone. What the
+        command wrote before the crash (its part files) becomes its stored
+        output, and counts toward the tenant's byte budget. Then every
+        tenant's results are evicted past the bounds, so that age applies
+        also to tenants that run nothing more.
         """
         rows = self._db.execute(
             "SELECT result_id, owner FROM results WHERE status = 'running'"
         ).fetchall()
         n = 0
         for row in rows:
-            if not self._owner.alive(row["owner"]):
-                self._db.execute(
-                    "UPDATE results SET status='error', finished_at=?, "
-                    "error='the server stopped (crashed or was killed) while this command ran' "
-                    "WHERE result_id=? AND status='running'",
-                    (time.time(), row["result_id"]),
-                )
-                for stream in STREAMS:
-                    part = self._path(row["result_id"], stream, part=True)
-                    if part.exists():
-                        part.replace(self._path(row["result_id"], stream))
-                n += 1
+            rid = row["result_id"]
+            if self._owner.alive(row["owner"]):
+                continue
+            won = self._db.execute(
+                "UPDATE results SET status='error', finished_at=?, "
+                "error='the server stopped (crashed or was killed) while this command ran' "
+                "WHERE result_id=? AND status='running'",
+                (self._clock(), rid),
+            ).rowcount
+            if not won:  # another server recovering at the same time got it
+                continue
+            sizes = {}
+            for stream in STREAMS:
+                final = self._path(rid, stream)
+                try:
+                    self._path(rid, stream, part=True).replace(final)
+                except FileNotFoundError:
+                    pass
+                try:
+                    sizes[stream] = final.stat().st_size
+                except FileNotFoundError:
+                    sizes[stream] = 0
+            self._db.execute(
+                "UPDATE results SET stored_bytes=?, stdout_bytes=?, stderr_bytes=? "
+                "WHERE result_id=?",
+                (sum(sizes.values()), sizes["stdout"], sizes["stderr"], rid),
+            )
+            n += 1
         self._owner.forget_dead()
+        for (tenant,) in self._db.execute("SELECT DISTINCT tenant FROM results").fetchall():
+            self.evict(tenant)
         return n
 
     def close(self) -> None:
@@ -172,7 +209,7 @@ class ResultStore:
                 self.instance,
                 container_id,
                 command,
-                time.time(),
+                self._clock(),
                 json.dumps(limits) if limits is not None else None,
             ),
         )
@@ -214,7 +251,7 @@ class ResultStore:
             stored += len(data)
         f = dict(fields or {})
         cols = ["status=?", "finished_at=?", "stored_bytes=?"]
-        vals: list[Any] = [status, time.time(), stored]
+        vals: list[Any] = [status, self._clock(), stored]
         for key in (
             "container_id",
             "exit_code",
@@ -240,11 +277,15 @@ class ResultStore:
         self._db.execute(f"UPDATE results SET {', '.join(cols)} WHERE result_id=?", vals)
 
     def evict(self, tenant: str) -> int:
-        """Drop the tenant's oldest finished results past the age or byte budget."""
-        now = time.time()
+        """Drop the tenant's oldest finished results past the age or byte budget.
+
+        Returns how many. Only `tenant`'s rows are considered: another
+        tenant's usage never evicts them.
+        """
+        now = self._clock()
         rows = self._db.execute(
             "SELECT result_id, stored_bytes, created_at FROM results "
-            "WHERE tenant=? AND status != 'running' ORDER BY created_at DESC",
+            "WHERE tenant=? AND status != 'running' ORDER BY created_at DESC, rowid DESC",
             (tenant,),
         ).fetchall()
         total = 0
@@ -257,6 +298,7 @@ class ResultStore:
             self._db.execute("DELETE FROM results WHERE result_id=?", (rid,))
             for stream in STREAMS:
                 self._path(rid, stream).unlink(missing_ok=True)
+                self._path(rid, stream, part=True).unlink(missing_ok=True)
         return len(doomed)
 
     # --- reads -------------------------------------------------------------------
@@ -280,7 +322,7 @@ class ResultStore:
         try:
             with open(path, "rb") as f:
                 total = os.fstat(f.fileno()).st_size
-                f.seek(min(offset, total))
+                f.seek(min(max(0, offset), total))
                 return f.read(max(0, length)), total
         except FileNotFoundError:
             return b"", 0
