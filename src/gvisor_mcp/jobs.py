@@ -208,6 +208,7 @@ class Jobs:
                 stderr_bytes=result.stderr_bytes,
                 stdout_truncated=result.stdout_truncated,
                 stderr_truncated=result.stderr_truncated,
+                warm=result.warm,
             )
         else:
             fields.update(duration_ms=round(job.elapsed() * 1000))

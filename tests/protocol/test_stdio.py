@@ -277,3 +277,23 @@ def _two_tenant_policy(tmp_path: Path) -> Path:
     p = tmp_path / "policy.yaml"
     p.write_text("version: 1\ntenants:\n  other: {}\n")
     return p
+
+
+async def test_warm_pool_serves_default_shaped_calls(serve):
+    """On by default: a call shaped like the policy's default request claims a
+    pre-booted sandbox; a call with another shape (here: process limit) runs
+    cold, with no error. Limits are applied at claim either way."""
+    async with serve() as c:
+        with anyio.fail_after(60):
+            while not (s := structured(await run(c, command="echo hi", memory_mb=128)))["warm"]:
+                await anyio.sleep(0.2)
+        assert s["stdout"] == "hi\n" and s["status"] == "exited"
+        granted = {e["field"]: e["granted"] for e in s["limits"]["entries"]}
+        assert granted["memory_mb"] == 128
+        r = structured(await run(c, command="python3 -c 'bytearray(300*1024*1024)'", memory_mb=128))
+        assert r["status"] == "oom_killed" and r["oom_killed"]
+        cold = structured(await run(c, command="echo cold", max_pids=77))
+        assert cold["stdout"] == "cold\n" and not cold["warm"]
+    async with serve("--pool-size", "0") as c:
+        for _ in range(3):
+            assert not structured(await run(c, command="true"))["warm"]

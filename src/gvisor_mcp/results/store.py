@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS results (
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
     stdout_truncated INTEGER NOT NULL DEFAULT 0,
     stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    warm INTEGER NOT NULL DEFAULT 0,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
     limits TEXT,
     error TEXT
@@ -86,6 +87,8 @@ class StoredResult(BaseModel):
     stderr_bytes: int
     stdout_truncated: bool
     stderr_truncated: bool
+    warm: bool = False
+    """Ran in a pre-booted sandbox from the warm pool."""
     limits: dict[str, Any] | None
     error: str | None
 
@@ -125,6 +128,13 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a state directory was created (additive only)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(results)")}
+        if "warm" not in have:
+            self._db.execute("ALTER TABLE results ADD COLUMN warm INTEGER NOT NULL DEFAULT 0")
 
     @property
     def instance(self) -> str:
@@ -264,6 +274,7 @@ class ResultStore:
             "stderr_bytes",
             "stdout_truncated",
             "stderr_truncated",
+            "warm",
             "error",
         ):
             if key in f:
@@ -338,6 +349,6 @@ def _row(row: sqlite3.Row) -> StoredResult:
     d.pop("owner", None)
     d.pop("stored_bytes", None)
     d["limits"] = json.loads(d["limits"]) if d.get("limits") else None
-    for k in ("oom_killed", "stdout_truncated", "stderr_truncated"):
+    for k in ("oom_killed", "stdout_truncated", "stderr_truncated", "warm"):
         d[k] = bool(d.get(k))
     return StoredResult(**d)

@@ -25,6 +25,7 @@ class ExecResult(BaseModel):
     stderr_bytes: int = 0
     duration_ms: int | None = None
     boot_ms: int | None = Field(None, description="time until the sandbox was running the command")
+    warm: bool = Field(False, description="ran in a pre-booted sandbox (boot_ms is then the claim time)")
     oom_killed: bool = False
     peak_memory_bytes: int | None = None
     limits: dict[str, Any] | None = Field(None, description="what was requested, granted, and why")

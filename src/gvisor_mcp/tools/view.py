@@ -93,6 +93,7 @@ def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> 
         stderr_bytes=stored.stderr_bytes if stored.status != "running" else 0,
         duration_ms=stored.duration_ms,
         boot_ms=stored.boot_ms,
+        warm=stored.warm,
         oom_killed=stored.oom_killed,
         peak_memory_bytes=stored.peak_memory_bytes,
         limits=stored.limits,
@@ -110,7 +111,7 @@ def render_text(r: ExecResult, result_id: str) -> str:
     if r.duration_ms is not None:
         head.append(f"duration={r.duration_ms}ms")
     if r.boot_ms is not None:
-        head.append(f"boot={r.boot_ms}ms")
+        head.append(f"boot={r.boot_ms}ms" + (" (warm)" if r.warm else ""))
     if r.peak_memory_bytes:
         head.append(f"peak_memory={r.peak_memory_bytes // (1024 * 1024)}MiB")
     if r.oom_killed:
