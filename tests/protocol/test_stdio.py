@@ -297,3 +297,13 @@ async def test_warm_pool_serves_default_shaped_calls(serve):
     async with serve("--pool-size", "0") as c:
         for _ in range(3):
             assert not structured(await run(c, command="true"))["warm"]
+
+
+async def test_past_the_foreground_limit_a_call_returns_running(serve, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nforeground_limit: 1s\n")
+    async with serve("--policy", str(policy)) as c:
+        s = structured(await run(c, command="sleep 3; echo done"))
+        assert s["status"] == "running" and s["exit_code"] is None
+        r = structured(await c.call_tool("inspect_result", {"result_id": s["result_id"], "wait_seconds": 30}))
+        assert r["status"] == "exited" and r["data"] == "done\n"
