@@ -95,6 +95,14 @@ class PolicyHolder:
         return True
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who a tool call is for: never taken from tool arguments."""
+
+    tenant: str
+    session_id: str
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -108,6 +116,17 @@ class AppState:
     workspace_root: Path
     made_workspaces: set[Path] = field(default_factory=set)
     warmed: Any = None
+    session_from_request: bool = False
+    """HTTP: each MCP session (its mcp-session-id) is a session; stdio: the process is."""
+
+    def caller(self, ctx: Any) -> Caller:
+        if self.session_from_request:
+            request = ctx.request_context.request
+            sid = request.headers.get("mcp-session-id") if request is not None else None
+            if not sid:
+                raise RuntimeError("HTTP tool call without an MCP session")
+            return Caller(self.tenant, sid)
+        return Caller(self.tenant, self.session_id)
 
     def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
         """Create the run's workspace directory, owned by the sandbox user.

@@ -18,7 +18,8 @@ async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
     limit): result_id, command, start time, elapsed time and granted limits, plus how
     many sandboxes this server runs in all and its maximum."""
     app = ctx.request_context.lifespan_context
-    jobs = sorted(app.jobs.active(app.tenant), key=lambda j: j.started_at)
+    caller = app.caller(ctx)
+    jobs = sorted(app.jobs.active(caller.tenant), key=lambda j: j.started_at)
     listing = ActiveList(
         commands=[
             ActiveCommand(
@@ -50,13 +51,14 @@ def make_cancel_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
         """Kill one of YOUR running commands and return its final result (status killed).
         A command that already finished is returned as it ended."""
         app = ctx.request_context.lifespan_context
-        stored = app.store.get(result_id, app.tenant)
+        caller = app.caller(ctx)
+        stored = app.store.get(result_id, caller.tenant)
         if stored is None:
             raise ToolError(_not_found(result_id))
-        job = app.jobs.get(result_id, app.tenant)
+        job = app.jobs.get(result_id, caller.tenant)
         if job is not None:
             await app.jobs.cancel(job)
-            stored = app.store.get(result_id, app.tenant) or stored
+            stored = app.store.get(result_id, caller.tenant) or stored
         result = exec_result(app, stored, head, tail)
         return CallToolResult(
             content=[TextContent(type="text", text=render_text(result, result_id))],

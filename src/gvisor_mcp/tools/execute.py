@@ -85,6 +85,7 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
         ] = False,
     ) -> Annotated[CallToolResult, ExecResult]:
         app = ctx.request_context.lifespan_context
+        caller = app.caller(ctx)
         policy = app.policy.current
         request = dict(
             command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
@@ -94,19 +95,19 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
             resolved = resolve(
                 policy,
                 ExecRequest(**{k: v for k, v in request.items() if v is not None}),
-                app.tenant,
+                caller.tenant,
                 workspace_root=app.workspace_root,
-                session_id=app.session_id,
+                session_id=caller.session_id,
             )
         except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
-            app.audit.write(tenant=app.tenant, session=app.session_id, command=command,
+            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
                             policy_hash=policy.hash, decision="denied", reason=str(e))
             raise ToolError(str(e)) from e
         settings = resolved.settings
         try:
-            app.jobs.admit(app.tenant, settings.max_concurrent, settings.runs_per_minute)
+            app.jobs.admit(caller.tenant, settings.max_concurrent, settings.runs_per_minute)
         except QuotaExceeded as e:
-            app.audit.write(tenant=app.tenant, session=app.session_id, command=command,
+            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
                             policy_hash=policy.hash, decision="quota", reason=str(e))
             raise ToolError(str(e)) from e
         for mount in resolved.options.extra_mounts:
@@ -116,7 +117,7 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
                 app.prepare_workspace(resolved.workspace_path, user.uid if user else 0, user.gid if user else 0)
         limits = resolved.receipt.model_dump(mode="json")
         job = app.jobs.start(
-            tenant=app.tenant, session=app.session_id, command=command,
+            tenant=caller.tenant, session=caller.session_id, command=command,
             options=resolved.options, limits=limits, policy_hash=policy.hash,
         )
         wait = 0.0 if background else settings.foreground_seconds
@@ -128,7 +129,7 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
             with anyio.CancelScope(shield=True):
                 await app.jobs.cancel(job)
             raise
-        stored = app.store.get(job.result_id, app.tenant)
+        stored = app.store.get(job.result_id, caller.tenant)
         result = exec_result(app, stored, settings.head_bytes, settings.tail_bytes)
         return CallToolResult(
             content=[TextContent(type="text", text=render_text(result, job.result_id))],

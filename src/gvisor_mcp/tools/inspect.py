@@ -44,11 +44,12 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
         ] = 0,
     ) -> Annotated[CallToolResult, InspectResult]:
         app = ctx.request_context.lifespan_context
-        stored = app.store.get(result_id, app.tenant)
+        caller = app.caller(ctx)
+        stored = app.store.get(result_id, caller.tenant)
         if stored is None:
             raise ToolError(_not_found(result_id))
         if wait_seconds and stored.status == "running":
-            job = app.jobs.get(result_id, app.tenant)
+            job = app.jobs.get(result_id, caller.tenant)
             if job is not None:
                 deadline = time.monotonic() + wait_seconds
                 with anyio.move_on_after(wait_seconds):
@@ -60,7 +61,7 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
                                 round(job.elapsed(), 1), job.timeout or None,
                                 f"still running; {max(0, deadline - time.monotonic()):.0f} s left to wait",
                             )
-            stored = app.store.get(result_id, app.tenant) or stored
+            stored = app.store.get(result_id, caller.tenant) or stored
         base = exec_result(app, stored, head, tail)
         data, total = app.store.read(stored, stream, offset, length)
         end = offset + len(data)
