@@ -19,6 +19,7 @@ import anyio.abc
 import structlog
 
 from .audit import AuditLog
+from .metrics import Metrics
 from .results import ResultStore
 from .sandbox import (
     ContainerOptions,
@@ -68,6 +69,65 @@ class Job:
             self.last_line = lines[-1][-200:]
 
 
+class FairGate:
+    """Sandbox slots shared by tenants; a freed slot goes to the waiting
+    tenant that holds the fewest (ties: the one that waited longest).
+
+    The Manager's own limiter is first-come-first-served: one tenant queueing
+    many runs would make every other tenant wait behind all of them. Here a
+    tenant with a backlog never delays another tenant's call by more than
+    the next freed slot.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.held: dict[str, int] = {}
+        self._queues: dict[str, deque[anyio.Event]] = {}
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def _take(self, tenant: str) -> None:
+        self.used += 1
+        self.held[tenant] = self.held.get(tenant, 0) + 1
+
+    async def acquire(self, tenant: str) -> None:
+        if self.used < self.capacity and not self._queues:
+            self._take(tenant)
+            return
+        ev = anyio.Event()
+        self._queues.setdefault(tenant, deque()).append(ev)
+        try:
+            await ev.wait()
+        except BaseException:
+            if ev.is_set():  # the slot was handed over as we were cancelled
+                self.release(tenant)
+            else:
+                q = self._queues.get(tenant)
+                if q is not None and ev in q:
+                    q.remove(ev)
+                    if not q:
+                        del self._queues[tenant]
+            raise
+
+    def release(self, tenant: str) -> None:
+        self.used -= 1
+        self.held[tenant] -= 1
+        if not self.held[tenant]:
+            del self.held[tenant]
+        if not self._queues:
+            return
+        # dicts keep insertion order: min() picks the longest-waiting among equals
+        nxt = min(self._queues, key=lambda t: self.held.get(t, 0))
+        q = self._queues.pop(nxt)
+        ev = q.popleft()
+        if q:
+            self._queues[nxt] = q  # to the back among equals
+        self._take(nxt)
+        ev.set()
+
+
 class QuotaExceeded(Exception):
     """A tenant is at its concurrency or rate quota; the message names it."""
 
@@ -79,8 +139,11 @@ class Jobs:
         store: ResultStore,
         audit: AuditLog,
         task_group: anyio.abc.TaskGroup,
+        metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
+        self.metrics = metrics
+        self.gate = FairGate(manager.config.max_concurrent_containers)
         self.store = store
         self.audit = audit
         self._tg = task_group
@@ -167,7 +230,11 @@ class Jobs:
         status = "error"
         try:
             with anyio.CancelScope() as job.scope:
-                result = await self.manager.run(options, run_id=job.result_id)
+                await self.gate.acquire(job.tenant)
+                try:
+                    result = await self.manager.run(options, run_id=job.result_id)
+                finally:
+                    self.gate.release(job.tenant)
             if result is not None:
                 status, error = result.status.value, result.error
                 if result.status == ContainerStatus.KILLED and error is None and self.manager.closed:
@@ -237,6 +304,13 @@ class Jobs:
             boot_ms=fields.get("boot_ms"),
             error=error,
         )
+        if self.metrics is not None:
+            self.metrics.finished(
+                job.tenant, status,
+                warm=result.warm if result else None,
+                boot=result.boot_duration if result else None,
+                duration=result.duration if result else None,
+            )
         job.result, job.status, job.error = result, status, error
         self._jobs.pop(job.result_id, None)
         job.done.set()

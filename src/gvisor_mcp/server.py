@@ -24,6 +24,7 @@ import structlog
 from . import logs
 from .audit import AuditLog
 from .jobs import Jobs
+from .metrics import Metrics
 from .policy import ExecRequest, Policy, load, load_default, resolve
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
@@ -118,6 +119,7 @@ class AppState:
     warmed: Any = None
     session_from_request: bool = False
     """HTTP: each MCP session (its mcp-session-id) is a session; stdio: the process is."""
+    metrics: Metrics | None = None
 
     def caller(self, ctx: Any) -> Caller:
         if self.session_from_request:
@@ -164,6 +166,10 @@ class AppState:
         if self.settings.pool_size <= 0:
             return
         try:
+            ws = self.policy.current.tenant(self.tenant).workspace
+            if self.session_from_request and ws.enabled and ws.scope == "session":
+                # Each HTTP session mounts its own directory: no shape to boot ahead.
+                raise ValueError("per-session workspaces differ for every HTTP session")
             template = self.pool_template()
         except Exception as e:  # a policy whose default cannot be pooled: cold only
             log.warning("pool_disabled", reason=str(e))
@@ -175,66 +181,109 @@ class AppState:
             self.manager.warm(template, self.settings.pool_size)
 
 
-def build_server(settings: Settings, policy: PolicyHolder):  # type: ignore[no-untyped-def]
+@dataclass
+class Runtime:
+    """What all callers of one server process share: one Manager (one global
+    capacity), one result store, one audit log, one set of jobs, metrics."""
+
+    settings: Settings
+    policy: PolicyHolder
+    manager: Manager
+    store: ResultStore
+    audit: AuditLog
+    jobs: Jobs
+    metrics: Metrics
+    after_close: list[Any] = field(default_factory=list)
+    """Called once the Manager is closed (no sandbox uses a workspace any more)."""
+
+    def app_for(self, tenant: str, *, session_from_request: bool = False) -> AppState:
+        app = AppState(
+            settings=self.settings,
+            manager=self.manager,
+            store=self.store,
+            jobs=self.jobs,
+            audit=self.audit,
+            policy=self.policy,
+            tenant=tenant,
+            session_id=secrets.token_hex(16),
+            workspace_root=self.settings.state_dir / "workspaces",
+            session_from_request=session_from_request,
+            metrics=self.metrics,
+        )
+        self.after_close.append(lambda: _drop_session_workspaces(app, self.policy))
+        return app
+
+
+@asynccontextmanager
+async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Runtime]:
+    """Start the shared parts; on exit kill every running command, record it, clean up."""
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = ResultStore(state_dir)
+    audit = AuditLog(state_dir / "audit.jsonl")
+    rt: Runtime | None = None
+    try:
+        async with Manager(settings.manager_config()) as manager, anyio.create_task_group() as tg:
+            reaped = await manager.cleanup_stale()
+            recovered = store.recover()
+            log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
+                     reaped=reaped, recovered=recovered, policy_hash=policy.current.hash,
+                     pool_size=settings.pool_size)
+            metrics = Metrics()
+            metrics.watch(manager.active_containers, manager.pool.idle)
+            rt = Runtime(settings, policy, manager, store, audit, Jobs(manager, store, audit, tg, metrics), metrics)
+            try:
+                yield rt
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await manager.close()
+                    with anyio.move_on_after(5):
+                        while rt.jobs.active_all():
+                            await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for callback in rt.after_close if rt is not None else ():
+                try:
+                    callback()
+                except Exception:
+                    log.exception("after_close_failed")
+            store.close()
+            audit.close()
+            log.info("server_stop", tenant=settings.tenant)
+
+
+def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = None, lifespan: Any = None):  # type: ignore[no-untyped-def]
+    """An MCPServer whose tools publish `tenant`'s policy in their schemas.
+
+    stdio: the lifespan starts the Runtime and serves one tenant. HTTP passes
+    its own lifespan (one Runtime shared by every tenant's server).
+    """
     from mcp.server.mcpserver import MCPServer
 
     from .tools import register_tools
     from .tools.view import schema_facts
 
+    tenant = tenant or settings.tenant
+
     @asynccontextmanager
-    async def lifespan(_server: Any) -> AsyncIterator[AppState]:
-        state_dir = settings.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = ResultStore(state_dir)
-        audit = AuditLog(state_dir / "audit.jsonl")
-        session_id = secrets.token_hex(16)
-        app: AppState | None = None
-        try:
-            async with Manager(settings.manager_config()) as manager, anyio.create_task_group() as tg:
-                reaped = await manager.cleanup_stale()
-                recovered = store.recover()
-                log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
-                         reaped=reaped, recovered=recovered, policy_hash=policy.current.hash,
-                         pool_size=settings.pool_size)
-                jobs = Jobs(manager, store, audit, tg)
-                app = AppState(
-                    settings=settings,
-                    manager=manager,
-                    store=store,
-                    jobs=jobs,
-                    audit=audit,
-                    policy=policy,
-                    tenant=settings.tenant,
-                    session_id=session_id,
-                    workspace_root=state_dir / "workspaces",
-                )
-                app.warm_pool()
-                policy.listeners.append(app.warm_pool)
-                try:
-                    yield app
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await manager.close()
-                        with anyio.move_on_after(5):
-                            while jobs.active_all():
-                                await anyio.sleep(0.05)
-                    tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                if app is not None:
-                    policy.listeners.remove(app.warm_pool)
-                    _drop_session_workspaces(app, policy)
-                store.close()
-                audit.close()
-                log.info("server_stop", tenant=settings.tenant)
+    async def stdio_lifespan(_server: Any) -> AsyncIterator[AppState]:
+        async with runtime(settings, policy) as rt:
+            app = rt.app_for(tenant)
+            app.warm_pool()
+            policy.listeners.append(app.warm_pool)
+            try:
+                yield app
+            finally:
+                policy.listeners.remove(app.warm_pool)
 
     server = MCPServer(
         name=SERVER_NAME,
         instructions=INSTRUCTIONS,
-        lifespan=lifespan,
+        lifespan=lifespan or stdio_lifespan,
         log_level="WARNING",
     )
-    register_tools(server, schema_facts(policy.current.tenant(settings.tenant)))
+    register_tools(server, schema_facts(policy.current.tenant(tenant)))
     return server
 
 

@@ -160,7 +160,9 @@ async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_b
                     active = structured(await c.call_tool("list_active", {}))["commands"]
                     container = active[0]["container_id"] if active else None
                     await anyio.sleep(0.05)
-            assert container in leftovers(sandbox_base)["runsc list"]
+            with anyio.fail_after(30):  # the id is known just before runsc creates it
+                while container not in leftovers(sandbox_base).get("runsc list", []):
+                    await anyio.sleep(0.05)
             scope.cancel()  # the client sends notifications/cancelled
         # ... and the server kills that container.
         with anyio.fail_after(30):

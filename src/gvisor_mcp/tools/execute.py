@@ -102,6 +102,8 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
         except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
             app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
                             policy_hash=policy.hash, decision="denied", reason=str(e))
+            if app.metrics is not None:
+                app.metrics.denied(caller.tenant, "policy")
             raise ToolError(str(e)) from e
         settings = resolved.settings
         try:
@@ -109,6 +111,8 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
         except QuotaExceeded as e:
             app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
                             policy_hash=policy.hash, decision="quota", reason=str(e))
+            if app.metrics is not None:
+                app.metrics.denied(caller.tenant, "quota")
             raise ToolError(str(e)) from e
         for mount in resolved.options.extra_mounts:
             if mount.type == "bind" and not mount.read_only and resolved.workspace_path is not None \
