@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 import anyio
 
@@ -84,15 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove containers, cgroups and bundles left by dead servers")
     _manager_args(p)
 
-    p = sub.add_parser("serve", help="serve MCP on stdio")
+    p = sub.add_parser("serve", help="serve MCP on stdio (default) or streamable HTTP")
     _manager_args(p)
-    p.add_argument("--policy", default=None)
-    p.add_argument("--tenant", default=None)
-    p.add_argument("--state-dir", default=None)
+    p.add_argument("--policy", default=None, help="policy file (default: the built-in policy)")
+    p.add_argument("--tenant", default=None, help="stdio: the policy tenant this process serves")
+    p.add_argument("--state-dir", default=None, help="results, audit log, workspaces, tokens")
     p.add_argument(
         "--pool-size", type=int, default=2, metavar="N",
         help="sandboxes kept booted for the default request shape (default 2; 0 disables the warm pool)",
     )
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="http: address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8765, help="http: port (default 8765)")
+    p.add_argument("--tokens", default=None, help="http: tokens file (default <state-dir>/tokens.yaml)")
+    p.add_argument("--tls-cert", default=None, help="http: TLS certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="http: TLS private key (PEM)")
+    p.add_argument(
+        "--behind-tls-proxy", action="store_true",
+        help="http: allow a non-loopback bind without --tls-cert because a proxy in front terminates TLS",
+    )
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST:PORT",
+                   help="http: extra Host header value to accept (the bind address is always accepted)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="http: extra Origin to accept, e.g. https://app.example")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="http: request body limit")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
+
+    p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("add", help="create a token for TENANT, print it once, store its hash")
+    t.add_argument("tenant", nargs="?", default=None)
+    t.add_argument("--metrics", action="store_true", help="a token that may read /metrics only")
+    t.add_argument("--tokens", default=None, help="tokens file (default <state-dir>/tokens.yaml)")
+    t.add_argument("--state-dir", default=None)
+    t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     return parser
@@ -107,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(policy_main(argv[1:]))
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level.upper(), json=True)
-    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve}
+    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token}
     raise SystemExit(handler[args.cmd](args))
 
 
@@ -251,6 +278,31 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             f"runsc_state={entry['runsc_state']} cgroups={entry['cgroups']} bundle={entry['bundle']}"
         )
     print(f"{len(report)} stale container(s) removed")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """`gvisor-mcp token add TENANT`: the token is printed once, only its hash is kept."""
+    from .policy import load, load_default
+    from .server import default_state_dir
+    from .tokens import METRICS_ROLE, TokenFile
+
+    if args.metrics == bool(args.tenant):
+        return _fail("give either a TENANT or --metrics")
+    if args.tenant:
+        try:
+            (load(args.policy) if args.policy else load_default()).tenant(args.tenant)
+        except Exception as e:
+            return _fail(str(e))
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    path = Path(args.tokens) if args.tokens else state / "tokens.yaml"
+    try:
+        tokens = TokenFile.load(path)
+    except ValueError as e:
+        return _fail(str(e))
+    token = tokens.add(METRICS_ROLE if args.metrics else args.tenant)
+    print(token)
+    print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
     return 0
 
 

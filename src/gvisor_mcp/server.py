@@ -25,7 +25,7 @@ from . import logs
 from .audit import AuditLog
 from .jobs import Jobs
 from .metrics import Metrics
-from .policy import ExecRequest, Policy, load, load_default, resolve
+from .policy import ExecRequest, Policy, load, load_default, path_component, resolve
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.manager import canary
@@ -54,6 +54,8 @@ class Settings:
     max_concurrent: int = 8
     pool_size: int = 2
     """Sandboxes kept booted for the tenant's default request shape (0: none)."""
+    metrics_port: int = 0
+    """stdio: also serve Prometheus /metrics on 127.0.0.1:PORT (0: no)."""
 
     def manager_config(self, **kw: Any) -> ManagerConfig:
         return ManagerConfig(
@@ -96,6 +98,9 @@ class PolicyHolder:
         return True
 
 
+STATELESS_SESSION = "stateless"
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who a tool call is for: never taken from tool arguments."""
@@ -121,13 +126,27 @@ class AppState:
     """HTTP: each MCP session (its mcp-session-id) is a session; stdio: the process is."""
     metrics: Metrics | None = None
 
+    def drop_session(self, session_id: str) -> None:
+        """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
+        unless a background command of that session still runs (then at server stop)."""
+        if any(j.session == session_id for j in self.jobs.active_all()):
+            return
+        for path in list(self.made_workspaces):
+            if path.parent.name == "sessions" and path.name == path_component(session_id):
+                self.remove_workspace(path)
+
+    def remove_workspace(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        self.made_workspaces.discard(path)
+
     def caller(self, ctx: Any) -> Caller:
         if self.session_from_request:
             request = ctx.request_context.request
             sid = request.headers.get("mcp-session-id") if request is not None else None
-            if not sid:
-                raise RuntimeError("HTTP tool call without an MCP session")
-            return Caller(self.tenant, sid)
+            # Protocol 2026-07-28 over HTTP has no sessions: every request stands
+            # alone. Its calls share one "stateless" session per tenant, whose
+            # session-scoped workspace lasts until the server stops.
+            return Caller(self.tenant, sid or STATELESS_SESSION)
         return Caller(self.tenant, self.session_id)
 
     def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
@@ -268,7 +287,11 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
 
     @asynccontextmanager
     async def stdio_lifespan(_server: Any) -> AsyncIterator[AppState]:
-        async with runtime(settings, policy) as rt:
+        async with runtime(settings, policy) as rt, anyio.create_task_group() as side:
+            if settings.metrics_port:
+                from .http import serve_metrics
+
+                side.start_soon(serve_metrics, rt.metrics, settings.metrics_port)
             app = rt.app_for(tenant)
             app.warm_pool()
             policy.listeners.append(app.warm_pool)
@@ -276,6 +299,7 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
                 yield app
             finally:
                 policy.listeners.remove(app.warm_pool)
+                side.cancel_scope.cancel()
 
     server = MCPServer(
         name=SERVER_NAME,
@@ -288,10 +312,10 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
 
 
 def _drop_session_workspaces(app: AppState, policy: PolicyHolder) -> None:
-    """Session-scoped workspaces end with the session (this process, on stdio)."""
-    for path in app.made_workspaces:
-        if app.session_id in path.parts:
-            shutil.rmtree(path, ignore_errors=True)
+    """At server stop, every session ends: stdio's one, and HTTP sessions still open."""
+    for path in list(app.made_workspaces):
+        if path.parent.name == "sessions":
+            app.remove_workspace(path)
 
 
 async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
@@ -326,6 +350,7 @@ def serve(args: Any) -> int:
         cgroup_parent=args.cgroup_parent,
         max_concurrent=args.max_concurrent,
         pool_size=args.pool_size,
+        metrics_port=getattr(args, "metrics_port", 0),
     )
     try:
         policy = PolicyHolder(settings.policy_path)
@@ -333,6 +358,27 @@ def serve(args: Any) -> int:
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
+
+    options = None
+    if getattr(args, "transport", "stdio") == "http":
+        from .http import HttpOptions
+
+        options = HttpOptions(
+            host=args.host,
+            port=args.port,
+            tokens_path=args.tokens or str(settings.state_dir / "tokens.yaml"),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            behind_tls_proxy=args.behind_tls_proxy,
+            allowed_hosts=tuple(args.allowed_host),
+            allowed_origins=tuple(args.allowed_origin),
+            max_body_bytes=args.max_body_bytes,
+        )
+        try:
+            options.check()
+        except ValueError as e:
+            print(f"gvisor-mcp: {e}", file=sys.stderr)
+            return 2
 
     async def preflight() -> tuple[bool, str]:
         manager = Manager(settings.manager_config())
@@ -353,5 +399,10 @@ def serve(args: Any) -> int:
             file=sys.stderr,
         )
         return 1
+    if options is not None:
+        from .http import serve_http
+
+        anyio.run(serve_http, settings, policy, options)
+        return 0
     anyio.run(_serve_stdio, settings, policy)
     return 0

@@ -16,11 +16,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from gvisor_mcp.audit import AuditLog
 from gvisor_mcp.jobs import Job, Jobs
 from gvisor_mcp.results import ResultStore
-from gvisor_mcp.sandbox import ContainerResult, ContainerStatus
+from gvisor_mcp.sandbox import ContainerResult, ContainerStatus, ManagerConfig
 
 
 def lines(path: Path) -> list[dict]:
@@ -106,7 +107,9 @@ PROMISED = {"time", "tenant", "command", "policy_hash", "decision", "status", "e
 def finish_run(tmp_path: Path, result: ContainerResult | None, status: str, error: str | None):  # type: ignore[no-untyped-def]
     store = ResultStore(tmp_path / "state")
     audit = AuditLog(tmp_path / "state" / "audit.jsonl")
-    jobs = Jobs(None, store, audit, None)  # type: ignore[arg-type]
+    # _finish never reaches the Manager; only its config is read (capacity).
+    no_manager = SimpleNamespace(config=ManagerConfig())
+    jobs = Jobs(no_manager, store, audit, None)  # type: ignore[arg-type]
     rid = store.new_id()
     job = Job(result_id=rid, tenant="alice", session="s1", command="make test",
               limits={"timeout": "30s"}, timeout=30.0)
