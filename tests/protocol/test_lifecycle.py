@@ -64,6 +64,9 @@ class RawServer:
         result = await self.request("tools/call", {"name": name, "arguments": arguments})
         return result["structuredContent"]
 
+    async def call_raw(self, name: str, arguments: dict) -> dict:
+        return await self.request("tools/call", {"name": name, "arguments": arguments})
+
 
 def serve_argv(base: Path, state: Path, *extra: str) -> list[str]:
     return [
@@ -178,4 +181,30 @@ async def test_serve_refuses_to_start_with_a_clear_message(sandbox_base, tmp_pat
     err = r.stderr.decode()
     assert expected in err, err
     assert r.stdout == b""  # nothing that a client could take for MCP
+    assert leftovers(sandbox_base) == {}
+
+
+async def test_sighup_reloads_the_policy_for_new_calls_and_keeps_it_when_the_file_is_bad(sandbox_base, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n")
+    server = await start(sandbox_base, tmp_path / "state", "--policy", str(policy), "--pool-size", "0")
+    try:
+        r = await server.call_raw("execute_command", {"command": "true", "memory_mb": 1024})
+        assert not r.get("isError") and r["structuredContent"]["exit_code"] == 0
+        policy.write_text("version: 1\nceilings: {memory: 256MiB}\ndefaults: {memory: 128MiB}\n")
+        server.process.send_signal(signal.SIGHUP)
+        with anyio.fail_after(30):
+            while not (r := await server.call_raw("execute_command", {"command": "true", "memory_mb": 1024})).get("isError"):
+                await anyio.sleep(0.1)
+        assert "256" in r["content"][0]["text"]  # the new ceiling, named in the denial
+        policy.write_text("version: 1\nceilings: {memory: [oops\n")
+        server.process.send_signal(signal.SIGHUP)
+        await anyio.sleep(1)
+        r = await server.call_raw("execute_command", {"command": "true", "memory_mb": 1024})
+        assert r.get("isError") and "256" in r["content"][0]["text"]  # the last good policy holds
+        r = await server.call_raw("execute_command", {"command": "true", "memory_mb": 200})
+        assert not r.get("isError") and r["structuredContent"]["exit_code"] == 0
+    finally:
+        await server.process.stdin.aclose()  # type: ignore[union-attr]
+        await wait_exit(server)
     assert leftovers(sandbox_base) == {}

@@ -309,3 +309,33 @@ async def test_past_the_foreground_limit_a_call_returns_running(serve, tmp_path)
         assert s["status"] == "running" and s["exit_code"] is None
         r = structured(await c.call_tool("inspect_result", {"result_id": s["result_id"], "wait_seconds": 30}))
         assert r["status"] == "exited" and r["data"] == "done\n"
+
+
+async def test_metrics_port_serves_prometheus_text_for_a_stdio_server(serve):
+    import socket
+
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with serve("--metrics-port", str(port), "--pool-size", "0") as c:
+        await run(c, command="exit 4")
+        await run(c, command="sleep 5", timeout_seconds=0.5)
+        async with httpx2.AsyncClient() as http:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        r = await http.get(f"http://127.0.0.1:{port}/metrics")
+                        break
+                    except httpx2.TransportError:
+                        await anyio.sleep(0.1)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(r.text) for s in f.samples
+    }
+    assert samples[("gvisor_mcp_calls_total", (("status", "exited"), ("tenant", "default")))] == 1
+    assert samples[("gvisor_mcp_calls_total", (("status", "timed_out"), ("tenant", "default")))] == 1
+    assert samples[("gvisor_mcp_timeouts_total", (("tenant", "default"),))] == 1
+    assert samples[("gvisor_mcp_pool_claims_total", (("result", "miss"),))] == 2
