@@ -1,0 +1,363 @@
+"""execute_command("true") end to end through the SDK's stdio client, cold and
+warm, and gVisor's own Python binding, against a raw `runsc run` of an
+equivalent bundle; plus the server's memory, idle and with its pool full.
+
+Two `gvisor-mcp serve` processes are started once (off the clock), each with
+its own state root and cgroup parent: one with `--pool-size 0` (cold) and
+one with `--pool-size N` (warm, default 2 as shipped). Per iteration, in
+this order: raw runsc (reference), one cold call, one warm call (after the
+pool has refilled, off the clock), one binding sandbox (create + exec
+`true` + close). Times are client-side call_tool round trips. Then N
+back-to-back warm calls without waiting for the refill.
+
+The raw reference's bundle is what the policy resolves `true` to: `/bin/sh
+-c true` as uid 1000 with the session workspace bind-mounted, the policy's
+memory/CPU/pids limits.
+
+    .venv/bin/python benchmarks/bench_mcp.py [-n 20] [--pool-size 2] [--no-write] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    CGROUP_PREFIX, RAW_CGROUP, Raw, check_clean, cmdline, common_args, emit, fresh_base, machine_line,
+    med, ms, p90, pss_kib, runsc_processes, status_kib, verdict,
+)
+
+from gvisor_mcp import logs  # noqa: E402
+from gvisor_mcp.policy import ExecRequest, default_policy_text, loads, resolve  # noqa: E402
+from gvisor_mcp.sandbox.rootfs import write_etc  # noqa: E402
+
+TITLE = "execute_command over MCP stdio, and gVisor's Python binding"
+MEM_TITLE = "Server memory"
+BIN = Path(sys.executable).with_name("gvisor-mcp")
+TENANT = "default"
+
+
+def bench_policy() -> str:
+    """The built-in policy, with a rate quota that a benchmark does not trip
+    (60 runs/minute by default)."""
+    text = default_policy_text().decode()
+    text, count = re.subn(r"(?m)^([ \t]*runs_per_minute:)[ \t]*\d+", r"\1 1000000", text)
+    assert count == 1, "default policy has no runs_per_minute line"
+    loads(text)  # fail here, not in the server
+    return text
+
+
+def server_params(base: Path, name: str, policy: Path, pool: int):  # type: ignore[no-untyped-def]
+    from mcp import StdioServerParameters
+
+    root = base / name
+    return StdioServerParameters(
+        command=str(BIN),
+        args=[
+            "serve", "--state-root", str(root), "--cgroup-parent", f"{CGROUP_PREFIX}-{name}",
+            "--state-dir", str(root / "state"), "--policy", str(policy), "--pool-size", str(pool),
+        ],
+        env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
+    )
+
+
+def server_pid(root: Path) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            args = cmdline(entry)
+            if "serve" in args and str(root) in args:
+                return int(entry)
+    raise RuntimeError(f"no gvisor-mcp serve process for {root}")
+
+
+def running_sandboxes(root: Path) -> list[str]:
+    """Containers runsc has marked running under `root` (read from its state files)."""
+    out = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return out
+    for n in names:
+        if n.endswith(".state") and "_sandbox:" in n:
+            try:
+                if json.loads((root / n).read_text()).get("status") == "running":
+                    out.append(n.split("_sandbox:", 1)[0])
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+async def wait_pool_full(root: Path, size: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(running_sandboxes(root)) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm pool under {root} did not refill to {size} in {timeout}s")
+        await anyio.sleep(0.01)
+    await anyio.sleep(0.02)  # the state file says running; let the pool take it
+
+
+async def call_true(client) -> tuple[float, dict]:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    r = await client.call_tool("execute_command", {"command": "true"})
+    dt = time.perf_counter() - t
+    s = r.structured_content or {}
+    if r.is_error or s.get("status") != "exited" or s.get("exit_code") != 0:
+        raise RuntimeError(f"execute_command('true') failed: {r}")
+    return dt, s
+
+
+def binding_once(runtime_dir: Path) -> tuple[float, float, float]:
+    """gvisor.Sandbox: create, exec `true`, close; seconds for each."""
+    import gvisor
+
+    t0 = time.perf_counter()
+    sb = gvisor.Sandbox(runtime_dir=str(runtime_dir))
+    try:
+        t1 = time.perf_counter()
+        sb.exec("true")
+        t2 = time.perf_counter()
+    finally:
+        sb.close()
+    t3 = time.perf_counter()
+    left = runsc_processes(runtime_dir / "state")
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    if left:
+        raise RuntimeError(f"gvisor binding left processes: {left}")
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def binding_status() -> str | None:
+    """None when the binding can be used; why not, otherwise."""
+    try:
+        import gvisor  # noqa: F401
+    except ImportError as e:
+        return f"`import gvisor` failed ({e}): install the bench extra (`pip install -e '.[bench]'`)"
+    return None
+
+
+def memory_of(pids: list[int]) -> dict:
+    kinds: dict[str, int] = {}
+    for p in pids:
+        args = cmdline(p)
+        kind = "runsc-sandbox" if args and "sandbox" in args[0] else (
+            "gofer" if "gofer" in args else ("run (client)" if "run" in args else "other"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "rss_kib": sum(status_kib(p, "VmRSS") for p in pids),
+        "pss_kib": sum(pss_kib(p) for p in pids),
+        "processes": kinds,
+    }
+
+
+def cgroup_usage(parent: str) -> list[int]:
+    d = Path("/sys/fs/cgroup/memory") / parent
+    out = []
+    if d.is_dir():
+        for leaf in d.iterdir():
+            try:
+                out.append(int((leaf / "memory.usage_in_bytes").read_text()))
+            except (OSError, ValueError):
+                pass
+    unified = Path("/sys/fs/cgroup") / parent
+    if not out and (unified / "cgroup.controllers").exists():
+        for leaf in unified.iterdir():
+            try:
+                out.append(int((leaf / "memory.current").read_text()))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
+    from mcp import Client
+
+    base = fresh_base("mcp")
+    policy_file = base / "policy.yaml"
+    policy_file.write_text(bench_policy())
+    raw = Raw(base, write_etc(base / "etc"))
+    # The raw reference: what the policy makes of `true` (uid 1000, workspace bind).
+    ws = base / "raw-workspace"
+    resolved = resolve(loads(policy_file.read_text()), ExecRequest(command="true"), TENANT,
+                       workspace_root=ws, session_id="bench")
+    assert resolved.workspace_path is not None
+    resolved.workspace_path.mkdir(parents=True)
+    os.chown(resolved.workspace_path, 1000, 1000)
+    equiv = resolved.options
+
+    binding_problem = binding_status()
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "raw", "cold", "cold_dur", "cold_boot", "warm", "warm_dur", "warm_boot",
+        "b_total", "b_create", "b_exec", "b_close", "b2b")}
+    warm_hits = 0
+    b2b_hits = 0
+    mem: dict = {}
+    cold_root, warm_root = base / "cold", base / "warm"
+    try:
+        async with AsyncExitStack() as stack:
+            t = time.perf_counter()
+            cold = await stack.enter_async_context(Client(server_params(base, "cold", policy_file, 0)))
+            startup_cold = time.perf_counter() - t
+            t = time.perf_counter()
+            warm = await stack.enter_async_context(Client(server_params(base, "warm", policy_file, pool_size)))
+            startup_warm = time.perf_counter() - t
+            cold_pid, warm_pid = server_pid(cold_root), server_pid(warm_root)
+            await wait_pool_full(warm_root / "runsc", pool_size)
+
+            # Memory: idle server (no pool), and the warm one with its pool full.
+            mem["idle_server_rss_kib"] = status_kib(cold_pid, "VmRSS")
+            mem["idle_server_pss_kib"] = pss_kib(cold_pid)
+            mem["pool_server_rss_kib"] = status_kib(warm_pid, "VmRSS")
+            pooled = runsc_processes(warm_root / "runsc")
+            mem["pool"] = memory_of(pooled)
+            mem["pool_size"] = pool_size
+            mem["pool_cgroup_bytes"] = cgroup_usage(f"{CGROUP_PREFIX}-warm")
+
+            # Warm-up (page cache, first-call paths), off the record.
+            raw.run(equiv)
+            await call_true(cold)
+            await wait_pool_full(warm_root / "runsc", pool_size)
+            await call_true(warm)
+            if binding_problem is None:
+                try:
+                    await anyio.to_thread.run_sync(binding_once, base / "binding" / "warmup")
+                except Exception as e:  # say exactly what happened
+                    binding_problem = f"the binding failed here: {type(e).__name__}: {e}"
+
+            for i in range(n):
+                rows["raw"].append(await anyio.to_thread.run_sync(raw.run, equiv))
+                dt, s = await call_true(cold)
+                assert not s.get("warm"), s
+                rows["cold"].append(dt)
+                rows["cold_dur"].append(s["duration_ms"] / 1000)
+                rows["cold_boot"].append(s["boot_ms"] / 1000)
+                await wait_pool_full(warm_root / "runsc", pool_size)
+                dt, s = await call_true(warm)
+                warm_hits += bool(s.get("warm"))
+                rows["warm"].append(dt)
+                rows["warm_dur"].append(s["duration_ms"] / 1000)
+                rows["warm_boot"].append(s["boot_ms"] / 1000)
+                if binding_problem is None:
+                    c, e, cl = await anyio.to_thread.run_sync(binding_once, base / "binding" / str(i))
+                    rows["b_create"].append(c)
+                    rows["b_exec"].append(e)
+                    rows["b_close"].append(cl)
+                    rows["b_total"].append(c + e + cl)
+
+            await wait_pool_full(warm_root / "runsc", pool_size)
+            for _ in range(n):
+                dt, s = await call_true(warm)
+                b2b_hits += bool(s.get("warm"))
+                rows["b2b"].append(dt)
+            mem["idle_server_rss_after_kib"] = status_kib(cold_pid, "VmRSS")
+            mem["idle_server_hwm_after_kib"] = status_kib(cold_pid, "VmHWM")
+    finally:
+        check_clean(
+            TITLE,
+            [(cold_root / "runsc", cold_root / "bundles"), (warm_root / "runsc", warm_root / "bundles"),
+             (raw.root, None)],
+            [f"{CGROUP_PREFIX}-cold", f"{CGROUP_PREFIX}-warm", RAW_CGROUP],
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+    r = med(rows["raw"])
+    cold_ratio = med(rows["cold"]) / r
+    warm_ratio = med(rows["warm"]) / r
+    b2b_ratio = med(rows["b2b"]) / r
+
+    def row(label: str, key: str, ratio: bool = True) -> str:
+        xs = rows[key]
+        return f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | {med(xs) / r:.2f} |" if ratio else \
+            f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | |"
+
+    lines = [
+        f"{machine_line()}; n={n} each, interleaved (raw, cold call, warm call, binding); "
+        f"servers started once (cold {startup_cold:.1f} s, warm {startup_warm:.1f} s, incl. the canary); "
+        f"warm server `--pool-size {pool_size}`.",
+        "",
+        "| what | median ms | p90 ms | ratio to raw |",
+        "|---|---:|---:|---:|",
+        row("raw `runsc run` of `/bin/sh -c true` (uid 1000, workspace bind; reference)", "raw"),
+        row("`execute_command(\"true\")` cold (`--pool-size 0`), call_tool round trip", "cold"),
+        row("of which the server's `duration_ms` (run, excl. teardown)", "cold_dur", False),
+        row("of which `boot_ms`", "cold_boot", False),
+        row(f"`execute_command(\"true\")` warm, pool refilled between calls ({warm_hits}/{n} warm)", "warm"),
+        row("of which the server's `duration_ms`", "warm_dur", False),
+        row("of which `boot_ms` (claim)", "warm_boot", False),
+        row(f"`execute_command(\"true\")` warm, back to back ({b2b_hits}/{n} warm)", "b2b"),
+    ]
+    if binding_problem is None:
+        lines += [
+            row("gVisor binding `gvisor.Sandbox()` + `exec(\"true\")` + `close()`", "b_total"),
+            row("of which `Sandbox()` (runsc run --detach)", "b_create", False),
+            row("of which `exec(\"true\")` (runsc exec)", "b_exec", False),
+            row("of which `close()` (runsc kill + delete --force)", "b_close", False),
+        ]
+    else:
+        lines += ["", f"gVisor's Python binding: not measured: {binding_problem}"]
+    targets = [
+        f"cold MCP call <= 1.25x raw: {verdict(cold_ratio <= 1.25)} ({cold_ratio:.2f}x)",
+        f"warm MCP call p50 <= 0.5x raw: {verdict(warm_ratio <= 0.5)} ({warm_ratio:.2f}x; back to back {b2b_ratio:.2f}x)",
+    ]
+    speedup = None
+    if binding_problem is None:
+        speedup = med(rows["b_total"]) / med(rows["warm"])
+        targets.append(f"warm MCP call >= 10x faster than the binding's fresh sandbox: "
+                       f"{verdict(speedup >= 10)} ({speedup:.1f}x)")
+    lines += ["", "Targets: " + "; ".join(targets) + "."]
+
+    per_sb = mem["pool"]["rss_kib"] / pool_size / 1024
+    per_sb_pss = mem["pool"]["pss_kib"] / pool_size / 1024
+    cg = mem["pool_cgroup_bytes"]
+    procs = ", ".join(f"{v} {k}" for k, v in sorted(mem["pool"]["processes"].items()))
+    mem_lines = [
+        f"{machine_line()}; `/proc/PID/status` VmRSS and `smaps_rollup` Pss, read once the pool was full.",
+        "",
+        "| what | RSS MiB | PSS MiB |",
+        "|---|---:|---:|",
+        f"| `gvisor-mcp serve --pool-size 0`, idle after start | {mem['idle_server_rss_kib'] / 1024:.1f} | {mem['idle_server_pss_kib'] / 1024:.1f} |",
+        f"| same, idle after {n + 1} calls (peak {mem['idle_server_hwm_after_kib'] / 1024:.1f}) | {mem['idle_server_rss_after_kib'] / 1024:.1f} | |",
+        f"| `gvisor-mcp serve --pool-size {pool_size}`, pool full (server process only) | {mem['pool_server_rss_kib'] / 1024:.1f} | |",
+        f"| all runsc processes of the {pool_size} idle pooled sandboxes ({procs}) | {mem['pool']['rss_kib'] / 1024:.1f} | {mem['pool']['pss_kib'] / 1024:.1f} |",
+        f"| **per idle pooled sandbox** | **{per_sb:.1f}** | **{per_sb_pss:.1f}** |",
+        f"| per idle pooled sandbox, its cgroup's memory usage (sentry + gofer, page cache incl.) | "
+        f"{(sum(cg) / len(cg) / 2**20) if cg else float('nan'):.1f} | |",
+        "",
+        "RSS counts the runsc binary's shared pages once per process; PSS splits them, so "
+        "PSS is what each extra pooled sandbox really adds.",
+    ]
+    metrics = {
+        "n": n, "raw_ms": r * 1000,
+        "cold_ms": med(rows["cold"]) * 1000, "warm_ms": med(rows["warm"]) * 1000,
+        "b2b_ms": med(rows["b2b"]) * 1000,
+        "cold_ratio": cold_ratio, "warm_ratio": warm_ratio, "b2b_ratio": b2b_ratio,
+        "warm_hits": warm_hits, "b2b_hits": b2b_hits,
+        "binding_ms": med(rows["b_total"]) * 1000 if rows["b_total"] else None,
+        "binding_problem": binding_problem, "binding_speedup": speedup,
+        "idle_server_rss_mib": mem["idle_server_rss_kib"] / 1024,
+        "pool_server_rss_mib": mem["pool_server_rss_kib"] / 1024,
+        "per_pooled_sandbox_rss_mib": per_sb, "per_pooled_sandbox_pss_mib": per_sb_pss,
+        "pool_size": pool_size,
+    }
+    return "\n".join(lines), "\n".join(mem_lines), metrics
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    ap.add_argument("--pool-size", type=int, default=2, help="the warm server's --pool-size (default 2)")
+    args = ap.parse_args()
+    logs.configure("WARNING")
+    body, mem_body, metrics = anyio.run(bench, args.n, args.pool_size)
+    emit(args, TITLE, body, metrics, [(MEM_TITLE, mem_body)])
+
+
+if __name__ == "__main__":
+    main()
