@@ -2,7 +2,10 @@
 # Set up what gvisor-mcp needs on a Debian 12 machine, idempotently:
 #   1. runsc from bookworm-backports (Debian 12's own runsc, 2022-12-19, fails
 #      `ls /` with EINVAL from statx, so it is never good enough);
-#   2. a virtualenv at .venv with this package installed (with test extras).
+#   2. mkfs.ext4 and mount (e2fsprogs, mount): size-limited workspaces are
+#      loop-mounted ext4 images, and `serve` refuses a policy with a workspace
+#      when they are missing;
+#   3. a virtualenv at .venv with this package installed (with test extras).
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
 
@@ -83,6 +86,17 @@ install_runsc() {
   fi
 }
 
+# Workspaces are bounded by loop-mounted ext4 images (src/gvisor_mcp/workspace.py).
+install_workspace_tools() {
+  local missing=()
+  command -v mkfs.ext4 >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+  command -v mount >/dev/null 2>&1 || missing+=(mount)
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  need_root
+  log "installing ${missing[*]} (workspace images)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2
+}
+
 pick_python() {
   for p in python3.11 python3.12 python3.13 python3; do
     if command -v "$p" >/dev/null 2>&1 &&
@@ -122,4 +136,5 @@ install_venv() {
 }
 
 install_runsc
+install_workspace_tools
 install_venv

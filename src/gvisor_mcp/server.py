@@ -22,6 +22,7 @@ import anyio
 import structlog
 
 from . import logs
+from . import workspace as _workspace
 from .audit import AuditLog
 from .jobs import Jobs
 from .metrics import Metrics
@@ -150,18 +151,24 @@ class AppState:
         return Caller(self.tenant, self.session_id)
 
     def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
-        """Create the run's workspace directory, owned by the sandbox user.
+        """Mount the run's workspace: a size-limited image (the policy's
+        workspace.size), its root owned by the sandbox user (see workspace.py).
 
         Only paths under the server's own workspace root are ever created; the
         policy derives them from tenant and session, never from a request.
         """
+        from mcp.server.mcpserver.exceptions import ToolError
+
         root = self.workspace_root.resolve()
         target = path.resolve()
         if root not in target.parents:
             raise RuntimeError(f"workspace {path} is outside {root}")
-        if not target.is_dir():
-            target.mkdir(parents=True, mode=0o700)
-            os.chown(target, uid, gid)
+        scope = "session" if len(target.relative_to(root).parts) == 3 else "tenant"
+        size_mb = self.policy.current.tenant(self.tenant).workspace.size
+        try:
+            _workspace.ensure(root, target, size_mb, uid, gid, scope)
+        except _workspace.WorkspaceError as e:
+            raise ToolError(f"the workspace could not be prepared: {e}") from e
         self.made_workspaces.add(target)
 
     def pool_template(self) -> Any:
@@ -244,6 +251,7 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
     try:
         async with Manager(settings.manager_config()) as manager, anyio.create_task_group() as tg:
             reaped = await manager.cleanup_stale()
+            _workspace.cleanup_stale(state_dir / "workspaces")  # mounts of dead servers
             recovered = store.recover()
             log.info("server_start", tenant=settings.tenant, state_dir=str(state_dir),
                      reaped=reaped, recovered=recovered, policy_hash=policy.current.hash,
@@ -312,10 +320,18 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
 
 
 def _drop_session_workspaces(app: AppState, policy: PolicyHolder) -> None:
-    """At server stop, every session ends: stdio's one, and HTTP sessions still open."""
+    """At server stop, every session ends: stdio's one, and HTTP sessions still open.
+
+    Session workspaces are unmounted and deleted; tenant workspaces are
+    unmounted (unless a neighbour server still uses them) and kept.
+    """
+    root = app.workspace_root.resolve()
     for path in list(app.made_workspaces):
-        if path.parent.name == "sessions":
-            app.remove_workspace(path)
+        session = len(path.relative_to(root).parts) == 3  # <tenant>/sessions/<session>
+        _workspace.release(path, remove=session)
+        if session:
+            app.made_workspaces.discard(path)
+    _workspace.release_all()  # e.g. HTTP sessions whose directory drop_session emptied
 
 
 async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
@@ -355,6 +371,7 @@ def serve(args: Any) -> int:
     try:
         policy = PolicyHolder(settings.policy_path)
         policy.current.tenant(settings.tenant)
+        _workspace.check_support(policy.current)  # never an unbounded workspace
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
