@@ -37,6 +37,9 @@ from .units import format_bytes
 
 SHELL = "/bin/sh"
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_STDIN_BYTES = 4 * 1024 * 1024
+"""stdin a request may carry (the HTTP transport's default body limit is
+4 MiB too); larger data belongs in a workspace file."""
 SHARED_DIR = "shared"
 SESSIONS_DIR = "sessions"
 
@@ -280,6 +283,14 @@ def resolve(
         ReceiptEntry(field="workspace", granted=s.workspace.mount if plan else None, rule="policy")
     )
 
+    if request.stdin is not None:
+        size = len(request.stdin.encode("utf-8", "surrogatepass") if isinstance(request.stdin, str) else request.stdin)
+        if size > MAX_STDIN_BYTES:
+            raise PolicyDenied(
+                "stdin", f"<{size} bytes>", f"at most {format_bytes(MAX_STDIN_BYTES)}",
+                "Ask again with less stdin: write large data to a file in the workspace "
+                "(in pieces, over several calls) and read it from there.",
+            )
     if "\x00" in request.command:
         raise PolicyDenied("command", request.command, "a shell command without NUL characters", "Remove the NUL bytes and ask again.")
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from pathlib import Path
 
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -82,6 +83,10 @@ def make_root(root: Path, mountpoints: list[str], system: list[tuple[str, str | 
             (root / rel).mkdir(parents=True, exist_ok=True)
 
 
+MAX_SYMLINKS = 40
+"""Like Linux's limit on symlinks followed while resolving one path."""
+
+
 def container_path_exists(
     path: str,
     rootfs: str | None,
@@ -90,13 +95,59 @@ def container_path_exists(
 ) -> bool:
     """Whether `path` will be a directory inside the container.
 
-    Resolves through the longest mount prefix: a bind maps to its host
-    source, a tmpfs holds only its own root, and the rest is the image (the
-    default image holds only its mountpoints and the host system dirs).
+    Resolves as the container will, one component at a time: each prefix is
+    looked up through its longest mount (a bind maps to its host source, a
+    tmpfs holds only its own root, the rest is the image; the default image
+    holds only its mountpoints and the host system dirs), and a symlink is
+    read, never followed by the host: its target is resolved again as a
+    CONTAINER path. A link an agent planted in its workspace pointing at
+    /etc means the sandbox's /etc here too, so the answer can never tell
+    anything about the host's /etc (nor make runsc create a directory there).
     """
-    best = ""
-    kind = ""
-    source = ""
+    pending = [p for p in path.split("/") if p not in ("", ".")]
+    pending.reverse()  # a stack: the next component is pending[-1]
+    current = "/"
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name == "..":
+            current = posixpath.dirname(current)
+            continue
+        candidate = posixpath.join(current, name)
+        kind, host = _lookup(candidate, rootfs, binds, tmpfs)
+        if kind == "dir":
+            current = candidate
+            continue
+        if kind == "missing":
+            return False
+        try:  # kind == "host": a path inside a bind source or the image directory
+            st = os.lstat(host)
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            current = candidate
+        elif stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                return False
+            try:
+                target = os.readlink(host)
+            except OSError:
+                return False
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+        else:
+            return False
+    return True
+
+
+def _lookup(
+    path: str, rootfs: str | None, binds: list[tuple[str, str]], tmpfs: list[str]
+) -> tuple[str, str]:
+    """("dir", "") for a directory the container is known to have, ("missing", "")
+    for one it cannot have, or ("host", host path) to lstat (never stat)."""
+    best, kind, source = "", "", ""
     for dest, src in binds:
         if (path == dest or path.startswith(dest.rstrip("/") + "/")) and len(dest) > len(best):
             best, kind, source = dest, "bind", src
@@ -104,16 +155,17 @@ def container_path_exists(
         if (path == dest or path.startswith(dest.rstrip("/") + "/")) and len(dest) > len(best):
             best, kind, source = dest, "tmpfs", ""
     if kind == "bind":
-        rest = path[len(best):].lstrip("/")
-        return Path(source, rest).is_dir()
+        if path == best:  # the mountpoint: the server's own source directory
+            return ("dir", "") if Path(source).is_dir() else ("missing", "")
+        return "host", os.path.join(source, path[len(best):].lstrip("/"))
     if kind == "tmpfs":
-        return path == best
+        return ("dir", "") if path == best else ("missing", "")
     if rootfs is not None:
-        return Path(rootfs, path.lstrip("/")).is_dir()
+        return "host", os.path.join(rootfs, path.lstrip("/"))
     # Default image: its fixed directories and the parents of every mountpoint.
     made = {"/", "/proc", "/dev", "/sys", "/etc", "/tmp"}
     for dest in [d for d, _ in binds] + tmpfs:
         while dest not in ("/", ""):
             made.add(dest)
             dest = posixpath.dirname(dest)
-    return path in made
+    return ("dir", "") if path in made else ("missing", "")

@@ -60,6 +60,13 @@ class Runsc:
             # Writes to the root go to sandbox memory (charged to its cgroup),
             # never to a file in the image directory; rw binds keep their writes.
             "--overlay2=root:memory",
+            # Files go through the gofer, never opened by the sentry itself:
+            # with directfs (runsc 2024-07-29) an open(O_TRUNC) of a file on a
+            # READ-ONLY bind fails with EROFS but truncates the host file first
+            # (root inside, under a policy with user 0, could empty any host
+            # file under the read-only /usr, or the generated /etc all runs
+            # share). Found by tests/adversarial/test_isolation.py.
+            "--directfs=false",
             f"--log={log_path}",
             "--log-format=json",
             "run",

@@ -27,6 +27,10 @@ DEFAULT_ENV: dict[str, str] = {
 }
 """Always present unless the caller's env overrides a key."""
 
+CHDIR_SHIM = 'cd "$1" || exit $?; unset OLDPWD; shift; exec "$@"'
+"""Built-in image: the command starts in `/` and this shim, inside the sandbox,
+changes to the workdir and execs the command (see build_spec)."""
+
 ROOT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 """The OCI default set for uid 0 inside the sandbox; other users get none."""
 
@@ -166,6 +170,18 @@ def build_spec(
     env.update(options.env or {})
     nproc = res.max_pids or DEFAULT_MAX_PIDS
     mounts, _, _ = mount_plan(options, etc_dir)
+    args, cwd = list(options.command), options.workdir
+    if options.rootfs is None and cwd != "/":
+        # runsc creates a missing cwd ON THE HOST, as root, even inside a
+        # read-only bind (host /usr, the generated /etc). check_workdir refuses
+        # a missing workdir beforehand, but a command still running in the
+        # same workspace could swap a checked directory for a symlink before
+        # runsc starts. So runsc only ever sees `/` (our own per-run root
+        # directory) and the sandbox itself changes directory: a missing one
+        # is an error there, never a mkdir on the host. (Like the warm pool's
+        # claim line, `cd WORKDIR && exec ...`.)
+        args = ["/bin/sh", "-c", CHDIR_SHIM, "sh", cwd, *args]
+        cwd = "/"
 
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if options.network is not NetworkMode.HOST:
@@ -189,9 +205,9 @@ def build_spec(
         "process": {
             "terminal": False,
             "user": {"uid": uid, "gid": gid},
-            "args": list(options.command),
+            "args": args,
             "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": options.workdir,
+            "cwd": cwd,
             "capabilities": {k: list(caps) for k in ("bounding", "effective", "permitted")},
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": RLIMIT_NOFILE, "soft": RLIMIT_NOFILE},
