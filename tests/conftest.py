@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 TEST_BASE = Path("/run/gvisor-mcp-test")
-CGROUP_PARENT = "gvisor-mcp-test"
+CGROUP_PARENT = f"gvisor-mcp-test-{os.getpid()}"
+"""One parent cgroup per pytest process: leftovers() must see only this
+run's leaves, not those of another test run on the same host."""
 
 
 def runsc_usable() -> str | None:
@@ -72,3 +74,17 @@ def sandbox_base() -> Path:
     base.mkdir(parents=True)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_cgroup_parent():
+    """The per-run parent cgroups go at the end (only when empty: a leaf left
+    behind stays visible to whoever looks)."""
+    yield
+    for ctl in Path("/sys/fs/cgroup").iterdir():
+        d = ctl / CGROUP_PARENT
+        if d.is_dir() and not ctl.is_symlink():
+            try:
+                d.rmdir()
+            except OSError:
+                pass

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -47,7 +48,7 @@ from .output import BoundedCapture
 from .result import ContainerResult, ContainerStatus
 from .rootfs import host_system_entries, make_root, write_etc
 from .runsc import BootWatch, Runsc, RunscError
-from .pool import STUB_COMMAND, PoolKey, PoolTarget, WarmPool, WarmSandbox, claim_line, pool_key
+from .pool import EXIT_MARK, STUB_COMMAND, PoolKey, PoolTarget, WarmPool, WarmSandbox, claim_line, pool_key
 from .spec import DEFAULT_ENV, build_spec, check_workdir
 
 log = structlog.get_logger("gvisor_mcp.sandbox")
@@ -137,6 +138,10 @@ class ActiveRun:
     cancel_scope: anyio.CancelScope | None = None
     warm: bool = False
     claimed_at: float | None = None
+    teardown_pending: bool = False
+    """The result was returned; the sandbox is still being removed (holds its slot)."""
+    slot: object | None = None
+    """The capacity token's borrower."""
 
 
 class Manager:
@@ -165,6 +170,8 @@ class Manager:
         self._close_done: anyio.Event | None = None
         self.pool = WarmPool(self.config.pool_max_age)
         self._booting_ids: set[str] = set()
+        self._tearing: set[str] = set()
+        """Sandboxes whose run already returned, still exiting (warm early answers)."""
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> Manager:
@@ -232,7 +239,10 @@ class Manager:
             raise ManagerClosedError()
         res = self.prepare(options)
         key = pool_key(options, res)
-        async with self._limiter:
+        slot = object()  # the borrower of one capacity token (may outlive this call)
+        await self._limiter.acquire_on_behalf_of(slot)
+        run: ActiveRun | None = None
+        try:
             if self._closed:
                 raise ManagerClosedError()
             warm = self.pool.claim(key)
@@ -250,6 +260,7 @@ class Manager:
                 started_mono=time.monotonic(),
                 resources=res,
                 warm=warm is not None,
+                slot=slot,
             )
             self._active[rid] = run
             try:
@@ -258,6 +269,9 @@ class Manager:
                 del self._active[rid]
                 run.done.set()
                 self.pool.wake()
+        finally:
+            if run is None or not run.teardown_pending:
+                self._limiter.release_on_behalf_of(slot)
 
     def warm(self, template: ContainerOptions, size: int) -> None:
         """Keep `size` sandboxes booted for requests shaped like `template`
@@ -425,6 +439,7 @@ class Manager:
         out = BoundedCapture(res.max_output_bytes, options.stdout_writer)
         err = BoundedCapture(res.max_output_bytes, options.stderr_writer)
         header: bytes | None = None
+        mark: str | None = None
         if warm is not None:
             sb = warm.sandbox
             try:
@@ -435,20 +450,27 @@ class Manager:
             sb.cgroup.reset_peak()
             env = dict(DEFAULT_ENV)
             env.update(options.env or {})
-            header = claim_line(options, env)
+            mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
+            header = claim_line(options, env, mark)
         else:
             sb = await self._create_sandbox(
                 run.container_id, options, res,
                 command=options.command, stdin=options.stdin is not None,
             )
         oom_before = sb.cgroup.stats().oom_kills if warm else 0
+        early: int | None = None
         proc = sb.process
         assert proc is not None
         try:
             run.process = proc
-            await self._supervise(run, sb, options, res, out, err, header)
+            early = await self._supervise(
+                run, sb, options, res, out, err, header, mark.encode() if mark else None
+            )
             duration = time.monotonic() - t0
-            returncode = proc.returncode if proc.returncode is not None else -1
+            if early is not None:
+                returncode = early
+            else:
+                returncode = proc.returncode if proc.returncode is not None else -1
             stats = sb.cgroup.stats()
             oom_kills = stats.oom_kills - oom_before
             runsc_error = _runsc_error(sb.bundle / "runsc.log")
@@ -483,8 +505,25 @@ class Manager:
             log.info("run", container_id=sb.container_id, warm=result.warm, **_log_fields(result))
             return result
         finally:
-            with anyio.CancelScope(shield=True):
+            if early is not None and self._tg is not None:
+                # The command is done and reported; the sandbox still has to
+                # exit (~50 ms). Answer now, finish that in the background:
+                # its capacity slot stays taken until it is gone.
+                run.teardown_pending = True
+                self._tearing.add(sb.container_id)
+                self._tg.start_soon(self._teardown_later, run, sb)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._teardown(sb)
+
+    async def _teardown_later(self, run: ActiveRun, sb: Sandbox) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
                 await self._teardown(sb)
+            finally:
+                self._tearing.discard(sb.container_id)
+                self._limiter.release_on_behalf_of(run.slot)
+                self.pool.wake()
 
     async def _supervise(
         self,
@@ -495,9 +534,14 @@ class Manager:
         out: BoundedCapture,
         err: BoundedCapture,
         header: bytes | None,
-    ) -> None:
+        mark: bytes | None = None,
+    ) -> int | None:
+        """Run to the end; with `mark` (a warm claim), the command's exit
+        status as soon as the stub reported it on both streams, else None
+        once the runsc client has exited."""
         proc = sb.process
         assert proc is not None
+        marks: dict[str, bytes] = {}
         try:
             async with anyio.create_task_group() as tg:
                 run.cancel_scope = tg.cancel_scope
@@ -507,11 +551,22 @@ class Manager:
                     tg.start_soon(self._deadline, run, res.timeout)
                 if proc.stdin is not None:
                     tg.start_soon(self._feed, run, proc.stdin, header, options.stdin)
+
+                async def pump(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
+                    got = await _pump(stream, capture, mark, extra)
+                    if got is not None:
+                        marks[name] = got
+
                 async with anyio.create_task_group() as io:
-                    io.start_soon(_pump, proc.stdout, out)
-                    io.start_soon(_pump, proc.stderr, err)
-                await proc.wait()
+                    io.start_soon(pump, "stdout", proc.stdout, out, 0)
+                    io.start_soon(pump, "stderr", proc.stderr, err, 3)
+                early = None
+                if len(marks) == 2 and marks["stderr"].isdigit() and run.reason is None:
+                    early = int(marks["stderr"])
+                else:
+                    await proc.wait()
                 tg.cancel_scope.cancel()
+                return early
         except BaseException:
             # Cancelled from outside (or a writer raised): the container must
             # not outlive this call.
@@ -559,12 +614,14 @@ class Manager:
             {r.container_id for r in self._active.values()}
             | self.pool.container_ids()
             | self._booting_ids
+            | self._tearing
         )
 
     async def _make_room(self) -> None:
         """A cold run is starting: keep runs + pooled sandboxes within capacity."""
         while (
-            len(self._active) + 1 + self.pool.in_flight() > self.config.max_concurrent_containers
+            len(self._active) + len(self._tearing) + 1 + self.pool.in_flight()
+            > self.config.max_concurrent_containers
             and self.pool.idle()
         ):
             warm = self.pool.take_oldest()
@@ -580,7 +637,7 @@ class Manager:
             for key, target in list(self.pool.targets.items()):
                 have = len(self.pool.ready.get(key, [])) + self.pool.booting.get(key, 0)
                 for _ in range(target.size - have):
-                    used = len(self._active) + self.pool.in_flight()
+                    used = len(self._active) + len(self._tearing) + self.pool.in_flight()
                     if used >= self.config.max_concurrent_containers:
                         break
                     self.pool.booting[key] = self.pool.booting.get(key, 0) + 1
@@ -760,15 +817,48 @@ def _kill_pid(pid: int) -> None:
         pass
 
 
-async def _pump(stream: anyio.abc.ByteReceiveStream | None, capture: BoundedCapture) -> None:
+async def _pump(
+    stream: anyio.abc.ByteReceiveStream | None,
+    capture: BoundedCapture,
+    mark: bytes | None = None,
+    extra: int = 0,
+) -> bytes | None:
+    """Copy a stream into `capture` until EOF, or until `mark` and `extra`
+    more bytes arrive (returned; neither is captured). None at EOF."""
     if stream is None:
-        return
+        return None
+    held = b""  # a possible beginning of the mark, not yet captured
     while True:
         try:
             chunk = await stream.receive(65536)
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return
-        await capture.feed(chunk)
+            await capture.feed(held)
+            return None
+        if not mark:
+            await capture.feed(chunk)
+            continue
+        data = held + chunk
+        at = data.find(mark)
+        if at >= 0:
+            if len(data) >= at + len(mark) + extra:
+                await capture.feed(data[:at])
+                return data[at + len(mark) : at + len(mark) + extra]
+            await capture.feed(data[:at])
+            held = data[at:]
+        else:
+            # Hold back only a tail that could begin the mark, so live output
+            # (`echo started; sleep 60`) reaches the writers at once.
+            n = _mark_prefix(data, mark)
+            await capture.feed(data[: len(data) - n])
+            held = data[len(data) - n :]
+
+
+def _mark_prefix(data: bytes, mark: bytes) -> int:
+    """Length of the longest end of `data` that is a beginning of `mark`."""
+    for n in range(min(len(mark) - 1, len(data)), 0, -1):
+        if data.endswith(mark[:n]):
+            return n
+    return 0
 
 
 def _runsc_error(log_path: Path) -> str | None:

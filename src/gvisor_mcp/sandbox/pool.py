@@ -58,10 +58,30 @@ def _q(value: str) -> str:
     return '"$nl"'.join(shlex.quote(part) for part in value.split("\n"))
 
 
-def claim_line(options: ContainerOptions, env: dict[str, str]) -> bytes:
+EXIT_MARK = "@@gvisor-mcp-exit-{nonce}@@"
+"""Written by the stub after the command exits: alone on stdout, with the
+exit status (3 digits) on stderr. Lets the Manager answer as soon as the
+command is done instead of after the sandbox's teardown (~50 ms); the nonce is
+fresh per run, so no output can end a stream early by accident. (A command
+that dug the nonce out of the stub shell's memory could only misreport its
+own exit status and cut its own output: nothing it could not do anyway.)"""
+
+
+def claim_line(options: ContainerOptions, env: dict[str, str], mark: str | None = None) -> bytes:
+    """The one line the stub evals: cd, then the command with exactly `env`.
+
+    With `mark`, the command runs as the stub's child and the stub reports
+    its status after it (see EXIT_MARK); without, the stub execs it.
+    """
     assignments = " ".join(_q(f"{k}={v}") for k, v in env.items())
     argv = " ".join(_q(a) for a in options.command)
-    return f"cd {_q(options.workdir)} && exec /usr/bin/env -i -- {assignments} {argv}\n".encode()
+    run = f"/usr/bin/env -i -- {assignments} {argv}"
+    if mark is None:
+        return f"cd {_q(options.workdir)} && exec {run}\n".encode()
+    return (
+        f"cd {_q(options.workdir)} || exit $?; {run}; rc=$?; "
+        f"printf %s {mark}; printf %s%03d {mark} $rc >&2; exit $rc\n"
+    ).encode()
 
 
 @dataclass

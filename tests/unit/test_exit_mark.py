@@ -1,0 +1,72 @@
+"""The warm path's exit mark: found across any chunking, never captured,
+and output before it reaches the writers without delay."""
+
+from __future__ import annotations
+
+import anyio
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from gvisor_mcp.sandbox.manager import _pump
+from gvisor_mcp.sandbox.output import BoundedCapture
+
+MARK = b"@@gvisor-mcp-exit-0123456789abcdef@@"
+
+
+class Chunks:
+    """A byte stream delivering fixed chunks, then EOF (an anyio-like receiver)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.chunks:
+            raise anyio.EndOfStream
+        return self.chunks.pop(0)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=200), st.integers(0, len(MARK) - 1), st.binary(max_size=50),
+    st.lists(st.integers(0, 400), max_size=8), st.booleans(),
+)
+def test_mark_is_found_across_any_chunking_and_never_captured(a, k, b, cuts, with_mark):
+    # Output may contain any proper beginning of the mark, even right before it.
+    body = a + MARK[:k] + b + MARK[:k]
+    assume(MARK not in body)
+    data = body + (MARK + b"042" + b"after" if with_mark else b"")
+    # Only the stub can write the mark (its nonce is secret to the output):
+    # the first mark in the stream is the stub's.
+    assume(not with_mark or data.find(MARK) == len(body))
+    seen: list[bytes] = []
+    cap = BoundedCapture(1 << 20, seen.append)
+
+    async def go():
+        return await _pump(Chunks(split(data, cuts)), cap, MARK, 3)
+
+    got = anyio.run(go)
+    assert (got == b"042") if with_mark else (got is None)
+    assert cap.value() == body and b"".join(seen) == body
+
+
+async def test_output_is_not_held_back_when_it_cannot_begin_the_mark():
+    seen: list[bytes] = []
+    cap = BoundedCapture(1 << 20, seen.append)
+
+    class Live:
+        def __init__(self) -> None:
+            self.sent = False
+
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            if not self.sent:
+                self.sent = True
+                return b"started\n"
+            assert b"".join(seen) == b"started\n"  # delivered before the stream goes on
+            raise anyio.EndOfStream
+
+    assert await _pump(Live(), cap, MARK, 3) is None
