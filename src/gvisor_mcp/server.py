@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -137,7 +136,8 @@ class AppState:
                 self.remove_workspace(path)
 
     def remove_workspace(self, path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+        """Unmount and delete a session workspace (its image goes with it)."""
+        _workspace.release(path, remove=True)
         self.made_workspaces.discard(path)
 
     def caller(self, ctx: Any) -> Caller:

@@ -266,3 +266,16 @@ def test_token_add_stores_only_a_hash(tmp_path):
     r = subprocess.run([str(BIN), "token", "add", "mallory", "--policy", str(policy),
                         "--tokens", str(tmp_path / "tokens.yaml")], capture_output=True, text=True)
     assert r.returncode == 2 and "mallory" in r.stderr and r.stdout == ""
+
+
+async def test_a_sessions_workspace_goes_when_the_session_ends(http_server):
+    sessions = http_server.state / "workspaces" / "alice" / "sessions"
+    async with http_server.client("alice", "legacy") as a:
+        r = await a.call_tool("execute_command", {"command": "echo kept > /workspace/f && cat /workspace/f"})
+        assert r.structured_content["stdout"] == "kept\n"
+        [session] = [p for p in sessions.iterdir() if not p.name.startswith(".")]
+        assert session.is_dir()
+    # The client's DELETE ended the session: its workspace is unmounted and gone.
+    with anyio.fail_after(30):
+        while session.exists():
+            await anyio.sleep(0.1)
