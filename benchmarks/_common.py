@@ -269,10 +269,29 @@ def remove_cgroup_parents(parents: list[str]) -> None:
                     pass
 
 
-def check_clean(what: str, roots: list[tuple[Path, Path | None]], cgroup_parents: list[str]) -> None:
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (e.g. a workspace image left mounted)."""
+    out = []
+    prefix = str(path).rstrip("/") + "/"
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(path) or point.startswith(prefix):
+                out.append(point)
+    except OSError:
+        pass
+    return out
+
+
+def check_clean(
+    what: str, roots: list[tuple[Path, Path | None]], cgroup_parents: list[str], base: Path | None = None
+) -> None:
     """Fail loudly when a benchmark left anything behind; `roots` pairs each
-    runsc root with its bundle directory (or None)."""
+    runsc root with its bundle directory (or None); `base`: no mount may be
+    left under it either."""
     problems: dict[str, dict] = {}
+    if base is not None and mounts_under(base):
+        problems["mounts"] = {"left": mounts_under(base)}
     for root, bundles in roots:
         left = leftovers(root, bundles, [])
         if left:

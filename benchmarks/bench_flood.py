@@ -131,6 +131,7 @@ async def bench(n: int) -> tuple[str, dict]:
             TITLE,
             [(base / "runsc", base / "bundles"), (server_root / "runsc", server_root / "bundles"), (raw.root, None)],
             [CGROUP, f"{CGROUP_PREFIX}-server", RAW_CGROUP],
+            base=base,
         )
         shutil.rmtree(base, ignore_errors=True)
 

@@ -265,6 +265,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
             [(cold_root / "runsc", cold_root / "bundles"), (warm_root / "runsc", warm_root / "bundles"),
              (raw.root, None)],
             [f"{CGROUP_PREFIX}-cold", f"{CGROUP_PREFIX}-warm", RAW_CGROUP],
+            base=base,
         )
         shutil.rmtree(base, ignore_errors=True)
 

@@ -82,6 +82,7 @@ async def bench(n: int) -> tuple[str, dict]:
             TITLE,
             [(base / m / "runsc", base / m / "bundles") for m in ("cold", "warm")] + [(raw.root, None)],
             [f"{CGROUP}-cold", f"{CGROUP}-warm", RAW_CGROUP],
+            base=base,
         )
         shutil.rmtree(base, ignore_errors=True)
 

@@ -237,6 +237,14 @@ class Spy:
         return c
 
 
+SHUTDOWN = "command + sandbox shutdown (until `runsc run` exits)"
+EXEC_VARIANTS = [
+    ("`/bin/sh -c true` (a shell builtin)", ["/bin/sh", "-c", "true"]),
+    ("`/bin/sh -c 'exec /usr/bin/true'`", ["/bin/sh", "-c", "exec /usr/bin/true"]),
+    ("`/bin/sh -c 'exec /usr/bin/env -i /usr/bin/true'` (what a warm claim does)",
+     ["/bin/sh", "-c", "exec /usr/bin/env -i /usr/bin/true"]),
+]
+
 # --- the loops ----------------------------------------------------------------
 
 
@@ -284,6 +292,8 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
     true = ContainerOptions(command=["true"])
     flood = ContainerOptions(command=["head", "-c", "100000000", "/dev/zero"])
     flood_n = max(5, n // 4)
+    exec_n = max(10, n // 2)
+    execs: dict[str, float] = {}
     results: dict[str, dict] = {}
     spies: dict[str, Counter] = {}
     server_spy: Counter = Counter()
@@ -298,10 +308,15 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
                 with spy:
                     results[name] = await loop(manager, opts, count, warm)
                 spies[name] = spy.buckets()
+            # What one exec costs inside the sandbox (a warm claim runs two:
+            # the stub's `exec env -i`, then the command).
+            for label, argv in EXEC_VARIANTS:
+                r = await loop(manager, ContainerOptions(command=argv), exec_n, False)
+                execs[label] = r["phases"][SHUTDOWN]
         server_spy, server_rt = await server_profile(base, n, spy_dir)
     finally:
         check_clean(TITLE, [(base / "runsc", base / "bundles"), (base / "server" / "runsc", base / "server" / "bundles")],
-                    [CGROUP, f"{CGROUP_PREFIX}-server"])
+                    [CGROUP, f"{CGROUP_PREFIX}-server"], base=base)
         shutil.rmtree(base, ignore_errors=True)  # --keep DIR must be outside it
 
     lines = [
@@ -359,10 +374,21 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         lines += ["", f"Server column: {len(server_rt)} warm `execute_command(\"true\")` calls (median round trip "
                   f"{med(server_rt) * 1000:.1f} ms), samples of the `gvisor-mcp serve` process, including the "
                   "pool refill that each call starts."]
+    lines += [
+        "",
+        f"Exec cost inside the sandbox: cold runs (n={exec_n} each) of commands that differ only in how many "
+        "programs they exec; the phase from \"running\" until `runsc run` exits:",
+        "",
+        "| command | execs after start | command + sandbox shutdown, median ms |",
+        "|---|---:|---:|",
+    ]
+    for (label, argv), count in zip(EXEC_VARIANTS, (0, 1, 2)):
+        lines.append(f"| {label} | {count} | {execs[label] * 1000:.1f} |")
     metrics = {name: {"wall_ms": med(r["wall"]) * 1000, "phases_ms": {k: v * 1000 for k, v in r["phases"].items()},
                       "cpu_self_ms": r["cpu_self"] * 1000, "cpu_children_ms": r["cpu_children"] * 1000,
                       "spy": dict(spies[name])} for name, r in results.items()}
     metrics["server_spy"] = dict(server_spy)
+    metrics["exec_ms"] = {k: v * 1000 for k, v in execs.items()}
     return "\n".join(lines), metrics
 
 
@@ -384,6 +410,7 @@ async def server_profile(base: Path, n: int, spy_dir: Path) -> tuple[Counter, li
         with spy:
             for _ in range(n):
                 await wait_pool_full(root / "runsc", 2)
+                await anyio.sleep(0.25)  # settled, as in bench_manager
                 dt, _ = await call_true(client)
                 rts.append(dt)
     return spy.buckets(), rts

@@ -7,7 +7,7 @@ failing does not stop the others), writes its own section of
 docs/benchmarks.md, and hands its figures back as JSON; this script then
 writes the "Summary" section: every target, its measured value and whether
 it is met. Needs root, runsc, and the bench extra (`pip install -e '.[bench]'`:
-psutil, py-spy, gvisor). Takes about 5 minutes on 2 CPUs with -n 20.
+py-spy, gvisor). Takes 5-7 minutes on 2 CPUs with -n 20.
 """
 
 from __future__ import annotations
