@@ -2,9 +2,9 @@
 machine line, /proc readings (RSS, PSS, peak RSS) and the leftover check.
 
 The reference is always a raw `runsc run` of a bundle equivalent to what the
-Manager writes for the same options (same image, limits, mounts, user), its
-bundle written off the clock; it is measured in the same run, interleaved
-with what it is the reference for.
+Manager writes for the same options (same image, limits, mounts, user), with
+the Manager's own runsc command line, its bundle written off the clock; it is
+measured in the same run, interleaved with what it is the reference for.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if str(SRC) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(1, str(SRC))
 
-from gvisor_mcp.sandbox import ContainerOptions, ManagerConfig, build_spec  # noqa: E402
+from gvisor_mcp.sandbox import ContainerOptions, ManagerConfig, NetworkMode, build_spec  # noqa: E402
+from gvisor_mcp.sandbox.runsc import Runsc  # noqa: E402
 from gvisor_mcp.sandbox.rootfs import host_system_entries, make_root  # noqa: E402
 
 BASE = Path("/run/gvisor-mcp-bench")
@@ -67,13 +68,10 @@ class Raw:
         return bundle, cid
 
     def argv(self, bundle: Path, cid: str) -> list[str]:
-        """The same global flags the Manager's runsc wrapper passes."""
-        return [
-            RUNSC, f"--root={self.root}", "--platform=systrap",
-            "--network=none", "--overlay2=root:memory",
-            f"--log={bundle / 'runsc.log'}", "--log-format=json",
-            "run", f"--bundle={bundle}", "--", cid,
-        ]
+        """Exactly the command line the Manager's runsc wrapper builds (so the
+        reference follows any flag the Manager adds), on this root."""
+        runsc = Runsc(RUNSC, str(self.root), ManagerConfig().platform)
+        return runsc.run_argv(cid, str(bundle), NetworkMode.NONE, str(bundle / "runsc.log"))
 
     def start(self, bundle: Path, cid: str, stdout: int | None = None) -> subprocess.Popen:
         return subprocess.Popen(
