@@ -1,0 +1,97 @@
+"""Workspace images through the server: their life across restarts, SIGKILL
+and a second server on the same state directory.
+
+(The size limit itself, seen from inside a sandbox, is in test_resources.py;
+the host-side mechanics in tests/integration/test_workspace_images.py. A
+SIGKILLed server's containers, cgroups and results: tests/protocol/test_lifecycle.py.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+
+from ..conftest import leftovers
+from ..protocol.test_lifecycle import serve_argv, start, wait_exit
+from .conftest import canary, mounts_under, ok, write_policy
+
+pytestmark = pytest.mark.runsc
+
+
+async def stop(server) -> None:
+    await server.process.stdin.aclose()
+    await wait_exit(server)
+
+
+@pytest.mark.parametrize("scope", ["session", "tenant"])
+async def test_a_sigkilled_servers_workspace_mount_is_cleaned_at_the_next_start(sandbox_base, tmp_path, scope):
+    policy = write_policy(tmp_path, f"version: 1\nworkspace: {{scope: {scope}, size: 16MiB}}\n")
+    state = tmp_path / "state"
+    workspaces = state / "workspaces"
+    server = await start(sandbox_base, state, "--policy", str(policy), "--pool-size", "0")
+    r = await server.call("execute_command", {"command": "echo kept > /workspace/note && echo ok"})
+    assert r["stdout"] == "ok\n"
+    [mounted] = mounts_under(workspaces)
+    server.process.kill()
+    await wait_exit(server)
+    assert mounts_under(workspaces) == [mounted]  # the kernel keeps a dead server's mount
+
+    server = await start(sandbox_base, state, "--policy", str(policy), "--pool-size", "0")
+    try:
+        # Start-up (before the first answer) unmounted it.
+        assert mounts_under(workspaces) == []
+        r = await server.call("execute_command", {"command": "cat /workspace/note; ls -A /workspace"})
+        if scope == "tenant":
+            assert r["stdout"] == "kept\nnote\n"  # a tenant's files survive the crash
+        else:
+            assert r["stdout"] == ""  # a new session, a new workspace; the dead one's is gone
+            sessions = workspaces / "default" / "sessions"
+            assert len(list(sessions.iterdir())) == 1
+            assert len(list((workspaces / ".images" / "default" / "sessions").glob("*.img"))) == 1
+    finally:
+        await stop(server)
+    assert mounts_under(workspaces) == []
+    assert leftovers(sandbox_base) == {}
+
+
+async def test_two_servers_share_a_tenant_workspace_and_the_last_one_unmounts(serve, sandbox_base, tmp_path):
+    policy = write_policy(tmp_path, "version: 1\nworkspace: {scope: tenant, size: 16MiB}\n")
+    workspaces = sandbox_base / "state" / "workspaces"
+    async with serve("--policy", str(policy), "--pool-size", "0") as first:
+        await ok(first, "echo one > /workspace/one")
+        async with serve("--policy", str(policy), "--pool-size", "0") as second:
+            s = await ok(second, "cat /workspace/one && echo two > /workspace/two")
+            assert s["stdout"] == "one\n"
+            assert len(mounts_under(workspaces)) == 1  # reused, never mounted twice
+        # The second server stopped; the first still uses it.
+        assert len(mounts_under(workspaces)) == 1
+        s = await ok(first, "cat /workspace/two")
+        assert s["stdout"] == "two\n"
+        await canary(first)
+    assert mounts_under(workspaces) == []  # the last one out unmounted it (the fixture checks too)
+
+
+async def test_serve_refuses_a_workspace_it_cannot_bound(sandbox_base, tmp_path):
+    """Without mkfs.ext4 (here: a PATH without the sbin directories) a policy
+    with a workspace is refused at start, with what to do; never served as an
+    unbounded directory. A policy without a workspace still starts."""
+    path = "/usr/local/bin:/usr/bin:/bin"
+    if any(os.access(os.path.join(d, "mkfs.ext4"), os.X_OK) for d in path.split(":")):
+        pytest.skip("mkfs.ext4 is in /usr/bin here: cannot hide it")
+    r = await anyio.run_process(
+        serve_argv(sandbox_base, tmp_path / "state"), check=False, env={"PATH": path},
+    )
+    assert r.returncode != 0 and r.stdout == b""
+    err = r.stderr.decode()
+    assert "workspace" in err and "mkfs.ext4" in err and "enabled: false" in err, err
+    assert not (tmp_path / "state" / "workspaces").exists()
+    policy = write_policy(tmp_path, "version: 1\nworkspace: {enabled: false}\n")
+    server = await start(sandbox_base, tmp_path / "state2", "--policy", str(policy), "--pool-size", "0")
+    try:
+        r = await server.call("execute_command", {"command": "echo ok"})
+        assert r["stdout"] == "ok\n"
+    finally:
+        await stop(server)
+    assert leftovers(sandbox_base) == {}
