@@ -70,3 +70,18 @@ async def test_output_is_not_held_back_when_it_cannot_begin_the_mark():
             raise anyio.EndOfStream
 
     assert await _pump(Live(), cap, MARK, 3) is None
+
+
+def test_claim_line_execs_once_when_it_can_and_falls_back_to_env_otherwise():
+    from gvisor_mcp.sandbox import ContainerOptions
+    from gvisor_mcp.sandbox.pool import claim_line
+
+    o = ContainerOptions(command=["/bin/sh", "-c", "echo $X"], workdir="/tmp")
+    line = claim_line(o, {"X": "1", "PATH": "/bin"}, "MARK", ("PATH", "HOME")).decode()
+    assert "/usr/bin/env" not in line and "(unset HOME OLDPWD PATH PWD; export PWD=/tmp X=1 PATH=/bin;" in line
+    # A key dash cannot export: the /usr/bin/env -i path, with the same variables.
+    line = claim_line(o, {"X-Y": "1"}, "MARK", ("PATH",)).decode()
+    assert "/usr/bin/env -i -- PWD=/tmp X-Y=1 /bin/sh" in line
+    # Workdir `/`: no PWD, like a cold run (which needs no cd there).
+    root = ContainerOptions(command=["env"], workdir="/")
+    assert "PWD=" not in claim_line(root, {"X": "1"}, "MARK", ("PATH",)).decode().split("unset")[1].split(";", 1)[1]

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -451,7 +452,7 @@ class Manager:
             env = dict(DEFAULT_ENV)
             env.update(options.env or {})
             mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
-            header = claim_line(options, env, mark)
+            header = claim_line(options, env, mark, warm.env_keys)
         else:
             sb = await self._create_sandbox(
                 run.container_id, options, res,
@@ -515,6 +516,21 @@ class Manager:
             else:
                 with anyio.CancelScope(shield=True):
                     await self._teardown(sb)
+
+    def _close_watch(self, watch: BootWatch) -> None:
+        """Close a BootWatch's inotify fd off the event loop (see BootWatch.detach)."""
+        fd = watch.detach()
+        if fd < 0:
+            return
+        if self._tg is None:
+            os.close(fd)
+            return
+
+        async def close() -> None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(os.close, fd)
+
+        self._tg.start_soon(close)
 
     async def _teardown_later(self, run: ActiveRun, sb: Sandbox) -> None:
         with anyio.CancelScope(shield=True):
@@ -667,8 +683,11 @@ class Manager:
                 return  # no longer wanted: the finally clause stops it
             if sb.watch.running_at is None or sb.process.returncode is not None:
                 raise SandboxError("pooled sandbox did not boot in time")
-            sb.watch.close()
-            self.pool.ready.setdefault(key, []).append(WarmSandbox(container_id=cid, key=key, sandbox=sb))
+            self._close_watch(sb.watch)
+            self.pool.ready.setdefault(key, []).append(WarmSandbox(
+                container_id=cid, key=key, sandbox=sb,
+                env_keys=tuple({**DEFAULT_ENV, **(template.env or {})}),
+            ))
             sb = None
         except Exception as e:
             log.warning("pool_boot_failed", container_id=cid, error=str(e))
@@ -759,7 +778,7 @@ class Manager:
         cid = sb.container_id
         try:
             if sb.watch is not None:
-                sb.watch.close()
+                self._close_watch(sb.watch)
             proc = sb.process
             if proc is not None:
                 for stream in (proc.stdin, proc.stdout, proc.stderr):

@@ -270,3 +270,13 @@ class BootWatch:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def detach(self) -> int:
+        """Give up the inotify fd without closing it (-1 if none).
+
+        Closing an inotify instance that had a watch makes the kernel wait
+        out an SRCU grace period: 13-24 ms measured here, blocking the event
+        loop. The Manager closes detached fds in a worker thread instead.
+        """
+        fd, self._fd = self._fd, -1
+        return fd
