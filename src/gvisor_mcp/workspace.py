@@ -60,6 +60,8 @@ IMAGE_SUFFIX = ".img"
 LOCK_SUFFIX = ".lock"
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard,errors=remount-ro"
 TOOLS = ("mkfs.ext4", "mount", "umount")
+INODE_RATIO = 8192
+"""Bytes of workspace per inode: a 1 GiB workspace holds up to 131072 files."""
 COMMAND_TIMEOUT = 60.0
 
 
@@ -253,7 +255,9 @@ def _make_image(image: Path, size_mb: int, uid: int, gid: int, populate: Path | 
         with open(tmp, "wb") as f:
             f.truncate(size_mb * 1024 * 1024)
         argv = [
-            "mkfs.ext4", "-q", "-F", "-m", "0", "-L", "gvisor-mcp-ws",
+            # -i: one inode per 8 KiB, whatever the host's mke2fs.conf says
+            # (file-heavy trees like node_modules run out of inodes first).
+            "mkfs.ext4", "-q", "-F", "-m", "0", "-i", str(INODE_RATIO), "-L", "gvisor-mcp-ws",
             "-E", f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1",
         ]
         if populate is not None:

@@ -107,7 +107,7 @@ async def test_tmp_shm_and_the_root_overlay_are_bounded_by_the_sandbox_memory(se
 
 
 async def test_a_huge_file_and_a_million_files_in_the_workspace_are_bounded_by_its_size(serve, sandbox_base, tmp_path):
-    """The workspace is a 16 MiB ext4 image (4096 inodes): writing 1 GiB stops
+    """The workspace is a 16 MiB ext4 image (2048 inodes): writing 1 GiB stops
     at 16 MiB, and creating a million files stops at the image's inode count —
     the image's limits stop both, so the test needs neither a real gigabyte nor
     a real million. On the host, the image never takes more than its size.
@@ -136,7 +136,7 @@ except OSError as e:
 " """, timeout_seconds=120))
         made, err = (int(x) for x in s["stdout"].split())
         assert s["status"] == "exited" and err == 28, s  # ENOSPC: no inode left
-        assert made <= 4096
+        assert made <= 2048
         assert image.stat().st_blocks * 512 <= 16 * MiB
         await ok(c, "cd /workspace && find . -type f -delete")
 

@@ -57,6 +57,7 @@ def test_a_session_workspace_is_an_image_of_the_policy_size_and_goes_with_the_se
     st = mp.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1000, 1000, 0o700)
     assert list(mp.iterdir()) == []  # no lost+found for the agent to trip over
+    assert os.statvfs(mp).f_files == 32 * 1024 * 1024 // workspace.INODE_RATIO  # not the host's mke2fs.conf
     # Idempotent: a second ensure neither re-creates nor mounts again.
     assert workspace.ensure(root, mp, 32, 1000, 1000, "session") is False
     assert mount_count(mp) == 1
