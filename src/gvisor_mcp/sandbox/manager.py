@@ -48,7 +48,7 @@ from .options import (
 from .output import BoundedCapture
 from .result import ContainerResult, ContainerStatus
 from .rootfs import host_system_entries, make_root, write_etc
-from .runsc import BootWatch, Runsc, RunscError
+from .runsc import BootWatch, RunProcess, Runsc, RunscError
 from .pool import EXIT_MARK, STUB_COMMAND, PoolKey, PoolTarget, WarmPool, WarmSandbox, claim_line, pool_key
 from .spec import DEFAULT_ENV, build_spec, check_workdir
 
@@ -119,7 +119,7 @@ class Sandbox:
     bundle: Path
     cgroup: Cgroup
     watch: BootWatch | None = None
-    process: anyio.abc.Process | None = None
+    process: RunProcess | None = None
 
 
 @dataclass
@@ -134,7 +134,7 @@ class ActiveRun:
     started_mono: float
     resources: ResourceSpec
     reason: ContainerStatus | None = None
-    process: anyio.abc.Process | None = None
+    process: RunProcess | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     cancel_scope: anyio.CancelScope | None = None
     warm: bool = False
@@ -849,7 +849,7 @@ async def _pump(
     held = b""  # a possible beginning of the mark, not yet captured
     while True:
         try:
-            chunk = await stream.receive(65536)
+            chunk = await stream.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             await capture.feed(held)
             return None
