@@ -426,7 +426,7 @@ def cleanup_stale(root: Path) -> int:
     for image, mountpoint in sorted(candidates.items()):
         if mountpoint.resolve() in _held:
             continue
-        is_session = mountpoint.parent.name == "sessions"
+        is_session = _is_session(root, mountpoint)
         if image not in mounted and not is_session:
             continue  # a kept tenant workspace, not mounted: nothing to do
         try:
@@ -444,6 +444,16 @@ def cleanup_stale(root: Path) -> int:
     if cleaned:
         log.info("workspace_cleanup_stale", cleaned=cleaned)
     return cleaned
+
+
+def _is_session(root: Path, mountpoint: Path) -> bool:
+    """`<tenant>/sessions/<session>` (three levels), not `<tenant>/shared` — even
+    for a tenant named "sessions"."""
+    try:
+        parts = mountpoint.relative_to(root).parts
+    except ValueError:
+        return False
+    return len(parts) == 3 and parts[1] == "sessions"
 
 
 def _is_under(path: Path, directory: Path) -> bool:

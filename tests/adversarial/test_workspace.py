@@ -95,3 +95,16 @@ async def test_serve_refuses_a_workspace_it_cannot_bound(sandbox_base, tmp_path)
     finally:
         await stop(server)
     assert leftovers(sandbox_base) == {}
+
+
+async def test_a_tenant_named_sessions_keeps_its_workspace_across_restarts(serve, tmp_path):
+    """Session workspaces used to be recognised by their parent directory's
+    name, so the shared workspace of a tenant called `sessions`
+    (`<root>/sessions/shared`) was deleted as if it were a session's."""
+    policy = write_policy(tmp_path, "version: 1\nworkspace: {scope: tenant, size: 16MiB}\ntenants:\n  sessions: {}\n")
+    state = tmp_path / "state"
+    async with serve("--policy", str(policy), "--tenant", "sessions", "--pool-size", "0", state_dir=state) as c:
+        await ok(c, "echo kept > /workspace/note")
+    async with serve("--policy", str(policy), "--tenant", "sessions", "--pool-size", "0", state_dir=state) as c:
+        s = await ok(c, "cat /workspace/note")
+        assert s["stdout"] == "kept\n"
