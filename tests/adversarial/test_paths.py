@@ -266,11 +266,6 @@ async def test_undecodable_and_oversized_requests_leave_the_server_serving(sandb
     assert leftovers(sandbox_base) == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN BUG: a request line the server cannot decode (lone surrogates) or that is longer than "
-    "stdio.MAX_MESSAGE_BYTES is dropped without a JSON-RPC error, so the client waits forever for "
-    "that id (the server itself keeps serving). The fix belongs in src/gvisor_mcp/stdio.py: answer "
-    "with an error for the id found at the head of the line."))
 async def test_undecodable_and_oversized_requests_get_an_error_answer(sandbox_base, tmp_path):
     from ..conftest import leftovers
     from ..protocol.test_lifecycle import start, wait_exit
