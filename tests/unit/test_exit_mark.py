@@ -85,3 +85,17 @@ def test_claim_line_execs_once_when_it_can_and_falls_back_to_env_otherwise():
     # Workdir `/`: no PWD, like a cold run (which needs no cd there).
     root = ContainerOptions(command=["env"], workdir="/")
     assert "PWD=" not in claim_line(root, {"X": "1"}, "MARK", ("PATH",)).decode().split("unset")[1].split(";", 1)[1]
+
+
+def test_the_mark_is_looked_for_only_at_the_end_of_the_stream():
+    """The stub writes it last; output after it (a background child) means the
+    run ends the slow way, at sandbox exit, with that output kept."""
+
+    async def pump(data: bytes):
+        cap = BoundedCapture(1 << 24)
+        return await _pump(Chunks([data]), cap, MARK, 3), cap.value()
+
+    big = b"\0" * 5_000_000
+    assert anyio.run(pump, big + MARK + b"007") == (b"007", big)
+    late = b"x" * 100
+    assert anyio.run(pump, big + MARK + b"007" + late) == (None, big + MARK + b"007" + late)
