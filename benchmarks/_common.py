@@ -333,3 +333,15 @@ def common_args(description: str, default_n: int = 20):  # type: ignore[no-untyp
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here (run_all uses it)")
     return ap
+
+
+def bench_main(doc: str, title: str, bench) -> None:  # type: ignore[no-untyped-def]
+    """A benchmark script's main: parse -n/--no-write/--json, run `bench(n)`, emit its table."""
+    import anyio
+
+    from gvisor_mcp import logs
+
+    args = common_args(doc.splitlines()[0]).parse_args()
+    logs.configure("WARNING")
+    table, metrics = anyio.run(bench, args.n)
+    emit(args, title, table, metrics)

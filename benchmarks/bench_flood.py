@@ -25,12 +25,11 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, check_clean, common_args, emit, fresh_base, machine_line, med, ms,
+    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms,
     p90, reset_peak_rss, status_kib, verdict,
 )
 from bench_mcp import TENANT, bench_policy, server_params, server_pid  # noqa: E402
 
-from gvisor_mcp import logs  # noqa: E402
 from gvisor_mcp.policy import ExecRequest, loads, resolve  # noqa: E402
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
 from gvisor_mcp.sandbox.options import DEFAULT_MAX_OUTPUT  # noqa: E402
@@ -174,10 +173,7 @@ async def bench(n: int) -> tuple[str, dict]:
 
 
 def main() -> None:
-    args = common_args(__doc__.splitlines()[0]).parse_args()
-    logs.configure("WARNING")
-    table, metrics = anyio.run(bench, args.n)
-    emit(args, TITLE, table, metrics)
+    bench_main(__doc__, TITLE, bench)
 
 
 if __name__ == "__main__":

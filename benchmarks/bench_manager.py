@@ -20,10 +20,9 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, check_clean, common_args, emit, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms, p90, verdict,
 )
 
-from gvisor_mcp import logs  # noqa: E402
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
 from gvisor_mcp.sandbox.rootfs import write_etc  # noqa: E402
 
@@ -106,10 +105,7 @@ async def bench(n: int) -> tuple[str, dict]:
 
 
 def main() -> None:
-    args = common_args(__doc__.splitlines()[0]).parse_args()
-    logs.configure("WARNING")
-    table, metrics = anyio.run(bench, args.n)
-    emit(args, TITLE, table, metrics)
+    bench_main(__doc__, TITLE, bench)
 
 
 if __name__ == "__main__":
