@@ -345,3 +345,25 @@ def bench_main(doc: str, title: str, bench) -> None:  # type: ignore[no-untyped-
     logs.configure("WARNING")
     table, metrics = anyio.run(bench, args.n)
     emit(args, title, table, metrics)
+
+
+def check_cold_warm_clean(title: str, base: Path, raw: Raw, cgroup: str) -> None:
+    """check_clean for a benchmark with a cold and a warm Manager under `base`
+    plus the raw reference; then remove `base`."""
+    check_clean(
+        title,
+        [(base / m / "runsc", base / m / "bundles") for m in ("cold", "warm")] + [(raw.root, None)],
+        [f"{cgroup}-cold", f"{cgroup}-warm", RAW_CGROUP],
+        base=base,
+    )
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def server_pid(root: Path) -> int:
+    """The `gvisor-mcp serve` process whose arguments name `root`."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            args = cmdline(entry)
+            if "serve" in args and str(root) in args:
+                return int(entry)
+    raise RuntimeError(f"no gvisor-mcp serve process for {root}")

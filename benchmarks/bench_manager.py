@@ -11,7 +11,6 @@ ratios, and writes it to docs/benchmarks.md (section "Manager.run").
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX, Raw, bench_main, check_cold_warm_clean, fresh_base, machine_line, med, ms, p90, verdict,
 )
 
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
@@ -70,13 +69,7 @@ async def bench(n: int) -> tuple[str, dict]:
                 claims.append(r.boot_duration)
                 assert r.exit_code == 0 and r.warm, r.summary()
     finally:
-        check_clean(
-            TITLE,
-            [(base / m / "runsc", base / m / "bundles") for m in ("cold", "warm")] + [(raw.root, None)],
-            [f"{CGROUP}-cold", f"{CGROUP}-warm", RAW_CGROUP],
-            base=base,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+        check_cold_warm_clean(TITLE, base, raw, CGROUP)
 
     ratio = med(cold) / med(raws)
     wratio = med(warm) / med(raws)

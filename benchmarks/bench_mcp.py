@@ -33,7 +33,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CGROUP_PREFIX, RAW_CGROUP, Raw, check_clean, cmdline, common_args, emit, fresh_base, machine_line,
-    med, ms, p90, pss_kib, runsc_processes, status_kib, verdict,
+    med, ms, p90, pss_kib, runsc_processes, server_pid, status_kib, verdict,
 )
 
 from gvisor_mcp import logs  # noqa: E402
@@ -68,15 +68,6 @@ def server_params(base: Path, name: str, policy: Path, pool: int):  # type: igno
         ],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
-
-
-def server_pid(root: Path) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            args = cmdline(entry)
-            if "serve" in args and str(root) in args:
-                return int(entry)
-    raise RuntimeError(f"no gvisor-mcp serve process for {root}")
 
 
 def running_sandboxes(root: Path) -> list[str]:

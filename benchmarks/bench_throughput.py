@@ -14,7 +14,6 @@ refilling concurrently).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, verdict,
+    CGROUP_PREFIX, Raw, bench_main, check_cold_warm_clean, fresh_base, machine_line, med, verdict,
 )
 
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
@@ -77,13 +76,7 @@ async def bench(n: int) -> tuple[str, dict]:
                     cold_tp[c].append(await round_of(cold, c))
                     warm_tp[c].append(await round_of(warm, c))
     finally:
-        check_clean(
-            TITLE,
-            [(base / m / "runsc", base / m / "bundles") for m in ("cold", "warm")] + [(raw.root, None)],
-            [f"{CGROUP}-cold", f"{CGROUP}-warm", RAW_CGROUP],
-            base=base,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+        check_cold_warm_clean(TITLE, base, raw, CGROUP)
 
     lines = [
         f"{machine_line()}; n={n} rounds per cell, interleaved (raw, cold, warm); calls/s = c / round wall time, median round.",

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CGROUP_PREFIX,
     check_clean,
-    cmdline,
     fresh_base,
     leftovers,
     machine_line,
+    server_pid,
     status_kib,
 )
 
@@ -82,15 +82,6 @@ async def one(client, kind: str) -> dict:  # type: ignore[no-untyped-def]
         s = c.structured_content if not c.is_error else {"status": "tool_error", "exit_code": None,
                                                           "error": c.content[0].text}
     return s
-
-
-def server_pid(root: Path) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            args = cmdline(entry)
-            if "serve" in args and str(root) in args:
-                return int(entry)
-    raise RuntimeError(f"no gvisor-mcp serve process for {root}")
 
 
 async def soak(calls: int, concurrency: int) -> dict:

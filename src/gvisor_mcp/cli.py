@@ -13,7 +13,6 @@ import anyio
 from . import logs
 from .sandbox import (
     ContainerOptions,
-    ContainerStatus,
     InvalidOptionsError,
     Manager,
     ManagerConfig,
@@ -45,7 +44,7 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
+def manager_config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
     return ManagerConfig(
         runsc_path=args.runsc,
         platform=args.platform,
@@ -178,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(_clean_validation(e))
 
     async def go() -> int:
-        manager = Manager(_config(args))
+        manager = Manager(manager_config(args))
         try:
             result = await manager.run(options)
         except InvalidOptionsError as e:
@@ -252,7 +251,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
 
     async def go() -> tuple[bool, str]:
-        manager = Manager(_config(args))
+        manager = Manager(manager_config(args))
         try:
             return await canary(manager)
         finally:
@@ -265,7 +264,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     async def go() -> list[dict]:
-        manager = Manager(_config(args))
+        manager = Manager(manager_config(args))
         try:
             return await manager.reap_stale()
         finally:

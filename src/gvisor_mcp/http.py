@@ -122,6 +122,8 @@ class Gateway:
     hosts: dict[str, TenantHost] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
     """external session id -> tenant and the SDK's id"""
+    external_ids: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(tenant, the SDK's id) -> external session id"""
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # --- ASGI ---------------------------------------------------------------
@@ -188,15 +190,16 @@ class Gateway:
             ended = scope["method"] == "DELETE" and status < 300
             if ended or status == 404:  # closed by the client, or by the SDK (idle timeout)
                 self.sessions.pop(external, None)
+                self.external_ids.pop((tenant, session.internal), None)
                 host.app.drop_session(session.internal)
 
     def _external(self, tenant: str, internal: str) -> str:
-        for ext, s in self.sessions.items():
-            if s.internal == internal and s.tenant == tenant:
-                return ext
-        ext = secrets.token_hex(32)
-        self.sessions[ext] = Session(tenant, internal)
-        log.info("http_session_opened", tenant=tenant)
+        ext = self.external_ids.get((tenant, internal))
+        if ext is None:
+            ext = secrets.token_hex(32)
+            self.sessions[ext] = Session(tenant, internal)
+            self.external_ids[(tenant, internal)] = ext
+            log.info("http_session_opened", tenant=tenant)
         return ext
 
     # --- one MCP server per tenant ------------------------------------------

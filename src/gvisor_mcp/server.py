@@ -25,7 +25,7 @@ from . import workspace as _workspace
 from .audit import AuditLog
 from .jobs import Jobs
 from .metrics import Metrics
-from .policy import ExecRequest, Policy, load, load_default, path_component, resolve
+from .policy import ExecRequest, Policy, Resolved, load, load_default, resolve, workspace_host_path
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.manager import canary
@@ -47,26 +47,12 @@ class Settings:
     tenant: str = "default"
     policy_path: str | None = None
     state_dir: Path = field(default_factory=lambda: default_state_dir())
-    runsc_path: str = "runsc"
-    platform: str = "systrap"
-    runtime_root: Path = Path("/run/gvisor-mcp")
-    cgroup_parent: str = "gvisor-mcp"
-    max_concurrent: int = 8
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    """The Manager's configuration (runsc, roots, cgroup parent, capacity): cli._config."""
     pool_size: int = 2
     """Sandboxes kept booted for the tenant's default request shape (0: none)."""
     metrics_port: int = 0
     """stdio: also serve Prometheus /metrics on 127.0.0.1:PORT (0: no)."""
-
-    def manager_config(self, **kw: Any) -> ManagerConfig:
-        return ManagerConfig(
-            runsc_path=self.runsc_path,
-            platform=self.platform,
-            bundle_base_dir=str(self.runtime_root / "bundles"),
-            runsc_root=str(self.runtime_root / "runsc"),
-            cgroup_parent=self.cgroup_parent,
-            max_concurrent_containers=self.max_concurrent,
-            **kw,
-        )
 
 
 def default_state_dir() -> Path:
@@ -131,9 +117,9 @@ class AppState:
         unless a background command of that session still runs (then at server stop)."""
         if any(j.session == session_id for j in self.jobs.active_all()):
             return
-        for path in list(self.made_workspaces):
-            if path.parent.name == "sessions" and path.name == path_component(session_id):
-                self.remove_workspace(path)
+        path = workspace_host_path(self.workspace_root, self.tenant, "session", session_id).resolve()
+        if path in self.made_workspaces:
+            self.remove_workspace(path)
 
     def remove_workspace(self, path: Path) -> None:
         """Unmount and delete a session workspace (its image goes with it)."""
@@ -150,23 +136,27 @@ class AppState:
             return Caller(self.tenant, sid or STATELESS_SESSION)
         return Caller(self.tenant, self.session_id)
 
-    def prepare_workspace(self, path: Path, uid: int, gid: int) -> None:
-        """Mount the run's workspace: a size-limited image (the policy's
-        workspace.size), its root owned by the sandbox user (see workspace.py).
+    def prepare_workspace(self, resolved: Resolved) -> None:
+        """Mount the run's workspace, if the policy gives it one: a size-limited
+        image of the plan's size, its root owned by the sandbox user (see
+        workspace.py).
 
         Only paths under the server's own workspace root are ever created; the
         policy derives them from tenant and session, never from a request.
         """
         from mcp.server.mcpserver.exceptions import ToolError
 
+        plan = resolved.workspace
+        if plan is None:
+            return
         root = self.workspace_root.resolve()
-        target = path.resolve()
+        target = plan.host_path.resolve()
         if root not in target.parents:
-            raise RuntimeError(f"workspace {path} is outside {root}")
-        scope = "session" if len(target.relative_to(root).parts) == 3 else "tenant"
-        size_mb = self.policy.current.tenant(self.tenant).workspace.size
+            raise RuntimeError(f"workspace {target} is outside {root}")
+        user = resolved.options.user
+        uid, gid = (user.uid, user.gid) if user else (0, 0)
         try:
-            _workspace.ensure(root, target, size_mb, uid, gid, scope)
+            _workspace.ensure(root, target, plan.size_mb, uid, gid, plan.scope)
         except _workspace.WorkspaceError as e:
             raise ToolError(f"the workspace could not be prepared: {e}") from e
         self.made_workspaces.add(target)
@@ -182,9 +172,7 @@ class AppState:
             self.policy.current, ExecRequest(command="true"), self.tenant,
             workspace_root=self.workspace_root, session_id=self.session_id,
         )
-        if resolved.workspace_path is not None:
-            user = resolved.options.user
-            self.prepare_workspace(resolved.workspace_path, user.uid if user else 0, user.gid if user else 0)
+        self.prepare_workspace(resolved)
         return resolved.options
 
     def warm_pool(self) -> None:
@@ -236,7 +224,7 @@ class Runtime:
             session_from_request=session_from_request,
             metrics=self.metrics,
         )
-        self.after_close.append(lambda: _drop_session_workspaces(app, self.policy))
+        self.after_close.append(lambda: _drop_session_workspaces(app))
         return app
 
 
@@ -249,7 +237,7 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
     audit = AuditLog(state_dir / "audit.jsonl")
     rt: Runtime | None = None
     try:
-        async with Manager(settings.manager_config()) as manager, anyio.create_task_group() as tg:
+        async with Manager(settings.manager) as manager, anyio.create_task_group() as tg:
             reaped = await manager.cleanup_stale()
             _workspace.cleanup_stale(state_dir / "workspaces")  # mounts of dead servers
             recovered = store.recover()
@@ -319,7 +307,7 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
     return server
 
 
-def _drop_session_workspaces(app: AppState, policy: PolicyHolder) -> None:
+def _drop_session_workspaces(app: AppState) -> None:
     """At server stop, every session ends: stdio's one, and HTTP sessions still open.
 
     Session workspaces are unmounted and deleted; tenant workspaces are
@@ -331,7 +319,7 @@ def _drop_session_workspaces(app: AppState, policy: PolicyHolder) -> None:
         _workspace.release(path, remove=session)
         if session:
             app.made_workspaces.discard(path)
-    _workspace.release_all()  # e.g. HTTP sessions whose directory drop_session emptied
+    _workspace.release_all()  # anything this process still holds
 
 
 async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
@@ -355,16 +343,14 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
 
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
+    from .cli import manager_config
+
     logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
     settings = Settings(
         tenant=args.tenant or "default",
         policy_path=args.policy,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
-        runsc_path=args.runsc,
-        platform=args.platform,
-        runtime_root=Path(args.state_root),
-        cgroup_parent=args.cgroup_parent,
-        max_concurrent=args.max_concurrent,
+        manager=manager_config(args),
         pool_size=args.pool_size,
         metrics_port=getattr(args, "metrics_port", 0),
     )
@@ -398,7 +384,7 @@ def serve(args: Any) -> int:
             return 2
 
     async def preflight() -> tuple[bool, str]:
-        manager = Manager(settings.manager_config())
+        manager = Manager(settings.manager)
         try:
             return await canary(manager)
         finally:

@@ -23,23 +23,10 @@ from mcp import Client, StdioServerParameters
 from gvisor_mcp import workspace
 
 from ..conftest import CGROUP_PARENT, leftovers
-from ..protocol.conftest import BIN, server_params
+from ..protocol.conftest import BIN, run, server_params, structured, text  # noqa: F401 (re-exported)
 
 CANARY_SECONDS = 60
 """A generous bound for a normal call: the server must still answer, not be fast."""
-
-
-def structured(result) -> dict:
-    assert result.structured_content is not None, result
-    return result.structured_content
-
-
-def text(result) -> str:
-    return "\n".join(c.text for c in result.content if c.type == "text")
-
-
-async def run(client, **args):
-    return await client.call_tool("execute_command", args)
 
 
 async def ok(client, command: str, **args) -> dict:

@@ -158,7 +158,7 @@ async def test_shell_metacharacters_run_only_inside_the_sandbox(serve, tmp_path)
         f"cat <<EOF > {marker}\nx\nEOF",
         f"--version; touch {marker}",
         f"-c 'touch {marker}'",
-        f"echo \x1b]0;title\x07 \x00".replace("\x00", "") + f"; touch {marker}",
+        "echo \x1b]0;title\x07 \x00".replace("\x00", "") + f"; touch {marker}",
     ]
     async with serve("--pool-size", "0") as c:
         for command in commands:

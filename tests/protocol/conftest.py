@@ -15,6 +15,22 @@ from ..conftest import CGROUP_PARENT, leftovers
 BIN = Path(sys.executable).with_name("gvisor-mcp")
 
 
+# What a client reads from a tool result (shared with tests/adversarial).
+
+
+def structured(result) -> dict:
+    assert result.structured_content is not None, result
+    return result.structured_content
+
+
+def text(result) -> str:
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
+async def run(client, **args):
+    return await client.call_tool("execute_command", args)
+
+
 def server_params(base: Path, *extra: str, state_dir: Path | None = None, env: dict | None = None) -> StdioServerParameters:
     return StdioServerParameters(
         command=str(BIN),

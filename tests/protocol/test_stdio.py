@@ -10,30 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 
 from ..conftest import leftovers
+from .conftest import run, structured, text
 
 pytestmark = pytest.mark.runsc
 
 SNAPSHOT = Path(__file__).with_name("tools_snapshot.json")
-
-
-def structured(result) -> dict:
-    assert result.structured_content is not None, result
-    return result.structured_content
-
-
-def text(result) -> str:
-    return "\n".join(c.text for c in result.content if c.type == "text")
-
-
-async def run(client, **args):
-    return await client.call_tool("execute_command", args)
 
 
 def tool_listing(tools) -> list[dict]:

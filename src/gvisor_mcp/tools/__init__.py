@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from inspect import cleandoc
-from types import SimpleNamespace
 from typing import Any
 
 from mcp.types import ToolAnnotations
@@ -16,32 +15,30 @@ from .view import SchemaFacts
 
 def register_tools(server: Any, facts: SchemaFacts) -> None:
     """Register the four tools; their schemas come from `facts` (the caller's policy)."""
-    real_add = server.add_tool
 
     def add(fn: Any, **kw: Any) -> None:
         # Docstrings are the descriptions the model reads: no source indentation.
-        real_add(fn, description=cleandoc(fn.__doc__ or ""), **kw)
+        server.add_tool(fn, description=cleandoc(fn.__doc__ or ""), **kw)
 
-    server = SimpleNamespace(add_tool=add)
-    server.add_tool(
+    add(
         make_execute_tool(facts),
         name="execute_command",
         title="Run a shell command in a fresh gVisor sandbox",
         annotations=ToolAnnotations(destructive_hint=True, open_world_hint="host" in facts.networks or "sandbox" in facts.networks),
     )
-    server.add_tool(
+    add(
         make_inspect_tool(facts.head_bytes, facts.tail_bytes),
         name="inspect_result",
         title="Read a result and page its output",
         annotations=ToolAnnotations(read_only_hint=True),
     )
-    server.add_tool(
+    add(
         list_active,
         name="list_active",
         title="List your running commands",
         annotations=ToolAnnotations(read_only_hint=True),
     )
-    server.add_tool(
+    add(
         make_cancel_tool(facts.head_bytes, facts.tail_bytes),
         name="cancel_command",
         title="Kill a running command",

@@ -91,6 +91,14 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
             command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
             cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
         )
+        def refuse(decision: str, kind: str, e: Exception) -> ToolError:
+            """Audit and count a call refused before it ran; the error the agent reads."""
+            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
+                            policy_hash=policy.hash, decision=decision, reason=str(e))
+            if app.metrics is not None:
+                app.metrics.denied(caller.tenant, kind)
+            return ToolError(str(e))
+
         try:
             resolved = resolve(
                 policy,
@@ -100,25 +108,13 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
                 session_id=caller.session_id,
             )
         except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
-            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
-                            policy_hash=policy.hash, decision="denied", reason=str(e))
-            if app.metrics is not None:
-                app.metrics.denied(caller.tenant, "policy")
-            raise ToolError(str(e)) from e
+            raise refuse("denied", "policy", e) from e
         settings = resolved.settings
         try:
             app.jobs.admit(caller.tenant, settings.max_concurrent, settings.runs_per_minute)
         except QuotaExceeded as e:
-            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
-                            policy_hash=policy.hash, decision="quota", reason=str(e))
-            if app.metrics is not None:
-                app.metrics.denied(caller.tenant, "quota")
-            raise ToolError(str(e)) from e
-        for mount in resolved.options.extra_mounts:
-            if mount.type == "bind" and not mount.read_only and resolved.workspace_path is not None \
-                    and mount.source == str(resolved.workspace_path):
-                user = resolved.options.user
-                app.prepare_workspace(resolved.workspace_path, user.uid if user else 0, user.gid if user else 0)
+            raise refuse("quota", "quota", e) from e
+        app.prepare_workspace(resolved)
         limits = resolved.receipt.model_dump(mode="json")
         job = app.jobs.start(
             tenant=caller.tenant, session=caller.session_id, command=command,
