@@ -42,7 +42,8 @@ from _common import (  # noqa: E402
 
 from gvisor_mcp import logs  # noqa: E402
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
-from gvisor_mcp.sandbox import manager as manager_mod  # noqa: E402
+from gvisor_mcp.sandbox import container as container_mod  # noqa: E402
+from gvisor_mcp.sandbox.container import Container  # noqa: E402
 from gvisor_mcp.sandbox.cgroups import Cgroup  # noqa: E402
 from gvisor_mcp.sandbox.runsc import BootWatch, Runsc  # noqa: E402
 
@@ -75,14 +76,14 @@ def _timed(name: str, fn, is_async: bool):  # type: ignore[no-untyped-def]
 
 def instrument() -> None:
     """Wrap the Manager's steps (in this process only) with timers."""
-    M = Manager
-    M._create_sandbox = _timed("create_sandbox", M._create_sandbox, True)
-    M._supervise = _timed("supervise", M._supervise, True)
-    M._teardown = _timed("teardown", M._teardown, True)
-    M._feed = staticmethod(_timed("feed", M.__dict__["_feed"].__func__, True))
-    manager_mod.make_root = _timed("make_root", manager_mod.make_root, False)
-    manager_mod.build_spec = _timed("build_spec", manager_mod.build_spec, False)
-    manager_mod._runsc_error = _timed("runsc_log", manager_mod._runsc_error, False)
+    C = Container
+    C.start = _timed("create_sandbox", C.start, True)
+    C._supervise = _timed("supervise", C._supervise, True)
+    C.teardown = _timed("teardown", C.teardown, True)
+    container_mod.feed = _timed("feed", container_mod.feed, True)
+    container_mod.make_root = _timed("make_root", container_mod.make_root, False)
+    container_mod.build_spec = _timed("build_spec", container_mod.build_spec, False)
+    container_mod._runsc_error = _timed("runsc_log", container_mod._runsc_error, False)
     Cgroup.create = _timed("cgroup_create", Cgroup.create, False)
     Cgroup.apply = _timed("cgroup_apply", Cgroup.apply, False)
     Cgroup.stats = _timed("cgroup_stats", Cgroup.stats, False)
@@ -92,7 +93,7 @@ def instrument() -> None:
     Runsc.kill = _timed("runsc_kill", Runsc.kill, True)
     BootWatch.wait = _timed("boot_wait", BootWatch.wait, True)
     BootWatch.close = _timed("inotify_close", BootWatch.close, False)
-    shutil_rmtree = manager_mod.shutil.rmtree
+    shutil_rmtree = container_mod.shutil.rmtree
 
     def rmtree(*a, **kw):  # type: ignore[no-untyped-def]
         t = time.monotonic()
@@ -101,7 +102,7 @@ def instrument() -> None:
         finally:
             EVENTS.append(("rmtree", t, time.monotonic()))
 
-    manager_mod.shutil = type("shutil_proxy", (), {"rmtree": staticmethod(rmtree)})
+    container_mod.shutil = type("shutil_proxy", (), {"rmtree": staticmethod(rmtree)})
 
 
 def phases_of(
@@ -159,10 +160,10 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("inotify fd close (BootWatch.close; the kernel waits out an SRCU grace period)", ("BootWatch.close",)),
     ("output handling (pipe reads, pump, bounded capture, result stream files)", (
         "_read_ready (asyncio/unix_events", "_pipe_data_received", "streams.py", "StreamReaderWrapper",
-        "_pump (", "output.py", "Job.seen", "jobs.py:seen", "write_chunk", "spill")),
+        "pump (", "output.py", "Job.seen", "jobs.py:seen", "write_chunk", "spill")),
     ("bundle writing (root dir, spec, config.json)", ("rootfs.py", "spec.py")),
     ("cgroups (create, limits, stats, remove)", ("cgroups.py",)),
-    ("teardown (close pipes, runsc delete, rmtree)", ("_teardown", "rmtree")),
+    ("teardown (close pipes, runsc delete, rmtree)", ("teardown (", "rmtree")),
     ("process spawn (fork/exec of runsc)", (
         "_posixsubprocess", "subprocess.py", "open_process", "_make_subprocess_transport",
         "subprocess_exec", "base_subprocess.py")),
@@ -176,7 +177,7 @@ framing, pydantic validation of messages, the tool function, stdio)."""
 GENERIC = ("pydantic", "json/")
 
 
-POOL_FRAMES = ("_boot_warm", "_maintain_pool", "_destroy_warm", "wait_warm")
+POOL_FRAMES = ("_boot (", "maintain (", "destroy (", "wait_warm")
 IDLE_LEAVES = ("select (selectors.py", "_run_once (", "_do_waitpid (", "Condition.wait (", "Queue.get (",
                "wait (threading.py", "poll (")
 

@@ -22,8 +22,8 @@ from .sandbox import (
     SandboxError,
     UserSpec,
 )
-from .sandbox.manager import canary
-from .sandbox.runsc import RUNSC_ENV
+from .sandbox.doctor import doctor
+from .sandbox.reaper import describe
 
 
 def _manager_args(p: argparse.ArgumentParser) -> None:
@@ -177,17 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(_clean_validation(e))
 
     async def go() -> int:
-        manager = Manager(manager_config(args))
-        try:
-            result = await manager.run(options)
-        except InvalidOptionsError as e:
-            print(f"gvisor-mcp: {e}", file=sys.stderr)
-            return 2
-        except (SandboxError, RunscError) as e:
-            print(f"gvisor-mcp: sandbox failure: {e}", file=sys.stderr)
-            return 125
-        finally:
-            await manager.close()
+        async with Manager(manager_config(args)) as manager:
+            try:
+                result = await manager.run(options)
+            except InvalidOptionsError as e:
+                print(f"gvisor-mcp: {e}", file=sys.stderr)
+                return 2
+            except (SandboxError, RunscError) as e:
+                print(f"gvisor-mcp: sandbox failure: {e}", file=sys.stderr)
+                return 125
         print(f"gvisor-mcp: {result.summary()}", file=sys.stderr)
         return result.exit_code if 0 <= result.exit_code < 256 else 125
 
@@ -217,65 +215,20 @@ def _clean_validation(e: Exception) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .sandbox.cgroups import detect_version
-
-    ok = True
-
-    def line(good: bool, what: str, detail: str) -> None:
-        nonlocal ok
-        ok = ok and good
-        print(f"{'ok  ' if good else 'FAIL'} {what}: {detail}")
-
-    line(os.geteuid() == 0, "root", "yes" if os.geteuid() == 0 else "run as root (runsc and cgroups need it)")
-    path = shutil.which(args.runsc)
-    line(path is not None, "runsc", path or f"{args.runsc!r} not found: run scripts/setup.sh")
-    if path:
-        import subprocess
-
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, env=RUNSC_ENV)
-        version = (out.stdout.splitlines() or ["?"])[0]
-        m = re.search(r"(20\d{6})", version)
-        good = bool(m and m.group(1) >= "20240101")
-        line(
-            good,
-            "runsc version",
-            version
-            + ("" if good else " (too old: Debian 12's own runsc cannot run `ls`; install from bookworm-backports)"),
-        )
-    line(True, "platform", args.platform)
-    cg = detect_version()
-    line(cg is not None, "cgroups", f"v{cg}" if cg else "no memory controller: limits cannot be enforced")
-    if not ok:
-        return 1
-
-    async def go() -> tuple[bool, str]:
-        manager = Manager(manager_config(args))
-        try:
-            return await canary(manager)
-        finally:
-            await manager.close()
-
-    passed, detail = anyio.run(go)
-    line(passed, "canary (ls -l / in a sandbox)", detail)
-    return 0 if ok else 1
+    checks = anyio.run(doctor, manager_config(args))
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     async def go() -> list[dict]:
-        manager = Manager(manager_config(args))
-        try:
+        async with Manager(manager_config(args)) as manager:
             return await manager.reap_stale()
-        finally:
-            await manager.close()
 
     report = anyio.run(go)
     for entry in report:
-        print(
-            f"removed {entry['container_id']}: processes={entry['processes']} "
-            f"runsc_state={entry['runsc_state']} cgroups={entry['cgroups']} bundle={entry['bundle']}"
-        )
+        print(describe(entry))
     print(f"{len(report)} stale container(s) removed")
     return 0
 

@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .policy import ExecRequest, Policy, Resolved, load, load_default, resolve, workspace_host_path
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
-from .sandbox.manager import canary
+from .sandbox.doctor import canary
 from .stdio import serve_stdio
 
 log = structlog.get_logger("gvisor_mcp.server")
@@ -384,11 +384,8 @@ def serve(args: Any) -> int:
             return 2
 
     async def preflight() -> tuple[bool, str]:
-        manager = Manager(settings.manager)
-        try:
+        async with Manager(settings.manager) as manager:
             return await canary(manager)
-        finally:
-            await manager.close()
 
     try:
         ok, detail = anyio.run(preflight)

@@ -52,10 +52,12 @@ class WarmManager:
 
 @contextlib.asynccontextmanager
 async def running_manager(config: ManagerConfig):
-    """`async with Manager(...)` held by a task of its own.
+    """`async with Manager(...)`, held by a task of its own.
 
-    pytest-asyncio runs a fixture's setup and teardown in different tasks,
-    and the Manager's pool task group must be entered and exited in one.
+    pytest-asyncio runs a fixture's setup and teardown in different tasks
+    (pytest-asyncio issue 1191), and a task group (the Manager's) must be
+    entered and exited in one task; a test body can use `async with
+    Manager(...)` directly.
     """
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()

@@ -26,8 +26,7 @@ CHILD = textwrap.dedent(
     from gvisor_mcp.sandbox import Manager, ManagerConfig, ContainerOptions
     cfg = ManagerConfig(**json.loads(sys.argv[1]))
     async def main():
-        m = Manager(cfg)
-        async with anyio.create_task_group() as tg:
+        async with Manager(cfg) as m, anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(m.run, ContainerOptions(command=["sleep", "300"]))
             while m.active_containers() < 2:
@@ -56,11 +55,10 @@ async def test_cleanup_after_sigkill_removes_everything(sandbox_base):
         child.wait()
         left = leftovers(sandbox_base)
         assert left.get("bundles") and left.get("cgroups"), left  # the crash left things
-        m = Manager(make_config(sandbox_base))
-        report = await m.reap_stale()
+        async with Manager(make_config(sandbox_base)) as m:
+            report = await m.reap_stale()
         assert len(report) == 2
         assert all(r["bundle"] and r["cgroups"] >= 3 for r in report), report
-        await m.close()
         # runsc's own processes may take a moment to exit after SIGKILL.
         for _ in range(50):
             if leftovers(sandbox_base) == {}:
@@ -75,21 +73,20 @@ async def test_cleanup_never_touches_a_live_managers_runs(sandbox_base):
     child = _start_child(sandbox_base)
     try:
         assert child.stdout.readline().strip() == "RUNNING"
-        m = Manager(make_config(sandbox_base))
-        assert await m.cleanup_stale() == 0
-        # Its own run in flight is not stale either.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(m.run, ContainerOptions(command=["sleep", "2"]))
-            while m.active_containers() == 0:
-                await anyio.sleep(0.05)
-            await anyio.sleep(0.5)
+        async with Manager(make_config(sandbox_base)) as m:
             assert await m.cleanup_stale() == 0
-        left = leftovers(sandbox_base)
-        assert len(left.get("bundles", [])) == 2  # the other process's two runs
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        assert await m.cleanup_stale() == 2
-        await m.close()
+            # Its own run in flight is not stale either.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(m.run, ContainerOptions(command=["sleep", "2"]))
+                while m.active_containers() == 0:
+                    await anyio.sleep(0.05)
+                await anyio.sleep(0.5)
+                assert await m.cleanup_stale() == 0
+            left = leftovers(sandbox_base)
+            assert len(left.get("bundles", [])) == 2  # the other process's two runs
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            assert await m.cleanup_stale() == 2
     finally:
         child.kill()
     for _ in range(50):

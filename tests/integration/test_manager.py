@@ -210,47 +210,45 @@ async def test_network_none_reaches_nothing(manager):
 
 
 async def test_concurrency_limit_waits(sandbox_base):
-    m = Manager(make_config(sandbox_base, max_concurrent_containers=2))
     peak = 0
+    async with Manager(make_config(sandbox_base, max_concurrent_containers=2)) as m:
 
-    async def one():
-        nonlocal peak
-        await m.run(ContainerOptions(command=["sleep", "1"]))
+        async def one():
+            await m.run(ContainerOptions(command=["sleep", "1"]))
 
-    async def watch():
-        nonlocal peak
-        for _ in range(100):
-            peak = max(peak, m.active_containers())
-            await anyio.sleep(0.02)
+        async def watch():
+            nonlocal peak
+            for _ in range(100):
+                peak = max(peak, m.active_containers())
+                await anyio.sleep(0.02)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        for _ in range(5):
-            tg.start_soon(one)
-    await m.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            for _ in range(5):
+                tg.start_soon(one)
     assert peak == 2
     assert leftovers(sandbox_base) == {}
 
 
 async def test_close_during_run_kills_and_refuses_new_runs(sandbox_base):
-    m = Manager(make_config(sandbox_base))
     results = []
+    async with Manager(make_config(sandbox_base)) as m:
 
-    async def long():
-        results.append(await m.run(ContainerOptions(command=["sleep", "60"])))
+        async def long():
+            results.append(await m.run(ContainerOptions(command=["sleep", "60"])))
 
-    t = time.monotonic()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(long)
-        while m.active_containers() == 0:
-            await anyio.sleep(0.01)
-        await anyio.sleep(0.5)
-        await m.close()
-        await m.close()  # idempotent
-    assert time.monotonic() - t < 10
-    assert results[0].status is ContainerStatus.KILLED
-    with pytest.raises(ManagerClosedError):
-        await m.run(ContainerOptions(command=["true"]))
+        t = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            while m.active_containers() == 0:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.5)
+            await m.close()
+            await m.close()  # idempotent
+        assert time.monotonic() - t < 10
+        assert results[0].status is ContainerStatus.KILLED
+        with pytest.raises(ManagerClosedError):
+            await m.run(ContainerOptions(command=["true"]))
     assert leftovers(sandbox_base) == {}
 
 

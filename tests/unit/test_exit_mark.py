@@ -7,7 +7,7 @@ import anyio
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gvisor_mcp.sandbox.manager import _pump
+from gvisor_mcp.sandbox.output import pump as _pump
 from gvisor_mcp.sandbox.output import BoundedCapture
 
 MARK = b"@@gvisor-mcp-exit-0123456789abcdef@@"
@@ -74,7 +74,7 @@ async def test_output_is_not_held_back_when_it_cannot_begin_the_mark():
 
 def test_claim_line_execs_once_when_it_can_and_falls_back_to_env_otherwise():
     from gvisor_mcp.sandbox import ContainerOptions
-    from gvisor_mcp.sandbox.pool import claim_line
+    from gvisor_mcp.sandbox.stub import claim_line
 
     o = ContainerOptions(command=["/bin/sh", "-c", "echo $X"], workdir="/tmp")
     line = claim_line(o, {"X": "1", "PATH": "/bin"}, "MARK", ("PATH", "HOME")).decode()

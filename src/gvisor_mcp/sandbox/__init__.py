@@ -1,10 +1,21 @@
 """Run commands in fresh gVisor sandboxes: the seed's Manager API in Python.
 
-Knows nothing of MCP or policy; see manager.py for how a run works.
+Knows nothing of MCP or policy; see manager.py for how a run works and
+docs/design-notes.md ("sandbox/ layout") for which module holds what.
 """
 
 from .cgroups import CgroupStats
-from .manager import ActiveRun, Manager, ManagerClosedError, ManagerConfig, SandboxError
+from .config import ManagerConfig
+from .container import Container
+from .errors import (
+    InvalidOptionsError,
+    ManagerClosedError,
+    RunscError,
+    SandboxBaseError,
+    SandboxError,
+    SandboxRefusal,
+)
+from .manager import Manager
 from .options import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_PIDS,
@@ -12,7 +23,6 @@ from .options import (
     DEFAULT_TIMEOUT,
     MAX_CONTAINER_NAME_LEN,
     ContainerOptions,
-    InvalidOptionsError,
     Mount,
     NetworkMode,
     ResourceSpec,
@@ -20,8 +30,11 @@ from .options import (
     validate_resources,
 )
 from .result import ContainerResult, ContainerStatus
-from .runsc import RunscError
 from .spec import CgroupV2Entry, build_spec, to_cgroup_v2_entries
+
+ActiveRun = Container
+"""The name active_runs()' items had before Container merged them with the
+sandbox they run in."""
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",
@@ -32,6 +45,7 @@ __all__ = [
     "ActiveRun",
     "CgroupStats",
     "CgroupV2Entry",
+    "Container",
     "ContainerOptions",
     "ContainerResult",
     "ContainerStatus",
@@ -43,7 +57,9 @@ __all__ = [
     "NetworkMode",
     "ResourceSpec",
     "RunscError",
+    "SandboxBaseError",
     "SandboxError",
+    "SandboxRefusal",
     "UserSpec",
     "build_spec",
     "to_cgroup_v2_entries",

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import InvalidOptionsError
+
 DEFAULT_TIMEOUT: float = 120.0
 """Seconds; the seed's 120 * time.Second."""
 DEFAULT_MEMORY_MB: int = 512
@@ -51,23 +53,6 @@ StdoutWriter = Callable[[bytes], "Awaitable[None] | None"]
 """Receives each chunk as the command writes it (sync or async callable)."""
 
 StdinSource = bytes | AsyncIterable[bytes]
-
-
-class InvalidOptionsError(ValueError):
-    """A request the sandbox refuses before creating anything.
-
-    Carries the field, the offending value and what is allowed, so callers
-    (the CLI, the MCP tools) can show an actionable message.
-    """
-
-    def __init__(self, field: str, value: Any, allowed: str) -> None:
-        self.field = field
-        self.value = value
-        self.allowed = allowed
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"{field}={shown} is not allowed: {allowed}")
 
 
 def _problem(field: str, value: Any, allowed: str) -> ValueError:

@@ -1,4 +1,5 @@
-"""Bounded capture of one output stream: head and tail kept, every byte counted.
+"""A run's streams: bounded capture of its output, the pumps that fill it,
+and the feeder of its stdin.
 
 The host process must not grow with what a command prints (a `yes` or a
 /dev/urandom flood), so the middle is dropped as it arrives; chunks still go
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
+
+import anyio
+import anyio.abc
 
 
 class BoundedCapture:
@@ -69,3 +73,80 @@ class BoundedCapture:
             # and the tail holds the remainder exactly.
             return bytes(self._head) + tail
         return bytes(self._head) + tail[-self._tail_cap :]
+
+
+async def pump(
+    stream: anyio.abc.ByteReceiveStream | None,
+    capture: BoundedCapture,
+    mark: bytes | None = None,
+    extra: int = 0,
+) -> bytes | None:
+    """Copy a stream into `capture` until EOF, or until `mark` and `extra`
+    more bytes arrive (returned; neither is captured). None at EOF."""
+    if stream is None:
+        return None
+    held = b""  # a possible beginning of the mark, not yet captured
+    while True:
+        try:
+            chunk = await stream.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await capture.feed(held)
+            return None
+        if not mark:
+            await capture.feed(chunk)
+            continue
+        data = held + chunk
+        # The stub writes the mark last, so look only near the end: a full
+        # `find` over every chunk of a flood cost ~0.7 ms per 150 KB (most of
+        # a warm flood's time). A mark followed by more than 64 bytes (a
+        # background child still writing) is missed: the run then ends the
+        # slow way, when the sandbox exits.
+        at = data.find(mark, max(0, len(data) - len(mark) - extra - 64))
+        if at >= 0:
+            if len(data) >= at + len(mark) + extra:
+                await capture.feed(data[:at])
+                return data[at + len(mark) : at + len(mark) + extra]
+            await capture.feed(data[:at])
+            held = data[at:]
+        else:
+            # Hold back only a tail that could begin the mark, so live output
+            # (`echo started; sleep 60`) reaches the writers at once.
+            n = _mark_prefix(data, mark)
+            await capture.feed(data[: len(data) - n])
+            held = data[len(data) - n :]
+
+
+def _mark_prefix(data: bytes, mark: bytes) -> int:
+    """Length of the longest end of `data` that is a beginning of `mark`."""
+    for n in range(min(len(mark) - 1, len(data)), 0, -1):
+        if data.endswith(mark[:n]):
+            return n
+    return 0
+
+
+async def feed(
+    stream: anyio.abc.ByteSendStream,
+    header: bytes | None,
+    data: bytes | AsyncIterable[bytes] | None,
+    on_header: Callable[[], None] = lambda: None,
+) -> None:
+    """The claim line (warm; `on_header` once it is written), then the
+    caller's stdin, then EOF."""
+    try:
+        if header is not None:
+            await stream.send(header)
+            on_header()
+        if isinstance(data, bytes):
+            view = memoryview(data)
+            for i in range(0, len(view), 65536):
+                await stream.send(bytes(view[i : i + 65536]))
+        elif data is not None:
+            async for chunk in data:
+                await stream.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError):
+        pass  # the command stopped reading; not an error
+    finally:
+        try:
+            await stream.aclose()
+        except (anyio.BrokenResourceError, BrokenPipeError, OSError):
+            pass

@@ -2,7 +2,8 @@
 
 A lock file per owner instance; the kernel releases the lock when the owner
 dies, however it dies (SIGKILL included), so "is the owner alive" is a
-non-blocking lock attempt, with no pid reuse races.
+non-blocking lock attempt, with no pid reuse races. Container ids embed
+their owner's instance, so a leftover names the process that made it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,22 @@ import fcntl
 import os
 import secrets
 from pathlib import Path
+
+
+ID_PREFIX = "gm-"
+
+
+def new_container_id(instance: str) -> str:
+    """A fresh container id owned by `instance` (instance_of reads it back)."""
+    return f"{ID_PREFIX}{instance}-{secrets.token_hex(6)}"
+
+
+def instance_of(container_id: str) -> str | None:
+    """The owner instance a container id names; None for ids not ours."""
+    if not container_id.startswith(ID_PREFIX):
+        return None
+    inst, sep, _ = container_id[len(ID_PREFIX) :].partition("-")
+    return inst if sep and len(inst) == 8 else None
 
 
 class OwnerLock:

@@ -11,28 +11,30 @@ change after boot — image, mounts, user, network, process limit — is the
 pool key: a request whose key has no ready sandbox takes the cold path.
 
 Never reused: after its command exits the sandbox is gone, like a cold one.
+
+`WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
+`PoolKeeper` boots and destroys pooled sandboxes in the Manager's task group,
+within the Manager's capacity. The stub and its claim line are in stub.py.
 """
 
 from __future__ import annotations
 
-import re
-import shlex
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import structlog
 
+from .container import Container
+from .errors import SandboxError
+from .host import Host
 from .options import ContainerOptions, ResourceSpec
+from .spec import DEFAULT_ENV
+from .stub import STUB_COMMAND
 
-# The stub: `nl` lets the claim line carry newlines inside quoted arguments.
-STUB_COMMAND: tuple[str, ...] = (
-    "/bin/sh",
-    "-c",
-    "nl='\n'; IFS= read -r line && eval \"$line\"",
-)
-
+log = structlog.get_logger("gvisor_mcp.sandbox")
 
 PoolKey = tuple[Any, ...]
 
@@ -55,68 +57,17 @@ def pool_key(options: ContainerOptions, res: ResourceSpec) -> PoolKey | None:
     )
 
 
-def _q(value: str) -> str:
-    """Shell-quote for the one-line claim: newlines become "$nl"."""
-    return '"$nl"'.join(shlex.quote(part) for part in value.split("\n"))
-
-
-EXIT_MARK = "@@gvisor-mcp-exit-{nonce}@@"
-"""Written by the stub after the command exits: alone on stdout, with the
-exit status (3 digits) on stderr. Lets the Manager answer as soon as the
-command is done instead of after the sandbox's teardown (~50 ms); the nonce is
-fresh per run, so no output can end a stream early by accident. (A command
-that dug the nonce out of the stub shell's memory could only misreport its
-own exit status and cut its own output: nothing it could not do anyway.)"""
-
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def claim_line(
-    options: ContainerOptions,
-    env: dict[str, str],
-    mark: str | None = None,
-    inherited: Iterable[str] = (),
-) -> bytes:
-    """The one line the stub evals: cd, then the command with exactly `env`.
-
-    With `mark`, the command runs as the stub's child and the stub reports
-    its status after it (see EXIT_MARK); without, the stub execs it.
-    `inherited` names the variables the stub itself was started with: when
-    they and `env`'s keys are all shell names, a subshell unsets them (and
-    the PWD/OLDPWD dash exports), exports exactly `env` and execs: one
-    exec in the sandbox instead of two through /usr/bin/env -i (an exec
-    costs ~20-25 ms under gVisor here).
-    """
-    argv = " ".join(_q(a) for a in options.command)
-    # The same environment as a cold run: a cold run outside `/` starts through
-    # spec.CHDIR_SHIM, whose `cd` exports PWD (and which unsets OLDPWD).
-    if options.workdir != "/":
-        env = {"PWD": options.workdir, **env}
-    names = set(inherited) | set(env)
-    if mark is not None and inherited and all(_NAME.match(n) for n in names):
-        clear = " ".join(sorted(set(inherited) | {"PWD", "OLDPWD"}))
-        exports = " ".join(_q(f"{k}={v}") for k, v in env.items())
-        run = f"(unset {clear}; export {exports}; exec {argv})"
-    else:
-        assignments = " ".join(_q(f"{k}={v}") for k, v in env.items())
-        run = f"/usr/bin/env -i -- {assignments} {argv}"
-    if mark is None:
-        return f"cd {_q(options.workdir)} && exec {run}\n".encode()
-    return (
-        f"cd {_q(options.workdir)} || exit $?; {run}; rc=$?; "
-        f"printf %s {mark}; printf %s%03d {mark} $rc >&2; exit $rc\n"
-    ).encode()
-
-
 @dataclass
 class WarmSandbox:
-    container_id: str
+    container: Container
     key: PoolKey
-    sandbox: Any  # manager.Sandbox
     booted_at: float = field(default_factory=time.monotonic)
     env_keys: tuple[str, ...] = ()
     """The variables the stub was started with (its spec's environment)."""
+
+    @property
+    def container_id(self) -> str:
+        return self.container.container_id
 
 
 @dataclass
@@ -126,7 +77,7 @@ class PoolTarget:
 
 
 class WarmPool:
-    """Bookkeeping only; booting and destroying is the Manager's job."""
+    """Bookkeeping only; booting and destroying is the PoolKeeper's job."""
 
     def __init__(self, max_age: float) -> None:
         self.max_age = max_age
@@ -140,6 +91,24 @@ class WarmPool:
     def wake(self) -> None:
         self.changed.set()
         self.changed = anyio.Event()
+
+    def set_target(self, key: PoolKey, template: ContainerOptions, size: int) -> None:
+        """Keep `size` sandboxes ready for `key`; 0 stops it."""
+        if size <= 0:
+            self.targets.pop(key, None)
+        else:
+            self.targets[key] = PoolTarget(template=template, size=size)
+        self.wake()
+
+    async def wait_full(self, key: PoolKey | None, timeout: float) -> bool:
+        """Wait until `key`'s target is met; False on timeout or without a target."""
+        with anyio.move_on_after(timeout):
+            while True:
+                target = self.targets.get(key)
+                if target is None or len(self.ready.get(key, [])) >= target.size:
+                    return target is not None
+                await self.changed.wait()
+        return False
 
     def claim(self, key: PoolKey | None) -> WarmSandbox | None:
         if key is None or key not in self.targets:
@@ -191,3 +160,93 @@ class WarmPool:
         out = [w for v in self.ready.values() for w in v]
         self.ready.clear()
         return out
+
+
+class PoolKeeper:
+    """Keeps every target's sandboxes booted, recycles expired ones, and
+    evicts idle ones when a cold run needs their capacity.
+
+    `used()` counts the capacity the Manager's runs hold (running, or still
+    tearing down after an early answer); pooled sandboxes come on top.
+    """
+
+    def __init__(
+        self, pool: WarmPool, host: Host, used: Callable[[], int], closed: Callable[[], bool]
+    ) -> None:
+        self.pool = pool
+        self.host = host
+        self._used = used
+        self._closed = closed
+        self.booting_ids: set[str] = set()
+
+    @property
+    def capacity(self) -> int:
+        return self.host.config.max_concurrent_containers
+
+    def make_room(self) -> None:
+        """A cold run is starting: keep runs + pooled sandboxes within capacity."""
+        while self._used() + 1 + self.pool.in_flight() > self.capacity and self.pool.idle():
+            warm = self.pool.take_oldest()
+            if warm is None:
+                break
+            self.host.tg.start_soon(self.destroy, warm)
+
+    async def maintain(self) -> None:
+        while not self._closed():
+            for warm in self.pool.expired():
+                self.host.tg.start_soon(self.destroy, warm)
+            for key, target in list(self.pool.targets.items()):
+                have = len(self.pool.ready.get(key, [])) + self.pool.booting.get(key, 0)
+                for _ in range(target.size - have):
+                    if self._used() + self.pool.in_flight() >= self.capacity:
+                        break
+                    self.pool.booting[key] = self.pool.booting.get(key, 0) + 1
+                    self.host.tg.start_soon(self._boot, key, target.template)
+            with anyio.move_on_after(1.0):
+                await self.pool.changed.wait()
+
+    async def _boot(self, key: PoolKey, template: ContainerOptions) -> None:
+        host = self.host
+        cid = host.new_container_id()
+        self.booting_ids.add(cid)
+        c = Container(host, cid)
+        pooled = False
+        try:
+            res = template.resources.merged_over(host.config.default_resources)
+            await c.start(template, res, command=STUB_COMMAND, stdin=True)
+            watch, proc = c.watch, c.process
+            assert watch is not None and proc is not None
+            with anyio.move_on_after(host.config.boot_timeout):
+                async with anyio.create_task_group() as tg:
+
+                    async def exited() -> None:
+                        await proc.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(exited)
+                    await watch.wait()
+                    tg.cancel_scope.cancel()
+            if self._closed() or key not in self.pool.targets:
+                return  # no longer wanted: the finally clause stops it
+            if watch.running_at is None or proc.returncode is not None:
+                raise SandboxError("pooled sandbox did not boot in time")
+            c.close_watch()
+            self.pool.ready.setdefault(key, []).append(WarmSandbox(
+                container=c, key=key,
+                env_keys=tuple({**DEFAULT_ENV, **(template.env or {})}),
+            ))
+            pooled = True
+        except Exception as e:
+            log.warning("pool_boot_failed", container_id=cid, error=str(e))
+            await anyio.sleep(1.0)  # do not spin on a persistent failure
+        finally:
+            if not pooled:
+                with anyio.CancelScope(shield=True):
+                    await c.stop_idle()
+            self.booting_ids.discard(cid)
+            self.pool.booting[key] -= 1
+            self.pool.wake()
+
+    async def destroy(self, warm: WarmSandbox) -> None:
+        with anyio.CancelScope(shield=True):
+            await warm.container.stop_idle()

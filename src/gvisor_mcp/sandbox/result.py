@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import enum
+import math
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
-class ContainerStatus(str, enum.Enum):
-    """How the run ended.
+class ContainerStatus(enum.StrEnum):
+    """Where a run is: the one status type, from the sandbox to the wire.
+
+    The values are the strings clients see (a StrEnum: `str()`, f-strings
+    and JSON give the value).
+
+    running: still in flight (never the status of a ContainerResult).
 
     exited: the command ended by itself (any exit code, or a signal it got
         from inside the sandbox).
@@ -20,6 +26,7 @@ class ContainerStatus(str, enum.Enum):
     error: an infrastructure failure after the container existed.
     """
 
+    RUNNING = "running"
     EXITED = "exited"
     TIMED_OUT = "timed_out"
     OOM_KILLED = "oom_killed"
@@ -60,6 +67,13 @@ class ContainerResult(BaseModel):
     """Served by a pre-booted sandbox from the warm pool (boot_duration is then
     the time to claim it)."""
 
+    @field_validator("status")
+    @classmethod
+    def _finished(cls, status: ContainerStatus) -> ContainerStatus:
+        if status is ContainerStatus.RUNNING:
+            raise ValueError("a ContainerResult is a finished run: status cannot be 'running'")
+        return status
+
     def summary(self) -> str:
         """One line for logs and the CLI."""
         parts = [f"status={self.status.value}", f"exit_code={self.exit_code}"]
@@ -75,3 +89,15 @@ class ContainerResult(BaseModel):
         if self.error:
             parts.append(f"error={self.error!r}")
         return " ".join(parts)
+
+    def log_fields(self) -> dict:
+        """The numbers a `run` log line carries (no output)."""
+        return {
+            "status": self.status.value,
+            "exit_code": self.exit_code,
+            "duration_ms": math.floor(self.duration * 1000),
+            "boot_ms": math.floor(self.boot_duration * 1000),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+        }

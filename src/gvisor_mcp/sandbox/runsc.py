@@ -23,15 +23,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from .errors import RunscError
 from .options import NetworkMode
 
 # Only what runsc itself needs: the server's own environment (secrets, LD_*
 # tricks) never reaches the runsc process.
 RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-
-
-class RunscError(RuntimeError):
-    """runsc itself failed (not the command it ran)."""
 
 
 class Runsc:

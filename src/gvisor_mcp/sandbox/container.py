@@ -1,0 +1,358 @@
+"""One container's lifetime: created, given a command, supervised, killed,
+torn down.
+
+A Container is the host side of one gVisor sandbox (bundle directory with
+config.json and, for the built-in image, an empty per-run root; a cgroup leaf
+we create and fill with limits; a boot watch; the foreground `runsc run`
+client) and, once a command is assigned to it (`begin`), the run in flight
+that `Manager.active_runs()` shows and `Manager.kill()` stops. A cold run
+creates it for its command; a warm run gets one the pool booted with the
+stub (stub.py) and claims it. Never reused: `teardown` removes runsc state,
+cgroup and bundle, and runs at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from .errors import SandboxError
+from .host import Host, kill_pid
+from .options import ContainerOptions, ResourceSpec
+from .output import BoundedCapture, feed, pump
+from .result import ContainerResult, ContainerStatus
+from .rootfs import make_root
+from .runsc import BootWatch, RunProcess
+from .spec import DEFAULT_ENV, build_spec
+from .stub import EXIT_MARK, claim_line
+
+log = structlog.get_logger("gvisor_mcp.sandbox")
+
+
+class Container:
+    def __init__(self, host: Host, container_id: str) -> None:
+        self.host = host
+        self.container_id = container_id
+        self.bundle = host.base / container_id
+        self.cgroup = host.cgroup(container_id)
+        self.watch: BootWatch | None = None
+        self.process: RunProcess | None = None
+        # The run, once begin() assigned one (a pooled container waits without).
+        self.run_id = container_id
+        """The caller's handle (kill() takes it); the container id unless given."""
+        self.command: tuple[str, ...] = ()
+        self.started_at = 0.0  # wall clock
+        self.started_mono = 0.0
+        self.resources = ResourceSpec()
+        self.warm = False
+        self.slot: object | None = None
+        """The capacity token's borrower (may outlive the run: see Manager)."""
+        self.reason: ContainerStatus | None = None
+        """Why we stopped it (first reason wins); None while nobody did."""
+        self.done = anyio.Event()
+        self.cancel_scope: anyio.CancelScope | None = None
+        self.claimed_at: float | None = None
+        self.answered_early = False
+        """The stub reported the exit status: the result can be returned
+        before the sandbox has exited (warm runs)."""
+        self._torn_down = False
+
+    def begin(
+        self, run_id: str, command: tuple[str, ...], resources: ResourceSpec, *, warm: bool, slot: object
+    ) -> None:
+        self.run_id = run_id
+        self.command = command
+        self.resources = resources
+        self.warm = warm
+        self.slot = slot
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+
+    async def start(
+        self, options: ContainerOptions, res: ResourceSpec, *, command: tuple[str, ...], stdin: bool
+    ) -> None:
+        """Bundle, cgroup and a started `runsc run` (booting); torn down on failure."""
+        host = self.host
+        try:
+            self.bundle.mkdir(mode=0o700)
+            root = None
+            if options.rootfs is None:
+                root = self.bundle / "rootfs"
+                make_root(
+                    root,
+                    [m.destination for m in options.extra_mounts] + [options.workdir],
+                    host.system,
+                )
+            spec = build_spec(
+                options.model_copy(update={"command": command}),
+                root_path=str(root) if root else None,
+                etc_dir=str(host.etc),
+                cgroups_path=self.cgroup.rel,
+                resources=res,
+            )
+            (self.bundle / "config.json").write_text(json.dumps(spec))
+            self.cgroup.create(res)
+            self.watch = BootWatch(host.runsc, self.container_id)
+            self.process = await host.runsc.open_run(
+                self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"), stdin=stdin
+            )
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                await self.teardown()
+            if isinstance(e, OSError):
+                raise SandboxError(f"could not prepare the sandbox: {e}") from e
+            raise
+
+    async def execute(
+        self, options: ContainerOptions, res: ResourceSpec, inherited_env: tuple[str, ...] | None
+    ) -> ContainerResult:
+        """Run `options.command` to its end and tell what happened.
+
+        `inherited_env` is None for a cold run (the container is created
+        here); for a warm one, the variables the pooled stub started with.
+        The caller tears the container down afterwards (see answered_early).
+        """
+        t0 = time.monotonic()
+        out = BoundedCapture(res.max_output_bytes, options.stdout_writer)
+        err = BoundedCapture(res.max_output_bytes, options.stderr_writer)
+        header: bytes | None = None
+        mark: str | None = None
+        if inherited_env is not None:
+            try:
+                self.cgroup.apply(res)
+            except OSError as e:  # e.g. a limit below what the idle sandbox uses
+                with anyio.CancelScope(shield=True):
+                    await self.stop_idle()
+                raise SandboxError(f"could not apply limits to a pooled sandbox: {e}") from e
+            self.cgroup.reset_peak()
+            env = dict(DEFAULT_ENV)
+            env.update(options.env or {})
+            mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
+            header = claim_line(options, env, mark, inherited_env)
+        else:
+            await self.start(options, res, command=options.command, stdin=options.stdin is not None)
+        oom_before = self.cgroup.stats().oom_kills if self.warm else 0
+        proc = self.process
+        assert proc is not None
+        early = await self._supervise(options, res, out, err, header, mark.encode() if mark else None)
+        self.answered_early = early is not None
+        duration = time.monotonic() - t0
+        if early is not None:
+            returncode = early
+        else:
+            returncode = proc.returncode if proc.returncode is not None else -1
+        stats = self.cgroup.stats()
+        oom_kills = stats.oom_kills - oom_before
+        runsc_error = _runsc_error(self.bundle / "runsc.log")
+        if self.warm:
+            boot = (self.claimed_at - t0) if self.claimed_at else None
+        else:
+            boot = (self.watch.running_at - t0) if self.watch and self.watch.running_at else None
+        if runsc_error and boot is None and self.reason is None:
+            raise SandboxError(f"runsc failed before the command started: {runsc_error}")
+        status, error = self._status(oom_kills, runsc_error)
+        signal = returncode - 128 if 128 < returncode <= 128 + 64 else None
+        if returncode < 0:  # the runsc client itself died of a signal
+            signal = -returncode
+        result = ContainerResult(
+            container_id=self.container_id,
+            exit_code=returncode,
+            stdout=out.value(),
+            stderr=err.value(),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            stdout_bytes=out.total,
+            stderr_bytes=err.total,
+            duration=duration,
+            boot_duration=boot if boot is not None else duration,
+            status=status,
+            oom_killed=oom_kills > 0,
+            peak_memory_bytes=stats.peak_memory_bytes,
+            signal=signal,
+            error=error,
+            warm=self.warm,
+        )
+        log.info("run", container_id=self.container_id, warm=result.warm, **result.log_fields())
+        return result
+
+    async def _supervise(
+        self,
+        options: ContainerOptions,
+        res: ResourceSpec,
+        out: BoundedCapture,
+        err: BoundedCapture,
+        header: bytes | None,
+        mark: bytes | None = None,
+    ) -> int | None:
+        """Run to the end; with `mark` (a warm claim), the command's exit
+        status as soon as the stub reported it on both streams, else None
+        once the runsc client has exited."""
+        proc = self.process
+        assert proc is not None
+        marks: dict[str, bytes] = {}
+        try:
+            async with anyio.create_task_group() as tg:
+                self.cancel_scope = tg.cancel_scope
+                if header is None and self.watch is not None and self.watch.available:
+                    tg.start_soon(self.watch.wait)
+                if res.timeout:
+                    tg.start_soon(self._deadline, res.timeout)
+                if proc.stdin is not None:
+                    tg.start_soon(feed, proc.stdin, header, options.stdin, self._claimed)
+
+                async def pump_one(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
+                    got = await pump(stream, capture, mark, extra)
+                    if got is not None:
+                        marks[name] = got
+
+                async with anyio.create_task_group() as io:
+                    io.start_soon(pump_one, "stdout", proc.stdout, out, 0)
+                    io.start_soon(pump_one, "stderr", proc.stderr, err, 3)
+                early = None
+                if len(marks) == 2 and marks["stderr"].isdigit() and self.reason is None:
+                    early = int(marks["stderr"])
+                else:
+                    await proc.wait()
+                tg.cancel_scope.cancel()
+                return early
+        except BaseException:
+            # Cancelled from outside (or a writer raised): the container must
+            # not outlive this call.
+            with anyio.CancelScope(shield=True):
+                if self.reason is None:
+                    self.reason = ContainerStatus.KILLED
+                await self.terminate(self.reason)
+                with anyio.move_on_after(self.host.config.kill_grace):
+                    await proc.wait()
+                if proc.returncode is None:
+                    await self.force_delete()
+            raise
+
+    def _claimed(self) -> None:
+        self.claimed_at = time.monotonic()
+
+    async def _deadline(self, timeout: float) -> None:
+        await anyio.sleep(timeout)
+        await self.terminate(ContainerStatus.TIMED_OUT)
+
+    def _status(self, oom_kills: int, runsc_error: str | None) -> tuple[ContainerStatus, str | None]:
+        if self.reason is not None:
+            return self.reason, None
+        if oom_kills > 0:
+            return ContainerStatus.OOM_KILLED, None
+        if runsc_error:
+            return ContainerStatus.ERROR, f"runsc: {runsc_error}"
+        return ContainerStatus.EXITED, None
+
+    async def terminate(self, reason: ContainerStatus) -> None:
+        """Kill the container (first reason wins); force after kill_grace."""
+        if self.reason is None:
+            self.reason = reason
+        runsc, grace = self.host.runsc, self.host.config.kill_grace
+        proc = self.process
+        deadline = time.monotonic() + grace
+        while proc is None or proc.returncode is None:
+            if await runsc.kill(self.container_id):
+                break
+            if time.monotonic() > deadline:
+                break
+            # Not created yet (or mid-boot): try again shortly.
+            await anyio.sleep(0.05)
+            proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with anyio.move_on_after(grace):
+            while proc.returncode is None:
+                await anyio.sleep(0.05)
+            return
+        await self.force_delete()
+
+    async def force_delete(self) -> None:
+        await self.host.runsc.delete(self.container_id)
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def close_watch(self) -> None:
+        """Close the BootWatch's inotify fd off the event loop (see BootWatch.detach)."""
+        if self.watch is not None:
+            self.host.close_fd_later(self.watch.detach())
+
+    async def stop_idle(self) -> None:
+        """An unclaimed (pooled) sandbox: EOF on the stub's stdin ends it cleanly."""
+        proc = self.process
+        if proc is not None and proc.stdin is not None:
+            try:
+                await proc.stdin.aclose()
+            except (anyio.BrokenResourceError, BrokenPipeError, OSError):
+                pass
+        if proc is not None:
+            with anyio.move_on_after(self.host.config.kill_grace):
+                async with anyio.create_task_group() as tg:
+                    for stream in (proc.stdout, proc.stderr):
+                        tg.start_soon(pump, stream, BoundedCapture(0))
+                await proc.wait()
+            if proc.returncode is None:
+                await self.host.runsc.kill(self.container_id)
+                await self.host.runsc.delete(self.container_id)
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+        await self.teardown()
+
+    async def teardown(self) -> None:
+        """Remove runsc state, the cgroup and the bundle. Never raises; once."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        cid, runsc = self.container_id, self.host.runsc
+        try:
+            self.close_watch()
+            proc = self.process
+            if proc is not None:
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream is not None:
+                        await stream.aclose()
+                if proc.returncode is None:
+                    with anyio.move_on_after(self.host.config.kill_grace):
+                        await proc.wait()
+            if runsc.has_state(cid):
+                await runsc.delete(cid)
+                runsc.remove_state_files(cid)
+            left = await self.cgroup.remove()
+            if left:
+                for pid in runsc.process_pids(cid):
+                    kill_pid(pid)
+                left = await self.cgroup.remove()
+            if left:
+                log.warning("cgroup_left", container_id=cid, paths=[str(p) for p in left])
+            shutil.rmtree(self.bundle, ignore_errors=True)
+        except Exception as e:  # teardown must not mask the result
+            log.error("teardown_failed", container_id=cid, error=repr(e))
+
+
+def _runsc_error(log_path: Path) -> str | None:
+    """runsc's own error, if its JSON log has one (the command's stderr is separate)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("level") in ("error", "fatal", "panic"):
+            return str(entry.get("msg", ""))[:2000]
+    return None

@@ -1,0 +1,93 @@
+"""Stale-state reaping: what dead Managers left behind on this host.
+
+A Manager that died (SIGKILL, OOM, power loss) cannot remove its sandboxes:
+runsc state, runsc's own processes, cgroup leaves and bundle directories
+stay. Container ids embed their owner's instance (ownership.py) and every
+live Manager holds its owner lock, so a leftover is reaped only when its
+owner is dead; a live neighbour's runs are never touched, nor ids that are
+not ours at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+
+import structlog
+
+from .cgroups import list_leaves
+from .errors import RunscError
+from .host import Host, kill_pid
+from .ownership import ID_PREFIX, instance_of
+
+log = structlog.get_logger("gvisor_mcp.sandbox")
+
+
+async def reap_stale(host: Host, owned: Callable[[], set[str]]) -> list[dict]:
+    """Remove leftovers no live Manager owns; a report per container removed.
+
+    `owned()` names our own containers that are in use (running, pooled,
+    booting, tearing down): those of ours not in it are leftovers too.
+    """
+    runsc, config = host.runsc, host.config
+    candidates: set[str] = set()
+    try:
+        candidates.update(await runsc.list_ids())
+    except (RunscError, json.JSONDecodeError):
+        pass
+    candidates.update(runsc.ids_in_state_dir())
+    candidates.update(runsc.all_run_ids(ID_PREFIX))
+    candidates.update(p.name for p in host.base.iterdir() if p.name.startswith(ID_PREFIX))
+    candidates.update(
+        n for n in list_leaves(config.cgroup_parent, host.cgroup_version) if n.startswith(ID_PREFIX)
+    )
+    report = []
+    alive: dict[str, bool] = {}
+    for cid in sorted(candidates):
+        inst = instance_of(cid)
+        if inst is None:
+            continue  # not ours: never touch it
+        if inst == host.instance and cid in owned():
+            continue
+        if inst != host.instance:
+            if inst not in alive:
+                alive[inst] = host.owner.alive(inst)
+            if alive[inst]:
+                continue
+        report.append(await _reap(host, cid))
+    host.owner.forget_dead()
+    if report:
+        log.info("cleanup_stale", removed=len(report))
+    return report
+
+
+def describe(entry: dict) -> str:
+    """One line per reaped container (`gvisor-mcp cleanup` prints these)."""
+    return (
+        f"removed {entry['container_id']}: processes={entry['processes']} "
+        f"runsc_state={entry['runsc_state']} cgroups={entry['cgroups']} bundle={entry['bundle']}"
+    )
+
+
+async def _reap(host: Host, cid: str) -> dict:
+    runsc = host.runsc
+    removed: dict = {"container_id": cid}
+    pids = runsc.process_pids(cid)
+    had_state = runsc.has_state(cid)
+    if had_state:
+        await runsc.kill(cid)
+        await runsc.delete(cid)
+        runsc.remove_state_files(cid)
+    for pid in runsc.process_pids(cid):
+        kill_pid(pid)
+    removed["processes"] = len(pids)
+    removed["runsc_state"] = had_state
+    cg = host.cgroup(cid)
+    dirs = cg.existing_dirs()
+    left = await cg.remove()
+    removed["cgroups"] = len(dirs) - len(left)
+    bundle = host.base / cid
+    removed["bundle"] = bundle.exists()
+    shutil.rmtree(bundle, ignore_errors=True)
+    return removed
