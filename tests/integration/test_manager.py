@@ -293,3 +293,13 @@ async def test_bad_input_fails_before_any_container(manager, sandbox_base, opts,
 async def test_network_sandbox_is_refused_clearly(manager):
     with pytest.raises(InvalidOptionsError, match="network"):
         await manager.run(ContainerOptions(command=["true"], network=NetworkMode.SANDBOX))
+
+
+async def test_an_error_in_the_async_with_body_propagates_as_itself(sandbox_base):
+    """Not wrapped in the Manager's task group's ExceptionGroup; nothing left."""
+    with pytest.raises(KeyError, match="the caller's"):
+        async with Manager(make_config(sandbox_base)) as m:
+            await m.run(ContainerOptions(command=["true"]))
+            raise KeyError("the caller's")
+    assert m.closed
+    assert leftovers(sandbox_base) == {}
