@@ -61,7 +61,7 @@ class Manager:
         self._closed = False
         self._close_done: anyio.Event | None = None
         self._lifetime: AbstractAsyncContextManager[Manager] | None = None
-        self._in: _Entered | None = None
+        self._parts: _Entered | None = None
 
     async def __aenter__(self) -> Manager:
         if self._lifetime is not None or self._closed:
@@ -82,7 +82,7 @@ class Manager:
         async with anyio.create_task_group() as tg:
             host.tg = tg
             keeper = PoolKeeper(self.pool, host, self._used, lambda: self._closed)
-            self._in = _Entered(host, keeper)
+            self._parts = _Entered(host, keeper)
             tg.start_soon(keeper.maintain)
             try:
                 yield self
@@ -97,10 +97,10 @@ class Manager:
             raise failure
 
     @property
-    def _e(self) -> _Entered:
-        if self._in is None:
+    def _entered(self) -> _Entered:
+        if self._parts is None:
             raise RuntimeError("use the Manager inside `async with Manager(config) as manager:`")
-        return self._in
+        return self._parts
 
     # --- public API ---------------------------------------------------------
 
@@ -111,7 +111,7 @@ class Manager:
     @property
     def instance(self) -> str:
         """The owner instance every container id of this Manager embeds."""
-        return self._e.host.instance
+        return self._entered.host.instance
 
     def active_containers(self) -> int:
         """The number of containers currently running."""
@@ -125,7 +125,7 @@ class Manager:
 
     def new_container_id(self) -> str:
         """A fresh id embedding this Manager's instance (cleanup_stale relies on it)."""
-        return self._e.host.new_container_id()
+        return self._entered.host.new_container_id()
 
     def prepare(self, options: ContainerOptions) -> ResourceSpec:
         """Validate everything that can be checked before a container exists.
@@ -155,7 +155,7 @@ class Manager:
         """
         if self._closed:
             raise ManagerClosedError()
-        entered = self._e
+        entered = self._entered
         res = self.prepare(options)
         if run_id is not None and run_id in self._active:
             raise InvalidOptionsError("run_id", run_id, "an id not already running")
@@ -245,8 +245,8 @@ class Manager:
                     for c in runs:
                         await c.done.wait()
         finally:
-            if self._in is not None:
-                self._in.host.owner.release()
+            if self._parts is not None:
+                self._parts.host.owner.release()
             self._close_done.set()
 
     async def cleanup_stale(self) -> int:
@@ -256,7 +256,7 @@ class Manager:
     async def reap_stale(self) -> list[dict]:
         """Like cleanup_stale, with a report of what was removed per container
         (reaper.describe words one)."""
-        return await reap_stale(self._e.host, self._owned_ids)
+        return await reap_stale(self._entered.host, self._owned_ids)
 
     # --- internals ------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class Manager:
         return (
             {c.container_id for c in self._active.values()}
             | self.pool.container_ids()
-            | self._e.keeper.booting_ids
+            | self._entered.keeper.booting_ids
             | self._tearing
         )
 
@@ -281,7 +281,7 @@ class Manager:
         """
         if c.answered_early:
             self._tearing.add(c.container_id)
-            self._e.host.tg.start_soon(self._teardown_later, c)
+            self._entered.host.tg.start_soon(self._teardown_later, c)
         else:
             with anyio.CancelScope(shield=True):
                 await c.teardown()
