@@ -330,10 +330,50 @@ def test_path_component_keeps_readable_names_and_never_collides() -> None:
 def test_workspace_needs_root_and_session() -> None:
     with pytest.raises(ValueError, match="workspace_root"):
         resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=None, session_id="s")
-    with pytest.raises(ValueError, match="session_id"):
-        resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id=None)
     with pytest.raises(ValueError, match="absolute"):
         resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=Path("rel"), session_id="s")
+
+
+def test_no_session_means_no_workspace_never_a_shared_one() -> None:
+    """Sessionless HTTP (2026-07-28) under scope session: no workspace, said in a note."""
+    r = resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id=None)
+    assert r.workspace is None and r.options.extra_mounts == () and r.options.workdir == "/tmp"
+    assert r.receipt.get("workspace").granted is None
+    assert any("create_workspace" in n for n in r.receipt.notes)
+    # Scope tenant has no such problem: the tenant's one workspace.
+    policy = loads("version: 1\nworkspace: {scope: tenant}\n")
+    r = resolve(policy, ExecRequest(command="x"), "default", workspace_root=ROOT, session_id=None)
+    assert r.workspace_path == ROOT / "default" / "shared" and not r.receipt.notes
+
+
+def test_named_workspace_is_kept_and_separate_from_sessions() -> None:
+    r = resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s",
+                workspace_name="default")
+    assert r.workspace_path == ROOT / "default" / "named" / "default"
+    assert r.workspace.kept and r.workspace.name == "default"
+    r = resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s",
+                workspace_name="../x")
+    assert r.workspace_path == ROOT / "default" / "named" / path_component("../x")
+    assert not resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT,
+                       session_id="s").workspace.kept
+
+
+def test_projects_are_mounted_and_listed_in_the_receipt(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    policy = loads(
+        f"version: 1\nprojects:\n  app: {{path: {tmp_path / 'app'}, mount: /project, read_only: false}}\n"
+        f"  docs: {{path: {tmp_path}}}\n"
+    )
+    r = resolve(policy, ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s")
+    by_dest = {m.destination: m for m in r.options.extra_mounts}
+    assert by_dest["/project"].source == str(tmp_path / "app") and not by_dest["/project"].read_only
+    assert by_dest["/projects/docs"].read_only and by_dest["/workspace"].source.startswith(str(ROOT))
+    mounts = r.receipt.get("mounts").granted
+    assert [(m["name"], m["mount"], m["access"]) for m in mounts] == [
+        ("workspace", "/workspace", "read-write"), ("app", "/project", "read-write"),
+        ("docs", "/projects/docs", "read-only")]
+    # Host paths come from the operator only; the receipt shows names and mount points.
+    assert str(tmp_path) not in str(mounts)
 
 
 def test_command_and_stdin() -> None:
@@ -367,7 +407,7 @@ def test_receipt_is_json_and_summarises() -> None:
     assert data["tenant"] == "default" and data["policy_sha256"] == CLAMP.sha256
     fields = [e["field"] for e in data["entries"]]
     assert fields == ["timeout_seconds", "cpus", "memory_mb", "max_pids", "max_output_bytes",
-                      "network", "image", "workdir", "env", "user", "workspace"]
+                      "network", "image", "workdir", "env", "user", "workspace", "mounts"]
     assert "memory_mb=2048 (clamped to ceiling)" in r.receipt.summary()
     assert data["notes"] == ["memory_mb: asked 9999 MiB, granted 2048 MiB (clamped to the ceiling)"]
 

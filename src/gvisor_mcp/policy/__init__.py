@@ -29,7 +29,15 @@ from .model import (
 )
 from .receipt import LimitsReceipt, ReceiptEntry
 from .request import ExecRequest
-from .resolve import Resolved, WorkspacePlan, path_component, resolve, workspace_host_path
+from .resolve import (
+    Resolved,
+    WorkspacePlan,
+    path_component,
+    plan_workspace,
+    project_mounts,
+    resolve,
+    workspace_host_path,
+)
 
 __all__ = [
     "BUILTIN_IMAGE",
@@ -62,6 +70,8 @@ __all__ = [
     "load_default",
     "loads",
     "path_component",
+    "plan_workspace",
+    "project_mounts",
     "resolve",
     "workspace_host_path",
 ]

@@ -150,6 +150,15 @@ def build_tenants(
         sections += [(("tenants", n), t) for n, t in file.tenants.items()]
         for base, sec in sections:
             if "images" in sec.model_fields_set or base == ():
+                for name, project in sec.projects.items() if "projects" in sec.model_fields_set else ():
+                    if not Path(project.path).is_dir():
+                        issues.append(
+                            (
+                                (*base, "projects", name, "path"),
+                                f"{project.path} does not exist or is not a directory",
+                                "an existing host directory (the project to mount)",
+                            )
+                        )
                 for image, path in sec.images.catalog.items():
                     if not Path(path).is_dir():
                         issues.append(
@@ -160,6 +169,26 @@ def build_tenants(
                             )
                         )
     return {name: s for name, (s, _) in done.items()}, _dedupe(issues)
+
+
+def mount_clash(s: Settings, extra: dict[str, Any] | None = None) -> str | None:
+    """Why the workspace and project mount points overlap, or None.
+
+    Mounts may not nest: a project inside the workspace would need a
+    directory in the workspace image to mount on, and one mount hiding
+    another is never what the operator meant. `extra`: projects the server
+    adds (`serve --project`).
+    """
+    points: list[tuple[str, str]] = []
+    if s.workspace.enabled:
+        points.append(("the workspace", s.workspace.mount))
+    for name, project in {**s.projects, **(extra or {})}.items():
+        points.append((f"project {name!r}", project.mount_point(name)))
+    for i, (a, pa) in enumerate(points):
+        for b, pb in points[i + 1 :]:
+            if pa == pb or pb.startswith(pa.rstrip("/") + "/") or pa.startswith(pb.rstrip("/") + "/"):
+                return f"{a} ({pa}) and {b} ({pb}) overlap"
+    return None
 
 
 def _dedupe(issues: list[Issue]) -> list[Issue]:
@@ -272,6 +301,18 @@ def _check(
                     where or fallback(("defaults", "image"), ("images", "allowed")),
                     f"defaults.image {s.defaults.image!r} is not in images.allowed {list(s.images.allowed)}{who}",
                     "a default image listed in images.allowed",
+                )
+            )
+
+    clash = mount_clash(s)
+    if clash:
+        where = blame(("projects",), ("workspace", "mount"))
+        if where is not None or own == ():
+            issues.append(
+                (
+                    where or fallback(("projects",), ("workspace", "mount")),
+                    f"{clash}{who}",
+                    "each project at its own mount point, not on or inside the workspace or another project",
                 )
             )
 

@@ -364,6 +364,64 @@ class Env(_Section):
     """Sum over requested variables of len(key) + len(value) + 2."""
 
 
+FileBytes = Annotated[
+    int,
+    BeforeValidator(_bounded(parse_bytes, 1024, 64 * 1024 * 1024, format_bytes, "a size")),
+    PlainSerializer(format_bytes, return_type=str, when_used="json"),
+    _size_schema("bytes"),
+]
+
+
+class Files(_Section):
+    """The file tools (read_file, write_file, list_files, delete_file), served
+    by the server on the workspace and project directories without a sandbox."""
+
+    max_read: FileBytes = 1024 * 1024
+    """Most bytes one read_file call (or one resource read) returns."""
+    max_write: FileBytes = 2 * 1024 * 1024
+    """Largest content one write_file call accepts (bytes after decoding)."""
+    max_list: Annotated[int, BeforeValidator(_count(1, 100_000))] = 1000
+    """Most entries one list_files call (or resources/list) returns."""
+
+
+def _project_path(value: Any) -> str:
+    expected = "an absolute host path of a project directory"
+    if not isinstance(value, str):
+        raise UnitError(f"got {type(value).__name__} {value!r}; expected {expected}")
+    if not value.startswith("/") or "\x00" in value:
+        raise UnitError(f"{value!r} is not absolute; expected {expected}")
+    path = posixpath.normpath(value)
+    if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
+        raise UnitError(f"{value!r} cannot be a project; expected a host directory outside /, /proc, /sys and /dev")
+    return path
+
+
+ProjectPath = Annotated[str, BeforeValidator(_project_path), WithJsonSchema({"type": "string", "pattern": "^/"})]
+
+
+class Project(_Section):
+    """A host directory the operator names, mounted into every run.
+
+    Only paths written here (or given to `serve --project`) are ever
+    mounted; a request can never name a host path.
+    """
+
+    path: ProjectPath
+    mount: ContainerPath | None = None
+    """Where it appears in the sandbox; left out: /projects/<name>."""
+    read_only: StrictBool = True
+
+    @field_validator("mount")
+    @classmethod
+    def _mount(cls, v: str | None) -> str | None:
+        if v is not None and (v == "/" or v.split("/")[1] in ("proc", "sys", "dev")):
+            raise UnitError(f"{v!r} cannot be a mount point; expected a directory below / outside /proc, /sys and /dev")
+        return v
+
+    def mount_point(self, name: str) -> str:
+        return self.mount or f"/projects/{name}"
+
+
 class Output(_Section):
     """How much of each stream the tool result shows the model (head and tail)."""
 
@@ -394,6 +452,9 @@ class Settings(_Section):
     env: Env = Env()
     output: Output = Output()
     quotas: Quotas = Quotas()
+    files: Files = Files()
+    projects: dict[Name, Project] = {}
+    """Host directories mounted into every run: name -> path, mount, read_only."""
     foreground_limit: Duration = 45.0
     """How long execute_command waits before returning a still-running handle."""
 

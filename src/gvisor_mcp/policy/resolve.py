@@ -42,6 +42,7 @@ MAX_STDIN_BYTES = 4 * 1024 * 1024
 4 MiB too); larger data belongs in a workspace file."""
 SHARED_DIR = "shared"
 SESSIONS_DIR = "sessions"
+NAMED_DIR = "named"
 
 
 class WorkspacePlan(BaseModel):
@@ -57,6 +58,13 @@ class WorkspacePlan(BaseModel):
     mount: str
     scope: str
     size_mb: int
+    name: str | None = None
+    """A named workspace (stdio's `--workspace NAME`): kept when the session ends."""
+
+    @property
+    def kept(self) -> bool:
+        """Outlives its session: the tenant's shared one, or a named one."""
+        return self.scope == "tenant" or self.name is not None
 
 
 class Resolved(BaseModel):
@@ -94,15 +102,59 @@ def path_component(name: str) -> str:
 
 
 def workspace_host_path(
-    workspace_root: Path, tenant: str, scope: str, session_id: str | None
+    workspace_root: Path, tenant: str, scope: str, session_id: str | None, name: str | None = None
 ) -> Path:
-    """`<root>/<tenant>/shared` (scope tenant) or `<root>/<tenant>/sessions/<session>`."""
+    """`<root>/<tenant>/shared` (scope tenant), `<root>/<tenant>/named/<name>`
+    (scope session, a named workspace: stdio's) or `<root>/<tenant>/sessions/<session>`."""
     base = Path(workspace_root) / path_component(tenant)
     if scope == "tenant":
         return base / SHARED_DIR
+    if name is not None:
+        return base / NAMED_DIR / path_component(name)
     if session_id is None:
         raise ValueError("the policy's workspace scope is 'session' but no session_id was given")
     return base / SESSIONS_DIR / path_component(session_id)
+
+
+NO_SESSION_NOTE = (
+    "no workspace: this policy's workspace is per session and this call has no session "
+    "(protocol 2026-07-28 over HTTP is sessionless); create one with create_workspace and "
+    "pass its id as `workspace`"
+)
+
+
+def plan_workspace(
+    s: TenantSettings,
+    tenant: str,
+    workspace_root: Path | None,
+    session_id: str | None,
+    workspace_name: str | None = None,
+) -> WorkspacePlan | None:
+    """Where the caller's workspace is, or None when it has none.
+
+    None when the policy disables it, and when the scope is `session` but
+    the call has neither a session nor a named workspace (sessionless HTTP):
+    such a call gets no workspace rather than one shared with other callers.
+    """
+    if not s.workspace.enabled:
+        return None
+    if workspace_root is None:
+        raise ValueError("the policy enables a workspace but the server gave no workspace_root")
+    if not Path(workspace_root).is_absolute():
+        raise ValueError(f"workspace_root must be an absolute path, got {workspace_root}")
+    scope = s.workspace.scope
+    if scope == "session" and session_id is None and workspace_name is None:
+        return None
+    host = workspace_host_path(Path(workspace_root), tenant, scope, session_id, workspace_name)
+    return WorkspacePlan(
+        host_path=host, mount=s.workspace.mount, scope=scope, size_mb=s.workspace.size,
+        name=workspace_name if scope == "session" else None,
+    )
+
+
+def project_mounts(s: TenantSettings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """name -> Project: the policy's projects plus the server's (`serve --project`)."""
+    return {**s.projects, **(extra or {})}
 
 
 def _fmt(field: str, value: float) -> str:
@@ -164,8 +216,7 @@ class _Resolver:
         self.entries.append(ReceiptEntry(field=field, requested=requested, granted=requested, rule="requested"))
         return requested
 
-    def workdir(self, requested: str | None) -> str:
-        default = self.s.default_workdir
+    def workdir(self, requested: str | None, default: str) -> str:
         if requested is None:
             self.entries.append(ReceiptEntry(field="workdir", granted=default, rule="default"))
             return default
@@ -243,11 +294,15 @@ def resolve(
     *,
     workspace_root: Path | None,
     session_id: str | None,
+    workspace_name: str | None = None,
+    extra_projects: dict[str, Any] | None = None,
 ) -> Resolved:
     """Turn `request` into options for `tenant`, or raise PolicyDenied.
 
     `tenant` and `session_id` come from the server (start-up choice or the
-    bearer token; the MCP session), never from the request. `workspace_root`
+    bearer token; the MCP session), never from the request; so do
+    `workspace_name` (stdio's named workspace, or one the agent created
+    through the server) and `extra_projects` (`serve --project`). `workspace_root`
     is a server-owned directory; it must be given when the tenant's policy
     enables the workspace (ValueError otherwise: a server bug, not a denial).
     Raises UnknownTenant for a tenant the policy does not define.
@@ -265,23 +320,27 @@ def resolve(
     )
     network = r.choice("network", request.network, d.network, s.network.allowed)
     image = r.choice("image", request.image, d.image, s.images.allowed)
-    workdir = r.workdir(request.workdir)
+    plan = plan_workspace(s, tenant, workspace_root, session_id, workspace_name)
+    workdir = r.workdir(request.workdir, d.workdir or (plan.mount if plan else "/tmp"))
     env = r.env(request.env)
     r.entries.append(ReceiptEntry(field="user", granted=d.user, rule="policy"))
 
-    plan: WorkspacePlan | None = None
     mounts: tuple[Mount, ...] = ()
-    if s.workspace.enabled:
-        if workspace_root is None:
-            raise ValueError("the policy enables a workspace but the server gave no workspace_root")
-        if not Path(workspace_root).is_absolute():
-            raise ValueError(f"workspace_root must be an absolute path, got {workspace_root}")
-        host = workspace_host_path(Path(workspace_root), tenant, s.workspace.scope, session_id)
-        plan = WorkspacePlan(host_path=host, mount=s.workspace.mount, scope=s.workspace.scope, size_mb=s.workspace.size)
-        mounts = (Mount(destination=s.workspace.mount, source=str(host), type="bind", read_only=False),)
+    shown: list[dict[str, Any]] = []
+    if plan is not None:
+        mounts = (Mount(destination=plan.mount, source=str(plan.host_path), type="bind", read_only=False),)
+        shown.append({"name": "workspace", "mount": plan.mount, "access": "read-write",
+                      "kept": plan.kept, "size": format_bytes(plan.size_mb * 1024 * 1024)})
+    elif s.workspace.enabled:
+        r.notes.append(NO_SESSION_NOTE)
+    for name, project in sorted(project_mounts(s, extra_projects).items()):
+        point = project.mount_point(name)
+        mounts += (Mount(destination=point, source=project.path, type="bind", read_only=project.read_only),)
+        shown.append({"name": name, "mount": point, "access": "read-only" if project.read_only else "read-write"})
     r.entries.append(
-        ReceiptEntry(field="workspace", granted=s.workspace.mount if plan else None, rule="policy")
+        ReceiptEntry(field="workspace", granted=plan.mount if plan else None, rule="policy")
     )
+    r.entries.append(ReceiptEntry(field="mounts", granted=shown, rule="policy"))
 
     if request.stdin is not None:
         size = len(request.stdin.encode("utf-8", "surrogatepass") if isinstance(request.stdin, str) else request.stdin)
