@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="http: request body limit")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
+    p.add_argument("--workspace", default=None, metavar="NAME",
+                   help="stdio: the named workspace to use (default 'default'); kept across restarts")
+    p.add_argument("--project", default=None, metavar="DIR",
+                   help="stdio: mount DIR read-write at /project in every sandbox (and the file tools)")
+
+    from .workspace_cli import add_parser as add_workspace_parser
+
+    add_workspace_parser(sub)
 
     p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
     tsub = p.add_subparsers(dest="token_command", required=True)
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(policy_main(argv[1:]))
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level.upper(), json=True)
-    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token}
+    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
+               "workspace": cmd_workspace}
     raise SystemExit(handler[args.cmd](args))
 
 
@@ -256,6 +265,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     print(token)
     print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
     return 0
+
+
+def cmd_workspace(args: argparse.Namespace) -> int:
+    from .workspace_cli import workspace_main
+
+    return workspace_main(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

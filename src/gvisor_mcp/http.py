@@ -222,7 +222,7 @@ class Gateway:
         async def lifespan(_server: Any) -> AsyncIterator[AppState]:
             yield app
 
-        server = build_server(self.rt.settings, self.rt.policy, tenant, lifespan=lifespan)
+        server = build_server(self.rt.settings, self.rt.policy, tenant, lifespan=lifespan, over_http=True)
         asgi = server.streamable_http_app(
             streamable_http_path="/mcp",
             transport_security=self.options.security(),

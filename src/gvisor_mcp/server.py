@@ -26,6 +26,8 @@ from .audit import AuditLog
 from .jobs import Jobs
 from .metrics import Metrics
 from .policy import ExecRequest, Policy, Resolved, load, load_default, resolve, workspace_host_path
+from .policy.resolve import SESSIONS_DIR
+from .roots import AgentWorkspaces
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.doctor import canary
@@ -53,6 +55,10 @@ class Settings:
     """Sandboxes kept booted for the tenant's default request shape (0: none)."""
     metrics_port: int = 0
     """stdio: also serve Prometheus /metrics on 127.0.0.1:PORT (0: no)."""
+    workspace_name: str = "default"
+    """stdio, scope session: the named workspace this process uses (kept across restarts)."""
+    projects: dict[str, Any] = field(default_factory=dict)
+    """Projects the operator gave on the command line (`serve --project DIR`), by name."""
 
 
 def default_state_dir() -> Path:
@@ -84,15 +90,18 @@ class PolicyHolder:
         return True
 
 
-STATELESS_SESSION = "stateless"
-
-
 @dataclass(frozen=True)
 class Caller:
-    """Who a tool call is for: never taken from tool arguments."""
+    """Who a tool call is for: never taken from tool arguments.
+
+    `session_id` is None for a sessionless HTTP call (protocol 2026-07-28)
+    that names no workspace it created; `workspace_name` is stdio's named
+    workspace. See roots.py for what each gets.
+    """
 
     tenant: str
-    session_id: str
+    session_id: str | None
+    workspace_name: str | None = None
 
 
 @dataclass
@@ -111,6 +120,8 @@ class AppState:
     session_from_request: bool = False
     """HTTP: each MCP session (its mcp-session-id) is a session; stdio: the process is."""
     metrics: Metrics | None = None
+    created: AgentWorkspaces = field(default_factory=AgentWorkspaces)
+    """HTTP: workspaces the agent created with create_workspace (roots.py)."""
 
     def drop_session(self, session_id: str) -> None:
         """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
@@ -126,15 +137,41 @@ class AppState:
         _workspace.release(path, remove=True)
         self.made_workspaces.discard(path)
 
-    def caller(self, ctx: Any) -> Caller:
+    def caller(self, ctx: Any, workspace: str | None = None) -> Caller:
+        """Who calls: the tenant, and the session whose workspace the call uses.
+
+        `ctx` is a tool's Context or a lowlevel ServerRequestContext (resources).
+        `workspace`: an id from create_workspace (HTTP); raises
+        roots.NoSuchWorkspace when it is not one of this tenant's.
+        """
         if self.session_from_request:
-            request = ctx.request_context.request
-            sid = request.headers.get("mcp-session-id") if request is not None else None
+            self.expire_created()
+            if workspace is not None:
+                return Caller(self.tenant, self.created.use(workspace))
+            rctx = getattr(ctx, "request_context", ctx)
+            request = rctx.request
             # Protocol 2026-07-28 over HTTP has no sessions: every request stands
-            # alone. Its calls share one "stateless" session per tenant, whose
-            # session-scoped workspace lasts until the server stops.
-            return Caller(self.tenant, sid or STATELESS_SESSION)
-        return Caller(self.tenant, self.session_id)
+            # alone, and gets no session (so no session-scoped workspace) unless
+            # it names one it created.
+            sid = request.headers.get("mcp-session-id") if request is not None else None
+            return Caller(self.tenant, sid)
+        return Caller(self.tenant, self.session_id, self.settings.workspace_name)
+
+    def resolve_args(self, caller: Caller) -> dict[str, Any]:
+        """resolve()'s server-given arguments for `caller`."""
+        return dict(
+            workspace_root=self.workspace_root, session_id=caller.session_id,
+            workspace_name=caller.workspace_name, extra_projects=self.settings.projects,
+        )
+
+    def expire_created(self) -> None:
+        """Remove agent-created workspaces unused for too long (not while a command uses one)."""
+        busy = {j.session for j in self.jobs.active_all() if j.tenant == self.tenant and j.session}
+        for handle in self.created.idle(busy):
+            self.created.forget(handle)
+            self.remove_workspace(
+                workspace_host_path(self.workspace_root, self.tenant, "session", handle).resolve()
+            )
 
     def prepare_workspace(self, resolved: Resolved) -> None:
         """Mount the run's workspace, if the policy gives it one: a size-limited
@@ -144,22 +181,26 @@ class AppState:
         Only paths under the server's own workspace root are ever created; the
         policy derives them from tenant and session, never from a request.
         """
+        if resolved.workspace is not None:
+            user = resolved.options.user
+            self.prepare_plan(resolved.workspace, (user.uid, user.gid) if user else (0, 0))
+
+    def prepare_plan(self, plan: Any, owner: tuple[int, int]) -> Path:
+        """prepare_workspace for a WorkspacePlan (the file tools have no Resolved);
+        returns the mounted directory."""
         from mcp.server.mcpserver.exceptions import ToolError
 
-        plan = resolved.workspace
-        if plan is None:
-            return
         root = self.workspace_root.resolve()
         target = plan.host_path.resolve()
         if root not in target.parents:
             raise RuntimeError(f"workspace {target} is outside {root}")
-        user = resolved.options.user
-        uid, gid = (user.uid, user.gid) if user else (0, 0)
+        uid, gid = owner
         try:
-            _workspace.ensure(root, target, plan.size_mb, uid, gid, plan.scope)
+            _workspace.ensure(root, target, plan.size_mb, uid, gid, "kept" if plan.kept else plan.scope)
         except _workspace.WorkspaceError as e:
             raise ToolError(f"the workspace could not be prepared: {e}") from e
         self.made_workspaces.add(target)
+        return target
 
     def pool_template(self) -> Any:
         """The options of this tenant's default request: what most calls look like.
@@ -170,7 +211,7 @@ class AppState:
         """
         resolved = resolve(
             self.policy.current, ExecRequest(command="true"), self.tenant,
-            workspace_root=self.workspace_root, session_id=self.session_id,
+            **self.resolve_args(Caller(self.tenant, self.session_id, self.settings.workspace_name)),
         )
         self.prepare_workspace(resolved)
         return resolved.options
@@ -268,15 +309,21 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
             log.info("server_stop", tenant=settings.tenant)
 
 
-def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = None, lifespan: Any = None):  # type: ignore[no-untyped-def]
+def build_server(  # type: ignore[no-untyped-def]
+    settings: Settings, policy: PolicyHolder, tenant: str | None = None, lifespan: Any = None, *,
+    over_http: bool = False,
+):
     """An MCPServer whose tools publish `tenant`'s policy in their schemas.
 
     stdio: the lifespan starts the Runtime and serves one tenant. HTTP passes
-    its own lifespan (one Runtime shared by every tenant's server).
+    its own lifespan (one Runtime shared by every tenant's server) and
+    `over_http`: under scope session, agents may then create workspaces
+    (roots.py: protocol 2026-07-28 has no sessions).
     """
     from mcp.server.mcpserver import MCPServer
 
     from .tools import register_tools
+    from .tools.files import file_facts
     from .tools.view import schema_facts
 
     tenant = tenant or settings.tenant
@@ -303,7 +350,10 @@ def build_server(settings: Settings, policy: PolicyHolder, tenant: str | None = 
         lifespan=lifespan or stdio_lifespan,
         log_level="WARNING",
     )
-    register_tools(server, schema_facts(policy.current.tenant(tenant)))
+    effective = policy.current.tenant(tenant)
+    ws = effective.workspace
+    agent_workspaces = over_http and ws.enabled and ws.scope == "session"
+    register_tools(server, schema_facts(effective), file_facts(effective, settings.projects, agent_workspaces))
     return server
 
 
@@ -315,7 +365,8 @@ def _drop_session_workspaces(app: AppState) -> None:
     """
     root = app.workspace_root.resolve()
     for path in list(app.made_workspaces):
-        session = len(path.relative_to(root).parts) == 3  # <tenant>/sessions/<session>
+        parts = path.relative_to(root).parts
+        session = len(parts) == 3 and parts[1] == SESSIONS_DIR  # <tenant>/sessions/<session>
         _workspace.release(path, remove=session)
         if session:
             app.made_workspaces.discard(path)
@@ -341,6 +392,50 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
         tg.cancel_scope.cancel()
 
 
+PROJECT_NAME = "project"
+PROJECT_MOUNT = "/project"
+"""Where `serve --project DIR` mounts DIR (read-write), in commands and for the file tools."""
+
+
+def stdio_places(args: Any, settings: Settings, effective: Any) -> None:
+    """`--workspace NAME` and `--project DIR` into settings; ValueError when they
+    cannot mean anything (over HTTP, or against the policy)."""
+    from .policy import Project
+    from .policy.effective import mount_clash
+    from .policy.model import NAME_EXPECTED, NAME_RE
+
+    http = getattr(args, "transport", "stdio") == "http"
+    name = getattr(args, "workspace", None)
+    if name is not None:
+        if http:
+            raise ValueError("--workspace is for stdio; over HTTP each session (or create_workspace) has its own")
+        if not NAME_RE.match(name):
+            raise ValueError(f"--workspace {name!r} is not a valid name; expected {NAME_EXPECTED}")
+        if effective.workspace.scope == "tenant" or not effective.workspace.enabled:
+            raise ValueError(
+                f"--workspace {name!r} names a workspace, but the policy's workspace for tenant "
+                f"{effective.name!r} is " + ("disabled" if not effective.workspace.enabled else
+                "shared by the tenant (workspace.scope: tenant)") + "; leave --workspace out"
+            )
+        settings.workspace_name = name
+    project = getattr(args, "project", None)
+    if project is not None:
+        if http:
+            raise ValueError("--project is for stdio; over HTTP, name projects in the policy (projects:)")
+        path = os.path.realpath(project)
+        if not os.path.isdir(path):
+            raise ValueError(f"--project {project!r} is not a directory; expected the project directory to mount")
+        if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
+            raise ValueError(f"--project {project!r} cannot be mounted; expected a directory outside /, /proc, /sys, /dev")
+        if PROJECT_NAME in effective.projects:
+            raise ValueError(f"the policy already names a project {PROJECT_NAME!r}; leave --project out or rename it")
+        extra = {PROJECT_NAME: Project(path=path, mount=PROJECT_MOUNT, read_only=False)}
+        clash = mount_clash(effective, extra)
+        if clash:
+            raise ValueError(f"--project: {clash}; move the policy's mount elsewhere")
+        settings.projects = extra
+
+
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
     from .cli import manager_config
@@ -358,6 +453,7 @@ def serve(args: Any) -> int:
         policy = PolicyHolder(settings.policy_path)
         policy.current.tenant(settings.tenant)
         _workspace.check_support(policy.current)  # never an unbounded workspace
+        stdio_places(args, settings, policy.current.tenant(settings.tenant))
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2

@@ -446,6 +446,28 @@ def cleanup_stale(root: Path) -> int:
     return cleaned
 
 
+def remove_unused(root: Path, mountpoint: Path) -> bool:
+    """Delete a workspace (unmount, image, lock, mountpoint) that no process
+    uses; False, and nothing touched, when a live server holds it.
+
+    For `gvisor-mcp workspace rm`: the operator removes kept workspaces.
+    """
+    root, mountpoint = root.resolve(), mountpoint.resolve()
+    image = image_path(root, mountpoint)
+    if mountpoint in _held:
+        return False
+    with _oplock(image):
+        if not _unused(image):
+            return False
+        _teardown(mountpoint, image, remove=True)
+    return True
+
+
+def in_use(image: Path) -> bool:
+    """A live process holds this workspace image."""
+    return not _unused(image)
+
+
 def _is_session(root: Path, mountpoint: Path) -> bool:
     """`<tenant>/sessions/<session>` (three levels), not `<tenant>/shared` — even
     for a tenant named "sessions"."""
@@ -477,9 +499,11 @@ __all__ = [
     "ensure",
     "held",
     "image_path",
+    "in_use",
     "loop_mounts",
     "policy_needs_images",
     "release",
     "release_all",
+    "remove_unused",
     "support_problem",
 ]

@@ -17,6 +17,8 @@ from pydantic import Field, WithJsonSchema
 from ..jobs import Job, QuotaExceeded
 from ..policy import ExecRequest, PolicyDenied, resolve
 from ..sandbox import InvalidOptionsError
+from ..roots import NoSuchWorkspace
+from .files import WorkspaceArg, workspace_param
 from .models import ExecResult
 from .view import SchemaFacts, exec_result, render_text
 
@@ -37,7 +39,8 @@ list with list_active, stop with cancel_command.
 Network: {networks}. Limits (defaults / maximums): {limits}."""
 
 
-def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
+def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # type: ignore[no-untyped-def]
+    """`agent_workspaces`: publish the `workspace` parameter (HTTP, scope session; see roots.py)."""
     # Always an `enum` (pydantic would publish a one-value Literal as `const`,
     # which some clients do not show as a choice).
     NetworkT = Annotated[
@@ -83,9 +86,13 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
         background: Annotated[
             bool, Field(description="Return at once with status running; the command goes on.")
         ] = False,
+        workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, ExecResult]:
         app = ctx.request_context.lifespan_context
-        caller = app.caller(ctx)
+        try:
+            caller = app.caller(ctx, workspace)
+        except NoSuchWorkspace as e:
+            raise ToolError(str(e)) from None
         policy = app.policy.current
         request = dict(
             command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
@@ -104,8 +111,7 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
                 policy,
                 ExecRequest(**{k: v for k, v in request.items() if v is not None}),
                 caller.tenant,
-                workspace_root=app.workspace_root,
-                session_id=caller.session_id,
+                **app.resolve_args(caller),
             )
         except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
             raise refuse("denied", "policy", e) from e
@@ -144,7 +150,7 @@ def make_execute_tool(facts: SchemaFacts):  # type: ignore[no-untyped-def]
         networks=", ".join(facts.networks),
         limits=facts.limits_text,
     )
-    return execute_command
+    return workspace_param(execute_command, agent_workspaces)
 
 
 async def _wait_with_progress(ctx: Context, job: Job, wait: float) -> None:

@@ -57,3 +57,51 @@ class ActiveList(BaseModel):
     commands: list[ActiveCommand]
     capacity_in_use: int = Field(description="sandboxes running on this server, all callers")
     capacity_max: int
+
+
+class FileRead(BaseModel):
+    path: str = Field(description="the file, as commands in the sandbox see it")
+    offset: int
+    encoding: Literal["text", "base64"]
+    data: str = Field(
+        description="the requested bytes: text rendered safely (invalid UTF-8 and control bytes as \\xNN), or base64"
+    )
+    escaped: bool = Field(description="true when `data` (text) is not byte-exact: read with encoding=base64 to edit")
+    data_bytes: int = Field(description="how many bytes of the file `data` covers")
+    next_offset: int | None = Field(description="offset of the next page, null at the end")
+    total_bytes: int = Field(description="the file's size")
+    mtime: str = Field(description="last modification, UTC ISO 8601")
+
+
+class FileWritten(BaseModel):
+    path: str
+    bytes: int = Field(description="bytes written (the whole file)")
+    created: bool = Field(description="false when an existing file was replaced")
+    mode: str = Field(description="permission bits, octal")
+
+
+class FileEntry(BaseModel):
+    path: str = Field(description="as commands in the sandbox see it")
+    type: Literal["file", "directory", "symlink", "fifo", "socket", "char-device", "block-device", "other"]
+    size: int
+    mtime: str
+    mode: str
+    target: str | None = Field(None, description="a symlink's target (never followed)")
+
+
+class FileList(BaseModel):
+    path: str
+    entries: list[FileEntry]
+    truncated: bool = Field(description="true when more entries exist than were returned (files.max_list)")
+
+
+class FileDeleted(BaseModel):
+    path: str
+    removed: str = Field(description="what was removed: file, directory, symlink, fifo, ...")
+
+
+class WorkspaceCreated(BaseModel):
+    workspace: str = Field(description="pass as `workspace` to execute_command and the file tools")
+    mount: str = Field(description="where commands see it")
+    size: str
+    idle_minutes: float = Field(description="it is deleted after this long unused, and when the server stops")
