@@ -156,12 +156,22 @@ def _walk_open(rootfd: int, parts: tuple[str, ...], flags: int, mode: int) -> in
     fd = os.dup(rootfd)
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            nxt = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            kind = stat.S_IFMT(os.fstat(nxt).st_mode)
+            if kind != stat.S_IFDIR:
+                os.close(nxt)
+                code = errno.ELOOP if kind == stat.S_IFLNK else errno.ENOTDIR
+                raise OSError(code, os.strerror(code), part)
             os.close(fd)
             fd = nxt
         if not parts:
             return os.open(".", flags | os.O_CLOEXEC, dir_fd=fd)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        try:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        except NotADirectoryError:  # O_DIRECTORY on a symlink says ENOTDIR; openat2 says ELOOP
+            if stat.S_ISLNK(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), parts[-1]) from None
+            raise
     finally:
         os.close(fd)
 
@@ -251,6 +261,9 @@ def read(rootfd: int, parts: tuple[str, ...], offset: int, length: int) -> ReadR
     try:
         fd = open_beneath(rootfd, parts, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM, errno.ENODEV):
+            # A socket (ENXIO), or a device on a nodev mount: say what it is.
+            _require_regular(stat_beneath(rootfd, parts), parts)
         raise _explain(e, parts, "read") from None
     try:
         st = os.fstat(fd)

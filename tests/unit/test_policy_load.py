@@ -85,6 +85,18 @@ CASES = [
     pytest.param("version: 1\ntenants:\n  a:\n    network:\n      allowed: [none, host]\n", 5, "tenants.a.network.allowed", "network mode(s) host (tenant 'a') are not allowed at the top level", id="tenant-network-above"),
     pytest.param("version: 1\ntenants:\n  a:\n    allow_above_ceilings: true\n    ceilings:\n      memory: 8GiB\n  b:\n    extends: a\n", 8, "tenants.b.extends", "ceilings.memory 8GiB (tenant 'b') is above the top-level ceiling", id="flag-not-inherited"),
     pytest.param("version: 1\nenv:\n  max_vars: 1024\n  set:\n    A: b\n", 4, "env.set", "can exceed the sandbox's limit", id="env-over-sandbox-limit"),
+    # files and projects
+    pytest.param("version: 1\nfiles:\n  max_write: 512\n", 3, "files.max_write", "out of range; expected a size from 1KiB", id="files-max-write-low"),
+    pytest.param("version: 1\nfiles:\n  max_read: 1GiB\n", 3, "files.max_read", "out of range", id="files-max-read-high"),
+    pytest.param("version: 1\nfiles:\n  max_list: 0\n", 3, "files.max_list", "out of range", id="files-max-list"),
+    pytest.param("version: 1\nprojects:\n  app: {path: relative/dir}\n", 3, "projects.app.path", "not absolute", id="project-relative"),
+    pytest.param("version: 1\nprojects:\n  app: {path: /}\n", 3, "projects.app.path", "cannot be a project", id="project-root"),
+    pytest.param("version: 1\nprojects:\n  app: {path: /proc/1}\n", 3, "projects.app.path", "cannot be a project", id="project-proc"),
+    pytest.param("version: 1\nprojects:\n  app: {path: /tmp, mount: /dev/x}\n", 3, "projects.app.mount", "cannot be a mount point", id="project-mount-dev"),
+    pytest.param("version: 1\nprojects:\n  app: {path: /nonexistent/app}\n", 3, "projects.app.path", "/nonexistent/app does not exist", id="project-missing"),
+    pytest.param("version: 1\nprojects:\n  app: {path: /tmp, mount: /workspace/app}\n", 2, "projects", "the workspace (/workspace) and project 'app' (/workspace/app) overlap", id="project-in-workspace"),
+    pytest.param("version: 1\nprojects:\n  a: {path: /tmp, mount: /p}\n  b: {path: /tmp, mount: /p}\n", 2, "projects", "overlap", id="projects-same-mount"),
+    pytest.param("version: 1\nprojects:\n  a: {path: /tmp, writable: true}\n", 3, "projects.a.writable", "unknown key", id="project-unknown-key"),
     # YAML-level refusals
     pytest.param("version: 1\nbase: &b {cpus: 1}\ndefaults: *b\n", 3, "(file)", "aliases (*name) are not allowed", id="alias"),
     pytest.param("version: 1\ndefaults: [\n", 3, "(file)", "YAML syntax", id="syntax"),
