@@ -231,7 +231,7 @@ Only regular files; symbolic links are never followed."""
         ] = "text",
         mode: Annotated[
             str | None,
-            Field(pattern=r"^(0o?)?[0-7]{3}$", description='Permission bits, octal like "644" or "0755" '
+            Field(json_schema_extra={"pattern": r"^(0o?)?[0-7]{3,4}$"}, description='Permission bits, octal like "644" or "0755" '
                   "(default: an existing file's, else 644)."),
         ] = None,
         workspace: WorkspaceArg = None,
