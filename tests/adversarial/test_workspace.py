@@ -43,13 +43,12 @@ async def test_a_sigkilled_servers_workspace_mount_is_cleaned_at_the_next_start(
         # Start-up (before the first answer) unmounted it.
         assert mounts_under(workspaces) == []
         r = await server.call("execute_command", {"command": "cat /workspace/note; ls -A /workspace"})
-        if scope == "tenant":
-            assert r["stdout"] == "kept\nnote\n"  # a tenant's files survive the crash
-        else:
-            assert r["stdout"] == ""  # a new session, a new workspace; the dead one's is gone
-            sessions = workspaces / "default" / "sessions"
-            assert len(list(sessions.iterdir())) == 1
-            assert len(list((workspaces / ".images" / "default" / "sessions").glob("*.img"))) == 1
+        # Both are kept over stdio: the tenant's shared one, and (scope session)
+        # the named workspace (`--workspace`, default `default`): the files survive the crash.
+        assert r["stdout"] == "kept\nnote\n"
+        kept = "shared" if scope == "tenant" else "named/default"
+        assert [str(p.relative_to(workspaces / ".images" / "default")) for p in
+                (workspaces / ".images" / "default").rglob("*.img")] == [kept + ".img"]
     finally:
         await stop(server)
     assert mounts_under(workspaces) == []

@@ -45,7 +45,8 @@ async def test_tool_list_snapshot(serve):
         SNAPSHOT.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
     assert got == json.loads(SNAPSHOT.read_text())
     names = [t["name"] for t in got]
-    assert names == ["cancel_command", "execute_command", "inspect_result", "list_active"]
+    assert names == ["cancel_command", "delete_file", "execute_command", "inspect_result", "list_active",
+                     "list_files", "read_file", "write_file"]
     ex = next(t for t in got if t["name"] == "execute_command")
     props = ex["inputSchema"]["properties"]
     assert "NEW" in ex["description"] and "workspace" in ex["description"]
@@ -221,23 +222,28 @@ async def test_inspect_waits_for_a_running_command(serve):
 
 
 @pytest.mark.parametrize("pool", ["0", "2"])
-async def test_workspace_persists_between_calls_of_one_session_only(serve, sandbox_base, pool):
+async def test_the_named_workspace_persists_and_another_name_is_separate(serve, sandbox_base, pool):
+    """stdio, scope session: the process's workspace is named (default
+    `default`) and kept when the server stops: it is the user's work."""
     state = sandbox_base / "state"
     async with serve("--pool-size", pool) as c:
         r = await run(c, command="cd /workspace && echo kept > note.txt && ls -la")
         assert structured(r)["exit_code"] == 0, text(r)
         r = await run(c, command="cat /workspace/note.txt")
         assert structured(r)["stdout"] == "kept\n"
-        sessions = state / "workspaces" / "default" / "sessions"
-        [session_dir] = sessions.iterdir()
-        assert (session_dir / "note.txt").read_text() == "kept\n"
-        # Another session (another server process here) has its own, empty workspace.
-        async with serve("--pool-size", pool) as other:
+        named = state / "workspaces" / "default" / "named"
+        assert (named / "default" / "note.txt").read_text() == "kept\n"
+        # Another name (another server process here) has its own, empty workspace.
+        async with serve("--pool-size", pool, "--workspace", "other") as other:
             r = await run(other, command="ls -A /workspace; cat /workspace/note.txt")
             assert structured(r)["stdout"] == "" and structured(r)["exit_code"] != 0
-    # A session-scoped workspace ends with its session.
-    assert not session_dir.exists()
-    assert list(sessions.iterdir()) == []
+    # Kept (unmounted, its image stays) when the servers stop; no session directory at all.
+    images = state / "workspaces" / ".images" / "default" / "named"
+    assert sorted(p.name for p in images.glob("*.img")) == ["default.img", "other.img"]
+    assert not (state / "workspaces" / "default" / "sessions").exists()
+    async with serve("--pool-size", pool) as again:
+        r = await run(again, command="cat /workspace/note.txt")
+        assert structured(r)["stdout"] == "kept\n"
 
 
 async def test_unknown_result_id(serve):
