@@ -74,10 +74,11 @@ def _token(base: Path, *args: str) -> str:
     return r.stdout.strip()
 
 
-@pytest.fixture
-def http_server(sandbox_base, tmp_path):
+@contextlib.contextmanager
+def start_http(sandbox_base: Path, tmp_path: Path, policy_text: str = POLICY):
+    """`gvisor-mcp serve --transport http` with `policy_text` and tokens for alice, bob, metrics."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     tokens = {
         "alice": _token(tmp_path, "alice", "--policy", str(policy)),
         "bob": _token(tmp_path, "bob", "--policy", str(policy)),
@@ -109,6 +110,12 @@ def http_server(sandbox_base, tmp_path):
         for token in tokens.values():  # never in a log line
             assert token not in log
         assert leftovers(sandbox_base) == {}
+
+
+@pytest.fixture
+def http_server(sandbox_base, tmp_path):
+    with start_http(sandbox_base, tmp_path) as server:
+        yield server
 
 
 async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
