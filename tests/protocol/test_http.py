@@ -181,12 +181,18 @@ async def test_sessions_are_long_random_and_bound_to_their_tenant(http_server):
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_two_tenants_see_only_their_own(http_server, mode):
     async with http_server.client("alice", mode) as a, http_server.client("bob", mode) as b:
+        # Sessionless (2026-07-28): a call has a workspace only when it names one it created.
+        ws: dict[str, dict] = {"alice": {}, "bob": {}}
+        if mode == "auto":
+            for name, c in (("alice", a), ("bob", b)):
+                created = (await c.call_tool("create_workspace", {})).structured_content
+                ws[name] = {"workspace": created["workspace"]}
         async with anyio.create_task_group() as tg:
             results: dict[str, dict] = {}
 
             async def call(name: str, c: Client) -> None:
                 r = await c.call_tool("execute_command", {
-                    "command": f"echo {name} > /workspace/mine && cat /workspace/mine; sleep 1"})
+                    "command": f"echo {name} > /workspace/mine && cat /workspace/mine; sleep 1", **ws[name]})
                 results[name] = r.structured_content
 
             tg.start_soon(call, "alice", a)
@@ -202,7 +208,7 @@ async def test_two_tenants_see_only_their_own(http_server, mode):
         assert theirs.content[0].text.replace(rid, "X") == random.content[0].text.replace("res_" + "0" * 32, "X")
         assert (await b.call_tool("cancel_command", {"result_id": rid})).is_error
         # Workspaces: bob's is his own.
-        r = await b.call_tool("execute_command", {"command": "cat /workspace/mine"})
+        r = await b.call_tool("execute_command", {"command": "cat /workspace/mine", **ws["bob"]})
         assert r.structured_content["stdout"] == "bob\n"
         # Active lists: alice's background command is not in bob's list.
         bg = (await a.call_tool("execute_command", {"command": "sleep 60", "background": True})).structured_content
