@@ -30,6 +30,7 @@ BENCHES = [
     ("mcp", "bench_mcp.py"),
     ("throughput", "bench_throughput.py"),
     ("flood", "bench_flood.py"),
+    ("files", "bench_files.py"),
     ("profile", "profile_manager.py"),
 ]
 
@@ -40,7 +41,7 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
     def target(what: str, measured: str, ok: bool | None, where: str) -> None:
         rows.append(f"| {what} | {measured} | {'not measured' if ok is None else verdict(ok)} | {where} |")
 
-    man, mcp, tp, fl = (m.get(k) for k in ("manager", "mcp", "throughput", "flood"))
+    man, mcp, tp, fl, fi = (m.get(k) for k in ("manager", "mcp", "throughput", "flood", "files"))
     if man:
         target("cold `Manager.run` <= 1.10x raw runsc", f"{man['cold_ratio']:.2f}x ({man['cold_ms']:.0f} vs {man['raw_ms']:.0f} ms)",
                man["cold_ratio"] <= 1.10, "Manager.run")
@@ -70,6 +71,10 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
                f"({fl['server_ms']:.0f} vs {fl['raw_sh_ms']:.0f} ms)", fl["server_throughput_ratio"] >= 0.8, "100 MB stdout flood")
         target("server peak RSS < 150 MB during the flood", f"{fl['server_hwm_mb']:.0f} MB", fl["server_hwm_mb"] < 150,
                "100 MB stdout flood")
+    if fi:
+        target("4 KiB write_file / read_file p50 < 5 ms over MCP stdio",
+               f"{fi['write_ms']:.1f} / {fi['read_ms']:.1f} ms (MCP floor {fi['floor_ms']:.1f} ms)",
+               fi["write_ms"] < 5 and fi["read_ms"] < 5, "File tools over MCP stdio")
     if mcp:
         rows.append(f"| (no target) server RSS idle; per idle pooled sandbox | {mcp['idle_server_rss_mib']:.0f} MiB; "
                     f"{mcp['per_pooled_sandbox_rss_mib']:.0f} MiB RSS, {mcp['per_pooled_sandbox_pss_mib']:.0f} MiB PSS | | Server memory |")
@@ -87,9 +92,9 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
     return "\n".join(lines)
 
 
-DIRS = ("manager", "mcp", "throughput", "flood", "profile")
+DIRS = ("manager", "mcp", "throughput", "flood", "profile", "files")
 """The directories under BASE (and cgroup parents `gvisor-mcp-bench-*`) these benchmarks use."""
-CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "profile")
+CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "profile", "files")
 
 
 def leftovers_anywhere() -> list[str]:

@@ -122,6 +122,8 @@ class AppState:
     metrics: Metrics | None = None
     created: AgentWorkspaces = field(default_factory=AgentWorkspaces)
     """HTTP: workspaces the agent created with create_workspace (roots.py)."""
+    _prepared: dict[Path, Path] = field(default_factory=dict)
+    """Workspace paths as resolve() derives them -> mounted directory (prepare_plan's cache)."""
 
     def drop_session(self, session_id: str) -> None:
         """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
@@ -136,6 +138,7 @@ class AppState:
         """Unmount and delete a session workspace (its image goes with it)."""
         _workspace.release(path, remove=True)
         self.made_workspaces.discard(path)
+        self._prepared = {k: v for k, v in self._prepared.items() if v != path}
 
     def caller(self, ctx: Any, workspace: str | None = None) -> Caller:
         """Who calls: the tenant, and the session whose workspace the call uses.
@@ -190,6 +193,9 @@ class AppState:
         returns the mounted directory."""
         from mcp.server.mcpserver.exceptions import ToolError
 
+        known = self._prepared.get(plan.host_path)
+        if known is not None and known in self.made_workspaces and os.path.ismount(known):
+            return known  # the file tools' fast path: already mounted for this caller
         root = self.workspace_root.resolve()
         target = plan.host_path.resolve()
         if root not in target.parents:
@@ -200,6 +206,7 @@ class AppState:
         except _workspace.WorkspaceError as e:
             raise ToolError(f"the workspace could not be prepared: {e}") from e
         self.made_workspaces.add(target)
+        self._prepared[plan.host_path] = target
         return target
 
     def pool_template(self) -> Any:

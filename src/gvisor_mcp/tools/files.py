@@ -90,8 +90,7 @@ def caller_roots(app: Any, ctx: Any, workspace: str | None, *, create: bool = Tr
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
     roots: list[Root] = []
     if plan is not None:
-        exists = image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()
-        if create or exists:
+        if create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists():
             user = UserSpec.parse(settings.defaults.user)
             host = app.prepare_plan(plan, (user.uid, user.gid))
             roots.append(Root("workspace", plan.mount, host, False, "workspace"))
