@@ -1,6 +1,6 @@
 """The file tools: write_file / read_file of 4 KiB through the SDK's stdio
 client, against the MCP floor (list_active, a tool that does nothing), the
-same operations in-process (files.py alone), and a raw `runsc run` (what
+same operations in-process (files.py alone, on a workspace image), and a raw `runsc run` (what
 writing a file through a sandbox costs at least).
 
 One `gvisor-mcp serve --pool-size 0` is started off the clock. Per
@@ -27,7 +27,7 @@ from _common import (  # noqa: E402
     CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms, p90, verdict,
 )
 
-from gvisor_mcp import files  # noqa: E402
+from gvisor_mcp import files, workspace  # noqa: E402
 from gvisor_mcp.sandbox.rootfs import write_etc  # noqa: E402
 
 TITLE = "File tools over MCP stdio"
@@ -62,8 +62,9 @@ async def bench(n: int) -> tuple[str, dict]:
 
     base = fresh_base("files")
     raw = Raw(base, write_etc(base / "etc"))
-    scratch = base / "scratch"
-    scratch.mkdir()
+    # In-process figures on a workspace image like the server's (ext4, loop-mounted).
+    scratch = base / "scratch" / "t" / "named" / "bench"
+    workspace.ensure(base / "scratch", scratch, 64, 1000, 1000, "kept")
     content = ("x" * 63 + "\n") * (SIZE // 64)
     data = content.encode()
     rows: dict[str, list[float]] = {k: [] for k in ("raw", "write", "read", "floor", "fwrite", "fread")}
@@ -89,6 +90,7 @@ async def bench(n: int) -> tuple[str, dict]:
                 if i % 10 == 0:
                     rows["raw"].append(raw.run())
     finally:
+        workspace.release(scratch, remove=True)
         check_clean(TITLE, [(base / "server" / "runsc", base / "server" / "bundles"), (raw.root, None)],
                     [f"{CGROUP_PREFIX}-files", RAW_CGROUP], base=base)
         shutil.rmtree(base, ignore_errors=True)
