@@ -232,15 +232,14 @@ def _explain(e: OSError, parts: tuple[str, ...], doing: str) -> FileError:
     return FileError("io", f"{doing} {shown} failed: {os.strerror(code or 0)}")
 
 
-def _require_regular(st: os.stat_result, parts: tuple[str, ...]) -> None:
+def _require_regular(
+    st: os.stat_result, parts: tuple[str, ...], *, directory: str = "list it with list_files",
+    other: str = "only regular files are read or written by the file tools",
+) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise FileError("is_directory", f"{display(parts)} is a directory; list it with list_files")
+        raise FileError("is_directory", f"{display(parts)} is a directory; {directory}")
     if not stat.S_ISREG(st.st_mode):
-        raise FileError(
-            "not_regular",
-            f"{display(parts)} is a {kind_of(st.st_mode)}, not a regular file; only regular files "
-            "are read or written by the file tools",
-        )
+        raise FileError("not_regular", f"{display(parts)} is a {kind_of(st.st_mode)}, not a regular file; {other}")
 
 
 # --- read ----------------------------------------------------------------------------
@@ -363,14 +362,8 @@ def write(
                     f"{display(parts)} is a symbolic link; the file tools never follow links. "
                     "Write to the path it points to, or delete the link first",
                 )
-            if stat.S_ISDIR(old.st_mode):
-                raise FileError("is_directory", f"{display(parts)} is a directory; give a file name")
-            if not stat.S_ISREG(old.st_mode):
-                raise FileError(
-                    "not_regular",
-                    f"{display(parts)} is a {kind_of(old.st_mode)}, not a regular file; delete it first "
-                    "to replace it with a file",
-                )
+            _require_regular(old, parts, directory="give a file name",
+                             other="delete it first to replace it with a file")
         perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) & 0o777 if old else DEFAULT_FILE_MODE)
         owner = (old.st_uid, old.st_gid) if old is not None else (uid, gid)
         try:

@@ -209,8 +209,7 @@ ContainerPath = Annotated[
 ]
 
 
-def _host_path(value: Any) -> str:
-    expected = "an absolute host path of a root filesystem directory"
+def _host_path(value: Any, expected: str = "an absolute host path of a root filesystem directory") -> str:
     if not isinstance(value, str):
         raise UnitError(f"got {type(value).__name__} {value!r}; expected {expected}")
     if not value.startswith("/") or "\x00" in value:
@@ -385,12 +384,7 @@ class Files(_Section):
 
 
 def _project_path(value: Any) -> str:
-    expected = "an absolute host path of a project directory"
-    if not isinstance(value, str):
-        raise UnitError(f"got {type(value).__name__} {value!r}; expected {expected}")
-    if not value.startswith("/") or "\x00" in value:
-        raise UnitError(f"{value!r} is not absolute; expected {expected}")
-    path = posixpath.normpath(value)
+    path = _host_path(value, "an absolute host path of a project directory")
     if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
         raise UnitError(f"{value!r} cannot be a project; expected a host directory outside /, /proc, /sys and /dev")
     return path

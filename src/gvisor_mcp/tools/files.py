@@ -120,11 +120,29 @@ def _fail(e: files.FileError, root: Root, settings: Any, doing: str) -> ToolErro
         text = (
             f"the workspace is full: it holds at most {format_bytes(settings.workspace.size * 1024 * 1024)} "
             f"(workspace.size, set by the operator). Nothing was written. Delete files you no longer need "
-            f"(delete_file, or a command) and {doing} again"
+            "(delete_file, or a command) and try again"
         )
     elif e.kind == "no_space":
         text += f"; the project {root.name!r} has no room left on its host filesystem. Nothing was written"
     return ToolError(text)
+
+
+def on_path(app: Any, ctx: Any, workspace: str | None, path: str, doing: str, op: Any, *,
+            writable: bool = False) -> tuple[Any, Root, tuple[str, ...], Any]:
+    """Find `path` for this caller and run `op(root_fd, parts, settings)` on it;
+    (caller, root, parts, op's result), or a ToolError the agent can act on."""
+    caller, settings, roots = caller_roots(app, ctx, workspace)
+    root, parts = _locate(settings, roots, path)
+    if writable and root.read_only:
+        raise ToolError(
+            f"project {root.name!r} ({root.mount}) is mounted read-only by the operator's policy; "
+            f"nothing was {doing}. Use the workspace instead"
+        )
+    try:
+        with files.root(str(root.host)) as fd:
+            return caller, root, parts, op(fd, parts, settings)
+    except files.FileError as e:
+        raise _fail(e, root, settings, doing) from None
 
 
 def _owner(settings: Any) -> tuple[int, int]:
@@ -182,13 +200,8 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileRead]:
         app = ctx.request_context.lifespan_context
-        caller, settings, roots = caller_roots(app, ctx, workspace)
-        root, parts = _locate(settings, roots, path)
-        try:
-            with files.root(str(root.host)) as fd:
-                got = files.read(fd, parts, offset, length)
-        except files.FileError as e:
-            raise _fail(e, root, settings, "read") from None
+        _, root, parts, got = on_path(app, ctx, workspace, path, "read",
+                                      lambda fd, parts, _s: files.read(fd, parts, offset, length))
         end = offset + len(got.data)
         if encoding == "text":
             data = safe_text(got.data)
@@ -237,20 +250,16 @@ Only regular files; symbolic links are never followed."""
     ) -> Annotated[CallToolResult, FileWritten]:
         app = ctx.request_context.lifespan_context
         data = _decode(content, encoding, facts.max_write)
-        caller, settings, roots = caller_roots(app, ctx, workspace)
-        root, parts = _locate(settings, roots, path)
-        if root.read_only:
-            raise ToolError(
-                f"project {root.name!r} ({root.mount}) is mounted read-only by the operator's policy; "
-                "nothing was written. Write to the workspace instead"
-            )
         try:
             perm = files.parse_mode(mode)
-            with files.root(str(root.host)) as fd:
-                uid, gid = _owner(settings)
-                done = files.write(fd, parts, data, uid=uid, gid=gid, mode=perm)
         except files.FileError as e:
-            raise _fail(e, root, settings, "write") from None
+            raise ToolError(str(e)) from None
+
+        def write(fd: int, parts: tuple[str, ...], settings: Any) -> files.WriteResult:
+            uid, gid = _owner(settings)
+            return files.write(fd, parts, data, uid=uid, gid=gid, mode=perm)
+
+        caller, root, parts, done = on_path(app, ctx, workspace, path, "written", write, writable=True)
         shown = sandbox_path(root, parts)
         app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="write_file", path=shown,
                         bytes=done.size, decision="allowed", policy_hash=app.policy.current.hash)
@@ -278,13 +287,8 @@ non-regular files at the path."""
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileList]:
         app = ctx.request_context.lifespan_context
-        caller, settings, roots = caller_roots(app, ctx, workspace)
-        root, parts = _locate(settings, roots, path)
-        try:
-            with files.root(str(root.host)) as fd:
-                entries, truncated = files.listing(fd, parts, depth, facts.max_list)
-        except files.FileError as e:
-            raise _fail(e, root, settings, "list") from None
+        _, root, parts, (entries, truncated) = on_path(
+            app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list))
         out = [
             FileEntry(
                 path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),  # type: ignore[arg-type]
@@ -316,17 +320,9 @@ says when there were more. Reaches: {facts.reach}."""
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileDeleted]:
         app = ctx.request_context.lifespan_context
-        caller, settings, roots = caller_roots(app, ctx, workspace)
-        root, parts = _locate(settings, roots, path)
-        if root.read_only:
-            raise ToolError(
-                f"project {root.name!r} ({root.mount}) is mounted read-only by the operator's policy; nothing was deleted"
-            )
-        try:
-            with files.root(str(root.host)) as fd:
-                kind = files.delete(fd, parts, recursive=recursive)
-        except files.FileError as e:
-            raise _fail(e, root, settings, "delete") from None
+        caller, root, parts, kind = on_path(
+            app, ctx, workspace, path, "deleted", lambda fd, parts, _s: files.delete(fd, parts, recursive=recursive),
+            writable=True)
         shown = sandbox_path(root, parts)
         app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="delete_file", path=shown,
                         decision="allowed", policy_hash=app.policy.current.hash)
