@@ -22,11 +22,13 @@ Projects are host directories named by the operator (policy `projects:`, or
 
 from __future__ import annotations
 
+import os
 import posixpath
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import files
 
@@ -142,6 +144,54 @@ def sandbox_path(root: Root, parts: tuple[str, ...]) -> str:
     return posixpath.join(root.mount, *parts) if parts else root.mount
 
 
+DEFAULT_WORKSPACE = "default"
+PROJECT_NAME = "project"
+PROJECT_MOUNT = "/project"
+"""Where `serve --project DIR` mounts DIR (read-write), in commands and for the file tools."""
+
+
+def stdio_places(args: Any, effective: Any) -> tuple[str, dict[str, Any]]:
+    """`serve --workspace NAME` and `--project DIR`: (workspace name, projects
+    by name); ValueError when they cannot mean anything (over HTTP, or
+    against the tenant's `effective` policy)."""
+    from .policy import Project
+    from .policy.effective import mount_clash
+    from .policy.model import NAME_EXPECTED, NAME_RE
+
+    workspace_name, projects = DEFAULT_WORKSPACE, {}
+    http = getattr(args, "transport", "stdio") == "http"
+    name = getattr(args, "workspace", None)
+    if name is not None:
+        if http:
+            raise ValueError("--workspace is for stdio; over HTTP each session (or create_workspace) has its own")
+        if not NAME_RE.match(name):
+            raise ValueError(f"--workspace {name!r} is not a valid name; expected {NAME_EXPECTED}")
+        if effective.workspace.scope == "tenant" or not effective.workspace.enabled:
+            raise ValueError(
+                f"--workspace {name!r} names a workspace, but the policy's workspace for tenant "
+                f"{effective.name!r} is " + ("disabled" if not effective.workspace.enabled else
+                "shared by the tenant (workspace.scope: tenant)") + "; leave --workspace out"
+            )
+        workspace_name = name
+    project = getattr(args, "project", None)
+    if project is not None:
+        if http:
+            raise ValueError("--project is for stdio; over HTTP, name projects in the policy (projects:)")
+        path = os.path.realpath(project)
+        if not os.path.isdir(path):
+            raise ValueError(f"--project {project!r} is not a directory; expected the project directory to mount")
+        if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
+            raise ValueError(f"--project {project!r} cannot be mounted; expected a directory outside /, /proc, /sys, /dev")
+        if PROJECT_NAME in effective.projects:
+            raise ValueError(f"the policy already names a project {PROJECT_NAME!r}; leave --project out or rename it")
+        extra = {PROJECT_NAME: Project(path=path, mount=PROJECT_MOUNT, read_only=False)}
+        clash = mount_clash(effective, extra)
+        if clash:
+            raise ValueError(f"--project: {clash}; move the policy's mount elsewhere")
+        projects = extra
+    return workspace_name, projects
+
+
 __all__ = [
     "AgentWorkspaces",
     "CREATED_PREFIX",
@@ -151,4 +201,5 @@ __all__ = [
     "Root",
     "locate",
     "sandbox_path",
+    "stdio_places",
 ]

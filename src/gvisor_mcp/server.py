@@ -27,7 +27,7 @@ from .jobs import Jobs
 from .metrics import Metrics
 from .policy import ExecRequest, Policy, Resolved, load, load_default, resolve, workspace_host_path
 from .policy.resolve import SESSIONS_DIR
-from .roots import AgentWorkspaces
+from .roots import AgentWorkspaces, stdio_places
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.doctor import canary
@@ -399,50 +399,6 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
         tg.cancel_scope.cancel()
 
 
-PROJECT_NAME = "project"
-PROJECT_MOUNT = "/project"
-"""Where `serve --project DIR` mounts DIR (read-write), in commands and for the file tools."""
-
-
-def stdio_places(args: Any, settings: Settings, effective: Any) -> None:
-    """`--workspace NAME` and `--project DIR` into settings; ValueError when they
-    cannot mean anything (over HTTP, or against the policy)."""
-    from .policy import Project
-    from .policy.effective import mount_clash
-    from .policy.model import NAME_EXPECTED, NAME_RE
-
-    http = getattr(args, "transport", "stdio") == "http"
-    name = getattr(args, "workspace", None)
-    if name is not None:
-        if http:
-            raise ValueError("--workspace is for stdio; over HTTP each session (or create_workspace) has its own")
-        if not NAME_RE.match(name):
-            raise ValueError(f"--workspace {name!r} is not a valid name; expected {NAME_EXPECTED}")
-        if effective.workspace.scope == "tenant" or not effective.workspace.enabled:
-            raise ValueError(
-                f"--workspace {name!r} names a workspace, but the policy's workspace for tenant "
-                f"{effective.name!r} is " + ("disabled" if not effective.workspace.enabled else
-                "shared by the tenant (workspace.scope: tenant)") + "; leave --workspace out"
-            )
-        settings.workspace_name = name
-    project = getattr(args, "project", None)
-    if project is not None:
-        if http:
-            raise ValueError("--project is for stdio; over HTTP, name projects in the policy (projects:)")
-        path = os.path.realpath(project)
-        if not os.path.isdir(path):
-            raise ValueError(f"--project {project!r} is not a directory; expected the project directory to mount")
-        if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
-            raise ValueError(f"--project {project!r} cannot be mounted; expected a directory outside /, /proc, /sys, /dev")
-        if PROJECT_NAME in effective.projects:
-            raise ValueError(f"the policy already names a project {PROJECT_NAME!r}; leave --project out or rename it")
-        extra = {PROJECT_NAME: Project(path=path, mount=PROJECT_MOUNT, read_only=False)}
-        clash = mount_clash(effective, extra)
-        if clash:
-            raise ValueError(f"--project: {clash}; move the policy's mount elsewhere")
-        settings.projects = extra
-
-
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
     from .cli import manager_config
@@ -460,7 +416,7 @@ def serve(args: Any) -> int:
         policy = PolicyHolder(settings.policy_path)
         policy.current.tenant(settings.tenant)
         _workspace.check_support(policy.current)  # never an unbounded workspace
-        stdio_places(args, settings, policy.current.tenant(settings.tenant))
+        settings.workspace_name, settings.projects = stdio_places(args, policy.current.tenant(settings.tenant))
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
