@@ -337,6 +337,11 @@ async def serve_metrics(metrics: Any, port: int) -> None:
 
 async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOptions) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy and the tokens file."""
+    # A tenant's MCP server is built at its first request; import what that
+    # needs before listening, so the first request does not pay seconds of imports.
+    from mcp.server.mcpserver import MCPServer  # noqa: F401
+
+    from .tools import register_tools  # noqa: F401
 
     async with runtime(settings, policy) as rt, anyio.create_task_group() as tg:
         gateway = Gateway(rt, TokenFile.load(options.tokens_path), options, tg)
