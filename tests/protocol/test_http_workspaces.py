@@ -83,6 +83,9 @@ async def test_scope_session_without_sessions_is_never_shared(session_server, sa
         s = await ok(a, "execute_command", command="cat f.txt && echo more >> f.txt", workspace=mine)
         assert s["stdout"] == "a's file\n"
         assert (await ok(a, "read_file", path="f.txt", workspace=mine))["data"] == "a's file\nmore\n"
+        # As a resource too: the workspace's id is the URI's authority.
+        r = await a.read_resource(f"workspace://{mine}/f.txt")
+        assert r.contents[0].text == "a's file\nmore\n"
         # b's workspace is its own; an id it does not hold reads as "not found", like any other.
         assert "does not exist" in await err(b, "read_file", path="f.txt", workspace=theirs)
         s = await ok(b, "execute_command", command="ls -A /workspace", workspace=theirs)
