@@ -224,7 +224,9 @@ async def test_project_mount_round_trip(serve, tmp_path):
     # The user's own project: owned by the uid commands run as (policy defaults.user, 1000).
     for p in (project, project / "src", project / "src" / "hello.txt"):
         os.chown(p, 1000, 1000)
-    policy = policy_file(tmp_path, f"version: 1\nprojects:\n  docs: {{path: {docs}}}\n")
+    # The operator may name a path through a symlink of their own: followed (only that).
+    os.symlink(str(docs), tmp_path / "docs-link")
+    policy = policy_file(tmp_path, f"version: 1\nprojects:\n  docs: {{path: {tmp_path / 'docs-link'}}}\n")
     async with serve("--policy", str(policy), "--project", str(project), *FAST) as c:
         r = await run(c, command="cat /project/src/hello.txt && echo made > /project/made.txt && "
                                  "cat /projects/docs/README; cat /project/leak; cat /project/src/up; "

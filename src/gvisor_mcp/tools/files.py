@@ -13,6 +13,7 @@ only, atomic writes). The policy's `files.max_read` / `max_write` /
 import base64
 import binascii
 import inspect
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ def caller_roots(app: Any, ctx: Any, workspace: str | None, *, create: bool = Tr
             host = app.prepare_plan(plan, (user.uid, user.gid))
             roots.append(Root("workspace", plan.mount, host, False, "workspace"))
     for name, project in sorted(project_mounts(settings, args["extra_projects"]).items()):
-        roots.append(Root(name, project.mount_point(name), Path(project.path),
+        # The operator's own path may go through symlinks (runsc's bind follows
+        # them too); only what lies beneath it is never followed.
+        roots.append(Root(name, project.mount_point(name), Path(os.path.realpath(project.path)),
                           project.read_only, "project"))
     return caller, settings, roots
 
