@@ -51,6 +51,13 @@ class Signals:
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
 
+    @staticmethod
+    def finished() -> None:
+        """Clean-up is done: block the signals for the rest of the exit. (Python's
+        finalisation restores their default action, and a SIGTERM arriving
+        then would turn a clean exit 0 into death by signal.)"""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGHUP})
+
     # Signal handlers run in the main thread between bytecodes: no logging here
     # (a write to stderr interrupted by another would raise a reentrant-call
     # error), only flags and a wake-up of the event loop.

@@ -369,6 +369,13 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder, signals: Signal
 
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
+    try:
+        return _serve(args)
+    finally:
+        Signals.finished()
+
+
+def _serve(args: Any) -> int:
     from .cli import manager_config
 
     # First of all: from here on a signal never kills the process with
@@ -378,6 +385,7 @@ def serve(args: Any) -> int:
     signals = Signals()
     signals.install()
     logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
+    log.info("serve_begin", pid=os.getpid())
     settings = Settings(
         tenant=args.tenant or "default",
         policy_path=args.policy,

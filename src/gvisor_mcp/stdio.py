@@ -63,6 +63,7 @@ class LineReader:
         self._max = max_line
         self._skipping = False
         self._reject = reject
+        self._eof = False
         os.set_blocking(fd, False)
 
     async def _refuse(self, data: bytes, code: int, message: str) -> None:
@@ -103,6 +104,9 @@ class LineReader:
             except BlockingIOError:
                 continue
             if not chunk:
+                if not self._eof:
+                    self._eof = True
+                    log.info("stdin_closed")
                 if self._buf and not self._skipping:
                     self._buf += b"\n"  # the last line, without its newline
                     continue

@@ -182,11 +182,12 @@ def _loop_backing_file(device: str) -> Path | None:
     return Path(text.removesuffix(" (deleted)"))
 
 
-def loop_mounts() -> list[tuple[Path, Path]]:
-    """(mountpoint, backing file) of every loop-device mount in our mount namespace."""
+def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
+    """(mountpoint, backing file) of every loop-device mount in the mount
+    namespace of `pid` (default: ours)."""
     out = []
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     except OSError:
         return out
     for line in lines:
