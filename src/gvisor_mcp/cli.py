@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="http: extra Origin to accept, e.g. https://app.example")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="http: request body limit")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="http: a request body must arrive within this (default 30)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="http: a request head must arrive within this; also the idle limit of a kept-alive "
                    "connection (default 10)")

@@ -441,13 +441,16 @@ def _bounded(receive: Receive, timeout: float) -> Receive:
     disconnect, during a long streamed response) is normal.
     """
     body_done = False
+    deadline: float | None = None
 
     async def wrapped() -> dict[str, Any]:
-        nonlocal body_done
+        nonlocal body_done, deadline
         if body_done:
             return await receive()
+        if deadline is None:  # the whole body, not each chunk: a trickle is no escape
+            deadline = anyio.current_time() + timeout
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                 message = await receive()
         except TimeoutError:
             raise SlowClient(f"request body not received within {timeout:g} s") from None

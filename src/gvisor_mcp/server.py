@@ -436,6 +436,7 @@ def _serve(args: Any) -> int:
             allowed_origins=tuple(args.allowed_origin),
             max_body_bytes=args.max_body_bytes,
             header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
             max_connections=args.max_connections,
             session_idle_timeout=args.session_idle_timeout,
             max_sessions=args.max_sessions,

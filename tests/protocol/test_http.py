@@ -23,7 +23,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from ..conftest import CGROUP_PARENT, leftovers
+from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
 from .conftest import BIN
 
 pytestmark = pytest.mark.runsc
@@ -74,10 +74,12 @@ def _token(base: Path, *args: str) -> str:
     return r.stdout.strip()
 
 
-@pytest.fixture
-def http_server(sandbox_base, tmp_path):
+@contextlib.contextmanager
+def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY):
+    """`gvisor-mcp serve --transport http` with `extra` flags; on exit: SIGTERM,
+    exit status 0, no token in the log, nothing left behind."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     tokens = {
         "alice": _token(tmp_path, "alice", "--policy", str(policy)),
         "bob": _token(tmp_path, "bob", "--policy", str(policy)),
@@ -89,7 +91,7 @@ def http_server(sandbox_base, tmp_path):
     process = subprocess.Popen(
         [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
          "--tokens", str(tmp_path / "tokens.yaml"), "--state-dir", str(state),
-         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT],
+         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO"},
     )
@@ -109,6 +111,13 @@ def http_server(sandbox_base, tmp_path):
         for token in tokens.values():  # never in a log line
             assert token not in log
         assert leftovers(sandbox_base) == {}
+        assert workspace_leftovers(sandbox_base, state) == []
+
+
+@pytest.fixture
+def http_server(sandbox_base, tmp_path):
+    with running_http_server(sandbox_base, tmp_path) as server:
+        yield server
 
 
 async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
