@@ -66,6 +66,13 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
     return out
 
 
+def seen_by(pid: int, path: Path) -> Path:
+    """`path` as process `pid` sees it: a server mounts workspaces in a mount
+    namespace of its own (mountns.py), so from the test's namespace a
+    workspace directory is the empty mountpoint underneath."""
+    return Path(f"/proc/{pid}/root") / path.resolve().relative_to("/")
+
+
 def workspace_leftovers(*directories: Path, wait: float = 10.0) -> list[str]:
     """Workspace mounts (in this namespace) and loop devices (in any) of images
     under `directories`, once the kernel has had `wait` seconds to detach the

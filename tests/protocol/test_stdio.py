@@ -15,7 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from ..conftest import leftovers
+from ..adversarial.conftest import server_pids
+from ..conftest import leftovers, seen_by
 from .conftest import run, structured, text
 
 pytestmark = pytest.mark.runsc
@@ -230,7 +231,8 @@ async def test_workspace_persists_between_calls_of_one_session_only(serve, sandb
         assert structured(r)["stdout"] == "kept\n"
         sessions = state / "workspaces" / "default" / "sessions"
         [session_dir] = sessions.iterdir()
-        assert (session_dir / "note.txt").read_text() == "kept\n"
+        [pid] = server_pids(sandbox_base)
+        assert (seen_by(pid, session_dir) / "note.txt").read_text() == "kept\n"
         # Another session (another server process here) has its own, empty workspace.
         async with serve("--pool-size", pool) as other:
             r = await run(other, command="ls -A /workspace; cat /workspace/note.txt")
