@@ -121,7 +121,7 @@ def http_server(sandbox_base, tmp_path):
 
 
 async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         for headers in (
             http_server.headers(None),
             http_server.headers(None, Authorization="Bearer gmcp_not-a-real-token"),
@@ -136,7 +136,7 @@ async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
 
 
 async def test_host_origin_body_size_and_metrics_access(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("alice", Host="evil.example"))
         assert r.status_code == 421
         r = await http.post(http_server.url, json=INIT,
@@ -152,14 +152,14 @@ async def test_host_origin_body_size_and_metrics_access(http_server):
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("metrics"))
         assert r.status_code == 403  # a metrics token does not call tools
     # The legitimate Origin (the server's own) is fine.
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers(
             "alice", Origin=f"http://127.0.0.1:{http_server.port}"))
         assert r.status_code == 200
 
 
 async def test_sessions_are_long_random_and_bound_to_their_tenant(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("alice"))
         assert r.status_code == 200
         sid = r.headers["mcp-session-id"]
@@ -224,7 +224,7 @@ async def test_quota_is_a_clear_error_and_does_not_hold_up_another_tenant(http_s
         r = await b.call_tool("execute_command", {"command": "echo bob runs"})
         assert not r.is_error and r.structured_content["stdout"] == "bob runs\n"
         await a.call_tool("cancel_command", {"result_id": first["result_id"]})
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         text = (await http.get(http_server.url.replace("/mcp", "/metrics"),
                                headers=http_server.headers("metrics"))).text
     samples = _samples(text)
