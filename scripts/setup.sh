@@ -5,7 +5,8 @@
 #   2. mkfs.ext4 and mount (e2fsprogs, mount): size-limited workspaces are
 #      loop-mounted ext4 images, and `serve` refuses a policy with a workspace
 #      when they are missing;
-#   3. a virtualenv at .venv with this package installed (with test extras).
+#   3. a virtualenv at .venv with this package installed (with test extras);
+#   4. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
 
@@ -97,6 +98,22 @@ install_workspace_tools() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2
 }
 
+# tests/protocol/test_shutdown.py drives Claude Code's own `claude mcp list`
+# (it ends a server with SIGINT, then SIGTERM 100 ms later). Installed from
+# the npm registry into .cache/ (never globally, never the user's config).
+install_claude_code() {
+  local dir="$here/.cache/claude-code"
+  [ -x "$dir/node_modules/.bin/claude" ] && return 0
+  if ! command -v npm >/dev/null 2>&1; then
+    need_root
+    log "installing nodejs and npm (for the Claude Code shutdown test)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 nodejs npm >&2
+  fi
+  log "installing Claude Code into $dir (npm)"
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@^2" >&2
+}
+
 pick_python() {
   for p in python3.11 python3.12 python3.13 python3; do
     if command -v "$p" >/dev/null 2>&1 &&
@@ -138,3 +155,4 @@ install_venv() {
 install_runsc
 install_workspace_tools
 install_venv
+install_claude_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,33 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
     if procs:
         out["processes"] = procs
     return out
+
+
+def seen_by(pid: int, path: Path) -> Path:
+    """`path` as process `pid` sees it: a server mounts workspaces in a mount
+    namespace of its own (mountns.py), so from the test's namespace a
+    workspace directory is the empty mountpoint underneath."""
+    return Path(f"/proc/{pid}/root") / path.resolve().relative_to("/")
+
+
+def workspace_leftovers(*directories: Path, wait: float = 10.0) -> list[str]:
+    """Workspace mounts (in this namespace) and loop devices (in any) of images
+    under `directories`, once the kernel has had `wait` seconds to detach the
+    loop devices of a mount namespace whose last process just exited."""
+    from gvisor_mcp import workspace
+
+    dirs = [d.resolve() for d in directories if d.exists()]
+
+    def under(p: Path) -> bool:
+        return any(d == p or d in p.parents for d in dirs)
+
+    deadline = time.monotonic() + wait
+    while True:
+        left = [f"mount {mp}" for mp, _ in workspace.loop_mounts() if under(mp)]
+        left += [f"{dev} -> {backing}" for dev, backing in workspace.loop_devices() if under(backing)]
+        if not left or time.monotonic() >= deadline:
+            return sorted(left)
+        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -56,6 +56,13 @@ def manager_config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvisor-mcp",
@@ -108,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="http: extra Origin to accept, e.g. https://app.example")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="http: request body limit")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="http: a request body must arrive within this (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="http: a request head must arrive within this; also the idle limit of a kept-alive "
+                   "connection (default 10)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="http: connections open at once; more wait in the listen backlog (default 512)")
+    p.add_argument("--max-sessions", type=int, default=256, help="http: open MCP sessions, all tenants (default 256)")
+    p.add_argument("--max-sessions-per-tenant", type=int, default=16,
+                   help="http: open MCP sessions of one tenant (default 16)")
+    p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="http: a session with no request for this long ends; its workspace is freed (default 1800)")
+    p.add_argument("--max-workspaces", type=_positive_int, default=128,
+                   help="workspace images mounted at once, all tenants (default 128)")
+    p.add_argument("--max-workspaces-per-tenant", type=_positive_int, default=16,
+                   help="workspace images mounted at once for one tenant (default 16)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
     p.add_argument("--workspace", default=None, metavar="NAME",

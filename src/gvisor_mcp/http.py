@@ -3,7 +3,7 @@
 Shape: one Runtime (one Manager with one global capacity, one store, one
 audit log) shared by every tenant, and in front of it one `MCPServer` per
 tenant (each publishes its own tenant's policy in the tool schemas, and has
-its own session manager). The Gateway is the ASGI app uvicorn serves:
+its own session manager). The Gateway is the ASGI app Granian serves:
 
 1. every request needs `Authorization: Bearer <token>`; without a valid one
    it gets 401 before anything else happens. The tenant comes only from the
@@ -16,8 +16,13 @@ its own session manager). The Gateway is the ASGI app uvicorn serves:
 4. Host and Origin checks (421 / 403) and the body limit (413) are the SDK's
    TransportSecuritySettings and max_request_body_size, configured
    explicitly here (the SDK leaves the checks off when not configured). A
-   request body must arrive within `body_timeout` seconds; uvicorn closes
-   idle keep-alive connections after `timeout_keep_alive`.
+   request body must arrive within `body_timeout` seconds; the request
+   head within `header_timeout` (Granian's own limit, see serve_asgi), which
+   also closes idle kept-alive connections; at most `max_connections` are
+   open at once.
+5. Sessions: at most `max_sessions_per_tenant` per tenant and
+   `max_sessions` in all (429 / 503 with what to do); one idle for
+   `session_idle_timeout` is ended and its workspace freed.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ import contextlib
 import ipaddress
 import json
 import secrets
-import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 
+from .lifecycle import Signals
 from .metrics import CONTENT_TYPE_LATEST
 from .policy import UnknownTenant
 from .server import AppState, PolicyHolder, Runtime, Settings, build_server, runtime
@@ -47,6 +54,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SESSION_HEADER = b"mcp-session-id"
+DRAIN_LIMIT = 64 * 1024 * 1024
+"""A body declared larger than --max-body-bytes is read (and dropped) up to this
+size so the client can read its 413; larger ones get the 413 at once."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,13 @@ class HttpOptions:
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0
-    keep_alive_timeout: float = 15.0
+    header_timeout: float = 10.0
+    """A request head must arrive within this (also: how long a kept-alive connection may idle)."""
+    max_connections: int = 512
+    """Connections open at once; more wait in the kernel's listen backlog."""
     session_idle_timeout: float = 1800.0
+    max_sessions: int = 256
+    max_sessions_per_tenant: int = 16
 
     def check(self) -> None:
         """Refuse configurations that would expose tokens in clear text."""
@@ -74,6 +89,12 @@ class HttpOptions:
                 "in clear text. Pass --tls-cert/--tls-key, or --behind-tls-proxy when a proxy in front "
                 "terminates TLS, or bind to 127.0.0.1"
             )
+        for name in ("header_timeout", "body_timeout", "session_idle_timeout"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 86400 seconds")
+        for name in ("max_connections", "max_sessions", "max_sessions_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.tokens_path:
             raise ValueError("--tokens FILE is required with --transport http (create it with `gvisor-mcp token add TENANT`)")
 
@@ -111,6 +132,18 @@ class TenantHost:
 class Session:
     tenant: str
     internal: str
+    last_active: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    """Requests of this session being served (an open GET stream counts)."""
+
+
+class SessionLimit(Exception):
+    """A new session would exceed a cap; `status` and `message` are the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass
@@ -124,6 +157,8 @@ class Gateway:
     """external session id -> tenant and the SDK's id"""
     external_ids: dict[tuple[str, str], str] = field(default_factory=dict)
     """(tenant, the SDK's id) -> external session id"""
+    opening: dict[str, int] = field(default_factory=dict)
+    """tenant -> requests without a session id in flight (each may open one)"""
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # --- ASGI ---------------------------------------------------------------
@@ -162,6 +197,10 @@ class Gateway:
         await self._mcp(tenant, scope, receive, send)
 
     async def _mcp(self, tenant: str, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = _content_length(scope)
+        if declared is not None and declared > self.options.max_body_bytes:
+            await self._too_large(declared, receive, send)
+            return
         host = await self._host(tenant)
         external = _header(scope, SESSION_HEADER)
         if external is not None:
@@ -171,8 +210,18 @@ class Gateway:
                                            "error": {"code": -32001, "message": "Session not found"}})
                 return
             scope = _with_header(scope, SESSION_HEADER, session.internal)
+            session.in_flight += 1
         else:
             session = None
+            try:
+                self._admit(tenant)
+            except SessionLimit as e:
+                log.warning("http_session_refused", tenant=tenant, reason=e.message)
+                await _respond(send, e.status, {"jsonrpc": "2.0", "id": None,
+                                                "error": {"code": -32000, "message": e.message}},
+                               extra=[(b"retry-after", b"60")])
+                return
+            self.opening[tenant] = self.opening.get(tenant, 0) + 1
         status = 0
 
         async def send_mapped(message: dict[str, Any]) -> None:
@@ -185,13 +234,60 @@ class Gateway:
                     message = _with_header(message, SESSION_HEADER, ext)
             await send(message)
 
-        await host.asgi(scope, _bounded(receive, self.options.body_timeout), send_mapped)
+        try:
+            await host.asgi(scope, _bounded(receive, self.options.body_timeout), send_mapped)
+        finally:
+            if session is None:
+                self.opening[tenant] -= 1
+            else:
+                session.in_flight -= 1
+                session.last_active = time.monotonic()
         if session is not None and external is not None:
             ended = scope["method"] == "DELETE" and status < 300
-            if ended or status == 404:  # closed by the client, or by the SDK (idle timeout)
-                self.sessions.pop(external, None)
-                self.external_ids.pop((tenant, session.internal), None)
-                host.app.drop_session(session.internal)
+            if ended or status == 404:  # closed by the client, or by the SDK
+                self._forget(external, session, "closed" if ended else "gone")
+
+    async def _too_large(self, declared: int, receive: Receive, send: Send) -> None:
+        """413 for a body declared too large, after reading what the client sends
+        (up to DRAIN_LIMIT): Granian closes a connection whose request body is
+        left unread, and a client still writing its body would see a reset
+        instead of the answer."""
+        if declared <= DRAIN_LIMIT:
+            with contextlib.suppress(SlowClient, OSError):
+                received = 0
+                bounded = _bounded(receive, self.options.body_timeout)
+                while received <= declared:
+                    message = await bounded()
+                    received += len(message.get("body", b""))
+                    if message["type"] != "http.request" or not message.get("more_body"):
+                        break
+        await _respond(send, 413, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
+            f"request body of {declared} bytes is larger than this server accepts "
+            f"(--max-body-bytes {self.options.max_body_bytes}); send less"
+        )}}, extra=[(b"connection", b"close")])
+
+    def _admit(self, tenant: str) -> None:
+        """Raise SessionLimit when a new session of `tenant` would exceed a cap.
+
+        Requests that carry no session id count while they are in flight
+        (any of them may be an initialize that opens one).
+        """
+        o = self.options
+        mine = sum(1 for s in self.sessions.values() if s.tenant == tenant) + self.opening.get(tenant, 0)
+        if mine >= o.max_sessions_per_tenant:
+            raise SessionLimit(429, (
+                f"tenant {tenant!r} already has {mine} open MCP sessions, the most this server allows per "
+                f"tenant (--max-sessions-per-tenant {o.max_sessions_per_tenant}). End one (HTTP DELETE with "
+                f"its mcp-session-id) or wait until an idle one expires ({o.session_idle_timeout:g} s without "
+                "a request), then open a new session"
+            ))
+        total = len(self.sessions) + sum(self.opening.values())
+        if total >= o.max_sessions:
+            raise SessionLimit(503, (
+                f"this server already has {total} open MCP sessions, its limit (--max-sessions "
+                f"{o.max_sessions}). Try again later, when sessions have ended or expired "
+                f"({o.session_idle_timeout:g} s without a request)"
+            ))
 
     def _external(self, tenant: str, internal: str) -> str:
         ext = self.external_ids.get((tenant, internal))
@@ -199,8 +295,42 @@ class Gateway:
             ext = secrets.token_hex(32)
             self.sessions[ext] = Session(tenant, internal)
             self.external_ids[(tenant, internal)] = ext
-            log.info("http_session_opened", tenant=tenant)
+            log.info("http_session_opened", tenant=tenant, open=len(self.sessions))
         return ext
+
+    def _forget(self, external: str, session: Session, why: str) -> None:
+        """The session ended: forget its id and free its workspace (now, or when
+        its last background command ends)."""
+        self.sessions.pop(external, None)
+        self.external_ids.pop((session.tenant, session.internal), None)
+        host = self.hosts.get(session.tenant)
+        if host is not None:
+            host.app.drop_session(session.internal)
+        log.info("http_session_ended", tenant=session.tenant, why=why, open=len(self.sessions))
+
+    async def expire_idle_sessions(self) -> None:
+        """End sessions with no request for `session_idle_timeout` seconds.
+
+        The SDK has its own idle timeout but tells nobody when it fires, so
+        its sessions' workspaces stayed mounted until the server stopped
+        (issue 14, finding 5). The Gateway sees every request, so it keeps
+        the clock: an expired session is ended through the SDK's own DELETE
+        path, then its workspace is freed. The SDK's timeout (twice ours)
+        stays as a backstop.
+        """
+        timeout = self.options.session_idle_timeout
+        period = min(30.0, max(0.5, timeout / 4))
+        while True:
+            await anyio.sleep(period)
+            now = time.monotonic()
+            for external, session in list(self.sessions.items()):
+                if session.in_flight == 0 and now - session.last_active >= timeout:
+                    host = self.hosts.get(session.tenant)
+                    if host is not None:
+                        await _delete_session(host.asgi, session.internal, self.options)
+                    self._forget(external, session, "idle")
+            for host in list(self.hosts.values()):
+                host.app.reap_ended_sessions()
 
     # --- one MCP server per tenant ------------------------------------------
 
@@ -227,7 +357,8 @@ class Gateway:
             streamable_http_path="/mcp",
             transport_security=self.options.security(),
             max_request_body_size=self.options.max_body_bytes,
-            session_idle_timeout=self.options.session_idle_timeout,
+            session_idle_timeout=self.options.session_idle_timeout * 2,  # ours ends them first
+            max_sessions=self.options.max_sessions_per_tenant,
             host=self.options.host,
         )
         async with server.session_manager.run():
@@ -241,12 +372,49 @@ class Gateway:
                 self.rt.policy.listeners.remove(app.warm_pool)
 
 
+async def _delete_session(asgi: Any, internal: str, options: HttpOptions) -> None:
+    """End a session the way a client would: DELETE with its id (the SDK's own path)."""
+    host = f"127.0.0.1:{options.port}".encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "DELETE",
+        "scheme": "http", "path": "/mcp", "raw_path": b"/mcp", "root_path": "", "query_string": b"",
+        "headers": [(b"host", host), (SESSION_HEADER, internal.encode("latin-1"))],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", options.port),
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(_message: dict[str, Any]) -> None:
+        pass
+
+    try:
+        with anyio.fail_after(10):
+            await asgi(scope, receive, send)
+    except Exception as e:  # the session is forgotten anyway
+        log.warning("http_session_delete_failed", error=str(e))
+
+
 def _bearer(scope: Scope) -> str | None:
     value = _header(scope, b"authorization")
     if value is None:
         return None
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _header(scope_or_message: dict[str, Any], name: bytes) -> str | None:
@@ -273,13 +441,16 @@ def _bounded(receive: Receive, timeout: float) -> Receive:
     disconnect, during a long streamed response) is normal.
     """
     body_done = False
+    deadline: float | None = None
 
     async def wrapped() -> dict[str, Any]:
-        nonlocal body_done
+        nonlocal body_done, deadline
         if body_done:
             return await receive()
+        if deadline is None:  # the whole body, not each chunk: a trickle is no escape
+            deadline = anyio.current_time() + timeout
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                 message = await receive()
         except TimeoutError:
             raise SlowClient(f"request body not received within {timeout:g} s") from None
@@ -302,19 +473,81 @@ async def _respond_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-def _uvicorn_server(app: Any, **config: Any) -> Any:
-    import uvicorn
+HEADER_TIMEOUT = 10.0
+MAX_CONNECTIONS = 512
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def,override]
-            # Signals are ours: uvicorn would re-raise SIGTERM after serving and
-            # kill the process before the Runtime cleaned up its sandboxes.
-            yield
 
-    return Server(uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, server_header=False, **config
-    ))
+async def serve_asgi(
+    app: Any, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS, tls_cert: str | None = None, tls_key: str | None = None,
+) -> None:
+    """Serve `app` with Granian, embedded in this event loop, until cancelled.
+
+    Why Granian and not uvicorn: uvicorn has no timeout on reading a
+    request's head (its keep-alive timer is disarmed by every byte received,
+    and `limit_concurrency` only answers 503 once a head is complete), so 200
+    clients sending headers a byte at a time held 200 connections forever
+    (issue 14, finding 8). Granian (hyper underneath) has all three limits
+    as its own settings:
+
+    - `header_read_timeout`: the whole request head must arrive within it,
+      counted from the connection's start and again whenever a kept-alive
+      connection goes idle (so it is the keep-alive idle limit too);
+    - `backpressure`: connections open at once; past it, new ones wait in
+      the kernel's listen backlog (no fd, no task) until one closes;
+    - HTTP/1.1 only (MCP clients speak it; no h2 stream limits to tune).
+
+    (Hypercorn also times out a request head, through its keep-alive timer,
+    but has no connection cap.) Granian is started and stopped here, not by
+    its own signal handling: signals are the server's (lifecycle.py).
+    """
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    server = Server(
+        app,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGINL,  # no ASGI lifespan: the Runtime is ours
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=1024,
+        backpressure=max_connections,
+        http1_settings=HTTP1Settings(header_read_timeout=int(header_timeout * 1000), keep_alive=True),
+        log_level=LogLevels.error,
+        log_dictconfig=_GRANIAN_LOGS,
+        ssl_cert=Path(tls_cert) if tls_cert else None,
+        ssl_key=Path(tls_key) if tls_key else None,
+    )
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # stopped below, never cut half-way
+                await server.serve()
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await done.wait()  # it ends by itself only on a failure (e.g. the port is taken)
+            raise RuntimeError(f"the HTTP server on {host}:{port} stopped")
+        finally:
+            server.stop()
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+
+
+_GRANIAN_LOGS = {
+    # Granian's default handlers write to stdout: never there (stdio's MCP channel).
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+    },
+}
 
 
 async def serve_metrics(metrics: Any, port: int) -> None:
@@ -328,14 +561,10 @@ async def serve_metrics(metrics: Any, port: int) -> None:
             return
         await _respond_bytes(send, 200, metrics.exposition(), CONTENT_TYPE_LATEST.encode())
 
-    server = _uvicorn_server(app, host="127.0.0.1", port=port)
-    try:
-        await server.serve()
-    finally:
-        server.should_exit = True
+    await serve_asgi(app, "127.0.0.1", port, max_connections=64)
 
 
-async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOptions) -> None:
+async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOptions, signals: Signals) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy and the tokens file."""
     # A tenant's MCP server is built at its first request; import what that
     # needs before listening, so the first request does not pay seconds of imports.
@@ -343,32 +572,29 @@ async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOpti
 
     from .tools import register_tools  # noqa: F401
 
-    async with runtime(settings, policy) as rt, anyio.create_task_group() as tg:
-        gateway = Gateway(rt, TokenFile.load(options.tokens_path), options, tg)
-        server = _uvicorn_server(
-            gateway,
-            host=options.host,
-            port=options.port,
-            timeout_keep_alive=int(options.keep_alive_timeout),
-            ssl_certfile=options.tls_cert,
-            ssl_keyfile=options.tls_key,
-        )
+    gateway: Gateway | None = None
 
-        async def signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for sig in sigs:
-                    if sig == signal.SIGHUP:
-                        policy.reload()
-                        try:
-                            gateway.tokens = TokenFile.load(options.tokens_path)
-                            log.info("tokens_reloaded", count=len(gateway.tokens.entries))
-                        except ValueError as e:
-                            log.error("tokens_reload_failed", error=str(e))
-                        continue
-                    log.info("signal", signal=sig.name)
-                    server.should_exit = True
+    async def serve() -> None:
+        nonlocal gateway
+        async with runtime(settings, policy) as rt, anyio.create_task_group() as tg:
+            gateway = Gateway(rt, TokenFile.load(options.tokens_path), options, tg)
+            tg.start_soon(gateway.expire_idle_sessions)
+            log.info("http_listening", host=options.host, port=options.port, tls=bool(options.tls_cert),
+                     header_timeout=options.header_timeout, max_connections=options.max_connections)
+            # Stops taking requests first; then runtime() kills and records commands.
+            await serve_asgi(
+                gateway, options.host, options.port, header_timeout=options.header_timeout,
+                max_connections=options.max_connections, tls_cert=options.tls_cert, tls_key=options.tls_key,
+            )
 
-        tg.start_soon(signals)
-        log.info("http_listening", host=options.host, port=options.port, tls=bool(options.tls_cert))
-        await server.serve()
-        tg.cancel_scope.cancel()
+    def reload() -> None:
+        policy.reload()
+        if gateway is None:
+            return
+        try:
+            gateway.tokens = TokenFile.load(options.tokens_path)
+            log.info("tokens_reloaded", count=len(gateway.tokens.entries))
+        except ValueError as e:
+            log.error("tokens_reload_failed", error=str(e))
+
+    await signals.guard(serve, on_reload=reload)

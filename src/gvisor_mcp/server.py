@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,12 +19,13 @@ from typing import Any
 import anyio
 import structlog
 
-from . import logs
+from . import logs, mountns
 from . import workspace as _workspace
 from .audit import AuditLog
 from .jobs import Jobs
+from .lifecycle import Signals
 from .metrics import Metrics
-from .policy import ExecRequest, Policy, Resolved, load, load_default, resolve, workspace_host_path
+from .policy import ExecRequest, Policy, Resolved, load, load_default, path_component, resolve, workspace_host_path
 from .policy.resolve import SESSIONS_DIR
 from .roots import AgentWorkspaces, stdio_places
 from .results import ResultStore
@@ -59,6 +59,9 @@ class Settings:
     """stdio, scope session: the named workspace this process uses (kept across restarts)."""
     projects: dict[str, Any] = field(default_factory=dict)
     """Projects the operator gave on the command line (`serve --project DIR`), by name."""
+    max_workspaces: int = 128
+    """Workspace images this process keeps mounted at once, all tenants (one loop device each)."""
+    max_workspaces_per_tenant: int = 16
 
 
 def default_state_dir() -> Path:
@@ -124,15 +127,25 @@ class AppState:
     """HTTP: workspaces the agent created with create_workspace (roots.py)."""
     _prepared: dict[Path, Path] = field(default_factory=dict)
     """Workspace paths as resolve() derives them -> mounted directory (prepare_plan's cache)."""
+    ended_sessions: set[str] = field(default_factory=set)
+    """HTTP sessions that ended while a background command of theirs still ran."""
 
     def drop_session(self, session_id: str) -> None:
         """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
-        unless a background command of that session still runs (then at server stop)."""
+        or, while a background command of that session still runs, as soon as
+        the last one has ended (reap_ended_sessions)."""
         if any(j.session == session_id for j in self.jobs.active_all()):
+            self.ended_sessions.add(session_id)
             return
+        self.ended_sessions.discard(session_id)
         path = workspace_host_path(self.workspace_root, self.tenant, "session", session_id).resolve()
         if path in self.made_workspaces:
             self.remove_workspace(path)
+
+    def reap_ended_sessions(self) -> None:
+        """Free the workspaces of ended sessions whose background commands are done."""
+        for session_id in list(self.ended_sessions):
+            self.drop_session(session_id)
 
     def remove_workspace(self, path: Path) -> None:
         """Unmount and delete a session workspace (its image goes with it)."""
@@ -201,6 +214,8 @@ class AppState:
         if root not in target.parents:
             raise RuntimeError(f"workspace {target} is outside {root}")
         uid, gid = owner
+        if target not in _workspace.held():
+            self._check_workspace_caps(root)
         try:
             _workspace.ensure(root, target, plan.size_mb, uid, gid, "kept" if plan.kept else plan.scope)
         except _workspace.WorkspaceError as e:
@@ -208,6 +223,29 @@ class AppState:
         self.made_workspaces.add(target)
         self._prepared[plan.host_path] = target
         return target
+
+    def _check_workspace_caps(self, root: Path) -> None:
+        """Refuse a new mount past --max-workspaces(-per-tenant): each is an
+        image and a loop device, and HTTP sessions come and go at a client's will."""
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        held = _workspace.held()
+        tenant_dir = root / path_component(self.tenant)
+        mine = sum(1 for p in held if tenant_dir in p.parents)
+        s = self.settings
+        if mine >= s.max_workspaces_per_tenant:
+            raise ToolError(
+                f"the workspace could not be prepared: tenant {self.tenant!r} already has {mine} workspaces "
+                f"mounted, the most this server allows per tenant (--max-workspaces-per-tenant "
+                f"{s.max_workspaces_per_tenant}); each open session holds one. End a session you no longer "
+                "use (HTTP DELETE), or wait until idle ones expire, then call again"
+            )
+        if len(held) >= s.max_workspaces:
+            raise ToolError(
+                f"the workspace could not be prepared: this server already has {len(held)} workspaces "
+                f"mounted, its limit (--max-workspaces {s.max_workspaces}). Try again when sessions have "
+                "ended or expired"
+            )
 
     def pool_template(self) -> Any:
         """The options of this tenant's default request: what most calls look like.
@@ -380,30 +418,49 @@ def _drop_session_workspaces(app: AppState) -> None:
     _workspace.release_all()  # anything this process still holds
 
 
-async def _serve_stdio(settings: Settings, policy: PolicyHolder) -> None:
+async def _serve_stdio(settings: Settings, policy: PolicyHolder, signals: Signals) -> None:
     server = build_server(settings, policy)
-    async with anyio.create_task_group() as tg:
-
-        async def signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for sig in sigs:
-                    if sig == signal.SIGHUP:
-                        policy.reload()
-                        continue
-                    log.info("signal", signal=sig.name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(signals)
-        await serve_stdio(server)
-        tg.cancel_scope.cancel()
+    # serve_stdio returns when stdin ends; a stop signal cancels it. Either
+    # way the lifespan (runtime()) cleans up, shielded, before this returns.
+    await signals.guard(lambda: serve_stdio(server), on_reload=policy.reload)
 
 
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
+    try:
+        return _serve(args)
+    finally:
+        Signals.finished()
+
+
+def _return_big_buffers_to_the_os() -> None:
+    """glibc: every allocation of 1 MiB or more is its own mapping, unmapped when freed.
+
+    By default glibc raises that threshold after the first large free (up to
+    32 MiB), and from then on big transient buffers — a 30 MB request line,
+    its parsed text — come from the heap and stay resident after they are
+    freed: +86 MiB after one 30 MB line (issue 14, finding 10).
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def _serve(args: Any) -> int:
     from .cli import manager_config
 
+    # First of all: from here on a signal never kills the process with
+    # something to clean up (lifecycle.py), and workspace mounts live in a
+    # namespace the kernel tears down with us (mountns.py; needs a process
+    # with no threads yet).
+    signals = Signals()
+    signals.install()
+    _return_big_buffers_to_the_os()
     logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
+    log.info("serve_begin", pid=os.getpid())
     settings = Settings(
         tenant=args.tenant or "default",
         policy_path=args.policy,
@@ -411,6 +468,8 @@ def serve(args: Any) -> int:
         manager=manager_config(args),
         pool_size=args.pool_size,
         metrics_port=getattr(args, "metrics_port", 0),
+        max_workspaces=args.max_workspaces,
+        max_workspaces_per_tenant=args.max_workspaces_per_tenant,
     )
     try:
         policy = PolicyHolder(settings.policy_path)
@@ -435,6 +494,12 @@ def serve(args: Any) -> int:
             allowed_hosts=tuple(args.allowed_host),
             allowed_origins=tuple(args.allowed_origin),
             max_body_bytes=args.max_body_bytes,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            max_connections=args.max_connections,
+            session_idle_timeout=args.session_idle_timeout,
+            max_sessions=args.max_sessions,
+            max_sessions_per_tenant=args.max_sessions_per_tenant,
         )
         try:
             options.check()
@@ -442,14 +507,23 @@ def serve(args: Any) -> int:
             print(f"gvisor-mcp: {e}", file=sys.stderr)
             return 2
 
-    async def preflight() -> tuple[bool, str]:
+    namespace = mountns.enter((settings.state_dir / "workspaces").resolve())
+    log.info("mount_namespace", namespace=namespace)
+
+    async def preflight() -> tuple[bool, str] | None:
         async with Manager(settings.manager) as manager:
-            return await canary(manager)
+            # A stop signal cancels only the canary; the Manager's exit then
+            # removes its sandbox as usual.
+            return await signals.guard(lambda: canary(manager))
 
     try:
-        ok, detail = anyio.run(preflight)
+        checked = anyio.run(preflight)
     except Exception as e:
-        ok, detail = False, f"{type(e).__name__}: {e}"
+        checked = False, f"{type(e).__name__}: {e}"
+    if checked is None:  # stopped by a signal during the canary
+        log.info("server_stop", tenant=settings.tenant, before="serving")
+        return 0
+    ok, detail = checked
     if not ok:
         print(
             "gvisor-mcp: refusing to serve: a sandbox could not run the canary "
@@ -461,7 +535,7 @@ def serve(args: Any) -> int:
     if options is not None:
         from .http import serve_http
 
-        anyio.run(serve_http, settings, policy, options)
+        anyio.run(serve_http, settings, policy, options, signals)
         return 0
-    anyio.run(_serve_stdio, settings, policy)
+    anyio.run(_serve_stdio, settings, policy, signals)
     return 0

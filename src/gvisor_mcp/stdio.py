@@ -30,8 +30,11 @@ import structlog
 
 log = structlog.get_logger("gvisor_mcp.stdio")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""A line longer than this is dropped (and logged), not buffered without end."""
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+"""A line longer than this is refused and dropped as it arrives, never held whole.
+
+The largest request the policy can accept is a 4 MiB stdin plus 1 MiB of
+argv and the env; even JSON-escaped that fits in 32 MiB."""
 
 
 _ID = re.compile(rb'"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")')
@@ -49,69 +52,157 @@ def head_id(data: bytes) -> int | str | None:
 
 
 class LineReader:
-    """Async iterator over the JSON-RPC lines of a file descriptor, cancellable.
+    """Async iterator over the JSON-RPC messages of a file descriptor, cancellable.
+
+    Each line is parsed once, here, straight from the bytes read (the SDK's
+    own stdin reader decoded it, and we had validated it before that: three
+    copies and two parses of every line; a 50 MB line raised the server's
+    memory by ~200 MiB). What is yielded is the parsed message.
 
     A line that is not a valid JSON-RPC message (bad JSON, a lone surrogate
-    escape) or that is longer than `max_line` is answered here with a
-    JSON-RPC error for the id at its head, so a client never waits forever
-    for it; the SDK then only sees valid messages.
+    escape, an id that is neither a string nor an integer, an over-long
+    progress token) or that is longer than `max_line` is answered here with
+    a JSON-RPC error, so a client never waits forever for it; the SDK only
+    sees valid messages. An over-long line is dropped while it arrives: at
+    most `max_line` bytes of it are ever held.
     """
 
     def __init__(self, fd: int, reject: Any = None, max_line: int = MAX_MESSAGE_BYTES) -> None:
         self._fd = fd
         self._buf = bytearray()
+        self._scanned = 0
+        """Bytes of _buf known to hold no newline (each byte is searched once)."""
         self._max = max_line
         self._skipping = False
         self._reject = reject
+        self._eof = False
         os.set_blocking(fd, False)
 
-    async def _refuse(self, data: bytes, code: int, message: str) -> None:
-        log.error("stdin_message_refused", reason=message)
+    async def _refuse(self, request_id: Any, code: int, message: str) -> None:
+        log.error("stdin_message_refused", reason=message[:500])
         if self._reject is not None:
-            await self._reject(head_id(data), code, message)
+            await self._reject(request_id, code, message)
 
     def __aiter__(self) -> LineReader:
         return self
 
-    async def __anext__(self) -> str:
+    def _take_line(self) -> bytearray | None:
+        nl = self._buf.find(b"\n", self._scanned)
+        if nl < 0:
+            self._scanned = len(self._buf)
+            return None
+        if nl == len(self._buf) - 1:  # the usual case: the line is all we hold, no copy
+            line, self._buf = self._buf, bytearray()
+        else:
+            line = self._buf[: nl + 1]
+            del self._buf[: nl + 1]
+        self._scanned = 0
+        return line
+
+    async def __anext__(self) -> Any:
         while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[: nl + 1])
-                del self._buf[: nl + 1]
+            line = self._take_line()
+            if line is not None:
                 if self._skipping:
                     self._skipping = False
                     continue
                 if not line.strip():
                     continue
-                text = line.decode("utf-8", errors="replace")
-                try:
-                    _message_adapter().validate_json(text, by_name=False)
-                except ValueError as e:
-                    await self._refuse(line, PARSE_ERROR, f"not a valid JSON-RPC message: {str(e)[:300]}")
-                    continue
-                return text
+                message = await self._parse(line)
+                if message is not None:
+                    return message
+                continue
             if len(self._buf) > self._max:
                 if not self._skipping:
-                    await self._refuse(bytes(self._buf[:4096]), INVALID_REQUEST,
+                    await self._refuse(head_id(bytes(self._buf[:4096])), INVALID_REQUEST,
                                        f"message longer than {self._max} bytes; send less")
                 self._skipping = True
-                self._buf.clear()
+                self._buf = bytearray()
+                self._scanned = 0
             await anyio.wait_readable(self._fd)
             try:
                 chunk = os.read(self._fd, 1 << 16)
             except BlockingIOError:
                 continue
             if not chunk:
+                if not self._eof:
+                    self._eof = True
+                    log.info("stdin_closed")
                 if self._buf and not self._skipping:
                     self._buf += b"\n"  # the last line, without its newline
                     continue
                 raise StopAsyncIteration
             self._buf += chunk
 
+    async def _parse(self, line: bytearray) -> Any:
+        """The message, or None once the client was answered with an error."""
+        import mcp_types
+
+        try:
+            message = _message_adapter().validate_json(line, by_name=False)
+        except ValueError as e:
+            await self._refuse(head_id(bytes(line[:4096])), PARSE_ERROR,
+                               f"not a valid JSON-RPC message: {str(e)[:300]}")
+            return None
+        if isinstance(message, mcp_types.JSONRPCNotification) and b'"id"' in line:
+            # A request whose id is not a string or an integer (an object, a
+            # list, a float, null, a boolean) validates as a notification, and
+            # would never be answered. Rare: only then is the line read again.
+            problem = _bad_id(line)
+            if problem is not None:
+                await self._refuse(None, INVALID_REQUEST, problem)
+                return None
+        if isinstance(message, mcp_types.JSONRPCRequest):
+            problem = progress_token_problem(message.params)
+            if problem is not None:
+                await self._refuse(message.id, INVALID_PARAMS, problem)
+                return None
+        return message
+
+
+def _bad_id(line: bytearray) -> str | None:
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(raw, dict) or "id" not in raw:
+        return None
+    kind = {dict: "an object", list: "a list", float: "a number with a fraction", bool: "a boolean",
+            type(None): "null"}.get(type(raw["id"]), type(raw["id"]).__name__)
+    return (
+        f'invalid request: "id" is {kind}; JSON-RPC request ids here must be a string or an integer. '
+        "Send the request again with such an id (or without one, as a notification)"
+    )
+
+
+MAX_PROGRESS_TOKEN = 256
+"""Characters of a progressToken: it is echoed in every progress notification."""
+
+
+def progress_token_problem(params: Any) -> str | None:
+    """Why a request's progressToken is refused, or None."""
+    if not isinstance(params, dict):
+        return None
+    meta = params.get("_meta")
+    if not isinstance(meta, dict) or "progressToken" not in meta:
+        return None
+    token = meta["progressToken"]
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        return "invalid params: _meta.progressToken must be a string or an integer; send it again as one"
+    if isinstance(token, int) and abs(token) > 2**53:
+        return "invalid params: _meta.progressToken is an integer beyond 2^53; send a smaller one"
+    if isinstance(token, str) and len(token) > MAX_PROGRESS_TOKEN:
+        return (
+            f"invalid params: _meta.progressToken is {len(token)} characters long; at most "
+            f"{MAX_PROGRESS_TOKEN} are accepted, because it is sent back with every progress "
+            "notification. Send the request again with a shorter token"
+        )
+    return None
+
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 
 
 def _message_adapter() -> Any:
@@ -167,10 +258,40 @@ async def claimed_stdio() -> AsyncIterator[tuple[LineReader, Any]]:
 
 
 async def serve_stdio(server: Any) -> None:
-    """Run an MCPServer on the claimed stdio until stdin ends or we are cancelled."""
-    from mcp.server.stdio import stdio_server
+    """Run an MCPServer on the claimed stdio until stdin ends or we are cancelled.
 
-    async with claimed_stdio() as (stdin, stdout), stdio_server(stdin=stdin, stdout=stdout) as (read, write):
-        # MCPServer.run_stdio_async() does exactly this with the SDK's own stdio.
-        lowlevel = server._lowlevel_server
-        await lowlevel.run(read, write, lowlevel.create_initialization_options())
+    The SDK's `stdio_server()` parses each line itself; here LineReader has
+    parsed it already, so the messages go to the server as they are.
+    """
+    from mcp.shared.message import SessionMessage
+
+    lowlevel = server._lowlevel_server
+    async with claimed_stdio() as (stdin, stdout):
+        to_server, from_stdin = anyio.create_memory_object_stream[Any](0)
+        to_stdout, from_server = anyio.create_memory_object_stream[Any](0)
+
+        async def read() -> None:
+            async with to_server:
+                async for message in stdin:
+                    await to_server.send(SessionMessage(message))
+
+        written = anyio.Event()
+
+        async def write() -> None:
+            try:
+                async with from_server:
+                    async for session_message in from_server:
+                        await stdout.write(
+                            session_message.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n"
+                        )
+            finally:
+                written.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            tg.start_soon(write)
+            async with to_stdout, from_stdin:
+                # MCPServer.run_stdio_async() runs the same, on the SDK's stdio.
+                await lowlevel.run(from_stdin, to_stdout, lowlevel.create_initialization_options())
+            await written.wait()  # the server's last answers are out; then reading stops
+            tg.cancel_scope.cancel()

@@ -45,6 +45,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ TOOLS = ("mkfs.ext4", "mount", "umount")
 INODE_RATIO = 8192
 """Bytes of workspace per inode: a 1 GiB workspace holds up to 131072 files."""
 COMMAND_TIMEOUT = 60.0
+HELD_ELSEWHERE_WAIT = 5.0
+"""Seconds to wait for a loop device of a dead server's namespace to detach."""
 
 
 class WorkspaceError(RuntimeError):
@@ -179,11 +182,12 @@ def _loop_backing_file(device: str) -> Path | None:
     return Path(text.removesuffix(" (deleted)"))
 
 
-def loop_mounts() -> list[tuple[Path, Path]]:
-    """(mountpoint, backing file) of every loop-device mount in our mount namespace."""
+def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
+    """(mountpoint, backing file) of every loop-device mount in the mount
+    namespace of `pid` (default: ours)."""
     out = []
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     except OSError:
         return out
     for line in lines:
@@ -197,6 +201,37 @@ def loop_mounts() -> list[tuple[Path, Path]]:
         if backing is not None:
             out.append((Path(_unescape(fields[4])), backing))
     return out
+
+
+def loop_devices() -> list[tuple[str, Path]]:
+    """(device, backing file) of every attached loop device, in any mount namespace."""
+    out = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return out
+    for name in names:
+        backing = _loop_backing_file(name)
+        if backing is not None:
+            out.append((f"/dev/{name}", backing))
+    return out
+
+
+def _held_elsewhere(image: Path) -> str | None:
+    """The loop device holding `image` though no mount of it is in our namespace.
+
+    With each server in a mount namespace (mountns.py), that is a server of
+    another namespace, or the sandboxes of a dead server still exiting. Two
+    mounts of one ext4 image corrupt it: such an image is never mounted.
+    Waits briefly for a loop device that is going away (the kernel detaches
+    it when the last process of a dead namespace has exited).
+    """
+    deadline = time.monotonic() + HELD_ELSEWHERE_WAIT
+    while True:
+        devices = [dev for dev, backing in loop_devices() if backing == image]
+        if not devices or time.monotonic() >= deadline:
+            return devices[0] if devices else None
+        time.sleep(0.1)
 
 
 def _mounted_image(mountpoint: Path) -> Path | None:
@@ -331,6 +366,13 @@ def ensure(root: Path, mountpoint: Path, size_mb: int, uid: int, gid: int, scope
                 policy_size_mb=size_mb, note="the policy's size applies to new workspaces",
             )
         if mounted is None:
+            device = _held_elsewhere(image)
+            if device is not None:
+                raise WorkspaceError(
+                    f"workspace image {image} is mounted by a server process outside this server's "
+                    f"mount namespace ({device}), and an ext4 image is never mounted twice. It is "
+                    "freed when that server and its sandboxes have stopped; try again then"
+                )
             _mount(image, mountpoint)
             if created:
                 lost = mountpoint / "lost+found"
@@ -500,6 +542,7 @@ __all__ = [
     "held",
     "image_path",
     "in_use",
+    "loop_devices",
     "loop_mounts",
     "policy_needs_images",
     "release",

@@ -22,7 +22,7 @@ from mcp import Client, StdioServerParameters
 
 from gvisor_mcp import workspace
 
-from ..conftest import CGROUP_PARENT, leftovers
+from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
 from ..protocol.conftest import BIN, run, server_params, structured, text  # noqa: F401 (re-exported)
 
 CANARY_SECONDS = 60
@@ -53,11 +53,13 @@ def write_policy(directory: Path, body: str, name: str = "policy.yaml") -> Path:
     return path
 
 
-def mounts_under(*directories: Path) -> list[str]:
-    """Loop mounts (workspace images) whose mountpoint is under any of `directories`."""
+def mounts_under(*directories: Path, pid: int | str = "self") -> list[str]:
+    """Loop mounts (workspace images) whose mountpoint is under any of
+    `directories`, in the mount namespace of `pid` (a server's: its
+    workspaces are mounted in a namespace of its own, see mountns.py)."""
     dirs = [d.resolve() for d in directories if d.exists()]
     return sorted(
-        str(mp) for mp, _ in workspace.loop_mounts() if any(d == mp or d in mp.parents for d in dirs)
+        str(mp) for mp, _ in workspace.loop_mounts(pid) if any(d == mp or d in mp.parents for d in dirs)
     )
 
 
@@ -151,7 +153,7 @@ def serve(sandbox_base):
 
     yield start
     assert leftovers(sandbox_base) == {}
-    assert mounts_under(sandbox_base, *state_dirs) == []
+    assert workspace_leftovers(sandbox_base, *state_dirs) == []
 
 
 def fresh_name(prefix: str) -> str:

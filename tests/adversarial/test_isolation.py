@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from ..conftest import seen_by
 from .conftest import (
     canary,
     ok,
@@ -246,7 +247,8 @@ async def test_setuid_gives_nothing(serve, sandbox_base, tmp_path):
     policy = write_policy(tmp_path, "version: 1\nworkspace: {scope: tenant, size: 16MiB}\n")
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
         await ok(c, "true")  # the workspace exists now
-        ws = sandbox_base / "state" / "workspaces" / "default" / "shared"
+        [pid] = server_pids(sandbox_base)
+        ws = seen_by(pid, sandbox_base / "state" / "workspaces" / "default" / "shared")
         shutil.copy("/usr/bin/id", ws / "suid-id")
         os.chown(ws / "suid-id", 0, 0)
         os.chmod(ws / "suid-id", 0o4755)

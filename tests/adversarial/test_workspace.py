@@ -13,9 +13,11 @@ import os
 import anyio
 import pytest
 
-from ..conftest import leftovers
+from gvisor_mcp import mountns
+
+from ..conftest import leftovers, workspace_leftovers
 from ..protocol.test_lifecycle import serve_argv, start, wait_exit
-from .conftest import canary, mounts_under, ok, write_policy
+from .conftest import canary, mounts_under, ok, server_pids, write_policy
 
 pytestmark = pytest.mark.runsc
 
@@ -26,22 +28,28 @@ async def stop(server) -> None:
 
 
 @pytest.mark.parametrize("scope", ["session", "tenant"])
-async def test_a_sigkilled_servers_workspace_mount_is_cleaned_at_the_next_start(sandbox_base, tmp_path, scope):
+async def test_a_sigkilled_servers_workspace_mount_goes_with_it_and_the_next_start_cleans_its_files(
+    sandbox_base, tmp_path, scope
+):
+    """The server mounts workspaces in a mount namespace of its own
+    (mountns.py), with auto-clearing loop devices: the host never sees the
+    mount, and when the server is SIGKILLed the kernel drops mount and loop
+    device by itself. The next start removes the dead session's image."""
     policy = write_policy(tmp_path, f"version: 1\nworkspace: {{scope: {scope}, size: 16MiB}}\n")
     state = tmp_path / "state"
     workspaces = state / "workspaces"
     server = await start(sandbox_base, state, "--policy", str(policy), "--pool-size", "0")
     r = await server.call("execute_command", {"command": "echo kept > /workspace/note && echo ok"})
     assert r["stdout"] == "ok\n"
-    [mounted] = mounts_under(workspaces)
+    [mounted] = mounts_under(workspaces, pid=server.process.pid)
+    assert mounts_under(workspaces) == []  # not in the host's mount namespace
+    assert len(workspace_leftovers(workspaces, wait=0)) == 1  # its loop device
     server.process.kill()
     await wait_exit(server)
-    assert mounts_under(workspaces) == [mounted]  # the kernel keeps a dead server's mount
+    assert workspace_leftovers(workspaces) == []  # the kernel took mount and loop device down
 
     server = await start(sandbox_base, state, "--policy", str(policy), "--pool-size", "0")
     try:
-        # Start-up (before the first answer) unmounted it.
-        assert mounts_under(workspaces) == []
         r = await server.call("execute_command", {"command": "cat /workspace/note; ls -A /workspace"})
         # Both are kept over stdio: the tenant's shared one, and (scope session)
         # the named workspace (`--workspace`, default `default`): the files survive the crash.
@@ -51,25 +59,32 @@ async def test_a_sigkilled_servers_workspace_mount_is_cleaned_at_the_next_start(
                 (workspaces / ".images" / "default").rglob("*.img")] == [kept + ".img"]
     finally:
         await stop(server)
-    assert mounts_under(workspaces) == []
+    assert workspace_leftovers(workspaces) == []
     assert leftovers(sandbox_base) == {}
 
 
 async def test_two_servers_share_a_tenant_workspace_and_the_last_one_unmounts(serve, sandbox_base, tmp_path):
+    """Two servers of one state directory share one mount namespace (the
+    second joins the first's), so one tenant image is mounted once — two
+    ext4 mounts of one image would corrupt it."""
     policy = write_policy(tmp_path, "version: 1\nworkspace: {scope: tenant, size: 16MiB}\n")
     workspaces = sandbox_base / "state" / "workspaces"
     async with serve("--policy", str(policy), "--pool-size", "0") as first:
         await ok(first, "echo one > /workspace/one")
+        [pid1] = server_pids(sandbox_base)
         async with serve("--policy", str(policy), "--pool-size", "0") as second:
             s = await ok(second, "cat /workspace/one && echo two > /workspace/two")
             assert s["stdout"] == "one\n"
-            assert len(mounts_under(workspaces)) == 1  # reused, never mounted twice
+            [pid2] = [p for p in server_pids(sandbox_base) if p != pid1]
+            assert mountns.namespace_id(pid1) == mountns.namespace_id(pid2) != mountns.namespace_id()
+            assert len(mounts_under(workspaces, pid=pid1)) == 1  # reused, never mounted twice
+            assert len(workspace_leftovers(workspaces, wait=0)) == 1  # one loop device
         # The second server stopped; the first still uses it.
-        assert len(mounts_under(workspaces)) == 1
+        assert len(mounts_under(workspaces, pid=pid1)) == 1
         s = await ok(first, "cat /workspace/two")
         assert s["stdout"] == "two\n"
         await canary(first)
-    assert mounts_under(workspaces) == []  # the last one out unmounted it (the fixture checks too)
+    assert workspace_leftovers(workspaces) == []  # the last one out unmounted it (the fixture checks too)
 
 
 async def test_serve_refuses_a_workspace_it_cannot_bound(sandbox_base, tmp_path):

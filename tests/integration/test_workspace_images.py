@@ -202,3 +202,42 @@ def test_check_support_refuses_a_workspace_it_cannot_bound(monkeypatch):
     assert "mkfs.ext4" in msg and "e2fsprogs" in msg and "enabled: false" in msg
     # Without a workspace there is nothing to bound.
     workspace.check_support(loads("version: 1\nworkspace: {enabled: false}\n"))
+
+
+def test_an_image_mounted_in_another_mount_namespace_is_never_mounted_again(root):
+    """Two ext4 mounts of one image corrupt it. A server in another mount
+    namespace (or a dead server's sandboxes still exiting) holds the image's
+    loop device; ensure() refuses, saying why, instead of mounting it twice.
+    The loop device mount(8) attaches is auto-clearing: when that namespace's
+    last process exits, the kernel detaches it by itself."""
+    mp = root / "t1" / "shared"
+    assert workspace.ensure(root, mp, 16, 0, 0, "tenant") is True
+    workspace.release(mp, remove=False)  # unmounted, image kept
+    image = workspace.image_path(root.resolve(), mp.resolve())
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -o loop,nosuid,nodev {image} {mp} && echo mounted && exec sleep 600"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "mounted"
+        [(device, _)] = [d for d in workspace.loop_devices() if d[1] == image]
+        name = os.path.basename(device)
+        assert Path(f"/sys/block/{name}/loop/autoclear").read_text().strip() == "1"
+        assert mount_count(mp) == 0  # not in our namespace
+        with pytest.raises(workspace.WorkspaceError) as e:
+            workspace.ensure(root, mp, 16, 0, 0, "tenant")
+        assert "never mounted twice" in str(e.value) and device in str(e.value)
+        assert mount_count(mp) == 0
+    finally:
+        other.kill()
+        other.wait()
+    for _ in range(100):  # the kernel detaches it once the namespace is gone
+        if not [d for d in workspace.loop_devices() if d[1] == image]:
+            break
+        import time
+
+        time.sleep(0.1)
+    assert [d for d in workspace.loop_devices() if d[1] == image] == []
+    assert workspace.ensure(root, mp, 16, 0, 0, "tenant") is False  # now it mounts
+    workspace.release(mp, remove=False)

@@ -23,7 +23,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from ..conftest import CGROUP_PARENT, leftovers
+from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
 from .conftest import BIN
 
 pytestmark = pytest.mark.runsc
@@ -75,8 +75,9 @@ def _token(base: Path, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def start_http(sandbox_base: Path, tmp_path: Path, policy_text: str = POLICY):
-    """`gvisor-mcp serve --transport http` with `policy_text` and tokens for alice, bob, metrics."""
+def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY):
+    """`gvisor-mcp serve --transport http` with `extra` flags; on exit: SIGTERM,
+    exit status 0, no token in the log, nothing left behind."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text)
     tokens = {
@@ -90,7 +91,7 @@ def start_http(sandbox_base: Path, tmp_path: Path, policy_text: str = POLICY):
     process = subprocess.Popen(
         [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
          "--tokens", str(tmp_path / "tokens.yaml"), "--state-dir", str(state),
-         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT],
+         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO"},
     )
@@ -110,16 +111,17 @@ def start_http(sandbox_base: Path, tmp_path: Path, policy_text: str = POLICY):
         for token in tokens.values():  # never in a log line
             assert token not in log
         assert leftovers(sandbox_base) == {}
+        assert workspace_leftovers(sandbox_base, state) == []
 
 
 @pytest.fixture
 def http_server(sandbox_base, tmp_path):
-    with start_http(sandbox_base, tmp_path) as server:
+    with running_http_server(sandbox_base, tmp_path) as server:
         yield server
 
 
 async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         for headers in (
             http_server.headers(None),
             http_server.headers(None, Authorization="Bearer gmcp_not-a-real-token"),
@@ -134,7 +136,7 @@ async def test_no_token_or_a_wrong_token_gets_401_and_nothing_else(http_server):
 
 
 async def test_host_origin_body_size_and_metrics_access(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("alice", Host="evil.example"))
         assert r.status_code == 421
         r = await http.post(http_server.url, json=INIT,
@@ -150,14 +152,14 @@ async def test_host_origin_body_size_and_metrics_access(http_server):
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("metrics"))
         assert r.status_code == 403  # a metrics token does not call tools
     # The legitimate Origin (the server's own) is fine.
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers(
             "alice", Origin=f"http://127.0.0.1:{http_server.port}"))
         assert r.status_code == 200
 
 
 async def test_sessions_are_long_random_and_bound_to_their_tenant(http_server):
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("alice"))
         assert r.status_code == 200
         sid = r.headers["mcp-session-id"]
@@ -228,7 +230,7 @@ async def test_quota_is_a_clear_error_and_does_not_hold_up_another_tenant(http_s
         r = await b.call_tool("execute_command", {"command": "echo bob runs"})
         assert not r.is_error and r.structured_content["stdout"] == "bob runs\n"
         await a.call_tool("cancel_command", {"result_id": first["result_id"]})
-    async with httpx2.AsyncClient() as http:
+    async with httpx2.AsyncClient(timeout=60) as http:
         text = (await http.get(http_server.url.replace("/mcp", "/metrics"),
                                headers=http_server.headers("metrics"))).text
     samples = _samples(text)

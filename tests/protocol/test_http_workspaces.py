@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from .test_http import start_http
+from .test_http import running_http_server
 
 pytestmark = pytest.mark.runsc
 
@@ -40,13 +40,13 @@ async def err(c, tool: str, **args) -> str:
 
 @pytest.fixture
 def session_server(sandbox_base, tmp_path):
-    with start_http(sandbox_base, tmp_path, SESSION) as server:
+    with running_http_server(sandbox_base, tmp_path, policy_text=SESSION) as server:
         yield server
 
 
 @pytest.fixture
 def tenant_server(sandbox_base, tmp_path):
-    with start_http(sandbox_base, tmp_path, TENANT) as server:
+    with running_http_server(sandbox_base, tmp_path, policy_text=TENANT) as server:
         yield server
 
 

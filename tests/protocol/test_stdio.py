@@ -15,7 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from ..conftest import leftovers
+from ..adversarial.conftest import server_pids
+from ..conftest import leftovers, seen_by
 from .conftest import run, structured, text
 
 pytestmark = pytest.mark.runsc
@@ -232,7 +233,8 @@ async def test_the_named_workspace_persists_and_another_name_is_separate(serve, 
         r = await run(c, command="cat /workspace/note.txt")
         assert structured(r)["stdout"] == "kept\n"
         named = state / "workspaces" / "default" / "named"
-        assert (named / "default" / "note.txt").read_text() == "kept\n"
+        [pid] = server_pids(sandbox_base)
+        assert (seen_by(pid, named / "default") / "note.txt").read_text() == "kept\n"
         # Another name (another server process here) has its own, empty workspace.
         async with serve("--pool-size", pool, "--workspace", "other") as other:
             r = await run(other, command="ls -A /workspace; cat /workspace/note.txt")
