@@ -1,4 +1,4 @@
-"""`gvisor-mcp serve | run | doctor | cleanup | policy ...`."""
+"""`gvisor-mcp serve | run | doctor | cleanup | policy ... | image ...`."""
 
 from __future__ import annotations
 
@@ -152,16 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
+    sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    # `policy` owns its own argument parsing.
+    # `policy` and `image` own their own argument parsing.
     if argv and argv[0] == "policy":
         from .policy.cli import policy_main
 
         raise SystemExit(policy_main(argv[1:]))
+    if argv and argv[0] == "image":
+        from .images.cli import image_main
+
+        raise SystemExit(image_main(argv[1:]))
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level.upper(), json=True)
     handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
