@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ class Job:
     scope: anyio.CancelScope | None = None
     container_id: str | None = None
     """Known once a sandbox is assigned (a warm one may be claimed)."""
+    holding: Any = None
+    """What the run holds until it ends (its store image's lease), released in _finish."""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
@@ -194,8 +197,12 @@ class Jobs:
         options: ContainerOptions,
         limits: dict[str, Any],
         policy_hash: str | None = None,
+        hold: Callable[[str], Any] | None = None,
     ) -> Job:
+        """Start a job; `hold(result_id)` is called first (it may refuse by raising,
+        before anything is recorded) and what it returns is released when the job ends."""
         rid = self.store.new_id()
+        holding = hold(rid) if hold is not None else None
         cap = options.resources.merged_over(self.manager.config.default_resources).max_output_bytes
         job = Job(
             result_id=rid,
@@ -204,6 +211,7 @@ class Jobs:
             command=command,
             limits=limits,
             timeout=options.resources.timeout or self.manager.config.default_resources.timeout,
+            holding=holding,
         )
         self.store.start(
             rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits
@@ -260,6 +268,8 @@ class Jobs:
     def _finish(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
         for w in writers:
             w.close()
+        if job.holding is not None:
+            job.holding.release()
         fields: dict[str, Any] = {"error": error}
         if result is not None:
             job.container_id = result.container_id

@@ -22,9 +22,11 @@ import structlog
 from . import logs, mountns
 from . import workspace as _workspace
 from .audit import AuditLog
+from .images.store import Holding, ImageStore
 from .jobs import Jobs
 from .lifecycle import Signals
 from .metrics import Metrics
+from .paths import default_state_dir
 from .policy import ExecRequest, Policy, Resolved, load, load_default, path_component, resolve, workspace_host_path
 from .policy.resolve import SESSIONS_DIR
 from .roots import AgentWorkspaces, stdio_places
@@ -64,18 +66,18 @@ class Settings:
     max_workspaces_per_tenant: int = 16
 
 
-def default_state_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("gvisor-mcp"))
-
-
 class PolicyHolder:
-    """The current policy; reload() swaps it only when the new file is valid."""
+    """The current policy; reload() swaps it only when the new file is valid.
 
-    def __init__(self, path: str | None) -> None:
+    With the server's image store, a file whose catalog names a store image
+    that is not in the store is not valid (serve refuses to start with it; a
+    reload keeps the previous policy), and says how to build or pull it.
+    """
+
+    def __init__(self, path: str | None, images: ImageStore | None = None) -> None:
         self.path = path
-        self.current: Policy = load(path) if path else load_default()
+        self.images = images
+        self.current: Policy = load(path, images=images) if path else load_default()
         self.listeners: list[Any] = []
         """Called with no argument after a successful reload (e.g. to re-warm the pool)."""
 
@@ -83,7 +85,7 @@ class PolicyHolder:
         if not self.path:
             return False
         try:
-            self.current = load(self.path)
+            self.current = load(self.path, images=self.images)
         except Exception as e:  # keep serving with the old policy
             log.error("policy_reload_failed", path=self.path, error=str(e))
             return False
@@ -129,6 +131,10 @@ class AppState:
     """Workspace paths as resolve() derives them -> mounted directory (prepare_plan's cache)."""
     ended_sessions: set[str] = field(default_factory=set)
     """HTTP sessions that ended while a background command of theirs still ran."""
+    images: ImageStore | None = None
+    """The image store (`<state-dir>/images`): where catalog `{store: NAME}` images live."""
+    pool_holding: Holding | None = None
+    """Keeps the warm pool's store image from `image rm` while the pool targets it."""
 
     def drop_session(self, session_id: str) -> None:
         """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
@@ -178,6 +184,7 @@ class AppState:
         return dict(
             workspace_root=self.workspace_root, session_id=caller.session_id,
             workspace_name=caller.workspace_name, extra_projects=self.settings.projects,
+            images=self.images,
         )
 
     def expire_created(self) -> None:
@@ -276,9 +283,39 @@ class AppState:
             template = None
         if self.warmed is not None and self.warmed != template:
             self.manager.warm(self.warmed, 0)
+        holding, self.pool_holding = self.pool_holding, None
         self.warmed = template
-        if template is not None and template.rootfs is None:
-            self.manager.warm(template, self.settings.pool_size)
+        if template is not None:
+            digest = self._pool_digest()
+            if digest is not None and self.images is not None:
+                self.pool_holding = self.images.hold(
+                    digest, f"the warm pool of server pid {os.getpid()} (tenant {self.tenant})"
+                )
+            try:
+                self.manager.warm(template, self.settings.pool_size)
+            except Exception as e:  # e.g. an image the pool cannot serve: cold runs only
+                log.warning("pool_disabled", reason=str(e))
+                self.warmed = None
+                if self.pool_holding is not None:
+                    self.pool_holding.release()
+                    self.pool_holding = None
+        if holding is not None:
+            holding.release()
+
+    def _pool_digest(self) -> str | None:
+        """The store image of the tenant's default request, if it uses one."""
+        s = self.policy.current.tenant(self.tenant)
+        entry = s.images.catalog.get(s.defaults.image)
+        if entry is None or entry.store is None or self.images is None:
+            return None
+        return self.images.get(entry.store).digest
+
+    def hold_image(self, resolved: Resolved, result_id: str) -> Holding | None:
+        """Mark the run's store image as in use until the run ends (`image rm` refuses it)."""
+        digest = resolved.receipt.image_digest
+        if digest is None or self.images is None:
+            return None
+        return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
 
 
 @dataclass
@@ -309,8 +346,10 @@ class Runtime:
             workspace_root=self.settings.state_dir / "workspaces",
             session_from_request=session_from_request,
             metrics=self.metrics,
+            images=self.policy.images,
         )
         self.after_close.append(lambda: _drop_session_workspaces(app))
+        self.after_close.append(lambda: app.pool_holding.release() if app.pool_holding else None)
         return app
 
 
@@ -472,7 +511,7 @@ def _serve(args: Any) -> int:
         max_workspaces_per_tenant=args.max_workspaces_per_tenant,
     )
     try:
-        policy = PolicyHolder(settings.policy_path)
+        policy = PolicyHolder(settings.policy_path, ImageStore(settings.state_dir / "images"))
         policy.current.tenant(settings.tenant)
         _workspace.check_support(policy.current)  # never an unbounded workspace
         settings.workspace_name, settings.projects = stdio_places(args, policy.current.tenant(settings.tenant))

@@ -186,7 +186,9 @@ def test_yaml_1_1_surprises_stay_strings() -> None:
 
 def test_image_paths_checked_only_when_asked(tmp_path: Path) -> None:
     text = "version: 1\nimages:\n  catalog:\n    py: /nonexistent/rootfs\n  allowed: [host, py]\n"
-    assert loads(text, check_paths=False).tenant("default").images.catalog == {"py": "/nonexistent/rootfs"}
+    policy = loads(text, check_paths=False)
+    assert policy.tenant("default").images.catalog["py"].path == "/nonexistent/rootfs"
+    assert policy.file.model_dump(mode="json")["images"]["catalog"] == {"py": "/nonexistent/rootfs"}
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
     ok = loads(text.replace("/nonexistent/rootfs", str(rootfs)))

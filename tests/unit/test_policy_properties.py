@@ -77,7 +77,8 @@ def test_any_request_stays_within_the_tenants_policy(
     assert r.options.network.value in s.network.allowed
     image = r.receipt.get("image").granted
     assert image in s.images.allowed
-    assert r.options.rootfs == (None if image == "host" else s.images.catalog[image])
+    assert r.options.rootfs == (None if image == "host" else s.images.catalog[image].path)
+    assert r.options.read_only_rootfs == (image != "host" and not s.images.catalog[image].writable)
     # identity is the server's, whatever the request says
     assert r.receipt.tenant == tenant and r.settings.name == tenant
     assert r.receipt.policy_sha256 == policy.sha256

@@ -15,7 +15,7 @@ from gvisor_mcp.sandbox import (
     build_spec,
     to_cgroup_v2_entries,
 )
-from gvisor_mcp.sandbox.spec import ROOT_CAPS, check_workdir, host_pids_limit
+from gvisor_mcp.sandbox.spec import CHDIR_SHIM, ROOT_CAPS, check_workdir, host_pids_limit
 
 
 def spec(**kw):
@@ -83,10 +83,29 @@ def test_extra_mounts_and_env():
     assert "FOO=1" in s["process"]["env"] and "PATH=/x" in s["process"]["env"]
 
 
-def test_custom_rootfs_has_no_default_image_mounts(tmp_path):
+def test_custom_rootfs_has_no_default_image_mounts_but_the_same_tmp(tmp_path):
     s = build_spec(ContainerOptions(command=["true"], rootfs=str(tmp_path)))
     assert s["root"]["path"] == str(tmp_path)
-    assert {m["destination"] for m in s["mounts"]} == {"/proc", "/dev", "/sys"}
+    assert {m["destination"] for m in s["mounts"]} == {"/proc", "/dev", "/sys", "/tmp"}
+    tmp = next(m for m in s["mounts"] if m["destination"] == "/tmp")
+    assert tmp["type"] == "tmpfs" and "size=256m" in tmp["options"]
+
+
+def test_an_image_directory_never_gets_a_cwd_or_mount_point_made_by_runsc(tmp_path):
+    """runsc creates a missing cwd, and a missing bind mount point, inside the
+    image directory on the host: runs start in / and change directory inside,
+    and a bind whose mount point the image lacks is refused."""
+    (tmp_path / "workspace").mkdir()
+    (tmp_path / "srv").mkdir()
+    opts = ContainerOptions(command=["true"], rootfs=str(tmp_path), workdir="/srv",
+                            extra_mounts=[Mount(destination="/workspace", source=str(tmp_path))])
+    check_workdir(opts)
+    s = build_spec(opts)
+    assert s["process"]["cwd"] == "/" and s["process"]["args"][:5] == ["/bin/sh", "-c", CHDIR_SHIM, "sh", "/srv"]
+    missing = opts.model_copy(update={"extra_mounts": (Mount(destination="/data", source=str(tmp_path)),)})
+    with pytest.raises(InvalidOptionsError, match="mount.destination='/data'.*exists in the image"):
+        check_workdir(missing)
+    assert not (tmp_path / "data").exists()
 
 
 def test_no_annotations_or_devices_from_options():

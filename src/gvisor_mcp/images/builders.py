@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import oci, sources
 from .errors import ImageError
 from .store import ImageStore, StoredImage, Work, check_name
-from .unpack import UnpackError, Unpacker, UnpackLimits, _size
+from .unpack import UnpackError, Unpacker, UnpackLimits, human_size
 
 Log = Callable[[str], None]
 
@@ -288,7 +288,7 @@ def _check_remote_size(src: str, opts: list[str], limits: UnpackLimits, ref: str
     total = sum(int(layer.get("size") or 0) for layer in raw.get("layers") or [])
     if total > limits.max_bytes:
         raise ImageError(
-            f"{ref} is {_size(total)} compressed, above the limit of {_size(limits.max_bytes)}; "
+            f"{ref} is {human_size(total)} compressed, above the limit of {human_size(limits.max_bytes)}; "
             "nothing was downloaded (raise --max-size to allow it)"
         )
 
@@ -328,11 +328,11 @@ def _archive_kind(p: Path, limits: UnpackLimits) -> str:
             raise ImageError(f"{p} is a directory but not an OCI image layout (no oci-layout and index.json)")
         total = sum(f.stat().st_size for f in (p / "blobs").rglob("*") if f.is_file())
         if total > limits.max_bytes:
-            raise ImageError(f"{p} holds {_size(total)}, above the limit of {_size(limits.max_bytes)} (--max-size)")
+            raise ImageError(f"{p} holds {human_size(total)}, above the limit of {human_size(limits.max_bytes)} (--max-size)")
         return "oci"
     size = p.stat().st_size
     if size > limits.max_bytes:
-        raise ImageError(f"{p} is {_size(size)}, above the limit of {_size(limits.max_bytes)}; nothing was imported (raise --max-size to allow it)")
+        raise ImageError(f"{p} is {human_size(size)}, above the limit of {human_size(limits.max_bytes)}; nothing was imported (raise --max-size to allow it)")
     names: set[str] = set()
     try:
         with tarfile.open(p, "r:") as tar:
@@ -370,8 +370,8 @@ def _copy_in_work(store: ImageStore, work: Work, src: str, name: str, opts: list
     )
     image = oci.read_layout(layout, "img")
     if image.compressed_size > limits.max_bytes:
-        raise ImageError(f"the image's layers are {_size(image.compressed_size)}, above the limit of {_size(limits.max_bytes)}")
-    log(f"unpacking {len(image.layers)} layer(s), {_size(image.compressed_size)}")
+        raise ImageError(f"the image's layers are {human_size(image.compressed_size)}, above the limit of {human_size(limits.max_bytes)}")
+    log(f"unpacking {len(image.layers)} layer(s), {human_size(image.compressed_size)}")
     with Unpacker(work.rootfs, limits) as u:
         oci.apply_layers(layout, image, u)
         work.notes.extend(_summary(u))
@@ -391,5 +391,5 @@ def _publish(store: ImageStore, work: Work, name: str, source: dict[str, Any],
              config: dict[str, Any] | None, log: Log) -> StoredImage:
     log("computing the image digest")
     image = store.add(work, name, source, config)
-    log(f"{name} -> {image.digest} ({_size(image.size)})")
+    log(f"{name} -> {image.digest} ({human_size(image.size)})")
     return image

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TextIO
 
+from ..policy.cli import image_store
 from ..policy.units import UnitError, format_bytes, parse_bytes
 from .builders import Recipe, build, default_name, import_file, load_recipe, make_recipe, pull
 from .errors import ImageError
 from .store import ImageStore, StoredImage
-from .unpack import DEFAULT_MAX_BYTES, UnpackLimits
+from .unpack import DEFAULT_MAX_BYTES, UnpackLimits, human_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,11 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def store_for(state_dir: str | None) -> ImageStore:
-    """The store of a state directory (default: `serve`'s, server.default_state_dir)."""
-    import platformdirs
 
-    return ImageStore(Path(state_dir or platformdirs.user_data_dir("gvisor-mcp")) / "images")
 
 
 def _limits(args: argparse.Namespace) -> UnpackLimits:
@@ -97,7 +93,7 @@ def _line(image: StoredImage) -> str:
     origin = src.get("ref") or src.get("file") or (
         f"{src.get('suite')}/{src.get('variant')} +{len(src.get('packages') or [])} packages"
         if src.get("kind") == "build" else "")
-    return f"{names:<24} {image.short:<12} {format_bytes(image.size):>10}  {image.created:<25} {src.get('kind', '?')}: {origin}"
+    return f"{names:<24} {image.short:<12} {human_size(image.size):>10}  {image.created:<25} {src.get('kind', '?')}: {origin}"
 
 
 def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -113,7 +109,7 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
         err.flush()
 
     try:
-        store = store_for(args.state_dir)
+        store = image_store(args.state_dir)
         if args.action == "build":
             recipe = load_recipe(args.recipe) if args.recipe else Recipe()
             extra = [p.strip() for p in args.packages.replace(" ", ",").split(",") if p.strip()]
@@ -152,13 +148,13 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
                     err.write(f"gvisor-mcp image rm: {e}\n")
                     status = 1
                     continue
-                out.write(f"removed {ref}" + (f" ({image.digest}, {format_bytes(image.size)} freed)" if deleted
+                out.write(f"removed {ref}" + (f" ({image.digest}, {human_size(image.size)} freed)" if deleted
                                               else f" (its image {image.short} keeps its other names)") + "\n")
             return status
         elif args.action == "prune":
             removed = store.prune()
             for image in removed:
-                out.write(f"removed {image.digest} ({format_bytes(image.size)})\n")
+                out.write(f"removed {image.digest} ({human_size(image.size)})\n")
             out.write(f"{len(removed)} unnamed image(s) removed\n")
             return 0
         else:  # pragma: no cover - argparse refuses others

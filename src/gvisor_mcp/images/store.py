@@ -358,7 +358,7 @@ class ImageStore:
         if hold is None:
             with self._locked(exclusive=False):
                 if not (self.image_dir(digest) / "image.json").exists():
-                    raise ImageNotFound(f"image {digest} was removed from {self.root}; ask again")
+                    raise ImageNotFound(f"image {digest} was removed from the image store just now; ask again")
                 d = self.root / "leases" / hexd
                 d.mkdir(mode=0o700, exist_ok=True)
                 path = d / f"{os.getpid()}-{secrets.token_hex(4)}"

@@ -170,7 +170,7 @@ class Unpacker:
         if m.isreg():
             if self.stats.bytes + m.size > self.limits.max_bytes:
                 raise UnpackError(
-                    m.name, f"the image is larger than the limit of {_size(self.limits.max_bytes)} unpacked"
+                    m.name, f"the image is larger than the limit of {human_size(self.limits.max_bytes)} unpacked"
                 )
         elif not (m.isdir() or m.issym() or m.islnk()):
             self.stats.note(f"dropped {m.name} (unsupported type {m.type!r})")
@@ -391,7 +391,7 @@ def _remove(dir_fd: int, name: str, st: os.stat_result | None) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= factor:
             return f"{n / factor:.4g} {unit}"

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
+from ..images.store import ImageStore
 from .errors import PolicyError, UnknownTenant
 from .loader import Policy, load, load_default
 from .model import DEFAULT_TENANT, PolicyFile, Settings
@@ -28,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-path-checks",
         action="store_true",
-        help="do not require image directories to exist (checking a file for another machine)",
+        help="do not require image directories and store images to exist (checking a file for another machine)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="the server's state directory, whose image store holds the catalog's store images "
+        "(default: the same as `serve`)",
     )
     p = sub.add_parser("show", help="print a tenant's effective policy (after inheritance) as YAML")
     p.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
@@ -62,6 +70,13 @@ def schema() -> dict[str, Any]:
     }
 
 
+def image_store(state_dir: str | None) -> ImageStore:
+    """The image store `serve --state-dir` would use."""
+    from ..paths import default_state_dir
+
+    return ImageStore((Path(state_dir) if state_dir else default_state_dir()) / "images")
+
+
 def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run `gvisor-mcp policy ...`; returns the exit status."""
     out = stdout or sys.stdout
@@ -77,9 +92,10 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
 
     if args.action == "check":
         status = 0
+        images = None if args.no_path_checks else image_store(args.state_dir)
         for name in args.files:
             try:
-                policy = load(name, check_paths=not args.no_path_checks)
+                policy = load(name, check_paths=not args.no_path_checks, images=images)
             except PolicyError as e:
                 err.write(f"{e}\n")
                 status = 1

@@ -159,12 +159,12 @@ def build_tenants(
                                 "an existing host directory (the project to mount)",
                             )
                         )
-                for image, path in sec.images.catalog.items():
-                    if not Path(path).is_dir():
+                for image, entry in sec.images.catalog.items():
+                    if entry.path is not None and not Path(entry.path).is_dir():
                         issues.append(
                             (
                                 (*base, "images", "catalog", image),
-                                f"{path} does not exist or is not a directory",
+                                f"{entry.path} does not exist or is not a directory",
                                 "an existing directory holding an unpacked root filesystem",
                             )
                         )

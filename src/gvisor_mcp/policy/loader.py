@@ -21,7 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..images.store import ImageStore
 from .effective import build_tenants
+from .images import check_store_images
 from .errors import PolicyError, Problem, UnknownTenant
 from .model import DEFAULT_TENANT, PolicyFile, TenantSettings
 from .source import KeyPath, Source, format_path, parse
@@ -59,11 +61,15 @@ class Policy:
             raise UnknownTenant(name, self.tenant_names) from None
 
 
-def loads(text: str | bytes, file: str = "<string>", *, check_paths: bool = True) -> Policy:
+def loads(
+    text: str | bytes, file: str = "<string>", *, check_paths: bool = True, images: ImageStore | None = None
+) -> Policy:
     """Parse and check a policy from memory; `file` is only used in messages.
 
     `check_paths=False` skips the host filesystem checks (image directories
-    must exist), for checking a file meant for another machine.
+    must exist), for checking a file meant for another machine. With
+    `images` (the server's image store), every store image the catalog
+    names must be in it.
     """
     raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     source, problems = parse(raw, file)
@@ -78,6 +84,8 @@ def loads(text: str | bytes, file: str = "<string>", *, check_paths: bool = True
     except ValidationError as e:
         raise PolicyError(_problems_from_pydantic(e, source)) from None
     tenants, issues = build_tenants(policy_file, check_paths=check_paths)
+    if check_paths and images is not None and not issues:
+        issues = check_store_images(policy_file, tenants, images)
     if issues:
         raise PolicyError(
             [
@@ -95,14 +103,14 @@ def loads(text: str | bytes, file: str = "<string>", *, check_paths: bool = True
     )
 
 
-def load(path: str | Path, *, check_paths: bool = True) -> Policy:
+def load(path: str | Path, *, check_paths: bool = True, images: ImageStore | None = None) -> Policy:
     """Load the policy file at `path`; raises PolicyError (also for an unreadable file)."""
     name = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise PolicyError([Problem(name, 1, "", f"cannot read the file: {e.strerror or e}", "a readable policy file")]) from None
-    return loads(raw, name, check_paths=check_paths)
+    return loads(raw, name, check_paths=check_paths, images=images)
 
 
 def default_policy_text() -> bytes:

@@ -26,6 +26,7 @@ from pydantic import (
     StrictStr,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from ..sandbox.options import (
@@ -312,11 +313,86 @@ class Network(_Section):
         return _unique("network mode", v)
 
 
+STORE_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@sha256:[0-9a-f]{64})?$")
+STORE_REF_EXPECTED = "an image store name like agent, optionally pinned as agent@sha256:<64 hex digits>"
+
+
+def _store_ref(value: Any) -> str:
+    if not isinstance(value, str) or not STORE_REF_RE.match(value) or value.split("@")[0] == BUILTIN_IMAGE:
+        raise UnitError(f"{value!r} is not a store image; expected {STORE_REF_EXPECTED}")
+    return value
+
+
+StoreRef = Annotated[str, BeforeValidator(_store_ref), WithJsonSchema({"type": "string", "pattern": STORE_REF_RE.pattern})]
+
+
+class CatalogImage(_Section):
+    """One image a request may name: from the server's image store, or a directory."""
+
+    store: StoreRef | None = None
+    """An image of the server's store (`gvisor-mcp image ...`), by name (follows rebuilds)
+    or pinned to a digest (NAME@sha256:...)."""
+    path: HostPath | None = None
+    """An unpacked root filesystem directory the operator maintains."""
+    writable: StrictBool = False
+    """The root is read-only unless true; then writes go to an overlay in the run's
+    memory (counted against its memory limit) and vanish with the run."""
+
+    @model_validator(mode="after")
+    def _one(self) -> CatalogImage:
+        if (self.store is None) == (self.path is None):
+            raise UnitError(
+                "give exactly one of `store` (an image store name) and `path` (a directory); "
+                "expected e.g. {store: agent} or {path: /srv/rootfs/py}"
+            )
+        return self
+
+
+def _catalog_entry(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"path": value}
+    if isinstance(value, dict) or isinstance(value, CatalogImage):
+        return value
+    raise UnitError(
+        f"got {type(value).__name__} {value!r}; expected an absolute directory path, "
+        "or a mapping like {store: agent} or {store: agent, writable: true}"
+    )
+
+
+def _catalog_out(entry: CatalogImage) -> Any:
+    if entry.path is not None and not entry.writable:
+        return entry.path  # the short form, as written
+    return {k: v for k, v in (("store", entry.store), ("path", entry.path), ("writable", entry.writable)) if v}
+
+
+CatalogEntry = Annotated[
+    CatalogImage,
+    BeforeValidator(_catalog_entry),
+    PlainSerializer(_catalog_out),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": "^/", "description": "a root filesystem directory (read-only)"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "store": {"type": "string", "pattern": STORE_REF_RE.pattern},
+                        "path": {"type": "string", "pattern": "^/"},
+                        "writable": {"type": "boolean"},
+                    },
+                    "additionalProperties": False,
+                },
+            ]
+        }
+    ),
+]
+
+
 class Images(_Section):
     """Named root filesystems; `host` (the built-in image) is always defined."""
 
-    catalog: dict[ImageName, HostPath] = {}
-    """Image name -> absolute host path of an unpacked root filesystem directory."""
+    catalog: dict[ImageName, CatalogEntry] = {}
+    """Image name -> a store image ({store: NAME}) or a directory (an absolute path)."""
     allowed: tuple[Name, ...] = Field(default=(BUILTIN_IMAGE,), min_length=1)
     """Names a request may ask for (each must be `host` or in the catalog)."""
 

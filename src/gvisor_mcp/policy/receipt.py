@@ -36,6 +36,8 @@ class LimitsReceipt(BaseModel):
     policy_source: str
     entries: tuple[ReceiptEntry, ...]
     notes: tuple[str, ...] = ()
+    image_digest: str | None = None
+    """The content digest of the store image the run used (None for `host` and directories)."""
 
     def get(self, field: str) -> ReceiptEntry:
         """The entry for `field` (KeyError when there is none)."""

@@ -28,6 +28,8 @@ from ..sandbox.options import (
     ResourceSpec,
     UserSpec,
 )
+from ..images.errors import ImageError
+from ..images.store import ImageStore
 from .errors import PolicyDenied
 from .loader import Policy
 from .model import BUILTIN_IMAGE, Output, Quotas, TenantSettings
@@ -287,6 +289,29 @@ class _Resolver:
         return {**fixed, **asked}
 
 
+def _image(s: TenantSettings, image: str, images: ImageStore | None) -> tuple[str | None, bool, str | None]:
+    """(rootfs, read-only, digest) of an allowed image name."""
+    if image == BUILTIN_IMAGE:
+        return None, False, None
+    entry = s.images.catalog[image]
+    if entry.path is not None:
+        return entry.path, not entry.writable, None
+    if images is None:
+        raise ValueError("the policy names store images but the server gave resolve() no image store")
+    try:
+        stored = images.get(entry.store or "")
+    except ImageError:
+        others = [i for i in s.images.allowed if i != image]
+        raise PolicyDenied(
+            "image", image,
+            "one of " + ", ".join(s.images.allowed) + " (this one is not in the server's image store yet)",
+            "The operator has to build, pull or import it (gvisor-mcp image ...). Meanwhile ask again "
+            + (f"with image set to one of: {', '.join(others)}, or " if others else "")
+            + "without image.",
+        ) from None
+    return stored.rootfs, not entry.writable, stored.digest
+
+
 def resolve(
     policy: Policy,
     request: ExecRequest,
@@ -296,6 +321,7 @@ def resolve(
     session_id: str | None,
     workspace_name: str | None = None,
     extra_projects: dict[str, Any] | None = None,
+    images: ImageStore | None = None,
 ) -> Resolved:
     """Turn `request` into options for `tenant`, or raise PolicyDenied.
 
@@ -305,7 +331,10 @@ def resolve(
     through the server) and `extra_projects` (`serve --project`). `workspace_root`
     is a server-owned directory; it must be given when the tenant's policy
     enables the workspace (ValueError otherwise: a server bug, not a denial).
-    Raises UnknownTenant for a tenant the policy does not define.
+    Raises UnknownTenant for a tenant the policy does not define. `images`
+    is the server's image store, where catalog entries `{store: NAME}` are
+    looked up (the one filesystem read here: a name can move to a rebuilt
+    image at any time, and the run gets the image it points at now).
     """
     s = policy.tenant(tenant)
     r = _Resolver(s)
@@ -320,6 +349,7 @@ def resolve(
     )
     network = r.choice("network", request.network, d.network, s.network.allowed)
     image = r.choice("image", request.image, d.image, s.images.allowed)
+    rootfs, read_only, digest = _image(s, image, images)
     plan = plan_workspace(s, tenant, workspace_root, session_id, workspace_name)
     workdir = r.workdir(request.workdir, d.workdir or (plan.mount if plan else "/tmp"))
     env = r.env(request.env)
@@ -357,7 +387,8 @@ def resolve(
             command=(SHELL, "-c", request.command),
             workdir=workdir,
             env=env,
-            rootfs=None if image == BUILTIN_IMAGE else s.images.catalog[image],
+            rootfs=rootfs,
+            read_only_rootfs=read_only,
             resources=ResourceSpec(
                 cpus=float(cpus),
                 memory_mb=int(memory),
@@ -383,6 +414,7 @@ def resolve(
         policy_source=policy.source,
         entries=tuple(r.entries),
         notes=tuple(r.notes),
+        image_digest=digest,
     )
     return Resolved(
         options=options,

@@ -100,15 +100,16 @@ def mount_plan(
                     "options": ["rbind", "ro", "nosuid", "nodev"],
                 }
             )
-        mounts.append(
-            {
-                "destination": "/tmp",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": ["nosuid", "nodev", "mode=1777", f"size={DEFAULT_TMP_MB}m"],
-            }
-        )
-        tmpfs.append("/tmp")
+    # Every image gets the same size-bounded /tmp (its memory counts against the run's).
+    mounts.append(
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", f"size={DEFAULT_TMP_MB}m"],
+        }
+    )
+    tmpfs.append("/tmp")
     for m in options.extra_mounts:
         if m.type == "tmpfs":
             mounts.append(
@@ -141,7 +142,13 @@ def mount_plan(
 
 def check_workdir(options: ContainerOptions) -> None:
     """The workdir must exist in the image or a mount: runsc would otherwise
-    create it inside the host root directory, even a read-only one."""
+    create it inside the host root directory, even a read-only one.
+
+    With an image directory (`rootfs`), every bind mount point must exist in
+    the image too: runsc's gofer creates a missing one inside the image
+    directory on the host (measured with runsc 2024-07-29), and an image may
+    be shared by every run and must never change.
+    """
     _, binds, tmpfs = mount_plan(options)
     if not container_path_exists(options.workdir, options.rootfs, binds, tmpfs):
         raise InvalidOptionsError(
@@ -149,6 +156,15 @@ def check_workdir(options: ContainerOptions) -> None:
             options.workdir,
             "an existing directory in the container, e.g. / or /tmp or a mounted directory",
         )
+    if options.rootfs is not None:
+        for i, (dest, _) in enumerate(binds):
+            if not container_path_exists(dest, options.rootfs, binds[:i], []):
+                raise InvalidOptionsError(
+                    "mount.destination",
+                    dest,
+                    f"a directory that exists in the image {options.rootfs} (runsc would create it "
+                    "inside the image directory on the host); store images have /workspace and /tmp",
+                )
 
 
 def build_spec(
@@ -171,15 +187,16 @@ def build_spec(
     nproc = res.max_pids or DEFAULT_MAX_PIDS
     mounts, _, _ = mount_plan(options, etc_dir)
     args, cwd = list(options.command), options.workdir
-    if options.rootfs is None and cwd != "/":
+    if cwd != "/":
         # runsc creates a missing cwd ON THE HOST, as root, even inside a
-        # read-only bind (host /usr, the generated /etc). check_workdir refuses
-        # a missing workdir beforehand, but a command still running in the
-        # same workspace could swap a checked directory for a symlink before
-        # runsc starts. So runsc only ever sees `/` (our own per-run root
-        # directory) and the sandbox itself changes directory: a missing one
-        # is an error there, never a mkdir on the host. (Like the warm pool's
-        # claim line, `cd WORKDIR && exec ...`.)
+        # read-only bind (host /usr, the generated /etc) or a read-only image
+        # directory (which every run shares and must never change).
+        # check_workdir refuses a missing workdir beforehand, but a command
+        # still running in the same workspace could swap a checked directory
+        # for a symlink before runsc starts. So runsc only ever sees `/` and
+        # the sandbox itself changes directory: a missing one is an error
+        # there, never a mkdir on the host. (Like the warm pool's claim line,
+        # `cd WORKDIR && exec ...`.) The image needs /bin/sh for this.
         args = ["/bin/sh", "-c", CHDIR_SHIM, "sh", cwd, *args]
         cwd = "/"
 

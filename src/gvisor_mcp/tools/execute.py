@@ -14,6 +14,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, WithJsonSchema
 
+from ..images.errors import ImageError
 from ..jobs import Job, QuotaExceeded
 from ..policy import ExecRequest, PolicyDenied, resolve
 from ..sandbox import InvalidOptionsError
@@ -122,10 +123,14 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             raise refuse("quota", "quota", e) from e
         app.prepare_workspace(resolved)
         limits = resolved.receipt.model_dump(mode="json")
-        job = app.jobs.start(
-            tenant=caller.tenant, session=caller.session_id, command=command,
-            options=resolved.options, limits=limits, policy_hash=policy.hash,
-        )
+        try:
+            job = app.jobs.start(
+                tenant=caller.tenant, session=caller.session_id, command=command,
+                options=resolved.options, limits=limits, policy_hash=policy.hash,
+                hold=lambda rid: app.hold_image(resolved, rid),
+            )
+        except ImageError as e:  # removed from the store between resolve() and now
+            raise refuse("denied", "policy", e) from e
         wait = 0.0 if background else settings.foreground_seconds
         try:
             await _wait_with_progress(ctx, job, wait)
