@@ -138,7 +138,10 @@ def _skopeo(args: list[str], what: str, timeout: str = INSPECT_TIMEOUT) -> str:
     argv = [need("skopeo"), f"--command-timeout={timeout}", *args]
     r = subprocess.run(argv, capture_output=True, text=True, env=TOOL_ENV, check=False)
     if r.returncode != 0:
-        raise ImageError(f"{what} failed: skopeo said:\n  {_tail(r.stderr)}")
+        hint = ""
+        if "no space left on device" in r.stderr.lower():
+            hint = " (the disk holding the image store is full: free space and try again)"
+        raise ImageError(f"{what} failed{hint}; nothing was added to the store. skopeo said:\n  {_tail(r.stderr)}")
     return r.stdout
 
 
@@ -342,8 +345,8 @@ def _archive_kind(p: Path, limits: UnpackLimits) -> str:
                     break
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ImageError(
-            f"{p} is not an uncompressed tar archive ({e}); expected `docker save` output, an OCI "
-            "archive or an OCI layout directory (decompress it first)"
+            f"{p} is not a complete, uncompressed tar archive ({e}); expected `docker save` output, "
+            "an OCI archive or an OCI layout directory (decompress a .tar.gz first)"
         ) from None
     if "oci-layout" in names and "index.json" in names:
         return "oci-archive"

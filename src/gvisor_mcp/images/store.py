@@ -107,6 +107,7 @@ class ImageStore:
     # --- layout -------------------------------------------------------------
 
     def _dirs(self) -> None:
+        self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         for d in (self.root, self.root / "sha256", self.root / "names", self.root / "leases", self.root / "tmp"):
             d.mkdir(mode=0o700, exist_ok=True)
 
