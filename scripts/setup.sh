@@ -5,8 +5,10 @@
 #   2. mkfs.ext4 and mount (e2fsprogs, mount): size-limited workspaces are
 #      loop-mounted ext4 images, and `serve` refuses a policy with a workspace
 #      when they are missing;
-#   3. a virtualenv at .venv with this package installed (with test extras);
-#   4. Claude Code (npm) in .cache/claude-code, for the shutdown test.
+#   3. mmdebstrap, skopeo and umoci (image build/pull/import: `gvisor-mcp image`)
+#      and docker-registry (an OCI registry the image tests run on 127.0.0.1);
+#   4. a virtualenv at .venv with this package installed (with test extras);
+#   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
 
@@ -114,6 +116,39 @@ install_claude_code() {
   npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@^2" >&2
 }
 
+# `gvisor-mcp image build|pull|import` (src/gvisor_mcp/images/) and the image
+# tests (a registry on 127.0.0.1, OCI images made with umoci).
+install_image_tools() {
+  local missing=() tool pkg
+  for pair in mmdebstrap:mmdebstrap skopeo:skopeo umoci:umoci docker-registry:docker-registry; do
+    tool="${pair%%:*}"; pkg="${pair#*:}"
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  need_root
+  log "installing ${missing[*]} (image store tools)"
+  # docker-registry's package would start a registry on every interface
+  # (:5000); the tests start their own on 127.0.0.1. Keep the packaged
+  # service from starting (policy-rc.d) and from starting at boot.
+  local made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+  fi
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "apt-get update, then trying again"
+    apt-get update -qq || log "apt-get update reported errors; trying the install anyway"
+    rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2 || rc=$?
+  fi
+  [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+  [ "$rc" -eq 0 ] || { log "installing ${missing[*]} failed"; exit 1; }
+}
+
 pick_python() {
   for p in python3.11 python3.12 python3.13 python3; do
     if command -v "$p" >/dev/null 2>&1 &&
@@ -154,5 +189,6 @@ install_venv() {
 
 install_runsc
 install_workspace_tools
+install_image_tools
 install_venv
 install_claude_code
