@@ -135,6 +135,8 @@ class AppState:
     """The image store (`<state-dir>/images`): where catalog `{store: NAME}` images live."""
     pool_holding: Holding | None = None
     """Keeps the warm pool's store image from `image rm` while the pool targets it."""
+    pool_digest: str | None = None
+    """The store image the warm pool boots (None: the pool uses no store image)."""
 
     def drop_session(self, session_id: str) -> None:
         """An HTTP session ended (DELETE or idle expiry): its session workspace goes,
@@ -254,10 +256,10 @@ class AppState:
                 "ended or expired"
             )
 
-    def pool_template(self) -> Any:
-        """The options of this tenant's default request: what most calls look like.
+    def pool_template(self) -> Resolved:
+        """This tenant's default request, resolved: what most calls look like.
 
-        Pooled sandboxes are booted for this shape (image, network, user,
+        Pooled sandboxes are booted for its shape (image, network, user,
         mounts, process limit); a call that differs in any of those takes the
         cold path. Memory, CPU, timeout, env and workdir are applied at claim.
         """
@@ -266,55 +268,56 @@ class AppState:
             **self.resolve_args(Caller(self.tenant, self.session_id, self.settings.workspace_name)),
         )
         self.prepare_workspace(resolved)
-        return resolved.options
+        return resolved
 
     def warm_pool(self) -> None:
-        """(Re)target the warm pool at the current policy's default request."""
+        """(Re)target the warm pool at the current policy's default request
+        (and its image as the store has it now)."""
         if self.settings.pool_size <= 0:
             return
+        digest = None
         try:
             ws = self.policy.current.tenant(self.tenant).workspace
             if self.session_from_request and ws.enabled and ws.scope == "session":
                 # Each HTTP session mounts its own directory: no shape to boot ahead.
                 raise ValueError("per-session workspaces differ for every HTTP session")
-            template = self.pool_template()
+            resolved = self.pool_template()
+            template, digest = resolved.options, resolved.receipt.image_digest
         except Exception as e:  # a policy whose default cannot be pooled: cold only
             log.warning("pool_disabled", reason=str(e))
             template = None
         if self.warmed is not None and self.warmed != template:
             self.manager.warm(self.warmed, 0)
         holding, self.pool_holding = self.pool_holding, None
-        self.warmed = template
+        self.warmed, self.pool_digest = template, digest
         if template is not None:
-            digest = self._pool_digest()
             if digest is not None and self.images is not None:
+                # While the pool targets a store image, `image rm` refuses it.
                 self.pool_holding = self.images.hold(
                     digest, f"the warm pool of server pid {os.getpid()} (tenant {self.tenant})"
                 )
             try:
                 self.manager.warm(template, self.settings.pool_size)
-            except Exception as e:  # e.g. an image the pool cannot serve: cold runs only
+            except Exception as e:  # e.g. options the pool cannot serve: cold runs only
                 log.warning("pool_disabled", reason=str(e))
-                self.warmed = None
+                self.warmed = self.pool_digest = None
                 if self.pool_holding is not None:
                     self.pool_holding.release()
                     self.pool_holding = None
         if holding is not None:
             holding.release()
 
-    def _pool_digest(self) -> str | None:
-        """The store image of the tenant's default request, if it uses one."""
-        s = self.policy.current.tenant(self.tenant)
-        entry = s.images.catalog.get(s.defaults.image)
-        if entry is None or entry.store is None or self.images is None:
-            return None
-        return self.images.get(entry.store).digest
-
     def hold_image(self, resolved: Resolved, result_id: str) -> Holding | None:
-        """Mark the run's store image as in use until the run ends (`image rm` refuses it)."""
+        """Mark the run's store image as in use until the run ends (`image rm`
+        refuses it). A run of the default image that finds it rebuilt (its
+        name now points at a new digest) moves the warm pool to the new one."""
         digest = resolved.receipt.image_digest
         if digest is None or self.images is None:
             return None
+        image = resolved.receipt.get("image")
+        if (self.warmed is not None and digest != self.pool_digest
+                and image.granted == resolved.settings.defaults.image):
+            self.warm_pool()
         return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
 
 

@@ -1,4 +1,4 @@
-"""`gvisor-mcp image build | pull | import | list | inspect | rm | prune`.
+"""`gvisor-mcp image build | pull | import | list | inspect | tag | rm | prune`.
 
 Wired into the main CLI as `image_main(argv)`. Results go to stdout,
 progress and errors to stderr. Exit status: 0 ok, 1 the operation failed
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="NAME|sha256:DIGEST")
     common(p)
 
+    p = sub.add_parser("tag", help="point NAME at the image REF names (e.g. to roll back to a digest)")
+    p.add_argument("ref", metavar="NAME|sha256:DIGEST")
+    p.add_argument("name", metavar="NAME")
+    common(p)
+
     p = sub.add_parser("rm", help="remove names (and their images), refused while in use")
     p.add_argument("refs", nargs="+", metavar="NAME|sha256:DIGEST")
     common(p)
@@ -127,6 +132,8 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
         elif args.action == "import":
             image = import_file(store, args.file, args.name or default_name(args.file.rsplit(".", 1)[0]),
                                 limits=_limits(args), log=log)
+        elif args.action == "tag":
+            image = store.tag(args.ref, args.name)
         elif args.action == "list":
             images = store.list()
             if args.json:

@@ -197,7 +197,7 @@ class Manager:
         res = self.prepare(template)
         key = pool_key(template, res)
         if key is None:
-            raise InvalidOptionsError("template", template.command, "options the pool can serve (built-in image)")
+            raise InvalidOptionsError("template", template.command, "a command whose first argument has no '='")
         self.pool.set_target(key, template, size)
 
     async def wait_warm(self, template: ContainerOptions, timeout: float = 30.0) -> bool:

@@ -42,13 +42,17 @@ PoolKey = tuple[Any, ...]
 def pool_key(options: ContainerOptions, res: ResourceSpec) -> PoolKey | None:
     """What a pooled sandbox must match; None when the request cannot be pooled.
 
-    Only the built-in image is pooled (it is known to have /bin/sh and
-    /usr/bin/env); a first argument containing '=' would be read by env as
-    an assignment.
+    Any image can be pooled; its directory is part of the key, and a store
+    image's directory is named after its content digest, so a rebuilt image
+    (a new digest) never gets a sandbox booted from the old one. The stub
+    needs /bin/sh in the image (a pool for an image without one never fills:
+    its runs go cold). A first argument containing '=' would be read by env
+    as an assignment.
     """
-    if options.rootfs is not None or "=" in options.command[0]:
+    if "=" in options.command[0]:
         return None
     return (
+        options.rootfs,
         options.network.value,
         (options.user.uid, options.user.gid) if options.user else None,
         options.read_only_rootfs,
@@ -137,11 +141,15 @@ class WarmPool:
         return {w.container_id for v in self.ready.values() for w in v}
 
     def expired(self) -> list[WarmSandbox]:
+        """Idle sandboxes to destroy: too old, or of a shape no target wants any
+        more (the server's default request changed, or its image was rebuilt:
+        an image no run will claim must not stay in use)."""
         now = time.monotonic()
         out = []
         for key, ready in self.ready.items():
-            keep = [w for w in ready if now - w.booted_at <= self.max_age]
-            out += [w for w in ready if now - w.booted_at > self.max_age]
+            wanted = key in self.targets
+            keep = [w for w in ready if wanted and now - w.booted_at <= self.max_age]
+            out += [w for w in ready if w not in keep]
             self.ready[key] = keep
         return out
 
