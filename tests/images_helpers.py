@@ -105,3 +105,19 @@ def tar_directory(directory: Path, out: Path) -> Path:
         for p in sorted(directory.rglob("*")):
             tar.add(p, arcname=str(p.relative_to(directory)), recursive=False)
     return out
+
+
+def store_with(root: Path, *names: str):
+    """A real image store at `root` holding a tiny image (a shell script as
+    /bin/sh) under each of `names`: made by the store's own unpack-and-add
+    path, without skopeo, for tests that only need the names to exist."""
+    from gvisor_mcp.images.store import ImageStore
+    from gvisor_mcp.images.unpack import Unpacker
+
+    store = ImageStore(root)
+    for name in names:
+        with store.work() as work:
+            with Unpacker(work.rootfs) as u:
+                u.apply(io.BytesIO(layer_tar(Entry("bin/", "dir"), Entry("bin/sh", data=b"#!", mode=0o755))))
+            store.add(work, name, {"kind": "test"})
+    return store

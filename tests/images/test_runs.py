@@ -207,3 +207,48 @@ def test_inspect_shows_what_the_receipt_pins(images_state):
     for name, digest in digests.items():
         out = json.loads(cli("image", "inspect", name, "--state-dir", str(state), check=True).stdout)
         assert out["digest"] == digest
+
+
+async def test_the_warm_pool_serves_a_store_image_and_follows_its_name(serve, images_state):
+    """Default image `agent` (a store name): pooled runs are warm and pinned
+    by digest; the pool holds the image against `image rm`; when the name is
+    moved to another image, the next run uses it and the pool moves too."""
+    state, digests = images_state
+    store = ImageStore(state / "images")
+    store.tag("built", "agent")
+    policy = state.parent / "pool.yaml"
+    policy.write_text(
+        "version: 1\ndefaults: {image: agent, memory: 256MiB}\nworkspace: {scope: tenant, size: 32MiB}\n"
+        "images:\n  catalog:\n    agent: {store: agent}\n    built: {store: built}\n"
+        "  allowed: [host, agent, built]\n"
+    )
+    try:
+        async with serve("--policy", str(policy), "--pool-size", "1", state_dir=state) as c:
+            s = await _warm(c, "jq --version")
+            assert s["limits"]["image_digest"] == digests["built"] and s["stdout"] == "jq-1.6\n"
+            r = cli("image", "rm", "agent", "--state-dir", str(state))
+            assert r.returncode == 1 and "the warm pool of server pid" in r.stderr, r.stderr
+            # Rebuilt (here: the name moved to the pulled image): the next run gets it ...
+            cli("image", "tag", "small", "agent", "--state-dir", str(state), check=True)
+            s = await ok(c, "cat /etc/pulled-marker")
+            assert s["limits"]["image_digest"] == digests["small"], s
+            # ... and the pool boots the new image and lets go of the old one.
+            s = await _warm(c, "cat /etc/pulled-marker")
+            assert s["limits"]["image_digest"] == digests["small"]
+            users = "\n".join(store.users("built"))
+            assert "warm pool" not in users, users
+    finally:
+        if "agent" in store.names():
+            store.remove("agent")
+
+
+async def _warm(client, command: str, tries: int = 40) -> dict:
+    """Run until a call is served by the warm pool (it boots in the background)."""
+    import anyio
+
+    for _ in range(tries):
+        s = await ok(client, command)
+        if s["warm"]:
+            return s
+        await anyio.sleep(0.5)
+    raise AssertionError(f"no warm run in {tries} tries: {s}")

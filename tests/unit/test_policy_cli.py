@@ -11,6 +11,8 @@ import pytest
 from gvisor_mcp.policy import load, loads
 from gvisor_mcp.policy.cli import policy_main
 
+from ..images_helpers import store_with
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "policies").glob("*.yaml"))
 
@@ -22,10 +24,19 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_policies_pass_check(path: Path) -> None:
-    code, out, err = cli("check", str(path))
+def test_shipped_policies_pass_check(path: Path, tmp_path: Path) -> None:
+    """Against a state directory whose image store has the images they name."""
+    store_with(tmp_path / "images", "agent")
+    code, out, err = cli("check", str(path), "--state-dir", str(tmp_path))
     assert (code, err) == (0, "")
     assert out.startswith(f"{path}: ok (tenants: default")
+
+
+def test_a_shipped_policy_whose_image_is_not_built_says_how_to_build_it(tmp_path: Path) -> None:
+    code, out, err = cli("check", str(REPO / "policies" / "agent.yaml"), "--state-dir", str(tmp_path))
+    assert code == 1 and out == ""
+    assert "images.catalog.agent: image 'agent' is not in the image store" in err
+    assert "gvisor-mcp image build agent" in err
 
 
 def test_shipped_policies_include_the_three_examples() -> None:
@@ -35,7 +46,7 @@ def test_shipped_policies_include_the_three_examples() -> None:
 def test_check_prints_every_problem_to_stderr(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\ndefaults:\n  memory: 512MB\non_exceed: maybe\n")
-    code, out, err = cli("check", str(bad), str(SHIPPED[0]))
+    code, out, err = cli("check", str(bad), str(REPO / "policies" / "default.yaml"))
     assert code == 1
     assert f"{bad}:3: defaults.memory: " in err and f"{bad}:4: on_exceed: " in err
     assert "ok" in out  # the good file is still reported

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,12 @@ from hypothesis import strategies as st
 from gvisor_mcp.policy import ExecRequest, PolicyDenied, PolicyError, load, loads, resolve
 from gvisor_mcp.policy.resolve import workspace_host_path
 
+from ..images_helpers import store_with
+
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/srv/state/workspaces")
+IMAGES = store_with(Path(tempfile.mkdtemp(prefix="gvisor-mcp-test-images-")) / "images", "agent")
+"""A real store holding the store images the shipped policies name."""
 
 POLICIES = {
     path.name: load(path) for path in sorted((REPO / "policies").glob("*.yaml"))
@@ -64,7 +69,7 @@ def test_any_request_stays_within_the_tenants_policy(
     policy = POLICIES[policy_name]
     s = policy.tenant(tenant)
     try:
-        r = resolve(policy, request, tenant, workspace_root=ROOT, session_id=session)
+        r = resolve(policy, request, tenant, workspace_root=ROOT, session_id=session, images=IMAGES)
     except PolicyDenied as e:
         assert str(e).startswith("Policy denied ") and e.field
         return
@@ -77,7 +82,13 @@ def test_any_request_stays_within_the_tenants_policy(
     assert r.options.network.value in s.network.allowed
     image = r.receipt.get("image").granted
     assert image in s.images.allowed
-    assert r.options.rootfs == (None if image == "host" else s.images.catalog[image].path)
+    entry = s.images.catalog.get(image)
+    if entry is not None and entry.store is not None:
+        stored = IMAGES.get(entry.store)
+        assert (r.options.rootfs, r.receipt.image_digest) == (stored.rootfs, stored.digest)
+    else:
+        assert r.options.rootfs == (None if image == "host" else entry.path)
+        assert r.receipt.image_digest is None
     assert r.options.read_only_rootfs == (image != "host" and not s.images.catalog[image].writable)
     # identity is the server's, whatever the request says
     assert r.receipt.tenant == tenant and r.settings.name == tenant
