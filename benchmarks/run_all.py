@@ -6,8 +6,8 @@ Each benchmark runs as its own process (a clean peak-RSS counter, and one
 failing does not stop the others), writes its own section of
 docs/benchmarks.md, and hands its figures back as JSON; this script then
 writes the "Summary" section: every target, its measured value and whether
-it is met. Needs root, runsc, and the bench extra (`pip install -e '.[bench]'`:
-py-spy, gvisor). Takes 5-7 minutes on 2 CPUs with -n 20.
+it is met. Needs root, runsc, mmdebstrap/skopeo/umoci/docker-registry (images), and the bench extra (`pip install -e '.[bench]'`:
+py-spy, gvisor). Takes 5-7 minutes on 2 CPUs with -n 20, plus a few minutes for the image build.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ BENCHES = [
     ("flood", "bench_flood.py"),
     ("files", "bench_files.py"),
     ("profile", "profile_manager.py"),
+    ("images", "bench_images.py"),
 ]
 
 
@@ -75,6 +76,15 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
         target("4 KiB write_file / read_file p50 < 5 ms over MCP stdio",
                f"{fi['write_ms']:.1f} / {fi['read_ms']:.1f} ms (MCP floor {fi['floor_ms']:.1f} ms)",
                fi["write_ms"] < 5 and fi["read_ms"] < 5, "File tools over MCP stdio")
+    im = m.get("images")
+    if im:
+        target("cold run in a store image <= 1.10x raw runsc (same rootfs)",
+               f"{im['cold_ratio']:.2f}x ({im['cold_ms']:.0f} vs {im['raw_ms']:.0f} ms)", im["cold_ratio"] <= 1.10, "Store images")
+        target("warm run in a store image <= 0.35x raw", f"{im['warm_ratio']:.2f}x ({im['warm_ms']:.0f} ms)",
+               im["warm_ratio"] <= 0.35, "Store images")
+        build = f"{im['build_s']:.0f} s" if im.get("build_s") is not None else "reused"
+        rows.append(f"| (no target) image build; pull from 127.0.0.1 | {build}; {im['pull_s']:.1f} s "
+                    f"({im['image_mib']:.0f} MiB image) | | Store images |")
     if mcp:
         rows.append(f"| (no target) server RSS idle; per idle pooled sandbox | {mcp['idle_server_rss_mib']:.0f} MiB; "
                     f"{mcp['per_pooled_sandbox_rss_mib']:.0f} MiB RSS, {mcp['per_pooled_sandbox_pss_mib']:.0f} MiB PSS | | Server memory |")
@@ -92,9 +102,9 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
     return "\n".join(lines)
 
 
-DIRS = ("manager", "mcp", "throughput", "flood", "profile", "files")
+DIRS = ("manager", "mcp", "throughput", "flood", "profile", "files", "images")
 """The directories under BASE (and cgroup parents `gvisor-mcp-bench-*`) these benchmarks use."""
-CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "profile", "files")
+CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "profile", "files", "images")
 
 
 def leftovers_anywhere() -> list[str]:
