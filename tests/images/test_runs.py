@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gvisor_mcp.images.store import ImageStore
 
+from ..adversarial.conftest import ok
 from .conftest import cli, push, run, seed, structured, text
 
 pytestmark = pytest.mark.runsc
@@ -63,14 +65,6 @@ while read k v rest; do case $k in Uid:|Gid:) echo $v;; esac; done < /proc/self/
 echo x > /tmp/t && echo tmp-ok; echo $image > /workspace/last; pwd
 """
 """Shell builtins only (the mini image has nothing else): user, /tmp, /workspace."""
-
-
-async def ok(client, command: str, **args) -> dict:
-    r = await run(client, command=command, **args)
-    assert not r.is_error, text(r)
-    s = structured(r)
-    assert s["status"] == "exited" and s["exit_code"] == 0, s
-    return s
 
 
 async def test_commands_run_in_each_image_and_the_receipt_names_its_digest(serve, images_state):
@@ -185,7 +179,7 @@ def test_serve_refuses_a_policy_whose_store_images_are_missing(tmp_path, sandbox
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nimages:\n  catalog:\n    agent: {store: agent}\n  allowed: [host, agent]\n")
     r = subprocess.run(
-        [str(Path(os.sys.executable).with_name("gvisor-mcp")), "serve", "--policy", str(policy),
+        [str(Path(sys.executable).with_name("gvisor-mcp")), "serve", "--policy", str(policy),
          "--state-dir", str(tmp_path / "state"), "--state-root", str(sandbox_base)],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )

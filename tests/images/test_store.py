@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_a_lease_of_a_dead_process_does_not_block_rm(state, mini_archives):
         "import os; from gvisor_mcp.images.store import ImageStore; "
         f"ImageStore({str(state / 'images')!r}).hold({image['digest']!r}, 'a server that died'); os._exit(0)"
     )
-    subprocess.run([os.sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
     leases = list((state / "images" / "leases").rglob("*-*"))
     assert leases, "the dead process left its lease file"
     assert cli("image", "rm", "mini", "--state-dir", str(state)).returncode == 0
