@@ -239,3 +239,17 @@ def push(layout: Path, tag: str, registry: str, repo: str) -> str:
 def write_policy(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs as the state directory: a full disk, for real."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)

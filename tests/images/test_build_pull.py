@@ -89,6 +89,19 @@ def test_a_failed_build_says_why_and_leaves_the_store_as_it_was(tmp_path, built)
     assert store_state(store) == before
 
 
+def test_a_full_disk_during_a_build_is_a_clear_error_and_changes_nothing(small_disk, built):
+    """The store on a 16 MiB tmpfs: mmdebstrap runs out of room (apt's indexes alone are larger)."""
+    state = small_disk / "state"
+    store = ImageStore(state / "images")
+    with store.work():
+        pass
+    before = store_state(store)
+    r = cli("image", "build", "full", "--packages", "jq", "--state-dir", str(state), timeout=900)
+    assert r.returncode == 1
+    assert "disk holding the image store is full" in r.stderr or "the disk is full" in r.stderr, r.stderr
+    assert store_state(store) == before
+
+
 def test_the_host_sources_parser(tmp_path):
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)

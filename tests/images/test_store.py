@@ -262,20 +262,6 @@ def test_an_unreachable_registry_is_a_clear_error(state, store_with_one):
     assert "looking up 127.0.0.1:9/nothing/here:1 failed" in err and "connection refused" in err.lower()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs as the state directory: a full disk, for real."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(d)], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=True)
-
-
 def test_a_full_disk_during_an_import_leaves_the_store_unchanged(small_disk, mini_archives, tmp_path):
     need_tools("skopeo")
     state = small_disk / "state"
