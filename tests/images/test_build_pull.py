@@ -172,3 +172,11 @@ def test_pull_refusals_leave_the_store_unchanged(tmp_path, built_oci, registry):
         r = cli("image", "pull", *args, "--state-dir", str(state), timeout=300)
         assert r.returncode == 1 and problem in r.stderr, (args, r.stderr)
         assert store_state(store) == before
+
+
+def test_the_agent_recipe_matches_the_readme():
+    repo = Path(__file__).resolve().parents[2]
+    recipe = load_recipe(repo / "policies" / "recipes" / "agent.yaml")
+    wanted = "python3,python3-pip,python3-venv,nodejs,npm,git,curl,build-essential,jq,ca-certificates"
+    assert recipe.packages == tuple(wanted.split(",")) and recipe.variant == "apt"
+    assert f"--packages {wanted}" in (repo / "README.md").read_text().replace("\\\n    ", "")
