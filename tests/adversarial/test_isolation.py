@@ -189,11 +189,17 @@ def sha(path: Path) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, tuple]:
-    return {
-        str(p.relative_to(directory)): (p.is_dir(), p.stat().st_mode, p.stat().st_mtime_ns,
-                                        None if p.is_dir() else sha(p))
-        for p in sorted([directory, *directory.rglob("*")])
-    }
+    """Every entry's kind, mode, mtime and content (a link's target: the
+    built-in /etc holds links such as os-release -> ../usr/lib/os-release)."""
+    out = {}
+    for p in sorted([directory.resolve(), *directory.resolve().rglob("*")]):
+        st = p.lstat()
+        if p.is_symlink():
+            content = "-> " + os.readlink(p)
+        else:
+            content = None if p.is_dir() else sha(p)
+        out[str(p.relative_to(directory.resolve()))] = (p.is_dir(), st.st_mode, st.st_mtime_ns, content)
+    return out
 
 
 ATTACKS = """
