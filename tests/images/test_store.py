@@ -272,3 +272,10 @@ def test_a_full_disk_during_an_import_leaves_the_store_unchanged(small_disk, min
     err = refused(state, store, "image", "import", str(big), "--name", "big")
     assert "disk holding the image store is full" in err or "the disk is full" in err, err
     assert store.names() == {"mini": store.get("mini").digest}
+
+
+def test_import_without_a_name_uses_the_files(state, mini_archives, mini_layout):
+    r = cli("image", "import", str(mini_archives["docker-archive"]), "--state-dir", str(state))
+    assert r.returncode == 0 and json.loads(r.stdout)["names"] == ["mini-docker"], r.stderr
+    r = cli("image", "import", str(mini_layout) + "/", "--state-dir", str(state))
+    assert r.returncode == 0 and sorted(json.loads(r.stdout)["names"]) == ["layout", "mini-docker"], r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from ..policy.cli import image_store
@@ -130,8 +131,7 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
             image = pull(store, args.ref, args.name or default_name(args.ref), limits=_limits(args),
                          insecure=args.insecure, authfile=args.authfile, log=log)
         elif args.action == "import":
-            image = import_file(store, args.file, args.name or default_name(args.file.rsplit(".", 1)[0]),
-                                limits=_limits(args), log=log)
+            image = import_file(store, args.file, args.name or _file_name(args.file), limits=_limits(args), log=log)
         elif args.action == "tag":
             image = store.tag(args.ref, args.name)
         elif args.action == "list":
@@ -174,6 +174,14 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
         return 1
     out.write(json.dumps(_public(image), indent=2) + "\n")
     return 0
+
+
+def _file_name(path: str) -> str:
+    """`/x/tool-1.2.tar` -> `tool-1.2`; `./layout/` -> `layout`."""
+    name = Path(path).resolve().name
+    for suffix in (".tar", ".oci"):
+        name = name.removesuffix(suffix)
+    return default_name(name)
 
 
 def _os_error(e: OSError) -> str:
