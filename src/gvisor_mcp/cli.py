@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workspace images mounted at once for one tenant (default 16)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
+    p.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
+                   help="network=sandbox: the egress proxy resolves NAME to ADDRESS itself (repeatable)")
+    p.add_argument("--no-system-dns", action="store_true",
+                   help="network=sandbox: the egress proxy resolves only --egress-host names and the "
+                        "policy's network.egress.hosts, never through DNS")
     p.add_argument("--workspace", default=None, metavar="NAME",
                    help="stdio: the named workspace to use (default 'default'); kept across restarts")
     p.add_argument("--project", default=None, metavar="DIR",

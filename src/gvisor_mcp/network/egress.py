@@ -188,38 +188,43 @@ def pattern_covers(outer: str, inner: str) -> bool:
     return domain_matches(outer, inner)
 
 
+def _build(**fields: Any) -> EgressRule:
+    """EgressRule(**fields), its validation errors as one EgressError."""
+    try:
+        return EgressRule.model_validate(fields)
+    except EgressError:
+        raise
+    except ValueError as e:  # pydantic's ValidationError: keep its first message
+        errs = getattr(e, "errors", None)
+        if not callable(errs):
+            raise EgressError(f"{fields!r} is not a rule; expected {RULE_EXPECTED}") from None
+        first = errs(include_url=False)[0]
+        msg = str(first.get("ctx", {}).get("error") or first["msg"])
+        if "; expected" not in msg:
+            where = ".".join(str(p) for p in first["loc"])
+            msg = f"{where + ': ' if where else ''}{msg}; expected {RULE_EXPECTED}"
+        raise EgressError(msg) from None
+
+
 def parse_rule(value: Any) -> EgressRule:
     """A rule as written in a policy or a request: a string or a mapping."""
     if isinstance(value, EgressRule):
         return value
     if isinstance(value, dict):
-        try:
-            return EgressRule.model_validate(value)
-        except EgressError:
-            raise
-        except ValueError as e:  # pydantic's ValidationError: keep its first message
-            errs = getattr(e, "errors", None)
-            if callable(errs):
-                first = errs(include_url=False)[0]
-                msg = str(first.get("ctx", {}).get("error") or first["msg"])
-                if "; expected" not in msg:
-                    where = ".".join(str(p) for p in first["loc"])
-                    msg = f"{where}: {msg}; expected {RULE_EXPECTED}"
-                raise EgressError(msg) from None
-            raise EgressError(f"{value!r} is not a rule; expected {RULE_EXPECTED}") from None
+        return _build(**value)
     if not isinstance(value, str) or not value.strip():
         raise EgressError(f"{value!r} is not a rule; expected {RULE_EXPECTED}")
     text = value.strip()
     if "/" in text:
-        return EgressRule(cidr=text)
+        return _build(cidr=text)
     if ip_literal(text) is not None:
         raise EgressError(f"{text!r} is an address, not a rule; expected a CIDR such as {text}/32")
     host, sep, port = text.rpartition(":")
     if sep and port.isdigit():
-        return EgressRule(domain=host, ports=(int(port),))
+        return _build(domain=host, ports=(int(port),))
     if sep:
         raise EgressError(f"{text!r} has a bad port; expected DOMAIN or DOMAIN:PORT (1-65535)")
-    return EgressRule(domain=text)
+    return _build(domain=text)
 
 
 def _host_map(value: Any) -> dict[str, tuple[IPAddress, ...]]:

@@ -186,8 +186,9 @@ class NetworkService:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for run in list(self._open.values()):
-            await run.aclose()
+        with anyio.CancelScope(shield=True):
+            for run in list(self._open.values()):
+                await run.aclose()
         tg, self._tg = self._tg, None
         if tg is not None:
             tg.cancel_scope.cancel()
