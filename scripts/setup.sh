@@ -5,8 +5,9 @@
 #   2. mkfs.ext4 and mount (e2fsprogs, mount): size-limited workspaces are
 #      loop-mounted ext4 images, and `serve` refuses a policy with a workspace
 #      when they are missing;
-#   3. a virtualenv at .venv with this package installed (with test extras);
-#   4. Claude Code (npm) in .cache/claude-code, for the shutdown test.
+#   3. unshare, ip, curl and Debian's pip (network=sandbox and its tests);
+#   4. a virtualenv at .venv with this package installed (with test extras);
+#   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
 
@@ -114,6 +115,24 @@ install_claude_code() {
   npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@^2" >&2
 }
 
+# network=sandbox and its tests: `unshare` (util-linux) starts runsc in a
+# private mount namespace, `ip` (iproute2) builds the tests' own "internet",
+# and the sandbox (host /usr) needs curl and pip for the egress tests.
+install_network_tools() {
+  local missing=()
+  command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+  command -v ip >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  [ -x /usr/bin/curl ] || missing+=(curl)
+  /usr/bin/python3 -c 'import pip' >/dev/null 2>&1 || missing+=(python3-pip)
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  need_root
+  log "installing ${missing[*]} (network=sandbox and its tests)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2 || {
+    apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2
+  }
+}
+
 pick_python() {
   for p in python3.11 python3.12 python3.13 python3; do
     if command -v "$p" >/dev/null 2>&1 &&
@@ -154,5 +173,6 @@ install_venv() {
 
 install_runsc
 install_workspace_tools
+install_network_tools
 install_venv
 install_claude_code

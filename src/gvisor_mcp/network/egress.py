@@ -216,6 +216,12 @@ def parse_rule(value: Any) -> EgressRule:
         raise EgressError(f"{value!r} is not a rule; expected {RULE_EXPECTED}")
     text = value.strip()
     if "/" in text:
+        net, _, rest = text.partition("/")
+        if ":" in rest:  # 10.0.0.0/8:3128
+            prefix, _, port = rest.partition(":")
+            if not port.isdigit():
+                raise EgressError(f"{text!r} has a bad port; expected CIDR or CIDR:PORT (1-65535)")
+            return _build(cidr=f"{net}/{prefix}", ports=(int(port),))
         return _build(cidr=text)
     if ip_literal(text) is not None:
         raise EgressError(f"{text!r} is an address, not a rule; expected a CIDR such as {text}/32")
@@ -293,11 +299,29 @@ class EgressRules(BaseModel):
     def narrowed(self, requested: list[Any] | tuple[Any, ...]) -> EgressRules:
         """The same limits with only `requested` allowed; each requested rule
         must be covered by one of ours (a request never widens the list).
-        Raises EgressError naming the first rule that is not covered."""
+
+        A requested string without a port (`pypi.org`, `10.0.0.0/8`) means
+        "with the ports the allowlist gives it"; with one (`pypi.org:443`)
+        that port must be allowed. Raises EgressError naming the first rule
+        that is not covered.
+        """
         rules = []
         for item in requested:
             rule = parse_rule(item)
+            explicit = not isinstance(item, str) or _has_port(item)
+            if not explicit:
+                ports = sorted({p for mine in self.allow
+                                if mine.covers(rule.model_copy(update={"ports": mine.ports}))
+                                for p in mine.ports})
+                if ports:
+                    rule = rule.model_copy(update={"ports": tuple(ports)})
             if not any(mine.covers(rule) for mine in self.allow):
                 raise EgressError(f"{item!r} is not within the egress allowlist ({self.describe()})")
             rules.append(rule)
         return self.model_copy(update={"allow": tuple(rules)})
+
+
+def _has_port(text: str) -> bool:
+    """`host:443` or `10.0.0.0/8:443` (an IPv6 CIDR's colons come before the '/')."""
+    tail = text.strip().rpartition("/")[2] if "/" in text else text.strip()
+    return ":" in tail
