@@ -150,6 +150,7 @@ class RunProxy:
         self.on_event = on_event
         self.budget = Budget(rules.max_bytes, rules.max_connections)
         self.failure: str | None = None
+        self.live: dict[int, dict[str, Any]] = {}
 
     async def serve(self) -> None:
         listener = await anyio.abc.SocketListener.from_socket(self.listener)
@@ -173,7 +174,7 @@ class RunProxy:
 
     async def _client(self, stream: anyio.abc.SocketStream) -> None:
         start = time.monotonic()
-        ev: dict[str, Any] = {"destination": "-", "method": "-", "up": 0, "down": 0, "address": None}
+        ev: dict[str, Any] = {"destination": "-", "method": "-", "up": 0, "down": 0, "address": None, "start": start}
         verdict: Verdict = "allowed"
         reason: str | None = None
         async with stream:
@@ -183,11 +184,13 @@ class RunProxy:
                 log.warning("proxy_foreign_peer", run_id=self.run_id, peer=str(remote))
                 return
             if self.budget.open >= self.budget.connections_max:
-                verdict, reason = "denied", f"too many connections at once (max {self.budget.connections_max})"
+                reason = f"too many connections at once (max {self.budget.connections_max})"
+                self._emit(ev, "denied", reason, start)
                 await self._error(stream, 503, reason)
-                self._emit(ev, verdict, reason, start)
                 return
             self.budget.open += 1
+            key = id(ev)
+            self.live[key] = ev
             try:
                 await self._handle(stream, ev)
                 if self.budget.exhausted:
@@ -195,15 +198,33 @@ class RunProxy:
                 elif ev.get("idle"):
                     verdict, reason = "allowed", f"closed after {self.rules.idle_timeout:g} s idle"
             except Refusal as r:
-                verdict, reason = r.verdict, r.reason
+                # Accounted before the answer goes out: the command may exit
+                # (and its result be read) as soon as it has the answer.
+                del self.live[key]
+                self._emit(ev, r.verdict, r.reason, start)
                 await self._error(stream, r.status, r.reason, ev)
+                return
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError) as e:
                 if ev["destination"] == "-":
+                    self.live.pop(key, None)
                     return  # the client went away before asking for anything
                 verdict, reason = "failed", f"connection error: {type(e).__name__}"
             finally:
                 self.budget.open -= 1
-        self._emit(ev, verdict, reason, start)
+            self.live.pop(key, None)
+            self._emit(ev, verdict, reason, start)
+
+    def in_flight(self) -> list[ConnectionEvent]:
+        """Connections still open, as they stand now (connected ones only)."""
+        now = time.monotonic()
+        return [
+            ConnectionEvent(
+                run_id=self.run_id, destination=ev["destination"], verdict="allowed", reason=None,
+                method=ev["method"], address=ev["address"], bytes_up=ev["up"], bytes_down=ev["down"],
+                duration=now - ev.get("start", now),
+            )
+            for ev in self.live.values() if ev.get("address")
+        ]
 
     def _emit(self, ev: dict[str, Any], verdict: Verdict, reason: str | None, start: float) -> None:
         event = ConnectionEvent(

@@ -15,6 +15,7 @@ Nothing here ever falls back to the host's network.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class RunNetwork:
         self._stopped = anyio.Event()
         self._started = False
         self._closed = False
+        self._proxy: RunProxy | None = None
 
     @property
     def netns_path(self) -> str:
@@ -133,6 +135,7 @@ class RunNetwork:
             host_addresses=self._service.host_addresses.get,
             on_event=record,
         )
+        self._proxy = proxy
         self._service._spawn(self._serve, proxy)
 
     async def _serve(self, proxy: RunProxy) -> None:
@@ -148,7 +151,17 @@ class RunNetwork:
             self._stopped.set()
 
     def report(self) -> dict[str, Any] | None:
-        return self.accounting.report() if self._started else None
+        """Everything so far, connections still open included (a pooled run is
+        answered when its command exits, possibly before the proxy saw the
+        last connection close)."""
+        if not self._started:
+            return None
+        if self._proxy is None or not self._proxy.live:
+            return self.accounting.report()
+        snapshot = copy.deepcopy(self.accounting)
+        for ev in self._proxy.in_flight():
+            snapshot.add(ev)
+        return snapshot.report()
 
     async def wait_failed(self) -> None:
         await self.failed.wait()
