@@ -108,6 +108,7 @@ CURL = "curl -sS -o /dev/null -w '%{{size_download}} %{{time_total}}' {url}/byte
 
 
 async def bench(n: int) -> tuple[str, dict]:
+    load_before = _load()
     base = fresh_base("network")
     raw = Raw(base, write_etc(base / "etc"))
     internet = test_internet.start(base / "internet")
@@ -177,7 +178,8 @@ async def bench(n: int) -> tuple[str, dict]:
     dl_ratio = mbps_p / mbps_d
     table = "\n".join([
         f"{machine_line()}; n={n} each, interleaved; downloads n={len(proxied)} each. "
-        f"Load average before the run: {_load()}.",
+        f"Load average (1/5/15 min) before: {load_before}; after: {_load()} (a shared machine: other "
+        "sessions ran test suites at the same time).",
         "",
         "| what | median ms | p90 ms | ratio |",
         "|---|---:|---:|---:|",
