@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import anyio
 import httpx2
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gvisor_mcp.network import referenced_netns
+from gvisor_mcp.network.netns import netns_fds
 
 from ..conftest import leftovers
 from .conftest import audit, run, server_pids, structured, text, write_policy
@@ -35,18 +34,6 @@ def policy_for(internet, tmp_path, *, default: str = "none", workspace: bool = F
 
 def flags(internet, policy, *extra: str) -> tuple[str, ...]:
     return ("--policy", str(policy), *internet.egress_host_args, "--no-system-dns", *extra)
-
-
-def netns_fds(pid: int) -> set[int]:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("net:["):
-            out.add(int(target[5:-1]))
-    return out
 
 
 async def no_netns_held(pid: int) -> None:
@@ -107,6 +94,18 @@ async def test_agent_sees_what_was_allowed_and_denied(serve, internet, sandbox_b
             assert f"network: denied {dest} (not in the egress allowlist: an IP address" in t, t
         assert s["stdout"] == "direct=7\ndirect=7\n", s  # no route, no proxy: refused at once
         assert s["network"]["denied"] == 5
+
+        # Another run's proxy: its address is not even routable from here.
+        bg = structured(await run(c, command="echo $HTTP_PROXY; sleep 120", network="sandbox", background=True))
+        with anyio.fail_after(60):
+            while not (other := structured(await c.call_tool(
+                    "inspect_result", {"result_id": bg["result_id"]}))["data"].strip()):
+                await anyio.sleep(0.1)
+        r = await run(c, command=f"curl -sS -m 10 -x {other} http://web.test/hello; echo rc=$?", network="sandbox")
+        s = structured(r)
+        assert s["stdout"] == "rc=7\n" and "Couldn't connect" in s["stderr"], s
+        assert s["network"]["connections"] == 0
+        await c.call_tool("cancel_command", {"result_id": bg["result_id"]})
 
         # A request may narrow the allowlist, never widen it.
         r = await run(c, command="true", network="sandbox", egress=["evil.example"])

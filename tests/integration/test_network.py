@@ -8,8 +8,6 @@ namespaces, veths and listeners are gone afterwards, however the run ended.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 
 import anyio
 import pytest
@@ -27,7 +25,7 @@ from gvisor_mcp.sandbox import (
 )
 
 from ..conftest import leftovers
-from .conftest import WarmManager, make_config, running_manager
+from .conftest import WarmManager, make_config
 
 
 class Watched(NetworkService):

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gvisor_mcp.network.accounting import MAX_DESTINATIONS, ConnectionEvent, RunAccounting
-from gvisor_mcp.network.egress import EgressError, EgressRule, EgressRules, ip_literal, parse_rule
+from gvisor_mcp.network.egress import EgressError, EgressRules, ip_literal, parse_rule
 from gvisor_mcp.network.guard import classify
 from gvisor_mcp.policy import ExecRequest, PolicyDenied, PolicyError, loads, resolve
 from gvisor_mcp.policy.cli import policy_main

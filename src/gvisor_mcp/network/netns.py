@@ -264,6 +264,23 @@ class SlotAllocator:
         return len(self._used)
 
 
+def netns_fds(pid: int | str) -> set[int]:
+    """Inodes of the network namespaces process `pid` holds open as fds."""
+    out: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("net:["):
+            out.add(int(target[5:-1]))
+    return out
+
+
 def referenced_netns() -> set[int]:
     """Inodes of every network namespace some process on this host holds
     (as its own, or through an fd). Tests use it to prove a run's S and E
@@ -276,15 +293,5 @@ def referenced_netns() -> set[int]:
             seen.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
         except OSError:
             pass
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("net:["):
-                seen.add(int(target[5:-1]))
+        seen |= netns_fds(pid)
     return seen
