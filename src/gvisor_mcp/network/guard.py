@@ -52,7 +52,8 @@ def unwrap(ip: IPAddress) -> IPAddress:
 def classify(ip: IPAddress, host_addresses: frozenset[IPAddress] = frozenset()) -> str | None:
     """Why `ip` is not a public destination, or None when it is one."""
     inner = unwrap(ip)
-    for a in {ip, inner}:
+    # The embedded IPv4 address first: it says what the destination really is.
+    for a in dict.fromkeys((inner, ip)):
         if a in METADATA:
             return "a cloud metadata address"
         if a in host_addresses:

@@ -193,10 +193,18 @@ class NetworkService:
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> NetworkService:
-        # pyroute2's first import costs ~0.3 s: pay it at start, not in a run.
-        await anyio.to_thread.run_sync(self.host_addresses.get)
         self._tg = await anyio.create_task_group().__aenter__()
+        # pyroute2's first import costs ~0.3 s (seconds on a loaded host):
+        # paid in a worker thread while the server starts, not by its start-up
+        # and not by the first sandbox-mode run.
+        self._tg.start_soon(self._warm_up)
         return self
+
+    async def _warm_up(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.host_addresses.get)
+        except Exception as e:  # a run that needs it will fail with the reason
+            log.warning("network_warm_up_failed", error=str(e))
 
     async def __aexit__(self, *exc: object) -> None:
         with anyio.CancelScope(shield=True):
