@@ -7,7 +7,7 @@ plugin-based, and built to *add* features (TLS interception, plugins,
 caching) we would have to turn off one by one. What we need is narrow:
 one request head, an allowlist decision on a name we resolve ourselves, and
 a byte pipe. The request head is parsed by h11 (python-hyper's maintained,
-strict, sans-I/O HTTP/1.1 parser, already a dependency of uvicorn); the
+strict, sans-I/O HTTP/1.1 parser, pure Python, no dependencies of its own); the
 rest is ~300 lines that can be read in one sitting.
 
 Hardening, each with a test in tests/unit/test_proxy.py:
