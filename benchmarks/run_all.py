@@ -31,6 +31,7 @@ BENCHES = [
     ("throughput", "bench_throughput.py"),
     ("flood", "bench_flood.py"),
     ("files", "bench_files.py"),
+    ("network", "bench_network.py"),
     ("profile", "profile_manager.py"),
     ("images", "bench_images.py"),
 ]
@@ -85,6 +86,14 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
         build = f"{im['build_s']:.0f} s" if im.get("build_s") is not None else "reused"
         rows.append(f"| (no target) image build; pull from 127.0.0.1 | {build}; {im['pull_s']:.1f} s "
                     f"({im['image_mib']:.0f} MiB image) | | Store images |")
+    net = m.get("network")
+    if net:
+        target("cold network=sandbox <= 1.20x cold none", f"{net['cold_ratio']:.2f}x ({net['sandbox_ms']:.0f} vs "
+               f"{net['none_ms']:.0f} ms)", net["cold_ratio"] <= 1.20, "network=sandbox")
+        target("warm network=sandbox <= 0.5x raw", f"{net['warm_ratio']:.2f}x ({net['warm_ms']:.0f} ms)",
+               net["warm_ratio"] <= 0.5, "network=sandbox")
+        target("100 MB through the proxy >= 0.5x direct", f"{net['download_ratio']:.2f}x ({net['proxied_mbps']:.0f} "
+               f"vs {net['direct_mbps']:.0f} MB/s)", net["download_ratio"] >= 0.5, "network=sandbox")
     if mcp:
         rows.append(f"| (no target) server RSS idle; per idle pooled sandbox | {mcp['idle_server_rss_mib']:.0f} MiB; "
                     f"{mcp['per_pooled_sandbox_rss_mib']:.0f} MiB RSS, {mcp['per_pooled_sandbox_pss_mib']:.0f} MiB PSS | | Server memory |")
@@ -102,9 +111,9 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
     return "\n".join(lines)
 
 
-DIRS = ("manager", "mcp", "throughput", "flood", "profile", "files", "images")
+DIRS = ("manager", "mcp", "throughput", "flood", "network", "profile", "files", "images")
 """The directories under BASE (and cgroup parents `gvisor-mcp-bench-*`) these benchmarks use."""
-CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "profile", "files", "images")
+CGROUPS = ("manager", "cold", "warm", "raw", "throughput", "flood", "server", "network", "profile", "files", "images")
 
 
 def leftovers_anywhere() -> list[str]:

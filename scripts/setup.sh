@@ -7,6 +7,7 @@
 #      when they are missing;
 #   3. mmdebstrap, skopeo and umoci (image build/pull/import: `gvisor-mcp image`)
 #      and docker-registry (an OCI registry the image tests run on 127.0.0.1);
+#   3b. unshare, ip, curl and Debian's pip (network=sandbox and its tests);
 #   4. a virtualenv at .venv with this package installed (with test extras);
 #   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.
@@ -149,6 +150,24 @@ install_image_tools() {
   [ "$rc" -eq 0 ] || { log "installing ${missing[*]} failed"; exit 1; }
 }
 
+# network=sandbox and its tests: `unshare` (util-linux) starts runsc in a
+# private mount namespace, `ip` (iproute2) builds the tests' own "internet",
+# and the sandbox (host /usr) needs curl and pip for the egress tests.
+install_network_tools() {
+  local missing=()
+  command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+  command -v ip >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  [ -x /usr/bin/curl ] || missing+=(curl)
+  /usr/bin/python3 -c 'import pip' >/dev/null 2>&1 || missing+=(python3-pip)
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  need_root
+  log "installing ${missing[*]} (network=sandbox and its tests)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2 || {
+    apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >&2
+  }
+}
+
 pick_python() {
   for p in python3.11 python3.12 python3.13 python3; do
     if command -v "$p" >/dev/null 2>&1 &&
@@ -190,5 +209,6 @@ install_venv() {
 install_runsc
 install_workspace_tools
 install_image_tools
+install_network_tools
 install_venv
 install_claude_code

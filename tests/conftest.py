@@ -116,3 +116,16 @@ def _remove_cgroup_parent():
                 d.rmdir()
             except OSError:
                 pass
+
+
+@pytest.fixture(scope="session")
+def internet():
+    """The test internet (tests/internet.py): built once per pytest process."""
+    reason = runsc_usable()
+    if reason:
+        pytest.skip(reason)
+    from .internet import start
+
+    net = start(TEST_BASE / f"internet-{os.getpid()}")
+    yield net
+    net.stop()

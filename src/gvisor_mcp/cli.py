@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rootfs", default=None, help="host directory to use as root (default: built-in image)")
     p.add_argument("--read-only", action="store_true", help="make the root filesystem read-only")
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--egress", action="append", default=[], metavar="RULE",
+                   help="network sandbox: allow this destination through the egress proxy (repeatable; "
+                        "pypi.org, *.pythonhosted.org, host:PORT, a CIDR); default: nothing")
+    p.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
+                   help="network sandbox: the proxy resolves NAME to ADDRESS itself (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     p = sub.add_parser("doctor", help="check that this host can run sandboxes")
@@ -133,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workspace images mounted at once for one tenant (default 16)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
+    p.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
+                   help="network=sandbox: the egress proxy resolves NAME to ADDRESS itself (repeatable)")
+    p.add_argument("--no-system-dns", action="store_true",
+                   help="network=sandbox: the egress proxy resolves only --egress-host names and the "
+                        "policy's network.egress.hosts, never through DNS")
     p.add_argument("--workspace", default=None, metavar="NAME",
                    help="stdio: the named workspace to use (default 'default'); kept across restarts")
     p.add_argument("--project", default=None, metavar="DIR",
@@ -191,6 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         network = NetworkMode(args.network)
     except ValueError:
         return _fail(f"--network {args.network!r}: expected one of none, sandbox, host")
+    from .network import EgressError, EgressRules, NetworkService
+    from .server import network_config
+
+    try:
+        egress = EgressRules(allow=args.egress) if network is NetworkMode.SANDBOX else None
+        net_config = network_config(args)
+    except (EgressError, ValueError) as e:
+        return _fail(_clean_validation(e))
     try:
         options = ContainerOptions(
             command=command,
@@ -198,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             env=env or None,
             rootfs=args.rootfs,
             network=network,
+            egress=egress,
             user=UserSpec.parse(args.user) if args.user else None,
             read_only_rootfs=args.read_only,
             resources=ResourceSpec(
@@ -214,7 +233,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(_clean_validation(e))
 
     async def go() -> int:
-        async with Manager(manager_config(args)) as manager:
+        if network is not NetworkMode.SANDBOX:
+            return await run_with(None)
+        async with NetworkService(net_config) as net:
+            return await run_with(net)
+
+    async def run_with(net: NetworkService | None) -> int:
+        async with Manager(manager_config(args), network=net) as manager:
             try:
                 result = await manager.run(options)
             except InvalidOptionsError as e:
@@ -224,6 +249,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"gvisor-mcp: sandbox failure: {e}", file=sys.stderr)
                 return 125
         print(f"gvisor-mcp: {result.summary()}", file=sys.stderr)
+        for d in (result.network or {}).get("destinations", []):
+            print(f"gvisor-mcp: network: {d['verdict']} {d['destination']}"
+                  + (f" ({d['reason']})" if d.get("reason") else ""), file=sys.stderr)
         return result.exit_code if 0 <= result.exit_code < 256 else 125
 
     try:

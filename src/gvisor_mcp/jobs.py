@@ -21,6 +21,7 @@ import structlog
 
 from .audit import AuditLog
 from .metrics import Metrics
+from .network import ConnectionEvent, EgressGrant, EgressRules
 from .results import ResultStore
 from .sandbox import (
     ContainerOptions,
@@ -227,7 +228,14 @@ class Jobs:
             job.seen(chunk, "stderr")
             err_w(chunk)
 
-        opts = options.model_copy(update={"stdout_writer": on_out, "stderr_writer": on_err})
+        update: dict[str, Any] = {"stdout_writer": on_out, "stderr_writer": on_err}
+        if isinstance(options.egress, EgressRules):
+            # Every connection attempt of this run goes to the audit log and
+            # the metrics, with the tenant and result id the proxy never sees.
+            update["egress"] = EgressGrant(
+                options.egress, on_event=lambda ev: self._egress_event(job, ev, policy_hash)
+            )
+        opts = options.model_copy(update=update)
         self._jobs[rid] = job
         self._tg.start_soon(self._run, job, opts, (out_w, err_w), policy_hash)
         return job
@@ -265,6 +273,25 @@ class Jobs:
             error = f"internal error: {type(e).__name__}"
         self._finish(job, result, status, error, writers, policy_hash)
 
+    def _egress_event(self, job: Job, ev: ConnectionEvent, policy_hash: str | None) -> None:
+        self.audit.write(
+            event="egress",
+            tenant=job.tenant,
+            session=job.session,
+            result_id=job.result_id,
+            policy_hash=policy_hash,
+            destination=ev.destination,
+            method=ev.method,
+            decision=ev.verdict,
+            reason=ev.reason,
+            address=ev.address,
+            bytes_up=ev.bytes_up,
+            bytes_down=ev.bytes_down,
+            duration_ms=round(ev.duration * 1000),
+        )
+        if self.metrics is not None:
+            self.metrics.egress(job.tenant, ev.verdict, ev.bytes_up, ev.bytes_down)
+
     def _finish(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
         for w in writers:
             w.close()
@@ -286,6 +313,7 @@ class Jobs:
                 stdout_truncated=result.stdout_truncated,
                 stderr_truncated=result.stderr_truncated,
                 warm=result.warm,
+                network=result.network,
             )
         else:
             fields.update(duration_ms=round(job.elapsed() * 1000))

@@ -45,11 +45,27 @@ class Metrics:
         self.timeouts = Counter("gvisor_mcp_timeouts", "runs ended by their time limit", ["tenant"], registry=r)
         self.active = Gauge("gvisor_mcp_active_containers", "sandboxes running commands now", registry=r)
         self.pool_idle = Gauge("gvisor_mcp_pool_idle", "pre-booted sandboxes waiting to be claimed", registry=r)
+        self.egress_connections = Counter(
+            "gvisor_mcp_egress_connections",
+            "connection attempts through the egress proxy, by tenant and verdict (allowed, denied, failed)",
+            ["tenant", "verdict"], registry=r,
+        )
+        self.egress_bytes = Counter(
+            "gvisor_mcp_egress_bytes", "bytes through the egress proxy, by tenant and direction (up, down)",
+            ["tenant", "direction"], registry=r,
+        )
 
     def watch(self, active: Callable[[], float], pool_idle: Callable[[], float]) -> None:
         """Gauges read live from the Manager at scrape time."""
         self.active.set_function(active)
         self.pool_idle.set_function(pool_idle)
+
+    def egress(self, tenant: str, verdict: str, up: int, down: int) -> None:
+        self.egress_connections.labels(tenant, verdict).inc()
+        if up:
+            self.egress_bytes.labels(tenant, "up").inc(up)
+        if down:
+            self.egress_bytes.labels(tenant, "down").inc(down)
 
     def denied(self, tenant: str, kind: str) -> None:
         self.denials.labels(tenant, kind).inc()

@@ -11,7 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from .jobs import Jobs
 from .lifecycle import Signals
 from .metrics import Metrics
 from .paths import default_state_dir
+from .network import NetworkConfig, NetworkService
 from .policy import ExecRequest, Policy, Resolved, load, load_default, path_component, resolve, workspace_host_path
 from .policy.resolve import SESSIONS_DIR
 from .roots import AgentWorkspaces, stdio_places
@@ -64,6 +65,8 @@ class Settings:
     max_workspaces: int = 128
     """Workspace images this process keeps mounted at once, all tenants (one loop device each)."""
     max_workspaces_per_tenant: int = 16
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """network=sandbox: per-run namespaces and the egress proxy (cli --egress-host, --no-system-dns)."""
 
 
 class PolicyHolder:
@@ -365,7 +368,8 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
     audit = AuditLog(state_dir / "audit.jsonl")
     rt: Runtime | None = None
     try:
-        async with Manager(settings.manager) as manager, anyio.create_task_group() as tg:
+        async with start_network(settings.network) as net, \
+                Manager(settings.manager, network=net) as manager, anyio.create_task_group() as tg:
             reaped = await manager.cleanup_stale()
             _workspace.cleanup_stale(state_dir / "workspaces")  # mounts of dead servers
             recovered = store.recover()
@@ -394,6 +398,20 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
             store.close()
             audit.close()
             log.info("server_stop", tenant=settings.tenant)
+
+
+@asynccontextmanager
+async def start_network(config: NetworkConfig) -> AsyncIterator[NetworkService | None]:
+    """The egress side of network=sandbox. A host where it cannot start
+    (no netlink, no pyroute2) still serves: sandbox-mode calls are then
+    refused with a clear error, never run with another network."""
+    async with AsyncExitStack() as stack:
+        try:
+            service: NetworkService | None = await stack.enter_async_context(NetworkService(config))
+        except Exception as e:
+            log.warning("network_unavailable", error=str(e))
+            service = None
+        yield service
 
 
 def build_server(  # type: ignore[no-untyped-def]
@@ -467,6 +485,17 @@ async def _serve_stdio(settings: Settings, policy: PolicyHolder, signals: Signal
     await signals.guard(lambda: serve_stdio(server), on_reload=policy.reload)
 
 
+def network_config(args: Any) -> NetworkConfig:
+    """--egress-host NAME=ADDR (repeatable) and --no-system-dns."""
+    hosts: dict[str, list[str]] = {}
+    for item in getattr(args, "egress_host", None) or []:
+        name, sep, addr = item.partition("=")
+        if not sep:
+            raise ValueError(f"--egress-host {item!r}: expected NAME=ADDRESS, like mirror.internal=10.0.0.5")
+        hosts.setdefault(name.strip(), []).append(addr.strip())
+    return NetworkConfig(hosts=hosts, system_dns=not getattr(args, "no_system_dns", False))
+
+
 def serve(args: Any) -> int:
     """`gvisor-mcp serve`: refuse to start unless a sandbox really works."""
     try:
@@ -503,6 +532,11 @@ def _serve(args: Any) -> int:
     _return_big_buffers_to_the_os()
     logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
     log.info("serve_begin", pid=os.getpid())
+    try:
+        network = network_config(args)
+    except ValueError as e:
+        print(f"gvisor-mcp: {e}", file=sys.stderr)
+        return 2
     settings = Settings(
         tenant=args.tenant or "default",
         policy_path=args.policy,
@@ -512,10 +546,13 @@ def _serve(args: Any) -> int:
         metrics_port=getattr(args, "metrics_port", 0),
         max_workspaces=args.max_workspaces,
         max_workspaces_per_tenant=args.max_workspaces_per_tenant,
+        network=network,
     )
     try:
         policy = PolicyHolder(settings.policy_path, ImageStore(settings.state_dir / "images"))
         policy.current.tenant(settings.tenant)
+        for warning in policy.current.warnings:
+            log.warning("policy_warning", warning=str(warning))
         _workspace.check_support(policy.current)  # never an unbounded workspace
         settings.workspace_name, settings.projects = stdio_places(args, policy.current.tenant(settings.tenant))
     except Exception as e:

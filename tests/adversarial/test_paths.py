@@ -28,7 +28,7 @@ from .conftest import (
 pytestmark = pytest.mark.runsc
 
 TOOL_FIELDS = {"command", "workdir", "env", "stdin", "timeout_seconds", "cpus", "memory_mb",
-               "max_pids", "network", "image", "background"}
+               "max_pids", "network", "egress", "image", "background"}
 
 
 def refused(r) -> str:

@@ -79,7 +79,7 @@ async def test_a_clamping_policy_grants_the_ceiling_and_enforces_it(serve, tmp_p
         await canary(c)
 
 
-async def test_network_host_is_refused_and_network_sandbox_is_not_built(serve, tmp_path):
+async def test_network_host_is_refused_and_network_sandbox_allows_nothing_by_default(serve, tmp_path):
     async with serve("--pool-size", "0") as c:  # the built-in policy: none only
         for network in ("host", "sandbox", "bridge", ""):
             r = await run(c, command="true", network=network)
@@ -89,10 +89,12 @@ async def test_network_host_is_refused_and_network_sandbox_is_not_built(serve, t
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
         r = await run(c, command="true", network="host")
         assert r.is_error
-        # Allowed by this policy, but not built on this server: a clear refusal, never a fallback.
-        s = structured(await run(c, command="true", network="sandbox"))
-        assert s["status"] == "error" and s["container_id"] is None, s
-        assert "not built yet" in s["error"], s
+        # Allowed, with no egress rule: the proxy refuses everything (before
+        # any name is resolved), and nothing else is reachable.
+        r = await run(c, command="curl -fsS -m 10 https://example.com/; echo rc=$?", network="sandbox")
+        s = structured(r)
+        assert s["status"] == "exited" and "rc=" in s["stdout"] and "rc=0" not in s["stdout"], (s["stdout"], s["stderr"])
+        assert "network: denied example.com:443 (not in the egress allowlist)" in text(r)
         await canary(c)
 
 

@@ -103,6 +103,8 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
             out.write(
                 f"{name}: ok (tenants: {', '.join(policy.tenant_names)}; sha256 {policy.sha256})\n"
             )
+            for warning in policy.warnings:
+                err.write(f"{warning}\n")
         return status
 
     try:

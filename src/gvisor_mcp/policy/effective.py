@@ -55,16 +55,38 @@ def show(key: str, value: Any) -> str:
 
 
 def _written(settings: Settings, base: KeyPath) -> Origins:
-    """Where each key written in `settings` lives, for the keys actually written."""
+    """Where each key written in `settings` lives, for the keys actually written
+    (nested sections, like network.egress, down to their own keys)."""
     out: Origins = {}
+
+    def walk(section: _Section, key: tuple[str, ...]) -> None:
+        for name in section.model_fields_set:
+            value = getattr(section, name)
+            out[(*key, name)] = (*base, *key, name)
+            if isinstance(value, _Section):
+                walk(value, (*key, name))
+
     for name in settings.model_fields_set & set(Settings.model_fields):
         value = getattr(settings, name)
         if isinstance(value, _Section):
-            for key in value.model_fields_set:
-                out[(name, key)] = (*base, name, key)
+            walk(value, (name,))
         else:
             out[(name,)] = (*base, name)
     return out
+
+
+def _merge(parent: _Section, child: _Section, path: tuple[str, ...]) -> _Section:
+    """`parent` with the keys written in `child` on top, section by section."""
+    update: dict[str, Any] = {}
+    for key in child.model_fields_set:
+        new = getattr(child, key)
+        old = getattr(parent, key)
+        if (*path, key) in MERGED_MAPPINGS:
+            new = {**old, **new}
+        elif isinstance(new, _Section) and isinstance(old, _Section):
+            new = _merge(old, new, (*path, key))
+        update[key] = new
+    return parent.model_copy(update=update)
 
 
 def _overlay(parent: Settings, section: Settings) -> dict[str, Any]:
@@ -73,13 +95,7 @@ def _overlay(parent: Settings, section: Settings) -> dict[str, Any]:
     for name in section.model_fields_set & set(Settings.model_fields):
         value = getattr(section, name)
         if isinstance(value, _Section):
-            update: dict[str, Any] = {}
-            for key in value.model_fields_set:
-                new = getattr(value, key)
-                if (name, key) in MERGED_MAPPINGS:
-                    new = {**getattr(fields[name], key), **new}
-                update[key] = new
-            fields[name] = fields[name].model_copy(update=update)
+            fields[name] = _merge(fields[name], value, (name,))
         else:
             fields[name] = value
     return fields
@@ -255,6 +271,31 @@ def _check(
                         where,
                         f"ceilings.{key} {show(key, mine)}{who} is above the top-level ceiling {show(key, limit)}",
                         f"at most {show(key, limit)}, or `allow_above_ceilings: true` in tenants.{s.name}",
+                    )
+                )
+        wider = [
+            str(r) for r in s.network.egress.allow
+            if not any(mine.covers(r) for mine in top.network.egress.allow)
+        ]
+        if wider:
+            where = blame(("network", "egress", "allow"), ("network", "egress")) or (*own, "extends")
+            issues.append(
+                (
+                    where,
+                    f"egress rule(s) {', '.join(wider)}{who} are not within the top level's "
+                    f"network.egress.allow",
+                    f"rules the top level allows, or `allow_above_ceilings: true` in tenants.{s.name}",
+                )
+            )
+        for key, unit in (("max_connections", ""), ("max_bytes", " bytes"), ("idle_timeout", " s")):
+            mine, limit = getattr(s.network.egress, key), getattr(top.network.egress, key)
+            if mine > limit:
+                where = blame(("network", "egress", key)) or (*own, "extends")
+                issues.append(
+                    (
+                        where,
+                        f"network.egress.{key} {mine:g}{unit}{who} is above the top level's {limit:g}{unit}",
+                        f"at most {limit:g}{unit}, or `allow_above_ceilings: true` in tenants.{s.name}",
                     )
                 )
         extra = [m for m in s.network.allowed if m not in top.network.allowed]

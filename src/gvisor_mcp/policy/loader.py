@@ -10,6 +10,7 @@ snapshot they were admitted under.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import types
 import typing
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from ..images.store import ImageStore
 from .effective import build_tenants
 from .images import check_store_images
 from .errors import PolicyError, Problem, UnknownTenant
-from .model import DEFAULT_TENANT, PolicyFile, TenantSettings
+from .model import DEFAULT_TENANT, PolicyFile, Settings, TenantSettings
 from .source import KeyPath, Source, format_path, parse
 
 DEFAULT_POLICY_NAME = "<built-in default policy>"
@@ -43,6 +44,9 @@ class Policy:
     source: str
     sha256: str
     tenants: Mapping[str, TenantSettings] = field(repr=False)
+    warnings: tuple[Problem, ...] = ()
+    """Valid but risky choices (`host` networking, wide CIDRs): `policy check`
+    prints them, `serve` logs them; they never refuse the file."""
 
     @property
     def hash(self) -> str:
@@ -100,7 +104,53 @@ def loads(
         source=file,
         sha256=hashlib.sha256(raw).hexdigest(),
         tenants=types.MappingProxyType(ordered),
+        warnings=tuple(
+            Problem(file, source.line_of(path), format_path(path), message, expected)
+            for path, message, expected in risky_choices(policy_file)
+        ),
     )
+
+
+_SENSITIVE = tuple(
+    ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "169.254.169.254", "fd00:ec2::254", "10.0.0.1", "192.168.0.1")
+)
+
+
+def risky_choices(file: PolicyFile) -> list[tuple[KeyPath, str, str]]:
+    """What `policy check` warns about, per section where it is written."""
+    out: list[tuple[KeyPath, str, str]] = []
+    sections: list[tuple[KeyPath, Settings]] = [((), file)]
+    sections += [(("tenants", n), t) for n, t in file.tenants.items()]
+    for base, sec in sections:
+        net = sec.network
+        if "network" not in sec.model_fields_set:
+            continue
+        if "host" in net.allowed and "allowed" in net.model_fields_set:
+            out.append((
+                (*base, "network", "allowed", net.allowed.index("host")),
+                "warning: 'host' gives sandboxes the host's whole network (private addresses, the "
+                "cloud metadata endpoint, services listening on the host) and bypasses network.egress",
+                "'sandbox' with a network.egress allowlist, unless every user of this policy is trusted",
+            ))
+        egress = net.egress
+        for i, rule in enumerate(egress.allow if "egress" in net.model_fields_set else ()):
+            if rule.cidr is None:
+                continue
+            hit = [str(a) for a in _SENSITIVE if a.version == rule.cidr.version and a in rule.cidr]
+            if hit:
+                out.append((
+                    (*base, "network", "egress", "allow", i),
+                    f"warning: cidr {rule.cidr} includes {', '.join(hit)} (loopback, metadata or private "
+                    "ranges): sandboxes can reach such addresses through the proxy",
+                    "the narrowest CIDR of the internal service you mean",
+                ))
+        if "egress" in net.model_fields_set and egress.allow and "sandbox" not in net.allowed:
+            out.append((
+                (*base, "network", "egress"),
+                "warning: network.egress has no effect here: 'sandbox' is not in network.allowed",
+                "'sandbox' in network.allowed, or no egress section",
+            ))
+    return out
 
 
 def load(path: str | Path, *, check_paths: bool = True, images: ImageStore | None = None) -> Policy:

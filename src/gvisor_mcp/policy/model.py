@@ -29,6 +29,14 @@ from pydantic import (
     model_validator,
 )
 
+from ..network.egress import (
+    RULE_EXPECTED,
+    EgressError,
+    EgressRule,
+    EgressRules,
+    _host_map,
+    parse_rule,
+)
 from ..sandbox.options import (
     ENV_KEY_RE,
     MAX_CPUS,
@@ -302,10 +310,90 @@ class Ceilings(_Section):
     max_output: OutputBytes = 64 * 1024 * 1024
 
 
+def _egress_rule(value: Any) -> EgressRule:
+    try:
+        return parse_rule(value)
+    except EgressError as e:
+        raise UnitError(str(e)) from None
+
+
+def _rule_yaml(rule: EgressRule) -> Any:
+    """The shortest spelling that loads back to the same rule."""
+    if rule.domain is not None and rule.ports == (80, 443):
+        return rule.domain
+    key = "domain" if rule.domain is not None else "cidr"
+    return {key: rule.domain if rule.domain is not None else str(rule.cidr), "ports": list(rule.ports)}
+
+
+EgressRuleText = Annotated[
+    EgressRule,
+    BeforeValidator(_egress_rule),
+    PlainSerializer(_rule_yaml, when_used="json"),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "description": "pypi.org, *.pythonhosted.org, host:8080, '*' or a CIDR"},
+                {"type": "object", "properties": {"domain": {"type": "string"}, "cidr": {"type": "string"},
+                                                  "ports": {"type": "array", "items": {"type": "integer"}}}},
+            ],
+            "description": RULE_EXPECTED,
+        }
+    ),
+]
+
+
+def _hosts(value: Any) -> Any:
+    try:
+        return _host_map(value)
+    except EgressError as e:
+        raise UnitError(str(e)) from None
+
+
+HostMap = Annotated[
+    dict[str, tuple[Any, ...]],
+    BeforeValidator(_hosts),
+    PlainSerializer(lambda m: {k: [str(a) for a in v] for k, v in m.items()}, when_used="json"),
+    WithJsonSchema({"type": "object", "additionalProperties": {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}),
+]
+
+
+class Egress(_Section):
+    """network=sandbox: where the run's egress proxy may connect (nothing by default).
+
+    See gvisor_mcp/network/egress.py and docs/network.md for the rule syntax.
+    """
+
+    allow: tuple[EgressRuleText, ...] = ()
+    hosts: HostMap = {}
+    """Names the proxy resolves to these addresses itself (internal mirrors)."""
+    max_connections: Annotated[int, BeforeValidator(_count(1, 4096))] = 32
+    """Connections open at once, per run."""
+    max_bytes: Annotated[
+        int,
+        BeforeValidator(_bounded(parse_bytes, 1024, 1 << 50, format_bytes, "a size")),
+        PlainSerializer(format_bytes, return_type=str, when_used="json"),
+        _size_schema("bytes"),
+    ] = 1 << 30
+    """Bytes both ways through the proxy, per run."""
+    idle_timeout: Duration = 60.0
+    """A connection with no byte either way for this long is closed."""
+
+    def rules(self) -> EgressRules:
+        return EgressRules.model_construct(
+            allow=self.allow,
+            hosts=dict(self.hosts),
+            max_connections=self.max_connections,
+            max_bytes=self.max_bytes,
+            idle_timeout=self.idle_timeout,
+        )
+
+
 class Network(_Section):
     """Which network modes a request may use; `host` only if written here."""
 
     allowed: tuple[NetworkName, ...] = Field(default=("none",), min_length=1)
+    egress: Egress = Egress()
 
     @field_validator("allowed")
     @classmethod
@@ -506,7 +594,7 @@ class Quotas(_Section):
     runs_per_minute: Annotated[int, BeforeValidator(_count(1, 1_000_000))] = 60
 
 
-MERGED_MAPPINGS = {("env", "set"), ("images", "catalog")}
+MERGED_MAPPINGS = {("env", "set"), ("images", "catalog"), ("network", "egress", "hosts")}
 """Mapping-valued keys a tenant extends key by key; everything else is replaced."""
 
 

@@ -31,6 +31,9 @@ class ExecRequest(BaseModel):
     memory_mb: int | None = None
     max_pids: int | None = None
     network: str | None = None
+    egress: list[str] | None = None
+    """network=sandbox: narrow the policy's egress allowlist to these rules
+    (each must lie within it); None keeps the whole allowlist."""
     image: str | None = None
 
     @field_validator("network", mode="before")

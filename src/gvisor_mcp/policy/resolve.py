@@ -30,6 +30,7 @@ from ..sandbox.options import (
 )
 from ..images.errors import ImageError
 from ..images.store import ImageStore
+from ..network.egress import EgressError, EgressRules
 from .errors import PolicyDenied
 from .loader import Policy
 from .model import BUILTIN_IMAGE, Output, Quotas, TenantSettings
@@ -218,6 +219,35 @@ class _Resolver:
         self.entries.append(ReceiptEntry(field=field, requested=requested, granted=requested, rule="requested"))
         return requested
 
+    def egress(self, requested: list[str] | None, network: str) -> EgressRules | None:
+        """network=sandbox: the policy's allowlist, or the request's narrower one."""
+        rules = self.s.network.egress.rules()
+        allowed = rules.describe()
+        if network != "sandbox":
+            if requested is not None:
+                raise PolicyDenied(
+                    "egress", requested, "an egress list only with network 'sandbox'",
+                    "Ask again with network='sandbox' (if the policy allows it), or leave egress out.",
+                )
+            return None
+        if requested is None:
+            self.entries.append(ReceiptEntry(field="egress", granted=[str(x) for x in rules.allow], rule="policy"))
+            return rules
+        if not isinstance(requested, (list, tuple)):
+            raise PolicyDenied("egress", requested, f"a list of rules within: {allowed}", "Ask again with a list.")
+        try:
+            narrowed = rules.narrowed(requested)
+        except EgressError as e:
+            raise PolicyDenied(
+                "egress", requested, f"rules within the egress allowlist: {allowed}",
+                f"{e}. Ask again with rules from that list (or narrower: fewer ports, a sub-domain, "
+                "a smaller CIDR), or leave egress out to get all of it.",
+            ) from None
+        self.entries.append(
+            ReceiptEntry(field="egress", requested=list(requested), granted=[str(x) for x in narrowed.allow], rule="requested")
+        )
+        return narrowed
+
     def workdir(self, requested: str | None, default: str) -> str:
         if requested is None:
             self.entries.append(ReceiptEntry(field="workdir", granted=default, rule="default"))
@@ -348,6 +378,7 @@ def resolve(
         ReceiptEntry(field="max_output_bytes", granted=d.max_output, rule="policy", limit=c.max_output)
     )
     network = r.choice("network", request.network, d.network, s.network.allowed)
+    egress = r.egress(request.egress, network)
     image = r.choice("image", request.image, d.image, s.images.allowed)
     rootfs, read_only, digest = _image(s, image, images)
     plan = plan_workspace(s, tenant, workspace_root, session_id, workspace_name)
@@ -397,6 +428,7 @@ def resolve(
                 max_output_bytes=d.max_output,
             ),
             network=NetworkMode(network),
+            egress=egress,
             stdin=request.stdin,
             user=UserSpec.parse(d.user),
             extra_mounts=mounts,

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS results (
     warm INTEGER NOT NULL DEFAULT 0,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
     limits TEXT,
-    error TEXT
+    error TEXT,
+    network TEXT
 );
 CREATE INDEX IF NOT EXISTS results_tenant_created ON results (tenant, created_at);
 CREATE INDEX IF NOT EXISTS results_status ON results (status);
@@ -91,6 +92,8 @@ class StoredResult(BaseModel):
     """Ran in a pre-booted sandbox from the warm pool."""
     limits: dict[str, Any] | None
     error: str | None
+    network: dict[str, Any] | None = None
+    """network=sandbox: per-destination egress accounting (see gvisor_mcp.network)."""
 
 
 class ResultStore:
@@ -135,6 +138,8 @@ class ResultStore:
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(results)")}
         if "warm" not in have:
             self._db.execute("ALTER TABLE results ADD COLUMN warm INTEGER NOT NULL DEFAULT 0")
+        if "network" not in have:
+            self._db.execute("ALTER TABLE results ADD COLUMN network TEXT")
 
     @property
     def instance(self) -> str:
@@ -281,9 +286,10 @@ class ResultStore:
                 cols.append(f"{key}=?")
                 v = f[key]
                 vals.append(int(v) if isinstance(v, bool) else v)
-        if "limits" in f:
-            cols.append("limits=?")
-            vals.append(json.dumps(f["limits"]))
+        for key in ("limits", "network"):
+            if f.get(key) is not None:
+                cols.append(f"{key}=?")
+                vals.append(json.dumps(f[key]))
         vals.append(result_id)
         self._db.execute(f"UPDATE results SET {', '.join(cols)} WHERE result_id=?", vals)
 
@@ -349,6 +355,7 @@ def _row(row: sqlite3.Row) -> StoredResult:
     d.pop("owner", None)
     d.pop("stored_bytes", None)
     d["limits"] = json.loads(d["limits"]) if d.get("limits") else None
+    d["network"] = json.loads(d["network"]) if d.get("network") else None
     for k in ("oom_killed", "stdout_truncated", "stderr_truncated", "warm"):
         d[k] = bool(d.get(k))
     return StoredResult(**d)

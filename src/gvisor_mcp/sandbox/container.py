@@ -25,7 +25,8 @@ import structlog
 
 from .errors import SandboxError
 from .host import Host, kill_pid
-from .options import ContainerOptions, ResourceSpec
+from .network import NetworkHandle
+from .options import ContainerOptions, NetworkMode, ResourceSpec
 from .output import BoundedCapture, feed, pump
 from .result import ContainerResult, ContainerStatus
 from .rootfs import make_root
@@ -44,6 +45,8 @@ class Container:
         self.cgroup = host.cgroup(container_id)
         self.watch: BootWatch | None = None
         self.process: RunProcess | None = None
+        self.net: NetworkHandle | None = None
+        """network=sandbox: the prepared namespace (closed after runsc exits)."""
         # The run, once begin() assigned one (a pooled container waits without).
         self.run_id = container_id
         """The caller's handle (kill() takes it); the container id unless given."""
@@ -76,9 +79,19 @@ class Container:
         self.started_mono = time.monotonic()
 
     async def start(
-        self, options: ContainerOptions, res: ResourceSpec, *, command: tuple[str, ...], stdin: bool
+        self,
+        options: ContainerOptions,
+        res: ResourceSpec,
+        *,
+        command: tuple[str, ...],
+        stdin: bool,
+        run_id: str | None = None,
     ) -> None:
-        """Bundle, cgroup and a started `runsc run` (booting); torn down on failure."""
+        """Bundle, cgroup and a started `runsc run` (booting); torn down on failure.
+
+        network=sandbox: a namespace from the host's network provider, bound
+        to `run_id` before runsc starts (a pooled sandbox, run_id None, binds
+        at claim)."""
         host = self.host
         try:
             self.bundle.mkdir(mode=0o700)
@@ -90,12 +103,19 @@ class Container:
                     [m.destination for m in options.extra_mounts] + [options.workdir],
                     host.system,
                 )
+            update: dict[str, Any] = {"command": command}
+            if options.network is NetworkMode.SANDBOX:
+                self.net = await self._open_network()
+                update["env"] = {**(options.env or {}), **self.net.env}
+                if run_id is not None:
+                    self.net.start(run_id, options.egress)
             spec = build_spec(
-                options.model_copy(update={"command": command}),
+                options.model_copy(update=update),
                 root_path=str(root) if root else None,
                 etc_dir=str(host.etc),
                 cgroups_path=self.cgroup.rel,
                 resources=res,
+                netns_path=self.net.netns_path if self.net else None,
             )
             (self.bundle / "config.json").write_text(json.dumps(spec))
             self.cgroup.create(res)
@@ -109,6 +129,17 @@ class Container:
             if isinstance(e, OSError):
                 raise SandboxError(f"could not prepare the sandbox: {e}") from e
             raise
+
+    async def _open_network(self) -> NetworkHandle:
+        """The provider's namespace; any failure is a SandboxError (status error),
+        never a silent fall-back to another network mode."""
+        provider = self.host.network
+        if provider is None:
+            raise SandboxError("network=sandbox needs a network provider, and this Manager has none")
+        try:
+            return await provider.open(self.container_id)
+        except Exception as e:
+            raise SandboxError(f"could not prepare the sandbox's network namespace: {e}") from e
 
     async def execute(
         self, options: ContainerOptions, res: ResourceSpec, inherited_env: tuple[str, ...] | None
@@ -134,10 +165,20 @@ class Container:
             self.cgroup.reset_peak()
             env = dict(DEFAULT_ENV)
             env.update(options.env or {})
+            if self.net is not None:
+                try:
+                    self.net.start(self.run_id, options.egress)
+                except Exception as e:
+                    with anyio.CancelScope(shield=True):
+                        await self.stop_idle()
+                    raise SandboxError(f"could not start the pooled sandbox's network: {e}") from e
+                env.update(self.net.env)
             mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
             header = claim_line(options, env, mark, inherited_env)
         else:
-            await self.start(options, res, command=options.command, stdin=options.stdin is not None)
+            await self.start(
+                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id
+            )
         oom_before = self.cgroup.stats().oom_kills if self.warm else 0
         proc = self.process
         assert proc is not None
@@ -158,6 +199,8 @@ class Container:
         if runsc_error and boot is None and self.reason is None:
             raise SandboxError(f"runsc failed before the command started: {runsc_error}")
         status, error = self._status(oom_kills, runsc_error)
+        if self.net is not None and self.net.failure:
+            status, error = ContainerStatus.ERROR, self.net.failure
         signal = returncode - 128 if 128 < returncode <= 128 + 64 else None
         if returncode < 0:  # the runsc client itself died of a signal
             signal = -returncode
@@ -178,6 +221,7 @@ class Container:
             signal=signal,
             error=error,
             warm=self.warm,
+            network=self.net.report() if self.net is not None else None,
         )
         log.info("run", container_id=self.container_id, warm=result.warm, **result.log_fields())
         return result
@@ -206,6 +250,8 @@ class Container:
                     tg.start_soon(self._deadline, res.timeout)
                 if proc.stdin is not None:
                     tg.start_soon(feed, proc.stdin, header, options.stdin, self._claimed)
+                if self.net is not None:
+                    tg.start_soon(self._watch_network, self.net)
 
                 async def pump_one(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
                     got = await pump(stream, capture, mark, extra)
@@ -237,6 +283,11 @@ class Container:
 
     def _claimed(self) -> None:
         self.claimed_at = time.monotonic()
+
+    async def _watch_network(self, net: NetworkHandle) -> None:
+        """The network side broke (its proxy died): the run ends as an error."""
+        await net.wait_failed()
+        await self.terminate(ContainerStatus.ERROR)
 
     async def _deadline(self, timeout: float) -> None:
         await anyio.sleep(timeout)
@@ -330,6 +381,9 @@ class Container:
             if runsc.has_state(cid):
                 await runsc.delete(cid)
                 runsc.remove_state_files(cid)
+            if self.net is not None:
+                # After runsc: the listener closes first, then the namespaces.
+                await self.net.aclose()
             left = await self.cgroup.remove()
             if left:
                 for pid in runsc.process_pids(cid):

@@ -22,6 +22,7 @@ from .config import ManagerConfig
 from .errors import SandboxError
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
+from .network import NetworkProvider
 from .runsc import Runsc
 
 
@@ -29,10 +30,12 @@ class Host:
     tg: anyio.abc.TaskGroup
     """The Manager's task group: set by the Manager once it is entered."""
 
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, network: NetworkProvider | None = None) -> None:
         """Check the host and claim our directories; raises RunscError or
-        SandboxError when this host cannot run sandboxes."""
+        SandboxError when this host cannot run sandboxes. `network` prepares
+        the namespaces of network=sandbox containers."""
         self.config = config
+        self.network = network
         self.runsc = Runsc(config.runsc_path, config.runsc_root, config.platform)
         version = detect_version()
         if version is None:

@@ -30,6 +30,7 @@ from .config import ManagerConfig
 from .container import Container
 from .errors import InvalidOptionsError, ManagerClosedError
 from .host import Host
+from .network import NetworkProvider
 from .options import ContainerOptions, NetworkMode, ResourceSpec
 from .pool import PoolKeeper, WarmPool, pool_key
 from .reaper import reap_stale
@@ -51,8 +52,14 @@ class Manager:
     upkeep; leaving kills what still runs and removes it (`close`).
     """
 
-    def __init__(self, config: ManagerConfig | None = None) -> None:
+    def __init__(
+        self, config: ManagerConfig | None = None, *, network: NetworkProvider | None = None
+    ) -> None:
+        """`network` prepares namespaces for network=sandbox runs (the server
+        passes gvisor_mcp.network's NetworkService); without one, such runs
+        are refused."""
         self.config = config or ManagerConfig()
+        self.network = network
         self.pool = WarmPool(self.config.pool_max_age)
         self._limiter = anyio.CapacityLimiter(self.config.max_concurrent_containers)
         self._active: dict[str, Container] = {}
@@ -77,7 +84,7 @@ class Manager:
 
     @asynccontextmanager
     async def _live(self) -> AsyncIterator[Manager]:
-        host = Host(self.config)  # raises before anything starts when the host cannot run sandboxes
+        host = Host(self.config, self.network)  # raises before anything starts when the host cannot run sandboxes
         failure: BaseException | None = None
         async with anyio.create_task_group() as tg:
             host.tg = tg
@@ -134,12 +141,12 @@ class Manager:
         """
         options.validate()
         check_workdir(options)
-        if options.network is NetworkMode.SANDBOX:
+        if options.network is NetworkMode.SANDBOX and self.network is None:
             raise InvalidOptionsError(
                 "network",
                 options.network.value,
-                "'none' or 'host' on this server: gVisor's own network stack "
-                "('sandbox') needs a per-run network namespace that is not built yet",
+                "'none' or 'host' here: this Manager has no network provider for "
+                "gVisor's own network stack ('sandbox')",
             )
         return options.resources.merged_over(self.config.default_resources)
 

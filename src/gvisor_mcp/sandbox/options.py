@@ -239,6 +239,9 @@ class ContainerOptions(BaseModel):
     user: UserSpec | None = None
     read_only_rootfs: bool = False
     extra_mounts: tuple[Mount, ...] = ()
+    egress: Any = None
+    """network=sandbox only: handed untouched to the network provider's
+    handle when the run starts (the server puts the run's egress grant here)."""
 
     @field_validator("command", mode="before")
     @classmethod

@@ -241,7 +241,7 @@ class PoolKeeper:
             c.close_watch()
             self.pool.ready.setdefault(key, []).append(WarmSandbox(
                 container=c, key=key,
-                env_keys=tuple({**DEFAULT_ENV, **(template.env or {})}),
+                env_keys=tuple({**DEFAULT_ENV, **(template.env or {}), **(c.net.env if c.net else {})}),
             ))
             pooled = True
         except Exception as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -66,6 +67,9 @@ class ContainerResult(BaseModel):
     warm: bool = False
     """Served by a pre-booted sandbox from the warm pool (boot_duration is then
     the time to claim it)."""
+    network: dict[str, Any] | None = None
+    """network=sandbox: what the network provider reported for this run
+    (for the server's provider: per-destination egress accounting)."""
 
     @field_validator("status")
     @classmethod

@@ -31,6 +31,10 @@ from .options import NetworkMode
 RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
+NETNS_COVER = 'mount -t tmpfs -o size=4k,mode=555 gvisor-mcp /proc/sys/net && exec "$0" "$@"'
+"""sh script of launcher_prefix: cover /proc/sys/net, then exec runsc with its argv."""
+
+
 class Runsc:
     def __init__(self, path: str, root: str, platform: str = "systrap") -> None:
         resolved = shutil.which(path)
@@ -46,14 +50,34 @@ class Runsc:
     def _global(self, network: NetworkMode | None = None) -> list[str]:
         flags = [self.path, f"--root={self.root}", f"--platform={self.platform}"]
         if network is not None:
-            # "sandbox" (gVisor's netstack) needs a prepared namespace: see Manager.
-            flags.append("--network=host" if network is NetworkMode.HOST else "--network=none")
+            # "sandbox" (gVisor's netstack) runs in a namespace the network
+            # provider prepared; the spec names it.
+            flags.append(f"--network={network.value}")
         return flags
+
+    @staticmethod
+    def launcher_prefix(network: NetworkMode) -> list[str]:
+        """What runs before `runsc` on a `run` command line (empty: nothing).
+
+        network=sandbox: runsc 2024-07-29 refuses to run with networking
+        "in root network namespace" because it tests whether
+        /proc/sys/net/core/rmem_default exists, which on newer kernels is
+        true in every namespace (gVisor#10704, fixed after that release).
+        The check runs in the runsc client itself, so the client starts in a
+        private mount namespace with a tiny read-only tmpfs over
+        /proc/sys/net; the sandbox still gets its own netstack and /proc.
+        Measured cost: none (../shared/notes/network-recipe.md). Other
+        wrappers (a cgroup pre-join) compose by adding to this list.
+        """
+        if network is NetworkMode.SANDBOX:
+            return ["unshare", "-m", "--propagation", "private", "sh", "-c", NETNS_COVER]
+        return []
 
     def run_argv(
         self, container_id: str, bundle: str, network: NetworkMode, log_path: str
     ) -> list[str]:
         return [
+            *self.launcher_prefix(network),
             *self._global(network),
             # Writes to the root go to sandbox memory (charged to its cgroup),
             # never to a file in the image directory; rw binds keep their writes.

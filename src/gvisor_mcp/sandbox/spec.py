@@ -175,6 +175,7 @@ def build_spec(
     cgroups_path: str | None = None,
     resources: ResourceSpec | None = None,
     hostname: str = "sandbox",
+    netns_path: str | None = None,
 ) -> dict:
     """The OCI spec for one run. `resources` overrides options.resources
     (the Manager passes them merged with its defaults)."""
@@ -201,7 +202,11 @@ def build_spec(
         cwd = "/"
 
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    if options.network is not NetworkMode.HOST:
+    if options.network is NetworkMode.SANDBOX:
+        # A namespace prepared by the network provider (the Manager passes
+        # its path); without one, a placeholder so the spec can be inspected.
+        namespaces.append({"type": "network", "path": netns_path or "/nonexistent/netns"})
+    elif options.network is not NetworkMode.HOST:
         namespaces.append({"type": "network"})
 
     resources_spec: dict = {"pids": {"limit": host_pids_limit(res.max_pids)}}

@@ -37,7 +37,12 @@ status says how it ended: exited, timed_out, oom_killed, killed, error, or runni
 Commands running longer than {foreground} s (or with background=true) return
 status "running" with a result_id: poll with inspect_result(wait_seconds=...),
 list with list_active, stop with cancel_command.
-Network: {networks}. Limits (defaults / maximums): {limits}."""
+Network: {networks}.{egress} Limits (defaults / maximums): {limits}."""
+
+EGRESS_TEXT = """ With network="sandbox", HTTP and HTTPS go through an egress proxy (HTTP_PROXY/HTTPS_PROXY
+are set; pip, curl, git and npm use them) that allows only: {allow}. Name lookups inside the
+sandbox fail by design (the proxy resolves names); connections not through the proxy fail at once.
+Denied destinations are listed in the result."""
 
 
 def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # type: ignore[no-untyped-def]
@@ -83,6 +88,11 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         ] = None,
         max_pids: Annotated[limited(int, facts.max_pids) | None, Field(description="Maximum number of processes.")] = None,
         network: Annotated[NetworkT | None, Field(description="Network access for this run.")] = None,
+        egress: Annotated[
+            list[str] | None,
+            Field(description="network=sandbox only: narrow the egress allowlist to these rules "
+                              "(e.g. [\"pypi.org\", \"*.pythonhosted.org\"]); never wider than the policy's."),
+        ] = None,
         image: Annotated[ImageT | None, Field(description="Root filesystem image.")] = None,
         background: Annotated[
             bool, Field(description="Return at once with status running; the command goes on.")
@@ -98,6 +108,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         request = dict(
             command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
             cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
+            egress=egress,
         )
         def refuse(decision: str, kind: str, e: Exception) -> ToolError:
             """Audit and count a call refused before it ran; the error the agent reads."""
@@ -153,6 +164,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         head=facts.head_bytes,
         foreground=f"{facts.foreground_seconds:g}",
         networks=", ".join(facts.networks),
+        egress=EGRESS_TEXT.format(allow=facts.egress_text) if "sandbox" in facts.networks else "",
         limits=facts.limits_text,
     )
     return workspace_param(execute_command, agent_workspaces)

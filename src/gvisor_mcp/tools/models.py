@@ -9,6 +9,29 @@ from pydantic import BaseModel, Field
 Status = Literal["exited", "timed_out", "oom_killed", "killed", "error", "running"]
 
 
+class EgressDestination(BaseModel):
+    destination: str = Field(description="host:port the sandbox asked the egress proxy for")
+    verdict: Literal["allowed", "denied", "failed"] = Field(
+        description="denied: the policy refused it; failed: allowed, but it could not be reached"
+    )
+    reason: str | None = None
+    connections: int
+    bytes_up: int
+    bytes_down: int
+
+
+class NetworkReport(BaseModel):
+    """network=sandbox: what the run did through its egress proxy."""
+
+    proxy: str = Field(description="the proxy address the sandbox was given (HTTP_PROXY/HTTPS_PROXY)")
+    connections: int
+    denied: int
+    bytes_up: int
+    bytes_down: int
+    destinations: list[EgressDestination] = Field(description="one row per destination and outcome (at most 64)")
+    other_connections: int = Field(0, description="connections to destinations beyond the first 64")
+
+
 class ExecResult(BaseModel):
     """The outcome of one command (or its state so far, when status is running)."""
 
@@ -30,6 +53,7 @@ class ExecResult(BaseModel):
     peak_memory_bytes: int | None = None
     limits: dict[str, Any] | None = Field(None, description="what was requested, granted, and why")
     error: str | None = None
+    network: NetworkReport | None = Field(None, description="network=sandbox: egress per destination")
 
 
 class InspectResult(ExecResult):

@@ -27,6 +27,7 @@ class SchemaFacts:
     tail_bytes: int
     foreground_seconds: float
     workspace: str | None
+    egress_text: str = "nothing"
 
     @property
     def limits_text(self) -> str:
@@ -55,7 +56,39 @@ def schema_facts(settings: Any) -> SchemaFacts:
         tail_bytes=settings.output.tail,
         foreground_seconds=settings.foreground_limit,
         workspace=settings.workspace.mount if settings.workspace.enabled else None,
+        egress_text=settings.network.egress.rules().describe(),
     )
+
+
+NETWORK_LINES = 8
+"""Destinations named in the text (denied ones first); all are in `network`."""
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def network_lines(net: Any) -> list[str]:
+    """`network: denied evil.example:443 (not in the egress allowlist)` and friends."""
+    order = {"denied": 0, "failed": 1, "allowed": 2}
+    rows = sorted(net.destinations, key=lambda d: order.get(d.verdict, 3))
+    lines = []
+    for d in rows[:NETWORK_LINES]:
+        detail = d.reason or ""
+        if d.verdict != "denied":
+            traffic = f"{d.connections} connection{'s' if d.connections != 1 else ''}, " \
+                      f"{_size(d.bytes_up)} up, {_size(d.bytes_down)} down"
+            detail = f"{detail}; {traffic}" if detail else traffic
+        lines.append(f"network: {d.verdict} {d.destination}" + (f" ({detail})" if detail else ""))
+    more = len(rows) - NETWORK_LINES + (1 if net.other_connections else 0)
+    if more > 0:
+        lines.append(f"network: ... and more destinations ({net.connections} connections in all); see the result's network section")
+    if not rows:
+        lines.append("network: no connection through the egress proxy")
+    return lines
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -98,6 +131,7 @@ def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> 
         peak_memory_bytes=stored.peak_memory_bytes,
         limits=stored.limits,
         error=stored.error,
+        network=stored.network,
     )
 
 
@@ -129,6 +163,8 @@ def render_text(r: ExecResult, result_id: str) -> str:
         lines.append(f"error: {r.error}")
     if r.limits and r.limits.get("notes"):
         lines.extend(f"limits: {n}" for n in r.limits["notes"])
+    if r.network is not None:
+        lines.extend(network_lines(r.network))
     for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):
         if text:
             lines.append(f"--- {name} ---\n{text}")
