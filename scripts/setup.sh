@@ -7,7 +7,8 @@
 #      when they are missing;
 #   3. mmdebstrap, skopeo and umoci (image build/pull/import: `gvisor-mcp image`)
 #      and docker-registry (an OCI registry the image tests run on 127.0.0.1);
-#   3b. unshare, ip, curl and Debian's pip (network=sandbox and its tests);
+#   3b. unshare, ip, curl and Debian's pip (network=sandbox and its tests; unshare
+#       and mount also for the runsc launcher's report_memory_limit);
 #   4. a virtualenv at .venv with this package installed (with test extras);
 #   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.

@@ -77,14 +77,39 @@ def test_claim_line_execs_once_when_it_can_and_falls_back_to_env_otherwise():
     from gvisor_mcp.sandbox.stub import claim_line
 
     o = ContainerOptions(command=["/bin/sh", "-c", "echo $X"], workdir="/tmp")
-    line = claim_line(o, {"X": "1", "PATH": "/bin"}, "MARK", ("PATH", "HOME")).decode()
-    assert "/usr/bin/env" not in line and "(unset HOME OLDPWD PATH PWD; export PWD=/tmp X=1 PATH=/bin;" in line
+    line = claim_line(o, {"X": "1", "PATH": "/bin"}, ("PATH", "HOME")).decode()
+    assert "/usr/bin/env" not in line and "; unset HOME OLDPWD PATH PWD; export PWD=/tmp X=1 PATH=/bin; exec /bin/sh" in line
+    assert "(" not in line.split("exec", 1)[0]  # no subshell: the stub forked it at boot
     # A key dash cannot export: the /usr/bin/env -i path, with the same variables.
-    line = claim_line(o, {"X-Y": "1"}, "MARK", ("PATH",)).decode()
-    assert "/usr/bin/env -i -- PWD=/tmp X-Y=1 /bin/sh" in line
+    line = claim_line(o, {"X-Y": "1"}, ("PATH",)).decode()
+    assert "exec /usr/bin/env -i -- PWD=/tmp X-Y=1 /bin/sh" in line
     # Workdir `/`: no PWD, like a cold run (which needs no cd there).
     root = ContainerOptions(command=["env"], workdir="/")
-    assert "PWD=" not in claim_line(root, {"X": "1"}, "MARK", ("PATH",)).decode().split("unset")[1].split(";", 1)[1]
+    assert "PWD=" not in claim_line(root, {"X": "1"}, ("PATH",)).decode().split("unset")[1].split(";", 1)[1]
+
+
+def test_the_stub_protocol_with_a_real_shell(tmp_path):
+    """STUB_COMMAND under the host's /bin/sh (dash, as in the sandbox): the
+    boot line gives the mark, the claim line runs the command in the
+    subshell forked at boot with the rest of stdin, and PID 1 reports the
+    status after the command's own output. The mark is in no argv."""
+    import subprocess
+
+    from gvisor_mcp.sandbox import ContainerOptions
+    from gvisor_mcp.sandbox.stub import STUB_COMMAND, boot_line, claim_line
+
+    mark = "@@gvisor-mcp-exit-00ff@@"
+    o = ContainerOptions(command=["/bin/sh", "-c", "cat; ps -o args= -p $PPID 2>/dev/null; exit 7"], workdir=str(tmp_path))
+    stdin = boot_line(mark) + claim_line(o, {"PATH": "/usr/bin:/bin"}, ("PATH",)) + b"from stdin\n"
+    r = subprocess.run(list(STUB_COMMAND), input=stdin, capture_output=True)
+    assert r.returncode == 7
+    out = r.stdout.decode()
+    assert out.startswith("from stdin\n") and out.endswith(mark)
+    assert mark not in out[: -len(mark)]  # not in the parent's argv, which `ps` printed
+    assert r.stderr.decode() == f"{mark}007"
+    # EOF instead of a claim (an idle sandbox being stopped): it ends.
+    r = subprocess.run(list(STUB_COMMAND), input=boot_line(mark), capture_output=True, timeout=10)
+    assert r.returncode != 0 and r.stdout.decode() == mark
 
 
 def test_the_mark_is_looked_for_only_at_the_end_of_the_stream():

@@ -123,6 +123,13 @@ class Cgroup:
         _write(cpu / "cpu.cfs_quota_us", str(quota))
         _write(self._dir("pids") / "pids.max", str(host_pids_limit(res.max_pids)))
 
+    def procs_files(self) -> tuple[str, ...]:
+        """The leaf's cgroup.procs files: writing 0 to each moves the writer
+        into the whole leaf (v1: one per owned controller; v2: the one)."""
+        if self.version == 2:
+            return (str(self._dir() / "cgroup.procs"),)
+        return tuple(str(self._dir(c) / "cgroup.procs") for c in V1_OWNED)
+
     def reset_peak(self) -> None:
         """Start peak-memory accounting afresh (a claimed warm sandbox's boot
         is not the command's usage). Best effort: v2 needs kernel >= 6.12."""

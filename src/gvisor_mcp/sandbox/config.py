@@ -42,6 +42,20 @@ class ManagerConfig(BaseModel):
     """Seconds a pooled sandbox may wait for a claim before it is recycled."""
     boot_timeout: float = Field(default=30.0, gt=0)
     """Seconds a pooled sandbox may take to boot."""
+    cgroup_prejoin: bool = True
+    """The `runsc run` client joins the run's cgroup leaf before it execs
+    runsc, which then runs with --ignore-cgroups (runsc.Launch): runsc's own
+    cgroup work (~25 ms of a cold boot on an idle host) is skipped. The
+    client's CPU then counts in the run's cgroup too; where other host
+    processes keep the CPUs busy, False (runsc joins the leaf itself, its
+    client outside) was faster here (docs/benchmarks.md)."""
+    report_memory_limit: bool = False
+    """With cgroup_prejoin, runsc no longer reads the run's memory limit, so
+    the sandbox's /proc/meminfo shows the host's memory as MemTotal (as in
+    most containers; the limit is enforced all the same). True shows the
+    limit, through a private mount namespace per `runsc run` client
+    (runsc.Launch), which cost 10-80 ms per cold run here (docs/benchmarks.md).
+    (Without cgroup_prejoin runsc reads the limit itself.)"""
 
     @model_validator(mode="after")
     def _paths(self) -> ManagerConfig:

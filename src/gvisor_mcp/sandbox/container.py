@@ -14,7 +14,6 @@ cgroup and bundle, and runs at most once.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -30,9 +29,9 @@ from .options import ContainerOptions, NetworkMode, ResourceSpec
 from .output import BoundedCapture, feed, pump
 from .result import ContainerResult, ContainerStatus
 from .rootfs import make_root
-from .runsc import BootWatch, RunProcess
+from .runsc import BootWatch, Launch, RunProcess, meminfo_mount, meminfo_text
 from .spec import DEFAULT_ENV, build_spec
-from .stub import EXIT_MARK, claim_line
+from .stub import claim_line
 
 log = structlog.get_logger("gvisor_mcp.sandbox")
 
@@ -65,6 +64,8 @@ class Container:
         self.answered_early = False
         """The stub reported the exit status: the result can be returned
         before the sandbox has exited (warm runs)."""
+        self.exit_mark: str | None = None
+        """A pooled stub's exit mark (stub.py), given to it at boot."""
         self._torn_down = False
 
     def begin(
@@ -121,7 +122,8 @@ class Container:
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
             self.process = await host.runsc.open_run(
-                self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"), stdin=stdin
+                self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"),
+                stdin=stdin, launch=self._launch(options, res),
             )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -140,6 +142,23 @@ class Container:
             return await provider.open(self.container_id)
         except Exception as e:
             raise SandboxError(f"could not prepare the sandbox's network namespace: {e}") from e
+
+    def _launch(self, options: ContainerOptions, res: ResourceSpec) -> Launch:
+        """What the `runsc run` client does before it execs runsc (one
+        launcher for everything a run needs; runsc.Launch): join the run's
+        leaf (cgroup_prejoin) and, with report_memory_limit, read the memory
+        limit as the host's MemTotal, which runsc passes on to the sandbox.
+        (network=sandbox's /proc/sys/net cover is added by Runsc.run_argv.)"""
+        config = self.host.config
+        joins: tuple[str, ...] = ()
+        mounts: list[tuple[str, ...]] = []
+        if config.cgroup_prejoin:
+            joins = self.cgroup.procs_files()
+            if res.memory_mb and config.report_memory_limit:
+                meminfo = self.bundle / "meminfo"
+                meminfo.write_text(meminfo_text(res.memory_mb * 1024 * 1024))
+                mounts.append(meminfo_mount(str(meminfo)))
+        return Launch(join_cgroups=joins, mounts=tuple(mounts))
 
     async def execute(
         self, options: ContainerOptions, res: ResourceSpec, inherited_env: tuple[str, ...] | None
@@ -173,8 +192,8 @@ class Container:
                         await self.stop_idle()
                     raise SandboxError(f"could not start the pooled sandbox's network: {e}") from e
                 env.update(self.net.env)
-            mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
-            header = claim_line(options, env, mark, inherited_env)
+            mark = self.exit_mark
+            header = claim_line(options, env, inherited_env)
         else:
             await self.start(
                 options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id

@@ -17,7 +17,7 @@ from .config import ManagerConfig
 from .manager import Manager
 from .options import ContainerOptions, ResourceSpec
 from .result import ContainerStatus
-from .runsc import Runsc
+from .runsc import Runsc, missing_launcher_tools
 
 OLDEST_RUNSC = "20240101"
 """Older releases (Debian 12's own, 2022) cannot run `ls -l /`: see CANARY."""
@@ -58,6 +58,13 @@ async def host_checks(config: ManagerConfig) -> list[Check]:
             ),
         ))
     checks.append(Check(name="platform", ok=True, detail=config.platform))
+    needed = config.cgroup_prejoin and config.report_memory_limit
+    missing = missing_launcher_tools() if needed else []
+    checks.append(Check(
+        name="launcher (unshare, mount)", ok=not missing,
+        detail="not needed (cgroup_prejoin or report_memory_limit off)" if not needed
+        else ("found" if not missing else f"missing: {', '.join(missing)} (packages util-linux, mount)"),
+    ))
     cg = detect_version()
     checks.append(Check(
         name="cgroups", ok=cg is not None, detail=f"v{cg}" if cg else "no memory controller: limits cannot be enforced"

@@ -23,7 +23,7 @@ from .errors import SandboxError
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
 from .network import NetworkProvider
-from .runsc import Runsc
+from .runsc import Runsc, missing_launcher_tools
 
 
 class Host:
@@ -44,6 +44,12 @@ class Host:
                 "cannot be enforced, refusing to run"
             )
         self.cgroup_version = version
+        missing = missing_launcher_tools() if config.cgroup_prejoin and config.report_memory_limit else []
+        if missing:
+            raise SandboxError(
+                f"report_memory_limit needs {' and '.join(missing)} on PATH (packages util-linux, "
+                "mount; scripts/setup.sh installs them), or set report_memory_limit=False"
+            )
         self.base = Path(config.bundle_base_dir)
         self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(config.runsc_root).mkdir(parents=True, exist_ok=True, mode=0o700)

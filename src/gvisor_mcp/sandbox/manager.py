@@ -32,7 +32,7 @@ from .errors import InvalidOptionsError, ManagerClosedError
 from .host import Host
 from .network import NetworkProvider
 from .options import ContainerOptions, NetworkMode, ResourceSpec
-from .pool import PoolKeeper, WarmPool, pool_key
+from .pool import REFILL_DELAY, PoolKeeper, WarmPool, pool_key
 from .reaper import reap_stale
 from .result import ContainerResult, ContainerStatus
 from .spec import check_workdir
@@ -181,6 +181,7 @@ class Manager:
                 c = Container(entered.host, entered.host.new_container_id())
             else:
                 c = warm.container
+                entered.host.tg.start_soon(self._refill_after, c)
             rid = run_id or c.container_id
             c.begin(rid, options.command, res, warm=warm is not None, slot=slot)
             self._active[rid] = c
@@ -292,6 +293,13 @@ class Manager:
         else:
             with anyio.CancelScope(shield=True):
                 await c.teardown()
+
+    async def _refill_after(self, c: Container) -> None:
+        """Wake the pool keeper once `c`'s command is answered, or after
+        REFILL_DELAY (pool.py says why not at the claim)."""
+        with anyio.move_on_after(REFILL_DELAY):
+            await c.done.wait()
+        self.pool.wake()
 
     async def _teardown_later(self, c: Container) -> None:
         with anyio.CancelScope(shield=True):

@@ -1,24 +1,28 @@
 """Warm pool: sandboxes booted ahead of time, each handed out exactly once.
 
 A pooled sandbox is a normal foreground `runsc run` whose init process is a
-tiny shell stub waiting on stdin for one line. Claiming it writes that line:
-`cd WORKDIR && exec /usr/bin/env -i ENV... ARGV...`, so the command replaces
-the stub as PID 1 with exactly the environment and directory a cold run
-would have; the rest of stdin is the command's. Limits are written into the
+tiny shell stub (stub.py): given its exit mark at boot, it forks the process
+that will run the command, which waits on stdin for one line. Claiming the
+sandbox writes that line (`cd WORKDIR`, exactly the environment a cold run
+would have, `exec ARGV`); the rest of stdin is the command's, and the stub
+reports the exit status with the mark. Limits are written into the
 sandbox's cgroup at claim time (we own it), and its peak-memory counter is
 reset, so a warm hit enforces and reports what a cold run does. What cannot
 change after boot — image, mounts, user, network, process limit — is the
 pool key: a request whose key has no ready sandbox takes the cold path.
 
 Never reused: after its command exits the sandbox is gone, like a cold one.
+Its replacement starts booting when the claimed command is answered, or
+REFILL_DELAY after the claim.
 
 `WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
 `PoolKeeper` boots and destroys pooled sandboxes in the Manager's task group,
-within the Manager's capacity. The stub and its claim line are in stub.py.
+within the Manager's capacity.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +36,20 @@ from .errors import SandboxError
 from .host import Host
 from .options import ContainerOptions, ResourceSpec
 from .spec import DEFAULT_ENV
-from .stub import STUB_COMMAND
+from .stub import EXIT_MARK, STUB_COMMAND, boot_line
 
 log = structlog.get_logger("gvisor_mcp.sandbox")
 
 PoolKey = tuple[Any, ...]
+
+REFILL_DELAY = 0.25
+"""Seconds after a claim before its replacement starts booting, unless the
+claimed command is answered sooner. A refill started at the claim spent its
+synchronous part (root dir, spec, cgroup, fork/exec of runsc: a few ms, tens
+under load) in the event loop between the claim line and the command, and
+its boot then shared the 2 CPUs with the command it was claimed for (a
+claimed warm `true` ran ~40 ms slower that way here). Short commands get the
+CPUs to themselves; a long one does not leave the pool empty for long."""
 
 
 def pool_key(options: ContainerOptions, res: ResourceSpec) -> PoolKey | None:
@@ -122,8 +135,9 @@ class WarmPool:
         while ready:
             warm = ready.pop()  # newest first
             if now - warm.booted_at <= self.max_age:
+                # No wake(): the refill waits for the claimed command (see
+                # REFILL_DELAY); the Manager wakes the keeper.
                 self.hits += 1
-                self.wake()
                 return warm
             ready.insert(0, warm)  # expired: left for the maintainer
             break
@@ -223,7 +237,9 @@ class PoolKeeper:
             res = template.resources.merged_over(host.config.default_resources)
             await c.start(template, res, command=STUB_COMMAND, stdin=True)
             watch, proc = c.watch, c.process
-            assert watch is not None and proc is not None
+            assert watch is not None and proc is not None and proc.stdin is not None
+            c.exit_mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
+            await proc.stdin.send(boot_line(c.exit_mark))
             with anyio.move_on_after(host.config.boot_timeout):
                 async with anyio.create_task_group() as tg:
 

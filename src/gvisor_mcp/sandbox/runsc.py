@@ -13,6 +13,7 @@ import ctypes.util
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from pydantic import BaseModel, ConfigDict
 
 from .errors import RunscError
 from .options import NetworkMode
@@ -30,9 +32,93 @@ from .options import NetworkMode
 # tricks) never reaches the runsc process.
 RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
+LAUNCHER_FAILED = 127
+"""The launcher's exit status when a step failed (runsc never started); its
+reason is a JSON error line in runsc's own log, where runsc's errors go."""
 
-NETNS_COVER = 'mount -t tmpfs -o size=4k,mode=555 gvisor-mcp /proc/sys/net && exec "$0" "$@"'
-"""sh script of launcher_prefix: cover /proc/sys/net, then exec runsc with its argv."""
+
+class Launch(BaseModel):
+    """What the `runsc run` client's own process does before it execs runsc.
+
+    A `/bin/sh -c` wrapper (anyio has no preexec_fn), one per run, that
+    composes whatever a run needs:
+
+    - `join_cgroups`: cgroup.procs files the process moves itself into, so
+      the client and every process it starts (gofer, sandbox) begin life in
+      the run's own leaves. runsc then runs with `--ignore-cgroups`: it
+      neither creates cgroups in the other v1 hierarchies nor migrates its
+      (multi-threaded) client into and back out of ~13 of them, each
+      migration batch waiting out an RCU grace period; ~25 ms of wall time
+      per boot here (docs/design-notes.md).
+    - `mounts`: commands run in a private mount namespace (`unshare -m`)
+      that only the client sees: a `MemTotal` file over /proc/meminfo (with
+      `--ignore-cgroups` runsc would otherwise tell the sandbox the host's
+      memory), a tmpfs over /proc/sys/net for `--network=sandbox`.
+
+    Empty: runsc is exec'd directly, as before (the benchmarks' reference).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    join_cgroups: tuple[str, ...] = ()
+    mounts: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.join_cgroups and not self.mounts
+
+
+LAUNCHER_TOOLS = ("unshare", "mount")
+"""What a launcher with mounts runs (util-linux, mount: in every Debian)."""
+
+
+def missing_launcher_tools() -> list[str]:
+    """The LAUNCHER_TOOLS not on runsc's PATH."""
+    return [t for t in LAUNCHER_TOOLS if shutil.which(t, path=RUNSC_ENV["PATH"]) is None]
+
+
+PROC_SYS_NET_COVER = ("mount", "-t", "tmpfs", "-o", "size=4k,mode=555", "gvisor-mcp", "/proc/sys/net")
+"""network=sandbox: runsc 2024-07-29 refuses networking "in root network
+namespace" when /proc/sys/net/core/rmem_default exists, true in every
+namespace on newer kernels (gVisor#10704); the check runs in the client, so
+the client's private mount namespace covers /proc/sys/net (the sandbox
+still gets its own netstack and /proc). ../shared/notes/network-recipe.md."""
+
+
+def meminfo_mount(path: str) -> tuple[str, ...]:
+    """A bind of `path` (see meminfo_text) over the client's /proc/meminfo."""
+    return ("mount", "--bind", path, "/proc/meminfo")
+
+
+def meminfo_text(memory_bytes: int) -> str:
+    """All runsc's client reads of /proc/meminfo: `MemTotal`. It becomes the
+    sandbox's MemTotal (and half of it the default size of tmpfs mounts that
+    have none, /dev/shm), as the cgroup's limit did without --ignore-cgroups."""
+    return f"MemTotal: {memory_bytes // 1024} kB\n"
+
+
+def launcher_argv(launch: Launch, log_path: str) -> list[str]:
+    """The argv that runs `launch`'s steps and then execs the rest of the
+    command line (runsc's argv follows, as "$0" "$@")."""
+    if launch.empty:
+        return []
+    steps = [
+        (f"echo 0 > {shlex.quote(procs)}", f"could not join the run's cgroup ({procs})")
+        for procs in launch.join_cgroups
+    ] + [
+        (" ".join(shlex.quote(a) for a in argv), f"launcher step failed: {' '.join(argv)}")
+        for argv in launch.mounts
+    ]
+    lines = [f"fail() {{ printf '%s\\n' \"$1\" >> {shlex.quote(log_path)}; exit {LAUNCHER_FAILED}; }}"]
+    for cmd, why in steps:
+        error = json.dumps({"level": "error", "msg": why})
+        lines.append(f"{{ {cmd}; }} 2>/dev/null || fail {shlex.quote(error)}")
+    lines.append('exec "$0" "$@"')
+    script = "\n".join(lines)
+    prefix = ["/bin/sh", "-c", script]
+    if launch.mounts:
+        prefix = ["unshare", "--mount", "--propagation", "private", *prefix]
+    return prefix
 
 
 class Runsc:
@@ -55,30 +141,24 @@ class Runsc:
             flags.append(f"--network={network.value}")
         return flags
 
-    @staticmethod
-    def launcher_prefix(network: NetworkMode) -> list[str]:
-        """What runs before `runsc` on a `run` command line (empty: nothing).
-
-        network=sandbox: runsc 2024-07-29 refuses to run with networking
-        "in root network namespace" because it tests whether
-        /proc/sys/net/core/rmem_default exists, which on newer kernels is
-        true in every namespace (gVisor#10704, fixed after that release).
-        The check runs in the runsc client itself, so the client starts in a
-        private mount namespace with a tiny read-only tmpfs over
-        /proc/sys/net; the sandbox still gets its own netstack and /proc.
-        Measured cost: none (../shared/notes/network-recipe.md). Other
-        wrappers (a cgroup pre-join) compose by adding to this list.
-        """
-        if network is NetworkMode.SANDBOX:
-            return ["unshare", "-m", "--propagation", "private", "sh", "-c", NETNS_COVER]
-        return []
-
     def run_argv(
-        self, container_id: str, bundle: str, network: NetworkMode, log_path: str
+        self,
+        container_id: str,
+        bundle: str,
+        network: NetworkMode,
+        log_path: str,
+        launch: Launch = Launch(),
     ) -> list[str]:
+        """`runsc run` as the Manager starts it; with an empty `launch`,
+        runsc manages the run's cgroup itself (the benchmarks' reference).
+        network=sandbox always gets PROC_SYS_NET_COVER in its launcher."""
+        if network is NetworkMode.SANDBOX and PROC_SYS_NET_COVER not in launch.mounts:
+            launch = launch.model_copy(update={"mounts": (*launch.mounts, PROC_SYS_NET_COVER)})
         return [
-            *self.launcher_prefix(network),
+            *launcher_argv(launch, log_path),
             *self._global(network),
+            # The launcher put the client in the run's cgroups: see Launch.
+            *(["--ignore-cgroups"] if launch.join_cgroups else []),
             # Writes to the root go to sandbox memory (charged to its cgroup),
             # never to a file in the image directory; rw binds keep their writes.
             "--overlay2=root:memory",
@@ -104,11 +184,12 @@ class Runsc:
         network: NetworkMode,
         log_path: str,
         stdin: bool,
+        launch: Launch = Launch(),
     ) -> RunProcess:
         pipes = [_big_pipe(), _big_pipe()]  # stdout, stderr: (read end, write end)
         try:
             proc = await anyio.open_process(
-                self.run_argv(container_id, bundle, network, log_path),
+                self.run_argv(container_id, bundle, network, log_path, launch),
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=pipes[0][1],
                 stderr=pipes[1][1],

@@ -1,0 +1,97 @@
+"""The launcher in front of `runsc run` (runsc.Launch): what it composes,
+what runsc's argv then says, and what a failing step leaves for the run to
+report. The launcher is run for real with /bin/sh (no runsc needed: it
+execs whatever follows, here `cat` or `echo`); the cgroup v2 leaf is a FAKE
+tree in a temp directory (these machines have v1 only)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gvisor_mcp.sandbox.cgroups import Cgroup
+from gvisor_mcp.sandbox.container import _runsc_error
+from gvisor_mcp.sandbox.options import NetworkMode
+from gvisor_mcp.sandbox.runsc import (
+    LAUNCHER_FAILED,
+    PROC_SYS_NET_COVER,
+    Launch,
+    Runsc,
+    launcher_argv,
+    meminfo_mount,
+    meminfo_text,
+)
+
+
+def runsc() -> Runsc:
+    return Runsc("sh", "/run/x")  # any binary on PATH: only argv is built
+
+
+def test_empty_launch_is_runsc_itself_as_before():
+    argv = runsc().run_argv("c1", "/b", NetworkMode.NONE, "/b/log")
+    assert argv[0].endswith("/sh") and "--ignore-cgroups" not in argv
+    assert argv[-4:] == ["run", "--bundle=/b", "--", "c1"]
+
+
+def test_joining_cgroups_adds_ignore_cgroups_and_a_shell_but_no_namespace():
+    launch = Launch(join_cgroups=("/sys/fs/cgroup/memory/p/c1/cgroup.procs",))
+    argv = runsc().run_argv("c1", "/b", NetworkMode.NONE, "/b/log", launch)
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert "echo 0 > /sys/fs/cgroup/memory/p/c1/cgroup.procs" in argv[2]
+    assert argv[2].rstrip().endswith('exec "$0" "$@"')
+    rest = argv[3:]
+    assert rest[0].endswith("/sh") and "--ignore-cgroups" in rest
+    assert rest.index("--ignore-cgroups") < rest.index("run")
+
+
+def test_mounts_run_in_a_private_mount_namespace_and_compose_with_the_join():
+    launch = Launch(join_cgroups=("/a/cgroup.procs", "/b/cgroup.procs"), mounts=(meminfo_mount("/m"), PROC_SYS_NET_COVER))
+    argv = launcher_argv(launch, "/log")
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
+    script = argv[6]
+    order = [script.index(s) for s in ("/a/cgroup.procs", "/b/cgroup.procs", "/m /proc/meminfo", "/proc/sys/net", "exec")]
+    assert order == sorted(order)  # joins first, then mounts, then runsc
+
+
+def test_meminfo_file_is_what_runsc_parses():
+    assert meminfo_text(512 * 1024 * 1024) == "MemTotal: 524288 kB\n"
+
+
+def test_the_launcher_execs_the_rest_with_its_arguments_intact(tmp_path):
+    argv = launcher_argv(Launch(join_cgroups=(str(tmp_path / "procs"),)), str(tmp_path / "log"))
+    r = subprocess.run([*argv, "/bin/echo", "a b", "$HOME", "'"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, "a b $HOME '\n")
+    assert (tmp_path / "procs").read_text() == "0\n"  # a plain file stands in for cgroup.procs
+
+
+@pytest.mark.parametrize("bad", ["join", "mount"])
+def test_a_failing_step_stops_before_runsc_and_says_why_in_runscs_log(tmp_path, bad):
+    log = tmp_path / "runsc.log"
+    launch = (Launch(join_cgroups=(str(tmp_path / "gone" / "cgroup.procs"),)) if bad == "join"
+              else Launch(mounts=(("false",),)))
+    r = subprocess.run([*launcher_argv(launch, str(log)), "/bin/echo", "ran"], capture_output=True, text=True)
+    assert r.returncode == LAUNCHER_FAILED
+    assert r.stdout == "" and r.stderr == ""  # nothing in the command's own streams
+    why = _runsc_error(log)
+    assert why is not None
+    assert ("could not join the run's cgroup" in why) if bad == "join" else ("launcher step failed: false" in why)
+
+
+def test_paths_with_shell_metacharacters_are_quoted(tmp_path):
+    odd = tmp_path / "a b;$(touch pwned)"
+    odd.mkdir()
+    argv = launcher_argv(Launch(join_cgroups=(str(odd / "cgroup.procs"),)), str(tmp_path / "log"))
+    r = subprocess.run([*argv, "/bin/true"], capture_output=True, cwd=tmp_path)
+    assert r.returncode == 0 and (odd / "cgroup.procs").exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cgroup_v2_leaf_has_one_procs_file(tmp_path):
+    """FAKE v2 tree: a v2 leaf is joined with one write (v1: one per controller)."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    v2 = Cgroup("/gvisor-mcp/gm-1", 2, root=tmp_path)
+    assert v2.procs_files() == (str(tmp_path / "gvisor-mcp" / "gm-1" / "cgroup.procs"),)
+    v1 = Cgroup("/gvisor-mcp/gm-1", 1, root=Path("/sys/fs/cgroup"))
+    assert v1.procs_files() == tuple(f"/sys/fs/cgroup/{c}/gvisor-mcp/gm-1/cgroup.procs" for c in ("memory", "cpu", "pids"))
