@@ -31,7 +31,8 @@ from gvisor_mcp.sandbox.rootfs import host_system_entries, make_root  # noqa: E4
 BASE = Path("/run/gvisor-mcp-bench")
 """Everything a benchmark creates lives under here (tests use /run/gvisor-mcp-test)."""
 CGROUP_PREFIX = "gvisor-mcp-bench"
-RAW_CGROUP = f"{CGROUP_PREFIX}-raw"
+RAW_CGROUP = f"{CGROUP_PREFIX}-raw-{os.getpid()}"
+"""Per process: other checkouts' benchmarks on the same host use the same prefix."""
 RUNSC = shutil.which("runsc") or "runsc"
 
 
@@ -347,13 +348,14 @@ def bench_main(doc: str, title: str, bench) -> None:  # type: ignore[no-untyped-
     emit(args, title, table, metrics)
 
 
-def check_cold_warm_clean(title: str, base: Path, raw: Raw, cgroup: str) -> None:
-    """check_clean for a benchmark with a cold and a warm Manager under `base`
-    plus the raw reference; then remove `base`."""
+def check_cold_warm_clean(title: str, base: Path, raw: Raw, cgroup: str, extra: tuple[str, ...] = ()) -> None:
+    """check_clean for a benchmark with a cold and a warm Manager (and the
+    `extra` ones) under `base` plus the raw reference; then remove `base`."""
+    names = ("cold", "warm", *extra)
     check_clean(
         title,
-        [(base / m / "runsc", base / m / "bundles") for m in ("cold", "warm")] + [(raw.root, None)],
-        [f"{cgroup}-cold", f"{cgroup}-warm", RAW_CGROUP],
+        [(base / m / "runsc", base / m / "bundles") for m in names] + [(raw.root, None)],
+        [*(f"{cgroup}-{m}" for m in names), RAW_CGROUP],
         base=base,
     )
     shutil.rmtree(base, ignore_errors=True)

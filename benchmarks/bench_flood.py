@@ -138,6 +138,7 @@ async def bench(n: int) -> tuple[str, dict]:
         return f"{SIZE / med(xs) / 1e6:.0f}"
 
     ratio = med(rows["raw"]) / med(rows["ours"])  # throughput ratio
+    fratio = med(rows["raw_file"]) / med(rows["ours"])  # against raw runsc writing a regular file
     sratio = med(rows["raw_sh"]) / med(rows["server"])
     server_mb = server_hwm / 1024
     table = "\n".join([
@@ -158,7 +159,9 @@ async def bench(n: int) -> tuple[str, dict]:
         f"| this benchmark process (Manager.run) | {hwm / 1024:.1f} | {rss_before / 1024:.1f} |",
         f"| the `gvisor-mcp serve` process (execute_command) | {server_mb:.1f} | {server_before / 1024:.1f} |",
         "",
-        f"Targets: flood >= 0.8x raw throughput: Manager.run {verdict(ratio >= 0.8)} ({ratio:.2f}x), "
+        f"Targets: `Manager.run` >= 1.0x the throughput of raw runsc writing a regular file (the floor for "
+        f"anything that keeps the bytes): {verdict(fratio >= 1.0)} ({fratio:.2f}x); flood >= 0.8x raw to /dev/null: "
+        f"Manager.run {verdict(ratio >= 0.8)} ({ratio:.2f}x), "
         f"execute_command {verdict(sratio >= 0.8)} ({sratio:.2f}x); server peak RSS < 150 MB: "
         f"{verdict(server_hwm * 1024 < 150e6)} ({server_hwm * 1024 / 1e6:.0f} MB).",
     ])
@@ -166,7 +169,7 @@ async def bench(n: int) -> tuple[str, dict]:
         "n": n, "raw_ms": med(rows["raw"]) * 1000, "ours_ms": med(rows["ours"]) * 1000,
         "server_ms": med(rows["server"]) * 1000, "raw_pipe_ms": med(rows["raw_pipe"]) * 1000,
         "raw_file_ms": med(rows["raw_file"]) * 1000, "raw_sh_ms": med(rows["raw_sh"]) * 1000,
-        "throughput_ratio": ratio, "server_throughput_ratio": sratio,
+        "throughput_ratio": ratio, "server_throughput_ratio": sratio, "file_ratio": fratio,
         "bench_hwm_mib": hwm / 1024, "server_hwm_mib": server_mb, "server_hwm_mb": server_hwm * 1024 / 1e6,
     }
     return table, metrics

@@ -44,6 +44,7 @@ TITLE = "execute_command over MCP stdio, and gVisor's Python binding"
 MEM_TITLE = "Server memory"
 BIN = Path(sys.executable).with_name("gvisor-mcp")
 TENANT = "default"
+WARM_TARGET = 0.25
 
 
 def bench_policy() -> str:
@@ -297,7 +298,8 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         lines += ["", f"gVisor's Python binding: not measured: {binding_problem}"]
     targets = [
         f"cold MCP call <= 1.25x raw: {verdict(cold_ratio <= 1.25)} ({cold_ratio:.2f}x)",
-        f"warm MCP call p50 <= 0.5x raw: {verdict(warm_ratio <= 0.5)} ({warm_ratio:.2f}x; back to back {b2b_ratio:.2f}x)",
+        f"warm MCP call p50 <= {WARM_TARGET:.2f}x raw, settled pool: {verdict(warm_ratio <= WARM_TARGET)} "
+        f"({warm_ratio:.2f}x); back to back: {verdict(b2b_ratio <= WARM_TARGET)} ({b2b_ratio:.2f}x)",
     ]
     speedup = None
     if binding_problem is None:
@@ -338,6 +340,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "pool_server_rss_mib": mem["pool_server_rss_kib"] / 1024,
         "per_pooled_sandbox_rss_mib": per_sb, "per_pooled_sandbox_pss_mib": per_sb_pss,
         "pool_size": pool_size,
+        "samples_ms": {k: [x * 1000 for x in rows[k]] for k in ("raw", "cold", "warm", "b2b")},
     }
     return "\n".join(lines), "\n".join(mem_lines), metrics
 

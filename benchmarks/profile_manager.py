@@ -246,7 +246,7 @@ SHUTDOWN = "command + sandbox shutdown (until `runsc run` exits)"
 EXEC_VARIANTS = [
     ("`/bin/sh -c true` (a shell builtin)", ["/bin/sh", "-c", "true"]),
     ("`/bin/sh -c 'exec /usr/bin/true'`", ["/bin/sh", "-c", "exec /usr/bin/true"]),
-    ("`/bin/sh -c 'exec /usr/bin/env -i /usr/bin/true'` (what a warm claim does)",
+    ("`/bin/sh -c 'exec /usr/bin/env -i /usr/bin/true'` (two execs, as warm claims once did)",
      ["/bin/sh", "-c", "exec /usr/bin/env -i /usr/bin/true"]),
 ]
 
@@ -314,8 +314,8 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
                 with spy:
                     results[name] = await loop(manager, opts, count, warm)
                 spies[name] = spy.buckets()
-            # What one exec costs inside the sandbox (a warm claim runs two:
-            # the stub's `exec env -i`, then the command).
+            # What one exec costs inside the sandbox (a warm claim now runs
+            # one, the command's, in a process the stub forked at boot).
             for label, argv in EXEC_VARIANTS:
                 r = await loop(manager, ContainerOptions(command=argv), exec_n, False)
                 execs[label] = r["phases"][SHUTDOWN]

@@ -1,14 +1,18 @@
 """Soak: many mixed calls through the real MCP server (stdio), at concurrency 4.
 
-    .venv/bin/python benchmarks/soak.py            # 1,000 calls (about 5 minutes)
-    .venv/bin/python benchmarks/soak.py --calls 200 --no-write
+    .venv/bin/python benchmarks/soak.py                # 1,000 calls (about 5 minutes)
+    .venv/bin/python benchmarks/soak.py --calls 10000  # about an hour on 2 CPUs
+    .venv/bin/python benchmarks/soak.py --calls 300 --no-write
 
 The mix cycles through: ok, failing (exit 3), timeout, OOM, flood (20 MB of
 stdout, capped), cancel (background, then cancel_command) and a pooled-shape
 echo. Each call's outcome is checked against what that kind must give.
 Reports: calls that failed unexpectedly (target 0); containers, cgroups,
-bundles and file descriptors leaked (target 0); the server's RSS growth from
-the first 100 calls to the last 100 (target < 10%); p50/p95 latency by kind.
+bundles and file descriptors leaked (target 0); the server's RSS growth
+after warm-up, from the second block of 100 calls to the last 100 (target
+< 5%; the first block is the allocator warming up: a 1,000-call run grew
++12.2% from it but +1.5% after it, so it is shown but not judged); p50/p95
+latency by kind.
 Writes the table to docs/soak.md (unless --no-write).
 """
 
@@ -43,6 +47,9 @@ quotas: {max_concurrent: 8, runs_per_minute: 1000000}
 """
 
 KINDS = ("ok", "fail", "timeout", "oom", "flood", "cancel", "ok")
+WARMUP = 100
+"""Calls per RSS block; the first block is the warm-up."""
+GROWTH_TARGET = 0.05
 
 
 def expect(kind: str, s: dict) -> str | None:
@@ -133,9 +140,14 @@ async def soak(calls: int, concurrency: int) -> dict:
         peak = status_kib(pid, "VmHWM")
         during = leftovers(base / "runsc", base / "bundles", [])
     after = leftovers(base / "runsc", base / "bundles", [cgroup])
-    first = [rss_at[i] for i in range(1, min(100, calls) + 1)]
-    last = [rss_at[i] for i in range(max(1, calls - 99), calls + 1)]
-    growth = (statistics.mean(last) - statistics.mean(first)) / statistics.mean(first)
+    def mean_rss(lo: int, hi: int) -> float:
+        """Mean RSS over calls lo..hi (1-based, inclusive, clipped to the run)."""
+        return statistics.mean(rss_at[i] for i in range(max(1, lo), min(calls, hi) + 1))
+
+    first = mean_rss(1, WARMUP)
+    settled = mean_rss(WARMUP + 1, 2 * WARMUP) if calls > WARMUP else first
+    last = mean_rss(calls - WARMUP + 1, calls)
+    block = max(WARMUP, (calls // 20 + WARMUP - 1) // WARMUP * WARMUP)
     check_clean("soak", [(base / "runsc", base / "bundles")], [cgroup])
     return {
         "calls": calls,
@@ -146,13 +158,13 @@ async def soak(calls: int, concurrency: int) -> dict:
         "pool_sandboxes_while_running": len(during.get("runsc list", [])),
         "fds_start": fds_start,
         "fds_end": fds_end,
-        "rss_first100_kib": statistics.mean(first),
-        "rss_last100_kib": statistics.mean(last),
-        "rss_growth": growth,
-        "rss_blocks_mib": [
-            statistics.mean(rss_at[i] for i in range(b + 1, min(b + 100, calls) + 1)) / 1024
-            for b in range(0, calls, 100)
-        ],
+        "rss_first100_kib": first,
+        "rss_second100_kib": settled,
+        "rss_last100_kib": last,
+        "rss_growth_from_first": (last - first) / first,
+        "rss_growth": (last - settled) / settled,
+        "rss_block": block,
+        "rss_blocks_mib": [mean_rss(b + 1, b + block) / 1024 for b in range(0, calls, block)],
         "peak_rss_kib": peak,
         "latency": {k: (statistics.median(v), _p95(v), len(v)) for k, v in latencies.items()},
     }
@@ -179,11 +191,14 @@ def report(m: dict) -> str:
         f"| containers / cgroups / bundles left after stop | {leaks} | 0: {ok(leaks == 0)} |",
         f"| server fds, after warm-up -> after the run | {m['fds_start']} -> {m['fds_end']} "
         f"| no growth: {ok(fd_growth <= 0)} |",
-        f"| server RSS, mean of first 100 -> last 100 calls | {m['rss_first100_kib'] / 1024:.1f} MiB -> "
-        f"{m['rss_last100_kib'] / 1024:.1f} MiB ({m['rss_growth'] * 100:+.1f}%) | < 10%: {ok(m['rss_growth'] < 0.10)} |",
+        f"| server RSS after warm-up, mean of calls {WARMUP + 1}-{2 * WARMUP} -> last {WARMUP} | "
+        f"{m['rss_second100_kib'] / 1024:.1f} MiB -> {m['rss_last100_kib'] / 1024:.1f} MiB "
+        f"({m['rss_growth'] * 100:+.1f}%) | < {GROWTH_TARGET:.0%}: {ok(m['rss_growth'] < GROWTH_TARGET)} |",
+        f"| (warm-up included) first {WARMUP} -> last {WARMUP} calls | {m['rss_first100_kib'] / 1024:.1f} MiB -> "
+        f"{m['rss_last100_kib'] / 1024:.1f} MiB ({m['rss_growth_from_first'] * 100:+.1f}%) | not judged |",
         f"| server peak RSS | {m['peak_rss_kib'] / 1024:.1f} MiB | |",
         "",
-        "Server RSS, mean per block of 100 calls (MiB): "
+        f"Server RSS, mean per block of {m['rss_block']} calls (MiB): "
         + ", ".join(f"{x:.1f}" for x in m["rss_blocks_mib"]) + ".",
         "",
         "| kind | calls | p50 | p95 |",
@@ -200,10 +215,14 @@ def report(m: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--calls", type=int, default=1000,
+                   help="how many calls (default 1000; 10000 for the long soak, about an hour)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
+    if args.calls < 3 * WARMUP:
+        p.error(f"--calls {args.calls}: at least {3 * WARMUP}, so the RSS after warm-up "
+                f"(calls {WARMUP + 1}-{2 * WARMUP}) and the last {WARMUP} calls do not overlap")
     m = anyio.run(soak, args.calls, args.concurrency)
     text = report(m)
     print(text)
