@@ -8,6 +8,7 @@ product promises are checked where they are decided.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import json
 import os
 import stat
@@ -47,7 +48,8 @@ def test_one_valid_json_line_per_write(tmp_path: Path) -> None:
     assert got[0]["command"] == nasty
     assert got[0]["tenant"] == "alice" and got[0]["exit_code"] == 0
     assert got[1] == {"tenant": "bob", "command": "rm -rf /", "decision": "denied",
-                      "reason": "policy: no", "path": "/x", "time": got[1]["time"]}
+                      "reason": "policy: no", "path": "/x", "time": got[1]["time"],
+                      "command_bytes": 8, "command_sha256": hashlib.sha256(b"rm -rf /").hexdigest()}
     for entry in got:
         t = calendar.timegm(time.strptime(entry["time"], "%Y-%m-%dT%H:%M:%SZ"))
         assert before <= t <= after
