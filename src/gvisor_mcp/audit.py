@@ -21,6 +21,7 @@ backlog could be written (fail closed: no command runs unaudited).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,8 +39,9 @@ log = structlog.get_logger("gvisor_mcp.audit")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEP = 4
 BACKLOG_LINES = 1000
-"""Lines kept in memory while the disk is full; past it the oldest are
-dropped and counted (the next line written says how many)."""
+"""Lines kept in memory while the disk is full; past it new lines are
+dropped and counted (an `audit_lines_lost` line says how many). Calls are
+refused while lines are pending, so only lines of runs already going get here."""
 
 
 class AuditUnavailable(Exception):
@@ -57,6 +59,8 @@ class AuditLog:
         self._lock_path = path.with_name(path.name + ".lock")
         self._fd = -1
         self._backlog: deque[bytes] = deque()
+        self._partial = b""
+        """The unwritten rest of the backlog's first line after a short write."""
         self._dropped = 0
         self._last_error: str | None = None
         self._throttle: dict[str, tuple[float, int]] = {}
@@ -74,9 +78,9 @@ class AuditLog:
             entry["command"] = clip_command(command)
         line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
         if len(self._backlog) >= BACKLOG_LINES:
-            self._backlog.popleft()
-            self._dropped += 1
-        self._backlog.append(line)
+            self._dropped += 1  # the backlog keeps the oldest lines; this one is counted
+        else:
+            self._backlog.append(line)
         return self._flush()
 
     def write_throttled(self, key: str, interval: float = 1.0, **entry: Any) -> bool:
@@ -101,14 +105,14 @@ class AuditLog:
 
     def _flush(self) -> bool:
         try:
-            if self._dropped:
+            if self._dropped and not self._partial:
                 note = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "decision": "audit_lines_lost", "lost": self._dropped}
                 self._append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
                 self._dropped = 0
             while self._backlog:
                 self._append(self._backlog[0])
-                self._backlog.popleft()
+                self._backlog.popleft()  # whole: _append raised otherwise
         except OSError as e:
             if self._last_error is None:
                 log.error("audit_write_failed", path=str(self.path), error=str(e), pending=len(self._backlog))
@@ -120,12 +124,24 @@ class AuditLog:
         return True
 
     def _append(self, line: bytes) -> None:
-        self._reopen_if_rotated()
-        if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
-            self._rotate()
+        """Write one whole line, or raise OSError having written none of it.
+
+        Checking the free space first keeps a nearly full disk from tearing a
+        line; should a write still come up short, the rest of the line stays
+        at the head of the backlog and goes out first on the next try."""
+        if self._partial:
+            line = self._partial
+        else:
+            self._reopen_if_rotated()
+            if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
+                self._rotate()
+            fs = os.fstatvfs(self._fd)
+            if fs.f_bavail * fs.f_frsize < len(line) + fs.f_frsize:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         n = os.write(self._fd, line)
-        if n != len(line):  # a short write is a full disk in all but name
-            raise OSError(28, "No space left on device (short write)")
+        self._partial = line[n:]
+        if self._partial:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     # --- files ------------------------------------------------------------------
 

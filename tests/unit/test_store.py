@@ -599,3 +599,38 @@ def test_equal_timestamps_still_evict_the_oldest_first(state: Path, clock: Clock
         assert [read_all(s, r, "alice", "stdout") for r in rids[1:]] == [b"B" * 10, b"C" * 10]
     finally:
         s.close()
+
+
+# --- every byte counts (issue 14: 1 MiB commands with no output escaped eviction) -------------
+
+
+def test_long_commands_are_stored_cut_and_count_toward_the_budget(state: Path, clock: Clock) -> None:
+    s = ResultStore(state, clock=clock, max_bytes_per_tenant=10 * (ROW + 4400))
+    try:
+        command = "echo " + "z" * (1 << 20)
+        rids = []
+        for _ in range(30):
+            clock.t += 1
+            rids.append(begin(s, "alice", command))
+            s.finish(rids[-1], status="exited", fields={"exit_code": 0})
+            s.evict("alice")
+        row = s.get(rids[-1], "alice")
+        assert row is not None and len(row.command.encode()) < 4300
+        assert row.command.startswith("echo zzz") and "1048581 bytes in all, sha256 " in row.command
+        # No stream bytes at all, yet the oldest went: only the newest ~10 fit.
+        alive = [r for r in rids if s.get(r, "alice") is not None]
+        assert 5 <= len(alive) <= 10 and alive == rids[-len(alive):]
+        assert s.usage("alice") <= s.max_bytes_per_tenant
+        s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert (state / "results.db").stat().st_size < 1 << 20  # was 36 MiB for 30 such runs
+    finally:
+        s.close()
+
+
+def test_usage_counts_the_row_text_and_the_streams(store: ResultStore) -> None:
+    assert store.usage("alice") == 0
+    rid = complete(store, "alice", b"o" * 100, b"e" * 10)
+    assert store.usage("alice") == ROW + 110
+    assert store.usage("bob") == 0
+    store.finish(rid, status="error", stdout=b"o" * 100, stderr=b"e" * 10, fields={"error": "boom"})
+    assert store.usage("alice") == ROW + 110 + 4
