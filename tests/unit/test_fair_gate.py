@@ -44,22 +44,24 @@ async def test_cancelled_waiters_leave_no_trace_and_handed_slots_come_back():
     await gate.acquire("a")  # free again: no queue, immediate
 
 
-@pytest.mark.parametrize("n", [1, 3, 8])
-async def test_never_above_capacity(n):
-    gate = FairGate(n)
+@pytest.mark.parametrize("reserve", [0, 1])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+async def test_never_above_capacity_and_every_waiter_served(n, reserve):
+    gate = FairGate(n, reserve=reserve)
     peak = 0
 
     async def run(tenant: str) -> None:
         nonlocal peak
         await gate.acquire(tenant)
         peak = max(peak, gate.used)
-        await anyio.sleep(0)
+        await anyio.sleep(0.001 * reserve)
         gate.release(tenant)
 
-    async with anyio.create_task_group() as tg:
-        for i in range(50):
-            tg.start_soon(run, "abc"[i % 3])
-    assert peak <= n and gate.used == 0
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                tg.start_soon(run, "aab c"[i % 5])
+    assert peak <= n and gate.used == 0 and gate.waiting() == 0 and gate.held == {}
 
 
 # --- the reserve: a slot kept for a tenant below its fair share -------------------------------
@@ -126,22 +128,3 @@ async def test_without_a_reserve_a_lone_tenant_uses_every_slot():
         with anyio.fail_after(5):
             await gate.acquire("a")
     assert gate.used == 4
-
-
-@pytest.mark.parametrize("capacity", [1, 2, 4, 8])
-async def test_with_a_reserve_never_above_capacity_and_every_waiter_served(capacity):
-    gate = FairGate(capacity, reserve=1)
-    peak = 0
-
-    async def run(tenant: str) -> None:
-        nonlocal peak
-        await gate.acquire(tenant)
-        peak = max(peak, gate.used)
-        await anyio.sleep(0.001)
-        gate.release(tenant)
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            for i in range(60):
-                tg.start_soon(run, "aab c"[i % 5])
-    assert peak <= capacity and gate.used == 0 and gate.waiting() == 0 and gate.held == {}
