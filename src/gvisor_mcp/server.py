@@ -639,6 +639,8 @@ def _serve(args: Any) -> int:
         return 1
     if options is not None:
         from .http import serve_http
+        from .tools import boundary  # noqa: F401  (the MCP server modules: ~1 s of imports, paid
+        # here and not by the first request of each tenant, which builds its server lazily)
 
         anyio.run(serve_http, settings, policy, options, signals)
         return 0
