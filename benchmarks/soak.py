@@ -104,6 +104,7 @@ async def soak(calls: int, concurrency: int) -> dict:
               "--state-dir", str(base / "state"), "--policy", str(policy)],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
+    load_before = os.getloadavg()
     latencies: dict[str, list[float]] = defaultdict(list)
     unexpected: list[str] = []
     rss_at: dict[int, int] = {}
@@ -165,6 +166,8 @@ async def soak(calls: int, concurrency: int) -> dict:
         "rss_growth": (last - settled) / settled,
         "rss_block": block,
         "rss_blocks_mib": [mean_rss(b + 1, b + block) / 1024 for b in range(0, calls, block)],
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
         "peak_rss_kib": peak,
         "latency": {k: (statistics.median(v), _p95(v), len(v)) for k, v in latencies.items()},
     }
@@ -181,6 +184,10 @@ def report(m: dict) -> str:
     fd_growth = m["fds_end"] - m["fds_start"]
     lines = [
         f"{machine_line()}.",
+        "Load average (1/5/15 min) before -> after: "
+        + " / ".join(f"{x:.2f}" for x in m["load_before"]) + " -> "
+        + " / ".join(f"{x:.2f}" for x in m["load_after"])
+        + " on 2 CPUs shared with other agents' test runs: latencies are the machine's, not the server's.",
         f"{m['calls']} calls through `gvisor-mcp serve` (stdio, SDK client) at concurrency {m['concurrency']}, "
         f"in {m['wall_s']:.0f} s ({m['calls'] / m['wall_s']:.1f} calls/s). Mix: ok, failing, timeout (0.5 s), "
         "OOM (400 MB under 64 MiB), flood (20 MB stdout), cancel, ok.",

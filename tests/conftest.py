@@ -17,6 +17,16 @@ CGROUP_PARENT = f"gvisor-mcp-test-{os.getpid()}"
 run's leaves, not those of another test run on the same host."""
 
 
+OPT_OUT = "GVISOR_MCP_TESTS_WITHOUT_RUNSC"
+"""Set to 1 to run what can run without runsc or root (unit tests) and skip
+the rest, explicitly. Without it, selecting a test that needs them on a
+machine that lacks them is an error: a green run must mean the sandbox
+suite ran."""
+
+ROOT_FIXTURES = {"sandbox_base", "small_tmpfs", "internet"}
+"""Fixtures that need root (and, for sandbox_base and internet, runsc)."""
+
+
 def runsc_usable() -> str | None:
     """Why runsc tests cannot run here, or None."""
     if os.geteuid() != 0:
@@ -24,6 +34,26 @@ def runsc_usable() -> str | None:
     if shutil.which("runsc") is None:
         return "runsc not installed (scripts/setup.sh installs it)"
     return None
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Fail the run, clearly, when selected tests need runsc or root and this
+    machine has neither; skip them only when GVISOR_MCP_TESTS_WITHOUT_RUNSC=1."""
+    reason = runsc_usable()
+    if reason is None:
+        return
+    needing = [i for i in items if i.get_closest_marker("runsc") or ROOT_FIXTURES & set(i.fixturenames)]
+    if not needing:
+        return
+    if os.environ.get(OPT_OUT) == "1":
+        for item in needing:
+            item.add_marker(pytest.mark.skip(reason=f"{reason}; skipped because {OPT_OUT}=1"))
+        return
+    raise pytest.UsageError(
+        f"{len(needing)} of the selected tests need runsc and root, and here: {reason}. "
+        "Run the suite as root after scripts/setup.sh (which installs runsc), or set "
+        f"{OPT_OUT}=1 to run only what works without them (not a full test run)."
+    )
 
 
 def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[str]]:
@@ -96,7 +126,7 @@ def workspace_leftovers(*directories: Path, wait: float = 10.0) -> list[str]:
 @pytest.fixture
 def sandbox_base() -> Path:
     reason = runsc_usable()
-    if reason:
+    if reason:  # only reachable with the opt-out (see pytest_collection_modifyitems)
         pytest.skip(reason)
     base = TEST_BASE / uuid.uuid4().hex[:8]
     base.mkdir(parents=True)
@@ -129,3 +159,36 @@ def internet():
     net = start(TEST_BASE / f"internet-{os.getpid()}")
     yield net
     net.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A real 8 MiB tmpfs: a disk that fills up (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")  # only reachable with the opt-out
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(directory: Path, name: str = "filler") -> Path:
+    """Write to `directory` until its filesystem is full; the filler's path."""
+    path = directory / name
+    chunk = b"\0" * (64 * 1024)
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError:
+                break
+    with open(path, "ab", buffering=0) as f:  # the last partial chunk too
+        for _ in range(64):
+            try:
+                f.write(b"\0" * 1024)
+            except OSError:
+                break
+    return path

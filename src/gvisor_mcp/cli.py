@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stdio: the named workspace to use (default 'default'); kept across restarts")
     p.add_argument("--project", default=None, metavar="DIR",
                    help="stdio: mount DIR read-write at /project in every sandbox (and the file tools)")
+    p.add_argument("--audit-max-mb", type=int, default=64, metavar="MB",
+                   help="rotate <state-dir>/audit.jsonl past this size (default 64)")
+    p.add_argument("--audit-keep", type=int, default=4, metavar="N",
+                   help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)")
 
     from .workspace_cli import add_parser as add_workspace_parser
 

@@ -9,6 +9,8 @@ happens to the request, the client or the Manager.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import structlog
 from .audit import AuditLog
 from .metrics import Metrics
 from .network import ConnectionEvent, EgressGrant, EgressRules
-from .results import ResultStore
+from .results import ResultStore, StoreUnavailable
 from .sandbox import (
     ContainerOptions,
     ContainerResult,
@@ -33,6 +35,8 @@ from .sandbox import (
     RunscError,
     SandboxError,
 )
+
+from .text import clip_command, command_sha256
 
 log = structlog.get_logger("gvisor_mcp.jobs")
 
@@ -59,6 +63,12 @@ class Job:
     """Known once a sandbox is assigned (a warm one may be claimed)."""
     holding: Any = None
     """What the run holds until it ends (its store image's lease), released in _finish."""
+    command_bytes: int = 0
+    command_sha256: str = ""
+    """Of the whole command (`command` is cut to 4 KiB: text.clip_command)."""
+    store_error: str | None = None
+    """Set when the store could not record the final result (disk full)."""
+    store_fields: dict[str, Any] | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
@@ -74,17 +84,26 @@ class Job:
 
 
 class FairGate:
-    """Sandbox slots shared by tenants; a freed slot goes to the waiting
-    tenant that holds the fewest (ties: the one that waited longest).
+    """Sandbox slots shared by tenants.
 
-    The Manager's own limiter is first-come-first-served: one tenant queueing
-    many runs would make every other tenant wait behind all of them. Here a
-    tenant with a backlog never delays another tenant's call by more than
-    the next freed slot.
+    A freed slot goes to the waiting tenant that holds the fewest (ties: the
+    one that waited longest). The Manager's own limiter is first-come-first-
+    served: one tenant queueing many runs would make every other tenant wait
+    behind all of them.
+
+    With `reserve` (the server sets 1 when it serves several tenants), the
+    last `reserve` free slots go only to a tenant holding less than its fair
+    share: capacity / the number of tenants holding or waiting (at least 2,
+    so a tenant alone still leaves room for a second one). One tenant with
+    long commands and a quota as large as the server then holds at most
+    capacity - reserve slots, and another tenant's short call never waits
+    for those long commands to end, only for a slot being freed. The price:
+    a tenant alone on the server uses capacity - reserve slots, not all.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, reserve: int = 0) -> None:
         self.capacity = capacity
+        self.reserve = reserve if capacity > reserve else 0
         self.used = 0
         self.held: dict[str, int] = {}
         self._queues: dict[str, deque[anyio.Event]] = {}
@@ -92,16 +111,42 @@ class FairGate:
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def fair_share(self) -> float:
+        tenants = len(self.held.keys() | self._queues.keys())
+        return self.capacity / max(2 if self.reserve else 1, tenants)
+
+    def may_take(self, tenant: str) -> bool:
+        free = self.capacity - self.used
+        if free <= 0:
+            return False
+        return free > self.reserve or self.held.get(tenant, 0) < self.fair_share()
+
     def _take(self, tenant: str) -> None:
         self.used += 1
         self.held[tenant] = self.held.get(tenant, 0) + 1
 
+    def _dispatch(self) -> None:
+        """Hand free slots to the waiters allowed to take them, fewest held first."""
+        while self._queues:
+            ready = [t for t in self._queues if self.may_take(t)]
+            if not ready:
+                return
+            # dicts keep insertion order: min() picks the longest-waiting among equals
+            nxt = min(ready, key=lambda t: self.held.get(t, 0))
+            q = self._queues.pop(nxt)
+            ev = q.popleft()
+            if q:
+                self._queues[nxt] = q  # to the back among equals
+            self._take(nxt)
+            ev.set()
+
     async def acquire(self, tenant: str) -> None:
-        if self.used < self.capacity and not self._queues:
+        if not self._queues and self.may_take(tenant):
             self._take(tenant)
             return
         ev = anyio.Event()
         self._queues.setdefault(tenant, deque()).append(ev)
+        self._dispatch()  # a newcomer below its fair share may take the reserve at once
         try:
             await ev.wait()
         except BaseException:
@@ -113,6 +158,7 @@ class FairGate:
                     q.remove(ev)
                     if not q:
                         del self._queues[tenant]
+                self._dispatch()  # fewer tenants waiting: the fair share may have grown
             raise
 
     def release(self, tenant: str) -> None:
@@ -120,20 +166,43 @@ class FairGate:
         self.held[tenant] -= 1
         if not self.held[tenant]:
             del self.held[tenant]
-        if not self._queues:
-            return
-        # dicts keep insertion order: min() picks the longest-waiting among equals
-        nxt = min(self._queues, key=lambda t: self.held.get(t, 0))
-        q = self._queues.pop(nxt)
-        ev = q.popleft()
-        if q:
-            self._queues[nxt] = q  # to the back among equals
-        self._take(nxt)
-        ev.set()
+        self._dispatch()
 
 
 class QuotaExceeded(Exception):
     """A tenant is at its concurrency or rate quota; the message names it."""
+
+
+class CallRate:
+    """execute_command calls per tenant over the last 60 s (a sliding window).
+
+    Every call counts, the ones the policy refuses too: a refusal costs an
+    audit line and some work, so a tenant sending refused calls in a loop is
+    held to its `runs_per_minute` like one that runs them. Calls refused by
+    this limit itself do not count (the window would never empty).
+    """
+
+    WINDOW = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
+
+    def count(self, tenant: str, per_minute: int | None) -> None:
+        """Count one call, or raise QuotaExceeded when the tenant is at its rate."""
+        if per_minute is None:
+            return
+        now = self._clock()
+        recent = self._recent[tenant]
+        while recent and now - recent[0] >= self.WINDOW:
+            recent.popleft()
+        if len(recent) >= per_minute:
+            retry = self.WINDOW - (now - recent[0])
+            raise QuotaExceeded(
+                f"quota: tenant {tenant!r} made {per_minute} execute_command calls in the last minute, "
+                f"refused ones included (runs_per_minute={per_minute}); retry in {max(1, math.ceil(retry))} s"
+            )
+        recent.append(now)
 
 
 class Jobs:
@@ -144,15 +213,22 @@ class Jobs:
         audit: AuditLog,
         task_group: anyio.abc.TaskGroup,
         metrics: Metrics | None = None,
+        *,
+        shared: bool = False,
     ) -> None:
+        """`shared`: the server serves several tenants (HTTP): admission then
+        keeps a slot for a tenant below its fair share (FairGate reserve)."""
         self.manager = manager
         self.metrics = metrics
-        self.gate = FairGate(manager.config.max_concurrent_containers)
+        self.gate = FairGate(manager.config.max_concurrent_containers, reserve=1 if shared else 0)
         self.store = store
         self.audit = audit
+        self.rate = CallRate()
         self._tg = task_group
         self._jobs: dict[str, Job] = {}
-        self._recent: dict[str, deque[float]] = defaultdict(deque)
+        self._unstored: dict[str, Job] = {}
+        """Finished jobs whose final row the store refused (disk full): retried
+        before each new start and finish, and reported by unstored()."""
 
     def container_of(self, job: Job) -> str | None:
         run = self.manager.active_run(job.result_id)
@@ -168,7 +244,12 @@ class Jobs:
         job = self._jobs.get(result_id)
         return job if job is not None and job.tenant == tenant else None
 
-    def admit(self, tenant: str, max_concurrent: int | None, per_minute: int | None) -> None:
+    def unstored(self, result_id: str, tenant: str) -> Job | None:
+        """A finished job of `tenant` whose result the store could not record yet."""
+        job = self._unstored.get(result_id)
+        return job if job is not None and job.tenant == tenant else None
+
+    def admit(self, tenant: str, max_concurrent: int | None) -> None:
         """Raise QuotaExceeded when the tenant may not start another run now."""
         if max_concurrent is not None and len(self.active(tenant)) >= max_concurrent:
             raise QuotaExceeded(
@@ -176,18 +257,6 @@ class Jobs:
                 f"(max_concurrent={max_concurrent}); wait for one to finish (inspect_result with "
                 "wait_seconds) or cancel one (cancel_command), then retry"
             )
-        if per_minute is not None:
-            now = time.monotonic()
-            recent = self._recent[tenant]
-            while recent and now - recent[0] > 60:
-                recent.popleft()
-            if len(recent) >= per_minute:
-                retry = 60 - (now - recent[0])
-                raise QuotaExceeded(
-                    f"quota: tenant {tenant!r} started {per_minute} commands in the last minute "
-                    f"(runs_per_minute={per_minute}); retry in {retry:.0f} s"
-                )
-            recent.append(now)
 
     def start(
         self,
@@ -201,7 +270,10 @@ class Jobs:
         hold: Callable[[str], Any] | None = None,
     ) -> Job:
         """Start a job; `hold(result_id)` is called first (it may refuse by raising,
-        before anything is recorded) and what it returns is released when the job ends."""
+        before anything is recorded) and what it returns is released when the job ends.
+        Raises StoreUnavailable (nothing started, the hold released) when the
+        result store cannot record the run."""
+        self._retry_unstored()
         rid = self.store.new_id()
         holding = hold(rid) if hold is not None else None
         cap = options.resources.merged_over(self.manager.config.default_resources).max_output_bytes
@@ -209,16 +281,28 @@ class Jobs:
             result_id=rid,
             tenant=tenant,
             session=session,
-            command=command,
+            command=clip_command(command),
+            command_bytes=len(command.encode("utf-8", "surrogatepass")),
+            command_sha256=command_sha256(command),
             limits=limits,
             timeout=options.resources.timeout or self.manager.config.default_resources.timeout,
             holding=holding,
         )
-        self.store.start(
-            rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits
-        )
-        out_w = self.store.part_writer(rid, "stdout", cap)
-        err_w = self.store.part_writer(rid, "stderr", cap)
+        try:
+            self.store.start(
+                rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits
+            )
+            try:
+                out_w = self.store.part_writer(rid, "stdout", cap)
+                err_w = self.store.part_writer(rid, "stderr", cap)
+            except OSError as e:
+                with contextlib.suppress(StoreUnavailable):
+                    self.store.finish(rid, status="error", fields={"error": f"not started: {e.strerror or e}"})
+                raise StoreUnavailable(e.strerror or str(e)) from e
+        except StoreUnavailable:
+            if holding is not None:
+                holding.release()
+            raise
 
         def on_out(chunk: bytes) -> None:
             job.seen(chunk, "stdout")
@@ -293,8 +377,25 @@ class Jobs:
             self.metrics.egress(job.tenant, ev.verdict, ev.bytes_up, ev.bytes_down)
 
     def _finish(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
+        """Record the outcome (store, audit, metrics) and wake the waiters.
+
+        Never raises: it runs in the job's task, inside the server's task
+        group, where an exception would end the whole server (issue 14: a
+        full disk under audit.write did exactly that).
+        """
+        try:
+            self._record(job, result, status, error, writers, policy_hash)
+        except Exception:
+            log.exception("job_finish_failed", result_id=job.result_id)
+        finally:
+            job.result, job.status, job.error = result, status, error
+            self._jobs.pop(job.result_id, None)
+            job.done.set()
+
+    def _record(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
         for w in writers:
-            w.close()
+            with contextlib.suppress(OSError):
+                w.close()
         if job.holding is not None:
             job.holding.release()
         fields: dict[str, Any] = {"error": error}
@@ -317,23 +418,17 @@ class Jobs:
             )
         else:
             fields.update(duration_ms=round(job.elapsed() * 1000))
-        try:
-            self.store.finish(
-                job.result_id,
-                status=status,
-                stdout=result.stdout if result else b"",
-                stderr=result.stderr if result else b"",
-                fields=fields,
-            )
-            self.store.evict(job.tenant)
-        except Exception:
-            log.exception("store_finish_failed", result_id=job.result_id)
+        self._retry_unstored()
+        self._store_final(job, result, status, error, fields)
         self.audit.write(
             tenant=job.tenant,
             session=job.session,
             result_id=job.result_id,
             container_id=job.container_id,
             command=job.command,
+            # of the whole command (job.command is cut); known when start() made the job
+            **({"command_bytes": job.command_bytes, "command_sha256": job.command_sha256}
+               if job.command_sha256 else {}),
             policy_hash=policy_hash,
             decision="allowed",
             status=status,
@@ -349,9 +444,59 @@ class Jobs:
                 boot=result.boot_duration if result else None,
                 duration=result.duration if result else None,
             )
-        job.result, job.status, job.error = result, status, error
-        self._jobs.pop(job.result_id, None)
-        job.done.set()
+
+    def _store_final(self, job: Job, result: ContainerResult | None, status: str,
+                     error: str | None, fields: dict[str, Any]) -> None:
+        """Store the outcome; on a full disk, keep what can be kept and say so.
+
+        First the whole result; failing that, the row without the output
+        (its `error` says the output was lost); failing that too, the job is
+        kept in memory (`unstored`) and retried before the next start or
+        finish, and the caller's answer says the result could not be stored.
+        Nothing raises: a job task must never take the server down.
+        """
+        try:
+            self.store.finish(
+                job.result_id,
+                status=status,
+                stdout=result.stdout if result else b"",
+                stderr=result.stderr if result else b"",
+                fields=fields,
+            )
+        except StoreUnavailable as e:
+            log.error("result_output_not_stored", result_id=job.result_id, error=str(e))
+            lost = f"the server could not store this command's output ({e}); it is lost"
+            fields["error"] = f"{error}; {lost}" if error else lost
+            try:
+                self.store.finish(job.result_id, status=status, fields=fields)
+            except StoreUnavailable as e2:
+                log.error("result_not_stored", result_id=job.result_id, error=str(e2))
+                job.store_error = (
+                    f"the command ended (status {status}"
+                    + (f", exit code {result.exit_code}" if result is not None else "")
+                    + f") but the server could not store its result: {e2}. The server's state "
+                    "disk is probably full; its output is lost. Retry once the operator has freed space."
+                )
+                job.store_fields = {"status": status, **fields}
+                self._unstored[job.result_id] = job
+        except Exception:  # a bug: the row stays 'running' until recover() at the next start
+            log.exception("store_finish_failed", result_id=job.result_id)
+        try:
+            self.store.evict(job.tenant)
+        except Exception:
+            log.exception("evict_failed", tenant=job.tenant)
+
+    def _retry_unstored(self) -> None:
+        for rid, job in list(self._unstored.items()):
+            fields = dict(job.store_fields or {})
+            status = fields.pop("status", "error")
+            try:
+                self.store.finish(rid, status=status, fields=fields)
+            except StoreUnavailable:
+                return  # still full: try again later
+            except Exception:
+                log.exception("store_finish_failed", result_id=rid)
+            del self._unstored[rid]
 
     async def cancel(self, job: Job) -> None:
         if not await self.manager.kill(job.result_id, ContainerStatus.KILLED):

@@ -20,6 +20,9 @@ def configure(level: str = "INFO", json: bool = True) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # log.exception(...) / exc_info=True: the traceback as an "exception"
+            # string (no local variables: they may hold commands or tokens).
+            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

@@ -21,6 +21,8 @@ import structlog
 
 from . import logs, mountns
 from . import workspace as _workspace
+from .audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
+from .audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from .audit import AuditLog
 from .images.store import Holding, ImageStore
 from .jobs import Jobs
@@ -31,6 +33,7 @@ from .network import NetworkConfig, NetworkService
 from .policy import ExecRequest, Policy, Resolved, load, load_default, path_component, resolve, workspace_host_path
 from .policy.resolve import SESSIONS_DIR
 from .roots import AgentWorkspaces, stdio_places
+from .policy.fairness import capacity_warnings
 from .results import ResultStore
 from .sandbox import Manager, ManagerConfig
 from .sandbox.doctor import canary
@@ -67,6 +70,12 @@ class Settings:
     max_workspaces_per_tenant: int = 16
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """network=sandbox: per-run namespaces and the egress proxy (cli --egress-host, --no-system-dns)."""
+    multi_tenant: bool = False
+    """HTTP: one process serves every tenant; admission keeps a slot for a
+    tenant below its fair share (jobs.FairGate)."""
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    audit_keep: int = DEFAULT_AUDIT_KEEP
+    """audit.jsonl is rotated past audit_max_bytes; audit_keep old files stay."""
 
 
 class PolicyHolder:
@@ -230,8 +239,15 @@ class AppState:
             self._check_workspace_caps(root)
         try:
             _workspace.ensure(root, target, plan.size_mb, uid, gid, "kept" if plan.kept else plan.scope)
-        except _workspace.WorkspaceError as e:
-            raise ToolError(f"the workspace could not be prepared: {e}") from e
+        except (_workspace.WorkspaceError, OSError) as e:
+            # The operator's log has the host paths; the caller gets the reason without them.
+            log.error("workspace_failed", workspace=str(target), error=str(e))
+            reason = str(e.strerror if isinstance(e, OSError) and e.strerror else e)
+            reason = reason.replace(str(target), plan.mount).replace(str(root), "<workspaces>")
+            raise ToolError(
+                f"the workspace could not be prepared, so nothing was run: {reason}. "
+                "Retry later; if it persists, the server's disk may be full (tell the operator)."
+            ) from e
         self.made_workspaces.add(target)
         self._prepared[plan.host_path] = target
         return target
@@ -365,7 +381,7 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = ResultStore(state_dir)
-    audit = AuditLog(state_dir / "audit.jsonl")
+    audit = AuditLog(state_dir / "audit.jsonl", max_bytes=settings.audit_max_bytes, keep=settings.audit_keep)
     rt: Runtime | None = None
     try:
         async with start_network(settings.network) as net, \
@@ -378,7 +394,8 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
                      pool_size=settings.pool_size)
             metrics = Metrics()
             metrics.watch(manager.active_containers, manager.pool.idle)
-            rt = Runtime(settings, policy, manager, store, audit, Jobs(manager, store, audit, tg, metrics), metrics)
+            jobs = Jobs(manager, store, audit, tg, metrics, shared=settings.multi_tenant)
+            rt = Runtime(settings, policy, manager, store, audit, jobs, metrics)
             try:
                 yield rt
             finally:
@@ -425,10 +442,9 @@ def build_server(  # type: ignore[no-untyped-def]
     `over_http`: under scope session, agents may then create workspaces
     (roots.py: protocol 2026-07-28 has no sessions).
     """
-    from mcp.server.mcpserver import MCPServer
-
     from .tools import register_tools
     from .tools.files import file_facts
+    from .tools.boundary import SafeServer
     from .tools.view import schema_facts
 
     tenant = tenant or settings.tenant
@@ -449,7 +465,7 @@ def build_server(  # type: ignore[no-untyped-def]
                 policy.listeners.remove(app.warm_pool)
                 side.cancel_scope.cancel()
 
-    server = MCPServer(
+    server = SafeServer(
         name=SERVER_NAME,
         instructions=INSTRUCTIONS,
         lifespan=lifespan or stdio_lifespan,
@@ -547,8 +563,13 @@ def _serve(args: Any) -> int:
         max_workspaces=args.max_workspaces,
         max_workspaces_per_tenant=args.max_workspaces_per_tenant,
         network=network,
+        multi_tenant=getattr(args, "transport", "stdio") == "http",
+        audit_max_bytes=int(getattr(args, "audit_max_mb", DEFAULT_AUDIT_MAX_BYTES >> 20)) << 20,
+        audit_keep=getattr(args, "audit_keep", DEFAULT_AUDIT_KEEP),
     )
     try:
+        if settings.audit_max_bytes < 1 << 20 or settings.audit_keep < 0:
+            raise ValueError("--audit-max-mb must be at least 1 and --audit-keep at least 0")
         policy = PolicyHolder(settings.policy_path, ImageStore(settings.state_dir / "images"))
         policy.current.tenant(settings.tenant)
         for warning in policy.current.warnings:
@@ -558,6 +579,11 @@ def _serve(args: Any) -> int:
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
+    for warning in capacity_warnings(
+        policy.current, settings.manager.max_concurrent_containers,
+        None if settings.multi_tenant else [settings.tenant], shared=settings.multi_tenant,
+    ):
+        log.warning("capacity_warning", warning=warning)
 
     options = None
     if getattr(args, "transport", "stdio") == "http":
@@ -613,6 +639,8 @@ def _serve(args: Any) -> int:
         return 1
     if options is not None:
         from .http import serve_http
+        from .tools import boundary  # noqa: F401  (the MCP server modules: ~1 s of imports, paid
+        # here and not by the first request of each tenant, which builds its server lazily)
 
         anyio.run(serve_http, settings, policy, options, signals)
         return 0

@@ -311,3 +311,24 @@ kill -9 -1; echo killed-all
         assert structured(await c.call_tool("inspect_result", {"result_id": rid}))["status"] == "running"
         assert structured(await c.call_tool("cancel_command", {"result_id": rid}))["status"] == "killed"
         await canary(c)
+
+
+async def test_every_call_gets_a_fresh_sandbox_even_from_the_warm_pool(serve, tmp_path):
+    """Warm calls claim a pre-booted sandbox: none is ever claimed twice. Each
+    call writes to /tmp and to / (root inside, so / is writable) and looks for
+    what the call before it wrote; it must find nothing, in another container."""
+    policy = write_policy(tmp_path, 'version: 1\ndefaults: {user: "0:0"}\nworkspace: {enabled: false}\n')
+    probe = ("for f in /tmp/mark /mark; do [ -e $f ] && echo FOUND $f $(cat $f); done; "
+             "echo $MY > /tmp/mark && echo $MY > /mark && echo wrote; ls -A /tmp")
+    async with serve("--policy", str(policy), "--pool-size", "2") as c:
+        results = []
+        with anyio.fail_after(300):
+            while sum(s["warm"] for s in results) < 4:  # until four calls were served warm
+                results.append(await ok(c, probe, env={"MY": f"call{len(results)}"}))
+        for s in results:
+            assert s["stdout"] == "wrote\nmark\n", s  # nothing of any earlier call
+        ids = [s["container_id"] for s in results]
+        assert len(set(ids)) == len(ids), ids
+        warm = [i for i, s in enumerate(results) if s["warm"]]
+        assert any(i - 1 in range(len(results)) for i in warm)  # a warm call right after another call
+        await canary(c)

@@ -146,6 +146,22 @@ async def test_oom(manager):
     assert 0.5 * limit < r.peak_memory_bytes <= limit * 1.01
 
 
+@pytest.mark.parametrize("script, code, sig", [
+    # exit 137 of its own accord, after taking most of its memory limit
+    ("python3 -c 'import sys; x = bytearray(100 << 20); sys.exit(137)'", 137, 9),
+    # a child dies of SIGKILL / SIGSEGV sent by the command itself: no OOM anywhere
+    ("python3 -c 'import os; x = bytearray(100 << 20); os.kill(os.getpid(), 9)'; exit $?", 137, 9),
+    ("python3 -c 'import os; os.kill(os.getpid(), 11)'; exit $?", 139, 11),
+    ("sleep 60 & kill -KILL $!; wait $!", 137, 9),
+])
+async def test_exit_137_or_death_by_a_signal_is_not_an_oom_kill(manager, script, code, sig):
+    """Code that called every exit status 137 an OOM kill passed all the other
+    tests of this file (cold and warm): 137 is also `exit 137` and SIGKILL."""
+    r = await manager.run(sh(script, resources=ResourceSpec(memory_mb=128, timeout=60)))
+    assert (r.status, r.exit_code, r.signal) == (ContainerStatus.EXITED, code, sig), r.summary()
+    assert not r.oom_killed, r.summary()
+
+
 async def test_timed_out_memory_heavy_is_not_oom(manager):
     r = await manager.run(ContainerOptions(
         command=["python3", "-c", "import time; x = bytearray(60 << 20); time.sleep(30)"],

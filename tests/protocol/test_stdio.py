@@ -42,8 +42,10 @@ async def test_tool_list_snapshot(serve):
     async with serve() as c:
         tools = (await c.list_tools()).tools
     got = tool_listing(tools)
-    if os.environ.get("GVISOR_MCP_UPDATE_SNAPSHOT") or not SNAPSHOT.exists():
+    if os.environ.get("GVISOR_MCP_UPDATE_SNAPSHOT"):
         SNAPSHOT.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    # A missing snapshot is a failure, never a fresh one written and passed.
+    assert SNAPSHOT.exists(), f"{SNAPSHOT} is missing; write it with GVISOR_MCP_UPDATE_SNAPSHOT=1 and review it"
     assert got == json.loads(SNAPSHOT.read_text())
     names = [t["name"] for t in got]
     assert names == ["cancel_command", "delete_file", "execute_command", "inspect_result", "list_active",

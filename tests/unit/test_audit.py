@@ -8,6 +8,7 @@ product promises are checked where they are decided.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import json
 import os
 import stat
@@ -47,7 +48,8 @@ def test_one_valid_json_line_per_write(tmp_path: Path) -> None:
     assert got[0]["command"] == nasty
     assert got[0]["tenant"] == "alice" and got[0]["exit_code"] == 0
     assert got[1] == {"tenant": "bob", "command": "rm -rf /", "decision": "denied",
-                      "reason": "policy: no", "path": "/x", "time": got[1]["time"]}
+                      "reason": "policy: no", "path": "/x", "time": got[1]["time"],
+                      "command_bytes": 8, "command_sha256": hashlib.sha256(b"rm -rf /").hexdigest()}
     for entry in got:
         t = calendar.timegm(time.strptime(entry["time"], "%Y-%m-%dT%H:%M:%SZ"))
         assert before <= t <= after
@@ -154,3 +156,91 @@ async def test_a_run_without_a_sandbox_is_audited_too(tmp_path: Path) -> None:
     finally:
         store.close()
         audit.close()
+
+
+# --- bounded: rotation, logrotate, throttled refusals ------------------------------------------
+
+
+def test_the_log_rotates_and_never_holds_more_than_keep_plus_one_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=64 * 1024, keep=2)
+    for i in range(2000):  # ~10 MB of commands, cut to 4 KiB each: ~9 MB written in all
+        log.write(n=i, command="x" * 5000)
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("audit.jsonl") and not p.name.endswith(".lock"))
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    for name in files:
+        assert (tmp_path / name).stat().st_size <= 64 * 1024
+    # The newest lines are in audit.jsonl, in order, each whole.
+    newest = lines(path)
+    assert newest[-1]["n"] == 1999
+    assert [e["n"] for e in lines(tmp_path / "audit.jsonl.1") + newest] == list(
+        range(newest[-1]["n"] - len(newest) - len(lines(tmp_path / "audit.jsonl.1")) + 1, 2000))
+    assert all(e["command_bytes"] == 5000 and len(e["command"]) < 4300 for e in newest)
+
+
+def test_two_writers_rotate_without_losing_or_mixing_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    a = AuditLog(path, max_bytes=16 * 1024, keep=50)
+    b = AuditLog(path, max_bytes=16 * 1024, keep=50)
+    for i in range(600):
+        (a if i % 2 else b).write(n=i, pad="p" * 200)
+    a.close()
+    b.close()
+    got = []
+    for f in tmp_path.glob("audit.jsonl*"):
+        if not f.name.endswith(".lock"):
+            got += [e["n"] for e in lines(f)]
+    assert sorted(got) == list(range(600))
+
+
+def test_an_externally_rotated_log_is_reopened_without_a_signal(tmp_path: Path) -> None:
+    """logrotate's default: rename the file; the server's next line creates a new one."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.write(n=1)
+    path.rename(tmp_path / "audit.jsonl.1")
+    log.write(n=2)
+    path.rename(tmp_path / "audit.jsonl.2")
+    (tmp_path / "audit.jsonl.2").unlink()  # e.g. compressed and removed
+    log.write(n=3)
+    log.close()
+    assert [e["n"] for e in lines(tmp_path / "audit.jsonl.1")] == [1]
+    assert [e["n"] for e in lines(path)] == [3]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_throttled_lines_say_how_many_were_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(50):
+        log.write_throttled("rate:alice", 3600, n=i)
+    log.write_throttled("rate:bob", 3600, n=100)
+    log._throttle["rate:alice"] = (time.monotonic() - 7200, log._throttle["rate:alice"][1])  # an hour on
+    log.write_throttled("rate:alice", 3600, n=50)
+    log.close()
+    got = lines(path)
+    assert [(e["n"], e.get("suppressed")) for e in got] == [(0, None), (100, None), (50, 49)]
+
+
+def test_a_full_disk_never_raises_and_the_lines_are_written_once_there_is_room(small_tmpfs: Path) -> None:
+    from tests.conftest import fill_disk
+
+    from gvisor_mcp.audit import AuditUnavailable
+
+    path = small_tmpfs / "audit.jsonl"
+    log = AuditLog(path)
+    assert log.write(n=0)
+    filler = fill_disk(small_tmpfs)
+    results = [log.write(n=n, command="c" * 3000) for n in range(1, 6)]  # no exception out of write()
+    assert results[-1] is False  # (the first may still fit in the file's last page)
+    try:
+        log.writable()
+        raise AssertionError("writable() must refuse while lines are pending")
+    except AuditUnavailable as e:
+        assert "No space left on device" in str(e)
+    filler.unlink()
+    log.writable()  # the backlog goes out, in order
+    log.write(n=6)
+    log.close()
+    assert [e["n"] for e in lines(path)] == [0, 1, 2, 3, 4, 5, 6]

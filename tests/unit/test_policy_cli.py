@@ -101,3 +101,45 @@ def test_schema_is_json_schema_of_the_file() -> None:
 def test_usage_errors_exit_2() -> None:
     assert cli()[0] == 2
     assert cli("frobnicate")[0] == 2
+
+
+# --- fair share: quotas against the server's capacity ------------------------------------------
+
+QUOTAS = """version: 1
+quotas: {max_concurrent: 2}
+tenants:
+  a: {quotas: {max_concurrent: %d}}
+  b: {}
+"""
+
+
+@pytest.mark.parametrize("a, warned", [(5, False), (6, True)])
+def test_check_warns_when_the_quotas_add_up_to_more_than_the_capacity(tmp_path: Path, a: int, warned: bool) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(QUOTAS % a)
+    code, out, err = cli("check", str(path), "--max-concurrent", "9")  # 2 + a + 2: 9 fits, 10 does not
+    assert code == 0 and out.startswith(f"{path}: ok")
+    assert ("add up to 10 (default=2, a=6, b=2), more than the server's capacity (--max-concurrent 9)" in err) == warned, err
+    assert "is at least the server's capacity" not in err
+
+
+@pytest.mark.parametrize("a, warned", [(7, False), (8, True)])
+def test_check_warns_when_one_tenant_can_hold_every_slot(tmp_path: Path, a: int, warned: bool) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(QUOTAS % a)
+    code, _, err = cli("check", str(path), "--max-concurrent", "8")
+    assert code == 0
+    line = f"tenant 'a': quotas.max_concurrent={a} is at least the server's capacity (--max-concurrent 8)"
+    assert (line in err) == warned, err
+    assert "'b'" not in err.split("add up")[0]
+
+
+def test_a_stdio_server_warns_only_about_a_quota_above_its_capacity() -> None:
+    policy = loads(QUOTAS % 8, "p.yaml")
+    from gvisor_mcp.policy.fairness import capacity_warnings
+
+    assert capacity_warnings(policy, 8, ["a"], shared=False) == []
+    assert capacity_warnings(policy, 8, ["b"], shared=False) == []
+    (w,) = capacity_warnings(policy, 7, ["a"], shared=False)
+    assert "at most 7 of its runs go at once" in w
+    assert len(capacity_warnings(policy, 8)) == 2  # shared (HTTP): a reaches 8, and 12 > 8

@@ -199,7 +199,7 @@ def test_tenant_inheritance_in_resolution() -> None:
     ci, intern, research = (run(policy, t) for t in ("ci", "intern", "research"))
     assert ci.options.resources.timeout == 600.0 and ci.options.resources.memory_mb == 1024
     assert intern.options.resources == ci.options.resources
-    assert intern.quotas.max_concurrent == 1 and ci.quotas.max_concurrent == 8
+    assert intern.quotas.max_concurrent == 1 and ci.quotas.max_concurrent == 3
     assert ci.options.env == {"LANG": "C.UTF-8", "CI": "true"}
     # research is above the top-level ceilings (said explicitly) and rejects
     assert run(policy, "research", memory_mb=8192).options.resources.memory_mb == 8192

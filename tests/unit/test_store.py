@@ -9,6 +9,7 @@ crashed server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,8 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gvisor_mcp.results import RESULT_ID_RE, ResultStore
+from gvisor_mcp.results.store import ROW_OVERHEAD_BYTES
 
 CRASH_REASON = "the server stopped"
+LIMITS = {"timeout": "30s", "memory": 268435456}
+ROW = ROW_OVERHEAD_BYTES + len("echo hi") + len("sess1") + len(json.dumps(LIMITS))
+"""What one row of begin() costs besides its streams: eviction counts every byte."""
 
 
 class Clock:
@@ -56,7 +61,7 @@ def store(state: Path, clock: Clock):  # type: ignore[no-untyped-def]
 def begin(store: ResultStore, tenant: str = "alice", command: str = "echo hi") -> str:
     rid = store.new_id()
     store.start(rid, tenant=tenant, session="sess1", command=command, container_id=None,
-                limits={"timeout": "30s", "memory": 268435456})
+                limits=LIMITS)
     return rid
 
 
@@ -365,7 +370,8 @@ def test_recover_spares_live_owners_and_marks_a_closed_owners_runs(state: Path) 
         assert res.finished_at is not None
         assert b.read(res, "stdout", 0, 100) == (b"half of the output", 18)
         assert res.stdout_bytes == 18
-        assert files_of(b, ra) == [f"{ra}.stdout"]  # the stderr part was never opened
+        # start() made both part files (a full disk refuses the call before it runs)
+        assert files_of(b, ra) == [f"{ra}.stderr", f"{ra}.stdout"]
         mine = b.get(rb, "alice")
         assert mine is not None and mine.status == "running"
         assert b.recover() == 0
@@ -448,12 +454,12 @@ def test_recovered_output_counts_toward_the_byte_budget(state: Path, clock: Cloc
     a.part_writer(rid, "stdout", 1 << 20)(b"x" * 80)
     a.close()
     clock.t += 1
-    b = ResultStore(state, clock=clock, max_bytes_per_tenant=100)
+    b = ResultStore(state, clock=clock, max_bytes_per_tenant=2 * ROW + 100)
     try:
         assert b.recover() == 1
         assert read_all(b, rid, "alice", "stdout") == b"x" * 80
         clock.t += 1
-        newer = complete(b, "alice", b"y" * 30)  # 110 bytes in all: the recovered one goes
+        newer = complete(b, "alice", b"y" * 30)  # 2 rows + 110 bytes in all: the recovered one goes
         assert b.get(rid, "alice") is None
         assert files_of(b, rid) == []
         assert read_all(b, newer, "alice", "stdout") == b"y" * 30
@@ -465,19 +471,21 @@ def test_recovered_output_counts_toward_the_byte_budget(state: Path, clock: Cloc
 
 
 def test_evict_by_bytes_oldest_first_per_tenant(state: Path, clock: Clock) -> None:
-    s = ResultStore(state, clock=clock, max_bytes_per_tenant=100)
+    s = ResultStore(state, clock=clock, max_bytes_per_tenant=4 * ROW + 100)
     try:
         bob = []
         for _ in range(3):
             clock.t += 1
-            bob.append(complete(s, "bob", b"b" * 30))  # 90 bytes: within budget
+            bob.append(complete(s, "bob", b"b" * 30))  # 3 rows + 90 bytes: within budget
         alice = []
         for i in range(5):
             clock.t += 1
-            alice.append(complete(s, "alice", bytes([65 + i]) * 20, b"e" * 10))  # 30 each
+            alice.append(complete(s, "alice", bytes([65 + i]) * 20, b"e" * 10))  # a row + 30 each
         running = begin(s, "alice")
         s.part_writer(running, "stdout", 1 << 20)(b"r" * 500)
-        assert s.evict("alice") == 0  # already done after each finish; running ignored
+        # Already done after each finish; the running row's text counts, its
+        # part file does not, and a running result is never evicted.
+        assert s.evict("alice") == 0
 
         gone, kept = alice[:2], alice[2:]
         for rid in gone:
@@ -547,7 +555,7 @@ def test_a_long_run_is_not_evicted_for_its_age(state: Path, clock: Clock) -> Non
         st.tuples(st.sampled_from(["alice", "bob"]), st.integers(0, 60), st.integers(0, 20)),
         max_size=12,
     ),
-    budget=st.integers(0, 150),
+    budget=st.integers(0, 5 * ROW),
 )
 def test_eviction_keeps_each_tenants_newest_results_within_budget(
     runs: list[tuple[str, int, int]], budget: int
@@ -559,7 +567,7 @@ def test_eviction_keeps_each_tenants_newest_results_within_budget(
             made = []
             for tenant, out, err in runs:
                 clock.t += 1
-                made.append((tenant, complete(s, tenant, b"o" * out, b"e" * err), out + err))
+                made.append((tenant, complete(s, tenant, b"o" * out, b"e" * err), ROW + out + err))
             for tenant in ("alice", "bob"):
                 mine = [(rid, size) for t, rid, size in made if t == tenant]
                 # Model: the longest run of newest results whose sizes fit.
@@ -584,10 +592,45 @@ def test_store_files_stay_private(store: ResultStore) -> None:
 
 
 def test_equal_timestamps_still_evict_the_oldest_first(state: Path, clock: Clock) -> None:
-    s = ResultStore(state, clock=clock, max_bytes_per_tenant=20)
+    s = ResultStore(state, clock=clock, max_bytes_per_tenant=2 * ROW + 20)
     try:
         rids = [complete(s, "alice", bytes([65 + i]) * 10) for i in range(3)]
         assert s.get(rids[0], "alice") is None
         assert [read_all(s, r, "alice", "stdout") for r in rids[1:]] == [b"B" * 10, b"C" * 10]
     finally:
         s.close()
+
+
+# --- every byte counts (issue 14: 1 MiB commands with no output escaped eviction) -------------
+
+
+def test_long_commands_are_stored_cut_and_count_toward_the_budget(state: Path, clock: Clock) -> None:
+    s = ResultStore(state, clock=clock, max_bytes_per_tenant=10 * (ROW + 4400))
+    try:
+        command = "echo " + "z" * (1 << 20)
+        rids = []
+        for _ in range(30):
+            clock.t += 1
+            rids.append(begin(s, "alice", command))
+            s.finish(rids[-1], status="exited", fields={"exit_code": 0})
+            s.evict("alice")
+        row = s.get(rids[-1], "alice")
+        assert row is not None and len(row.command.encode()) < 4300
+        assert row.command.startswith("echo zzz") and "1048581 bytes in all, sha256 " in row.command
+        # No stream bytes at all, yet the oldest went: only the newest ~10 fit.
+        alive = [r for r in rids if s.get(r, "alice") is not None]
+        assert 5 <= len(alive) <= 10 and alive == rids[-len(alive):]
+        assert s.usage("alice") <= s.max_bytes_per_tenant
+        s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert (state / "results.db").stat().st_size < 1 << 20  # was 36 MiB for 30 such runs
+    finally:
+        s.close()
+
+
+def test_usage_counts_the_row_text_and_the_streams(store: ResultStore) -> None:
+    assert store.usage("alice") == 0
+    rid = complete(store, "alice", b"o" * 100, b"e" * 10)
+    assert store.usage("alice") == ROW + 110
+    assert store.usage("bob") == 0
+    store.finish(rid, status="error", stdout=b"o" * 100, stderr=b"e" * 10, fields={"error": "boom"})
+    assert store.usage("alice") == ROW + 110 + 4

@@ -1,7 +1,8 @@
 """`gvisor-mcp policy check | show | schema`: let operators see what a file means.
 
 Wired into the main CLI as `policy_main(argv)`; results go to stdout, errors
-to stderr. Exit status: 0 ok, 1 invalid policy / unknown tenant, 2 usage.
+and warnings to stderr. Exit status: 0 ok (warnings included), 1 invalid
+policy / unknown tenant, 2 usage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from ..images.store import ImageStore
 from .errors import PolicyError, UnknownTenant
+from .fairness import DEFAULT_CAPACITY, capacity_warnings
 from .loader import Policy, load, load_default
 from .model import DEFAULT_TENANT, PolicyFile, Settings
 
@@ -37,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the server's state directory, whose image store holds the catalog's store images "
         "(default: the same as `serve`)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=DEFAULT_CAPACITY, metavar="N",
+        help="the capacity of the server that will serve it (serve --max-concurrent; default %(default)s): "
+        "warn about quotas that reach it",
     )
     p = sub.add_parser("show", help="print a tenant's effective policy (after inheritance) as YAML")
     p.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
@@ -105,6 +112,8 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
             )
             for warning in policy.warnings:
                 err.write(f"{warning}\n")
+            for warning in capacity_warnings(policy, args.max_concurrent):
+                err.write(f"{name}: warning: {warning}\n")
         return status
 
     try:

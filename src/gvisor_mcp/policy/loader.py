@@ -54,6 +54,14 @@ class Policy:
         return self.sha256
 
     @property
+    def label(self) -> str:
+        """How results name the policy, with `sha256`: the file's name without
+        its directory (clients never see a host path), or the built-in's name."""
+        if self.source == DEFAULT_POLICY_NAME:
+            return self.source
+        return Path(self.source).name or "<policy>"
+
+    @property
     def tenant_names(self) -> tuple[str, ...]:
         return tuple(self.tenants)
 

@@ -34,6 +34,7 @@ class LimitsReceipt(BaseModel):
     tenant: str
     policy_sha256: str
     policy_source: str
+    """A label, never a host path: the policy file's name (Policy.label)."""
     entries: tuple[ReceiptEntry, ...]
     notes: tuple[str, ...] = ()
     image_digest: str | None = None

@@ -443,7 +443,7 @@ def resolve(
     receipt = LimitsReceipt(
         tenant=tenant,
         policy_sha256=policy.sha256,
-        policy_source=policy.source,
+        policy_source=policy.label,
         entries=tuple(r.entries),
         notes=tuple(r.notes),
         image_digest=digest,

@@ -25,13 +25,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import structlog
 from pydantic import BaseModel, ConfigDict
 
 from ..sandbox.ownership import OwnerLock
+from ..text import clip_command
+
+log = structlog.get_logger("gvisor_mcp.results")
 
 # \Z, not $: "$" also matches before a trailing newline.
 RESULT_ID_RE = re.compile(r"^res_[0-9a-f]{32}\Z")
 STREAMS = ("stdout", "stderr")
+ROW_OVERHEAD_BYTES = 512
+"""What a result costs on disk besides its text columns and stream files
+(fixed columns, two index entries, SQLite page slack), counted by evict()."""
+
+_COST = (
+    "(stored_bytes + ? + length(CAST(command AS BLOB)) + ifnull(length(CAST(limits AS BLOB)), 0) "
+    "+ ifnull(length(CAST(error AS BLOB)), 0) + ifnull(length(CAST(session AS BLOB)), 0))"
+)
+"""SQL: the bytes one row costs (the ? is ROW_OVERHEAD_BYTES)."""
+
+
+class StoreUnavailable(Exception):
+    """The result store could not write (e.g. the state disk is full)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -102,8 +119,10 @@ class ResultStore:
     Bounds, enforced per tenant by `evict()` (after each finished run) and for
     every tenant by `recover()` (at server start):
 
-    - `max_bytes_per_tenant` (default 1 GiB): the stored stream bytes of a
-      tenant's finished results; past it the oldest results go first.
+    - `max_bytes_per_tenant` (default 1 GiB): every byte a tenant's results
+      take: stream files, and each row's command text, limits, error and a
+      fixed `ROW_OVERHEAD_BYTES`; past it the oldest finished results go
+      first. (Command text is stored cut to 4 KiB: text.clip_command.)
     - `max_age_seconds` (default 7 days): finished results created longer ago
       than this go.
 
@@ -214,23 +233,40 @@ class ResultStore:
         container_id: str | None,
         limits: dict[str, Any] | None,
     ) -> None:
-        self._db.execute(
-            "INSERT INTO results (result_id, tenant, session, owner, container_id, command, "
-            "status, created_at, limits) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-            (
-                result_id,
-                tenant,
-                session,
-                self.instance,
-                container_id,
-                command,
-                self._clock(),
-                json.dumps(limits) if limits is not None else None,
-            ),
-        )
+        """Record a run that is starting: its row and its (empty) live part files.
+
+        Raises StoreUnavailable, leaving nothing behind, when the disk cannot
+        take them; the caller refuses the call and runs nothing.
+        """
+        try:
+            for stream in STREAMS:
+                self._path(result_id, stream, part=True).touch(mode=0o600)
+            self._db.execute(
+                "INSERT INTO results (result_id, tenant, session, owner, container_id, command, "
+                "status, created_at, limits) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (
+                    result_id,
+                    tenant,
+                    session,
+                    self.instance,
+                    container_id,
+                    clip_command(command),
+                    self._clock(),
+                    json.dumps(limits) if limits is not None else None,
+                ),
+            )
+        except (OSError, sqlite3.Error) as e:
+            for stream in STREAMS:
+                self._path(result_id, stream, part=True).unlink(missing_ok=True)
+            raise StoreUnavailable(_why(e)) from e
 
     def part_writer(self, result_id: str, stream: str, cap: int):  # type: ignore[no-untyped-def]
-        """A chunk writer appending to the live part file, up to `cap` bytes."""
+        """A chunk writer appending to the live part file, up to `cap` bytes.
+
+        The part file only serves live paging: when the disk refuses a write,
+        the writer stops (logged once) and the run goes on; its final output
+        comes from the Manager's own capture, written by finish().
+        """
         path = self._path(result_id, stream, part=True)
         f = open(path, "ab", buffering=0)
         written = 0
@@ -240,7 +276,12 @@ class ResultStore:
             if f.closed or written >= cap:
                 return
             piece = chunk[: cap - written]
-            f.write(piece)
+            try:
+                f.write(piece)
+            except OSError as e:
+                log.warning("live_output_not_stored", result_id=result_id, stream=stream, error=str(e))
+                written = cap  # stop trying; the final capture still comes
+                return
             written += len(piece)
 
         write.close = f.close  # type: ignore[attr-defined]
@@ -255,7 +296,21 @@ class ResultStore:
         stderr: bytes = b"",
         fields: dict[str, Any] | None = None,
     ) -> None:
-        """Write the final streams and the outcome; idempotent per result."""
+        """Write the final streams and the outcome; idempotent per result.
+
+        Raises StoreUnavailable when the disk refuses; the streams written so
+        far stay (finish can be called again with less, see Jobs._finish).
+        """
+        try:
+            self._finish(result_id, status=status, stdout=stdout, stderr=stderr, fields=fields)
+        except (OSError, sqlite3.Error) as e:
+            for stream in STREAMS:
+                final = self._path(result_id, stream)
+                final.with_suffix(final.suffix + ".tmp").unlink(missing_ok=True)
+            raise StoreUnavailable(_why(e)) from e
+
+    def _finish(self, result_id: str, *, status: str, stdout: bytes, stderr: bytes,
+                fields: dict[str, Any] | None) -> None:
         stored = 0
         for stream, data in (("stdout", stdout), ("stderr", stderr)):
             final = self._path(result_id, stream)
@@ -300,15 +355,19 @@ class ResultStore:
         tenant's usage never evicts them.
         """
         now = self._clock()
+        # Every byte counts: streams (stored_bytes) and the row's own text.
+        # Running rows count too (their text), but are never evicted.
         rows = self._db.execute(
-            "SELECT result_id, stored_bytes, created_at FROM results "
-            "WHERE tenant=? AND status != 'running' ORDER BY created_at DESC, rowid DESC",
-            (tenant,),
+            f"SELECT result_id, status, created_at, {_COST} AS cost "
+            "FROM results WHERE tenant=? ORDER BY created_at DESC, rowid DESC",
+            (ROW_OVERHEAD_BYTES, tenant),
         ).fetchall()
         total = 0
         doomed = []
         for row in rows:
-            total += row["stored_bytes"]
+            total += row["cost"]
+            if row["status"] == "running":
+                continue
             if total > self.max_bytes_per_tenant or now - row["created_at"] > self.max_age_seconds:
                 doomed.append(row["result_id"])
         for rid in doomed:
@@ -344,10 +403,25 @@ class ResultStore:
         except FileNotFoundError:
             return b"", 0
 
+    def usage(self, tenant: str) -> int:
+        """Bytes the tenant's results take, as evict() counts them."""
+        row = self._db.execute(
+            f"SELECT ifnull(sum({_COST}), 0) FROM results WHERE tenant=?",
+            (ROW_OVERHEAD_BYTES, tenant),
+        ).fetchone()
+        return int(row[0])
+
     def _path(self, result_id: str, stream: str, part: bool = False) -> Path:
         if stream not in STREAMS or not RESULT_ID_RE.match(result_id):
             raise ValueError(f"bad stream or result id: {stream!r} {result_id!r}")
         return self.out_dir / f"{result_id}.{stream}{'.part' if part else ''}"
+
+
+def _why(e: BaseException) -> str:
+    """An OS or SQLite error as the reason a client can read (no host path)."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e)
 
 
 def _row(row: sqlite3.Row) -> StoredResult:

@@ -25,7 +25,7 @@ async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
             ActiveCommand(
                 result_id=j.result_id,
                 container_id=app.jobs.container_of(j) or "",
-                command=j.command[:500],
+                command=j.command,
                 started_at=dt.datetime.fromtimestamp(j.started_at, dt.timezone.utc).isoformat(),
                 elapsed_ms=round(j.elapsed() * 1000),
                 limits=j.limits,

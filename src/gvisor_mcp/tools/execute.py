@@ -15,11 +15,15 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import Field, WithJsonSchema
 
 from ..images.errors import ImageError
+from ..audit import AuditUnavailable
 from ..jobs import Job, QuotaExceeded
 from ..policy import ExecRequest, PolicyDenied, resolve
+from ..results import StoreUnavailable
 from ..sandbox import InvalidOptionsError
 from ..roots import NoSuchWorkspace
 from .files import WorkspaceArg, workspace_param
+from ..text import render_bytes
+from .boundary import report_progress
 from .models import ExecResult
 from .view import SchemaFacts, exec_result, render_text
 
@@ -110,14 +114,26 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
             egress=egress,
         )
-        def refuse(decision: str, kind: str, e: Exception) -> ToolError:
-            """Audit and count a call refused before it ran; the error the agent reads."""
-            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
-                            policy_hash=policy.hash, decision=decision, reason=str(e))
+        def refuse(decision: str, kind: str, e: Exception, *, throttle: bool = False) -> ToolError:
+            """Audit and count a call refused before it ran; the error the agent reads.
+
+            Refusals by the call rate are audited at most once a second per
+            tenant (the next line counts the ones left out)."""
+            write = app.audit.write_throttled if throttle else app.audit.write
+            write(**({"key": f"rate:{caller.tenant}"} if throttle else {}),
+                  tenant=caller.tenant, session=caller.session_id, command=command,
+                  policy_hash=policy.hash, decision=decision, reason=str(e))
             if app.metrics is not None:
                 app.metrics.denied(caller.tenant, kind)
             return ToolError(str(e))
 
+        try:
+            # Every call counts against the tenant's rate, refused ones included.
+            app.jobs.rate.count(caller.tenant, policy.tenant(caller.tenant).runs_per_minute)
+        except QuotaExceeded as e:
+            raise refuse("quota", "rate", e, throttle=True) from e
+        except LookupError as e:  # the tenant left the policy on a reload
+            raise refuse("denied", "policy", e) from e
         try:
             resolved = resolve(
                 policy,
@@ -129,9 +145,13 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             raise refuse("denied", "policy", e) from e
         settings = resolved.settings
         try:
-            app.jobs.admit(caller.tenant, settings.max_concurrent, settings.runs_per_minute)
+            app.jobs.admit(caller.tenant, settings.max_concurrent)
         except QuotaExceeded as e:
             raise refuse("quota", "quota", e) from e
+        try:
+            app.audit.writable()  # no command runs unaudited
+        except AuditUnavailable as e:
+            raise ToolError(state_error(e)) from e
         app.prepare_workspace(resolved)
         limits = resolved.receipt.model_dump(mode="json")
         try:
@@ -142,6 +162,10 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             )
         except ImageError as e:  # removed from the store between resolve() and now
             raise refuse("denied", "policy", e) from e
+        except StoreUnavailable as e:
+            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
+                            policy_hash=policy.hash, decision="failed", reason=state_error(e))
+            raise ToolError(state_error(e)) from e
         wait = 0.0 if background else settings.foreground_seconds
         try:
             await _wait_with_progress(ctx, job, wait)
@@ -151,6 +175,8 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             with anyio.CancelScope(shield=True):
                 await app.jobs.cancel(job)
             raise
+        if job.store_error:
+            raise ToolError(f"result_id {job.result_id}: {job.store_error}")
         stored = app.store.get(job.result_id, caller.tenant)
         result = exec_result(app, stored, settings.head_bytes, settings.tail_bytes)
         return CallToolResult(
@@ -170,6 +196,14 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
     return workspace_param(execute_command, agent_workspaces)
 
 
+def state_error(e: Exception) -> str:
+    """A refusal because the server cannot record the call (its disk is full)."""
+    return (
+        f"the server cannot record this call, so nothing was run: {e}. Its state disk is "
+        "probably full; earlier results are kept. Retry later, once the operator has freed space."
+    )
+
+
 async def _wait_with_progress(ctx: Context, job: Job, wait: float) -> None:
     """Wait up to `wait` s for the job, reporting progress about once a second."""
     deadline = time.monotonic() + wait
@@ -181,10 +215,11 @@ async def _wait_with_progress(ctx: Context, job: Job, wait: float) -> None:
             await job.done.wait()
         if job.done.is_set():
             return
-        line = job.last_line.decode("utf-8", "replace")
-        await ctx.report_progress(
-            progress=round(job.elapsed(), 1),
-            total=job.timeout or None,
-            message=f"{job.out_bytes} bytes stdout, {job.err_bytes} bytes stderr"
+        line = render_bytes(job.last_line)
+        await report_progress(
+            ctx,
+            round(job.elapsed(), 1),
+            job.timeout or None,
+            f"{job.out_bytes} bytes stdout, {job.err_bytes} bytes stderr"
             + (f"; last line: {line}" if line else ""),
         )

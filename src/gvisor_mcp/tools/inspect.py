@@ -10,6 +10,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
+from .boundary import report_progress
 from .models import InspectResult
 from .render import safe_text
 from .view import exec_result, render_text
@@ -48,6 +49,8 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
         stored = app.store.get(result_id, caller.tenant)
         if stored is None:
             raise ToolError(_not_found(result_id))
+        if (lost := app.jobs.unstored(result_id, caller.tenant)) is not None:
+            raise ToolError(f"result_id {result_id}: {lost.store_error}")
         if wait_seconds and stored.status == "running":
             job = app.jobs.get(result_id, caller.tenant)
             if job is not None:
@@ -57,8 +60,8 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
                         with anyio.move_on_after(1.0):
                             await job.done.wait()
                         if not job.done.is_set():
-                            await ctx.report_progress(
-                                round(job.elapsed(), 1), job.timeout or None,
+                            await report_progress(
+                                ctx, round(job.elapsed(), 1), job.timeout or None,
                                 f"still running; {max(0, deadline - time.monotonic()):.0f} s left to wait",
                             )
             stored = app.store.get(result_id, caller.tenant) or stored

@@ -7,17 +7,10 @@ escape sequences, no invalid UTF-8 passed through as mojibake).
 
 from __future__ import annotations
 
-import re
+from ..text import render_bytes
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe_text(data: bytes) -> str:
-    """UTF-8 where valid; invalid bytes as \\xNN; control characters (ESC
-    included, so no terminal escape sequence survives) as \\xNN; newline and
-    tab kept."""
-    text = data.decode("utf-8", errors="backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+safe_text = render_bytes
+"""Captured bytes as inert text: gvisor_mcp.text.render_bytes (the one renderer)."""
 
 
 def excerpt(

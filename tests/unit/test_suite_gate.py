@@ -1,0 +1,46 @@
+"""Without runsc (or root), the suite fails instead of passing with the sandbox tests skipped.
+
+Runs pytest in a subprocess whose PATH has no runsc: selecting a runsc test is
+an error with a clear message; GVISOR_MCP_TESTS_WITHOUT_RUNSC=1 skips them on
+purpose; unit tests alone need neither.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_without_runsc(*args: str, opt_out: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "GVISOR_MCP_TESTS_WITHOUT_RUNSC"}
+    env["PATH"] = "/nonexistent"  # no runsc to be found
+    if opt_out:
+        env["GVISOR_MCP_TESTS_WITHOUT_RUNSC"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_selecting_runsc_tests_without_runsc_fails_clearly() -> None:
+    r = pytest_without_runsc("tests/integration/test_manager.py", "-k", "test_echo")
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "need runsc and root, and here: runsc not installed" in out, out
+    assert "GVISOR_MCP_TESTS_WITHOUT_RUNSC=1" in out
+
+
+def test_the_opt_out_skips_them_explicitly() -> None:
+    r = pytest_without_runsc("tests/integration/test_manager.py", "-k", "test_echo", opt_out=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 skipped" in r.stdout, r.stdout
+
+
+def test_unit_tests_alone_need_neither() -> None:
+    r = pytest_without_runsc("tests/unit/test_text.py", "-k", "known_sequences")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skipped" not in r.stdout
