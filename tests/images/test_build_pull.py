@@ -102,6 +102,46 @@ def test_a_full_disk_during_a_build_is_a_clear_error_and_changes_nothing(small_d
     assert store_state(store) == before
 
 
+def test_a_terminated_build_stops_mmdebstrap_and_changes_nothing(tmp_path, built):
+    """SIGTERM to `image build` (systemd stop, a CI timeout) must not leave mmdebstrap and apt
+    running in their own session, nor a work directory in the store."""
+    import signal
+    import subprocess
+    import time
+
+    from .conftest import BIN
+
+    state = tmp_path / "state"
+    store = ImageStore(state / "images")
+    with store.work():
+        pass
+    before = store_state(store)
+    proc = subprocess.Popen([str(BIN), "image", "build", "stopped", "--packages", "jq", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ours() -> list[int]:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"mmdebstrap" in cmd and str(state).encode() in cmd:
+                pids.append(int(pid))
+        return pids
+
+    deadline = time.monotonic() + 120
+    while not ours() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ours(), "mmdebstrap never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "nothing was added" in err
+    assert ours() == []
+    assert store_state(store) == before
+
+
 def test_the_host_sources_parser(tmp_path):
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TextIO
 
@@ -114,6 +116,7 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
         err.write(f"image: {text}\n")
         err.flush()
 
+    _interrupt_on_term()
     try:
         store = image_store(args.state_dir)
         if args.action == "build":
@@ -169,11 +172,34 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
     except ImageError as e:
         err.write(f"gvisor-mcp image {args.action}: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        err.write(f"gvisor-mcp image {args.action}: interrupted; its tools were stopped and nothing was added "
+                  "to the store\n")
+        return 130
     except OSError as e:
         err.write(f"gvisor-mcp image {args.action}: {_os_error(e)}\n")
         return 1
     out.write(json.dumps(_public(image), indent=2) + "\n")
     return 0
+
+
+def _interrupt_on_term() -> None:
+    """SIGTERM and SIGHUP end a build, pull or import like Ctrl-C does.
+
+    By default they would kill this process outright, and the tool it runs
+    (mmdebstrap in its own session, skopeo) would be left behind with a
+    half-written work directory. As KeyboardInterrupt they unwind through the
+    builders' cleanup, which stops the tool's process group and removes the
+    work directory.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def _file_name(path: str) -> str:
