@@ -9,7 +9,8 @@
 #      and docker-registry (an OCI registry the image tests run on 127.0.0.1);
 #   3b. unshare, ip, curl and Debian's pip (network=sandbox and its tests; unshare
 #       and mount also for the runsc launcher's report_memory_limit);
-#   4. a virtualenv at .venv with this package installed (with test extras);
+#   4. a virtualenv at .venv with this package installed (with the test extras,
+#      and the ray extra for the scale-out tests: tests/cluster);
 #   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
@@ -199,9 +200,9 @@ install_venv() {
       rm -rf "$venv"; "$py" -m venv "$venv"
     fi
   fi
-  log "installing gvisor-mcp and its test extras into $venv"
+  log "installing gvisor-mcp and its test and ray extras into $venv"
   local rc=0
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]" \
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test,ray]" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) >&2 || rc=$?
   if [ "$rc" -ne 0 ]; then log "pip install failed (exit $rc)"; exit 1; fi
   echo "$want" > "$stamp"
