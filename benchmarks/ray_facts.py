@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gvisor_mcp.cluster import HOST_RESOURCE_PREFIX  # noqa: E402
-from gvisor_mcp.cluster.local import LocalCluster, ray_processes  # noqa: E402
+from gvisor_mcp.cluster.local import LOOPBACK_ENV, LocalCluster, ray_processes  # noqa: E402
+
+os.environ.update(LOOPBACK_ENV)
 
 CLIENT = """
 import sys, time

@@ -18,8 +18,8 @@ COORDINATOR_NAME = "gvisor-mcp-coordinator"
 
 def ray_missing() -> str | None:
     """Why Ray cannot be used here, or None (the extra is installed)."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
         return "Ray is not installed: pip install 'gvisor-mcp[ray]' (scripts/setup.sh does)"
     return None

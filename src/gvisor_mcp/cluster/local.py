@@ -40,6 +40,10 @@ after ~3-5 s (measured: 5.1 s for a SIGSTOPped node; Ray's defaults took 63 s).
 `ray start --head --system-config=...` takes the same keys."""
 
 
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+"""Read by Ray at import: set before the first `import ray` of a process."""
+
+
 def write_token(path: Path) -> str:
     """A new 256-bit cluster token in a 0600 file (what `ray get-auth-token
     --generate` makes, at a path we choose)."""
@@ -57,9 +61,7 @@ def ray_env(token_path: Path, tmpdir: Path) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         "RAY_TMPDIR": str(tmpdir),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        # No usage-stats reporting (it would try to reach the internet).
-        "RAY_USAGE_STATS_ENABLED": "0",
+        **LOOPBACK_ENV,
     }
 
 
@@ -94,6 +96,15 @@ class LocalCluster:
         if not self.token_path.exists():
             write_token(self.token_path)
         os.environ.update(self.env())
+        _reload_auth()
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError(
+                "Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: drivers would "
+                "look for the node address via 8.8.8.8 and miss the loopback cluster. Set "
+                "LOOPBACK_ENV in os.environ before the first `import ray`"
+            )
         from ray.cluster_utils import Cluster
 
         t0 = time.monotonic()
@@ -114,12 +125,13 @@ class LocalCluster:
         self.timings["workers_s"] = time.monotonic() - t1
         return self
 
-    def add_host(self, name: str, *, wait: bool = True) -> Any:
+    def add_host(self, name: str, *also: str, wait: bool = True) -> Any:
+        """A worker node for host `name` (and for `also`: several agents on one node)."""
         node = self.cluster.add_node(
             wait=wait,
             num_cpus=self.cpus,
             node_ip_address="127.0.0.1",
-            resources={f"{HOST_RESOURCE_PREFIX}{name}": 1},
+            resources={f"{HOST_RESOURCE_PREFIX}{n}": 1 for n in (name, *also)},
         )
         self.hosts[name] = node
         return node
@@ -138,6 +150,17 @@ class LocalCluster:
             self.cluster = None
         self.hosts.clear()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _reload_auth() -> None:
+    """Make this process see the auth environment set above even if Ray was
+    imported before (Ray reads RAY_AUTH_MODE into its C++ config at import and
+    caches the token): the same two calls Ray makes when it turns token
+    auth on for a local cluster."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def ray_processes(tmpdir: Path) -> list[int]:

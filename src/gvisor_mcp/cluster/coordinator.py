@@ -1,0 +1,221 @@
+"""The cluster's one shared ledger: capacity leases, fair share, quotas, workspace homes.
+
+Every front end asks the coordinator for a lease before it sends a run to an
+agent, so what holds on one host today holds across the cluster:
+
+- capacity: a host never gets more leases than it reported slots;
+- fair share: a freed slot goes to the waiting tenant holding the fewest
+  leases cluster-wide (ties: who waited longest), as `jobs.FairGate` does
+  for one host;
+- quotas: `max_concurrent` counts a tenant's leases and waiters on every
+  front end; `runs_per_minute` counts its grants cluster-wide;
+- affinity: a workspace (tenant-scoped, or one session's) is homed on the
+  first host that gets a run for it, and every later run that mounts it
+  waits for a slot there.
+
+Leases belong to a front end. A front end renews all of its leases every
+second (`renew`); one silent for LEASE_TTL seconds (crashed, partitioned)
+loses them, so a dead front end does not hold capacity forever. `renew`
+carries the full lease list, so a restarted coordinator (state lost) is
+refilled within a second. Workspace homes and rate windows are not
+rebuilt after a coordinator restart (docs/scale-out.md).
+
+Pure asyncio, no Ray import: the Ray actor is `ray.remote(Coordinator)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+LEASE_TTL = 15.0
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    frontend: str
+    tenant: str
+    host: str
+
+
+@dataclass
+class Waiter:
+    frontend: str
+    tenant: str
+    hosts: tuple[str, ...]
+    future: asyncio.Future
+    seq: int
+
+
+@dataclass
+class Ledger:
+    capacity: dict[str, int] = field(default_factory=dict)
+    leases: dict[str, Lease] = field(default_factory=dict)
+    waiters: list[Waiter] = field(default_factory=list)
+    homes: dict[str, str] = field(default_factory=dict)
+    recent: dict[str, deque] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self) -> None:
+        self.l = Ledger()
+        self._ids = itertools.count(1)
+        self._seq = itertools.count(1)
+
+    # --- reads -----------------------------------------------------------------
+
+    def used(self, host: str) -> int:
+        return sum(1 for x in self.l.leases.values() if x.host == host)
+
+    def held(self, tenant: str) -> int:
+        return sum(1 for x in self.l.leases.values() if x.tenant == tenant)
+
+    async def snapshot(self) -> dict:
+        return {
+            "capacity": dict(self.l.capacity),
+            "used": {h: self.used(h) for h in self.l.capacity},
+            "held": {t: self.held(t) for t in {x.tenant for x in self.l.leases.values()}},
+            "waiting": len(self.l.waiters),
+            "homes": dict(self.l.homes),
+            "frontends": sorted(self.l.seen),
+        }
+
+    # --- leases -------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        frontend: str,
+        tenant: str,
+        hosts: dict[str, int],
+        *,
+        workspace: str | None = None,
+        max_concurrent: int | None = None,
+        per_minute: int | None = None,
+    ) -> dict:
+        """Wait for a slot on one of `hosts` (name -> slots it reports, healthy
+        ones only, as the front end sees them). {"lease", "host"} or {"refused": why}."""
+        self._touch(frontend)
+        self.l.capacity.update(hosts)
+        if max_concurrent is not None:
+            mine = self.held(tenant) + sum(1 for w in self.l.waiters if w.tenant == tenant)
+            if mine >= max_concurrent:
+                return {"refused": (
+                    f"quota: tenant {tenant!r} already has {max_concurrent} command(s) running "
+                    f"(max_concurrent={max_concurrent}, counted across the cluster); wait for one to "
+                    "finish (inspect_result with wait_seconds) or cancel one (cancel_command), then retry"
+                )}
+        if per_minute is not None:
+            now = time.monotonic()
+            recent = self.l.recent.setdefault(tenant, deque())
+            while recent and now - recent[0] > 60:
+                recent.popleft()
+            if len(recent) >= per_minute:
+                return {"refused": (
+                    f"quota: tenant {tenant!r} started {per_minute} commands in the last minute "
+                    f"(runs_per_minute={per_minute}, counted across the cluster); "
+                    f"retry in {60 - (now - recent[0]):.0f} s"
+                )}
+            recent.append(now)
+        eligible = tuple(hosts)
+        if workspace is not None:
+            home = self.l.homes.get(workspace)
+            if home is None or home not in hosts:
+                if home is not None:
+                    return {"refused": (
+                        f"the workspace of this run lives on host {home!r}, which is not available "
+                        "now (lost or unhealthy); its files are there. Retry when it is back"
+                    ), "host_unavailable": home}
+            else:
+                eligible = (home,)
+        if not eligible:
+            return {"refused": "no healthy agent in the cluster can take runs now"}
+        host = None if self.l.waiters else self._free_host(eligible)
+        if host is not None:
+            lease = self._grant(frontend, tenant, host)
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            waiter = Waiter(frontend, tenant, eligible, fut, next(self._seq))
+            self.l.waiters.append(waiter)
+            self._dispatch()  # a slot may be free on a host the others do not wait for
+            try:
+                lease = await fut
+            except BaseException:
+                if waiter in self.l.waiters:
+                    self.l.waiters.remove(waiter)
+                elif fut.done() and not fut.cancelled():
+                    # Handed a slot as it was cancelled: give it to the next one.
+                    self.l.leases.pop(fut.result().lease_id, None)
+                    self._dispatch()
+                raise
+        if workspace is not None:
+            self.l.homes.setdefault(workspace, lease.host)
+        return {"lease": lease.lease_id, "host": lease.host}
+
+    async def release(self, lease_id: str) -> None:
+        if self.l.leases.pop(lease_id, None) is not None:
+            self._dispatch()
+
+    async def renew(self, frontend: str, lease_ids: list[str]) -> int:
+        """`frontend` is alive and holds exactly `lease_ids`; drops the rest of
+        its leases and every lease of front ends silent for LEASE_TTL."""
+        self._touch(frontend)
+        keep = set(lease_ids)
+        for lid, lease in list(self.l.leases.items()):
+            if lease.frontend == frontend and lid not in keep:
+                del self.l.leases[lid]
+        now = time.monotonic()
+        for fe, at in list(self.l.seen.items()):
+            if now - at > LEASE_TTL:
+                del self.l.seen[fe]
+                for lid, lease in list(self.l.leases.items()):
+                    if lease.frontend == fe:
+                        del self.l.leases[lid]
+        self._dispatch()
+        return len(keep)
+
+    async def forget_host(self, host: str) -> None:
+        """A host was lost: its slots are gone until it reports again."""
+        self.l.capacity.pop(host, None)
+        for lid, lease in list(self.l.leases.items()):
+            if lease.host == host:
+                del self.l.leases[lid]
+
+    async def home_of(self, workspace: str) -> str | None:
+        return self.l.homes.get(workspace)
+
+    # --- inside -----------------------------------------------------------------------
+
+    def _touch(self, frontend: str) -> None:
+        self.l.seen[frontend] = time.monotonic()
+
+    def _free_host(self, eligible: tuple[str, ...]) -> str | None:
+        """The eligible host with the most free slots (spreads runs)."""
+        best, best_free = None, 0
+        for h in eligible:
+            free = self.l.capacity.get(h, 0) - self.used(h)
+            if free > best_free:
+                best, best_free = h, free
+        return best
+
+    def _grant(self, frontend: str, tenant: str, host: str) -> Lease:
+        lease = Lease(f"{frontend}:{next(self._ids)}", frontend, tenant, host)
+        self.l.leases[lease.lease_id] = lease
+        return lease
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters: fewest held first, then longest waiting."""
+        while self.l.waiters:
+            for w in sorted(self.l.waiters, key=lambda w: (self.held(w.tenant), w.seq)):
+                host = self._free_host(w.hosts)
+                if host is not None:
+                    self.l.waiters.remove(w)
+                    if not w.future.done():
+                        w.future.set_result(self._grant(w.frontend, w.tenant, host))
+                    break
+            else:
+                return

@@ -1,0 +1,447 @@
+"""The front end's side of the cluster: place each job on an agent, run it
+there at most once, and page its output from wherever it ran.
+
+`RayRunner` is what `Jobs` calls instead of the local Manager (the seam in
+gvisor_mcp.runner): the policy has already been applied by the caller; here
+the run becomes a `RunSpec` (names, never host paths), gets a lease from the
+coordinator (fair share, quotas, workspace affinity across the cluster) and
+goes to that host's agent.
+
+At most once: the agent actor has `max_restarts=0, max_task_retries=0`, and
+nothing here ever sends a spec twice. When the host dies or stops answering
+mid-run, the call ends with `HostLost` ("outcome: unknown"): Ray's own
+words are that the task "may or may not have been executed", and so are
+ours. Bound: the run's timeout + 2 x kill grace + LOST_MARGIN; Ray itself
+reports a killed node in ~2 s and a frozen one in ~6 s (docs/scale-out.md).
+
+Front ends know nothing of each other: they share agents and the coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import structlog
+
+from ..results import ResultStore, StoredResult
+from ..runner import HostLost, RunRefused
+from ..sandbox import ContainerOptions, ContainerResult, ContainerStatus, ManagerConfig, SandboxError
+from . import AGENT_NAME_PREFIX, COORDINATOR_NAME, NAMESPACE
+from .agent import MAX_PAGE
+from .spec import BUILTIN_IMAGE, RunSpec, SpecRefused, WorkspaceRef
+
+log = structlog.get_logger("gvisor_mcp.cluster.frontend")
+
+LOST_MARGIN = 20.0
+"""Seconds past a run's own deadline after which a silent host counts as lost."""
+REFRESH = 1.0
+"""Seconds between agent health polls and lease renewals."""
+HEALTH_TIMEOUT = 5.0
+
+
+def connect(address: str) -> None:
+    """Join the cluster as a driver (token from RAY_AUTH_TOKEN_PATH etc.).
+
+    Raises ConnectionError with what to check. Ray's logs of other processes
+    are not copied to our stderr (log_to_driver=False).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    except Exception as e:
+        raise ConnectionError(
+            f"could not join the Ray cluster at {address}: {type(e).__name__}: {str(e)[:300]}. "
+            "Check the address, that RAY_AUTH_MODE=token is set and the cluster token is readable "
+            "(RAY_AUTH_TOKEN_PATH), and that the head node is up"
+        ) from None
+
+
+def coordinator_handle() -> Any:
+    """The cluster's coordinator, created on the head node by the first front end."""
+    import ray
+
+    from .coordinator import Coordinator
+
+    return ray.remote(Coordinator).options(
+        name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, resources={"node:__internal_head__": 0.001},
+        max_restarts=-1, max_task_retries=0, max_concurrency=10000,
+    ).remote()
+
+
+@dataclass
+class Agent:
+    host: str
+    handle: Any
+    health: dict[str, Any] = field(default_factory=dict)
+    usable: bool = False
+    why: str | None = "not checked yet"
+
+
+@dataclass
+class RemoteRun:
+    """A run in flight on some host, as list_active and cancel see it."""
+
+    run_id: str
+    host: str
+    started_at: float
+    container_id: str = ""
+    lease: str | None = None
+
+
+class RayRunner:
+    """Places jobs on agents. Use inside `async with` (it polls agents and renews leases)."""
+
+    def __init__(
+        self,
+        policy: Any,
+        workspace_root: Path,
+        state_dir: Path,
+        *,
+        expected_runsc_version: str | None,
+        kill_grace: float = 3.0,
+    ) -> None:
+        self.policy = policy
+        self.workspace_root = workspace_root.resolve()
+        self.expected = expected_runsc_version
+        self.frontend = f"fe-{os.uname().nodename[:32]}-{os.getpid()}-{secrets.token_hex(4)}"
+        # Jobs reads capacity and defaults from here; the cluster's real
+        # capacity is enforced by the coordinator, so the local gate is wide.
+        self.config = ManagerConfig(max_concurrent_containers=4096, kill_grace=kill_grace)
+        self.agents: dict[str, Agent] = {}
+        self._active: dict[str, RemoteRun] = {}
+        self._closed = False
+        self._warm: tuple[Any, int] | None = None
+        self.coordinator: Any = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(state_dir / "placements.db", timeout=10, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS placements (result_id TEXT PRIMARY KEY, host TEXT NOT NULL, "
+            "tenant_dir TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+
+    # --- life cycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> RayRunner:
+        self.coordinator = await anyio.to_thread.run_sync(coordinator_handle)
+        await self.refresh()
+        self._tg = await anyio.create_task_group().__aenter__()
+        self._tg.start_soon(self._upkeep)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop placing runs; kill ours still running on their hosts."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for run in list(self._active.values()):
+                await self._kill_on(run)
+            self._db.close()
+
+    async def _upkeep(self) -> None:
+        while not self._closed:
+            await anyio.sleep(REFRESH)
+            try:
+                await self.refresh()
+                await self.coordinator.renew.remote(
+                    self.frontend, [r.lease for r in self._active.values() if r.lease]
+                )
+            except Exception as e:  # the next round tries again
+                log.warning("cluster_upkeep_failed", error=f"{type(e).__name__}: {e}")
+
+    async def refresh(self) -> None:
+        """Find agents (named actors) and check each one's health."""
+        import ray
+
+        names = await anyio.to_thread.run_sync(ray.util.list_named_actors)
+        hosts = {n[len(AGENT_NAME_PREFIX):] for n in names if n.startswith(AGENT_NAME_PREFIX)}
+        for host in list(self.agents):
+            if host not in hosts:
+                del self.agents[host]
+        async with anyio.create_task_group() as tg:
+            for host in hosts:
+                tg.start_soon(self._check, host)
+        if self._warm is not None:
+            for agent in self.agents.values():
+                if agent.usable and not agent.health.get("warmed"):
+                    await self._warm_one(agent)
+
+    async def _check(self, host: str) -> None:
+        import ray
+
+        agent = self.agents.get(host)
+        if agent is None:
+            try:
+                handle = await anyio.to_thread.run_sync(
+                    lambda: ray.get_actor(AGENT_NAME_PREFIX + host, namespace=NAMESPACE))
+            except ValueError:
+                return
+            agent = self.agents[host] = Agent(host, handle)
+        warmed = agent.health.get("warmed")
+        try:
+            with anyio.fail_after(HEALTH_TIMEOUT):
+                health = await agent.handle.health.remote()
+        except Exception as e:
+            agent.usable, agent.why = False, f"does not answer: {type(e).__name__}"
+            return
+        health["warmed"] = warmed and health.get("instance") == agent.health.get("instance")
+        agent.health = health
+        agent.usable, agent.why = True, None
+        if not health.get("ready"):
+            agent.usable, agent.why = False, "not started"
+        elif not health.get("canary_ok"):
+            agent.usable, agent.why = False, f"its canary failed: {health.get('canary')}"
+        elif self.expected is not None and health.get("runsc_version") != self.expected:
+            agent.usable, agent.why = False, (
+                f"runsc differs: {health.get('runsc_version')!r}, this front end expects {self.expected!r}"
+            )
+
+    def usable_hosts(self) -> dict[str, int]:
+        return {h: int(a.health.get("capacity", 0)) for h, a in self.agents.items() if a.usable}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"host": h, "usable": a.usable, "why": a.why, "free": a.health.get("free")}
+                for h, a in sorted(self.agents.items())]
+
+    # --- what Jobs calls (gvisor_mcp.runner.JobRunner) ---------------------------------
+
+    def active_containers(self) -> int:
+        return len(self._active)
+
+    def active_run(self, run_id: str) -> RemoteRun | None:
+        return self._active.get(run_id)
+
+    def active_runs(self) -> list[RemoteRun]:
+        return list(self._active.values())
+
+    async def run_job(self, job: Any, options: ContainerOptions) -> ContainerResult:
+        return await self.run(options, run_id=job.result_id, tenant=job.tenant, session=job.session)
+
+    async def kill_job(self, job: Any) -> bool:
+        return await self.kill(job.result_id)
+
+    def warm(self, template: ContainerOptions, size: int) -> None:
+        """Agents keep their own warm pools for this shape (one template per front end)."""
+        self._warm = (template, size) if size > 0 else None
+        for agent in self.agents.values():
+            agent.health["warmed"] = False
+
+    async def _warm_one(self, agent: Agent) -> None:
+        assert self._warm is not None
+        template, size = self._warm
+        try:
+            spec = self.spec_for(template, "res_" + "0" * 32, self._tenant_of(template))
+            with anyio.fail_after(60):
+                agent.health["warmed"] = await agent.handle.warm.remote(spec.model_dump(), size)
+        except Exception as e:
+            log.warning("cluster_warm_failed", host=agent.host, error=f"{type(e).__name__}: {e}")
+            agent.health["warmed"] = True  # do not retry every second
+
+    # --- one run --------------------------------------------------------------------------
+
+    async def run(self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None = None) -> ContainerResult:
+        """Run on the host the coordinator picks. RunRefused (quota, no host,
+        spec refused by the agent), HostLost, or SandboxError."""
+        if self._closed:
+            raise RunRefused("the front end is shutting down; nothing was started")
+        import ray.exceptions as rex
+
+        spec = self.spec_for(options, run_id, tenant)
+        settings = self.policy.current.tenant(tenant)
+        quotas = getattr(settings, "quotas", None)
+        hosts = self.usable_hosts()
+        if not hosts:
+            raise RunRefused(self._no_host_text())
+        run = RemoteRun(run_id=run_id, host="", started_at=time.time())
+        self._active[run_id] = run
+        try:
+            grant = await self.coordinator.acquire.remote(
+                self.frontend, spec.tenant, hosts,
+                workspace=spec.workspace.key if spec.workspace else None,
+                max_concurrent=getattr(quotas, "max_concurrent", None),
+                per_minute=getattr(quotas, "runs_per_minute", None),
+            )
+            if "refused" in grant:
+                raise RunRefused(grant["refused"])
+            run.host, run.lease = grant["host"], grant["lease"]
+            agent = self.agents.get(run.host)
+            if agent is None or not agent.usable:
+                raise RunRefused(f"host {run.host!r} left the cluster before the run started; nothing was started")
+            self._db.execute("INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?)",
+                             (run_id, run.host, spec.tenant, time.time()))
+            bound = (spec.resources.timeout or self.config.default_resources.timeout) \
+                + 2 * self.config.kill_grace + LOST_MARGIN
+            ref = agent.handle.run.remote(spec.model_dump())
+            t0 = time.monotonic()
+            try:
+                with anyio.fail_after(bound):
+                    answer = await ref
+            except TimeoutError:
+                agent.usable, agent.why = False, "lost: did not answer a run in time"
+                await self._kill_on(run)
+                raise HostLost(self._lost_text(run, f"it did not answer within {bound:.0f} s")) from None
+            except (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError) as e:
+                agent.usable, agent.why = False, f"lost: {type(e).__name__}"
+                await self.coordinator.forget_host.remote(run.host)
+                raise HostLost(self._lost_text(
+                    run, f"Ray reported {type(e).__name__} after {time.monotonic() - t0:.1f} s")) from None
+            except rex.RayTaskError as e:
+                cause = e.cause if hasattr(e, "cause") else None
+                if isinstance(cause, SpecRefused) or isinstance(e, SpecRefused):
+                    raise RunRefused(f"host {run.host!r}: {cause or e}") from None
+                raise SandboxError(f"on host {run.host!r}: {cause or e}") from None
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._kill_on(run)
+                raise
+            answer.pop("host", None)
+            return ContainerResult(**answer)
+        finally:
+            self._active.pop(run_id, None)
+            if run.lease is not None:
+                self.coordinator.release.remote(run.lease)
+
+    async def kill(self, run_id: str, reason: ContainerStatus = ContainerStatus.KILLED) -> bool:
+        run = self._active.get(run_id)
+        if run is None or not run.host:
+            return False
+        return await self._kill_on(run)
+
+    async def _kill_on(self, run: RemoteRun) -> bool:
+        agent = self.agents.get(run.host)
+        if agent is None:
+            return False
+        try:
+            with anyio.fail_after(HEALTH_TIMEOUT):
+                return bool(await agent.handle.kill.remote(run.run_id))
+        except Exception:
+            return False
+
+    # --- output, where it stayed ----------------------------------------------------------------
+
+    def host_of(self, result_id: str) -> tuple[str, str] | None:
+        row = self._db.execute("SELECT host, tenant_dir FROM placements WHERE result_id=?", (result_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def read_remote(self, result_id: str, stream: str, offset: int, length: int) -> tuple[bytes, int] | None:
+        """A page from the host that ran `result_id`; None when it did not run
+        remotely. A lost host's output reads as empty."""
+        import ray
+
+        placed = self.host_of(result_id)
+        if placed is None:
+            return None
+        host, tenant_dir = placed
+        agent = self.agents.get(host)
+        if agent is None:
+            return b"", 0
+        try:
+            page = ray.get(agent.handle.read.remote(result_id, tenant_dir, stream, offset, min(length, MAX_PAGE)),
+                           timeout=HEALTH_TIMEOUT)
+        except Exception:
+            return b"", 0
+        if page is None:
+            return b"", 0
+        return page["data"], page["total"]
+
+    # --- translation ------------------------------------------------------------------------------
+
+    def _tenant_of(self, options: ContainerOptions) -> str:
+        for m in options.extra_mounts:
+            parts = Path(m.source).resolve().relative_to(self.workspace_root).parts
+            return parts[0]
+        return "default"
+
+    def spec_for(self, options: ContainerOptions, run_id: str, tenant: str) -> RunSpec:
+        """The run as names: the image by catalog name, the workspace by reference."""
+        from ..policy import path_component
+
+        if options.stdin is not None and not isinstance(options.stdin, bytes):
+            raise RunRefused("stdin must be bytes to cross to another host")
+        image = BUILTIN_IMAGE
+        if options.rootfs is not None:
+            names = [n for n, p in self._catalog(tenant).items() if p == options.rootfs]
+            if not names:
+                raise RunRefused(f"image root {options.rootfs} is not in the policy's catalog")
+            image = names[0]
+        tdir = path_component(tenant)
+        ws = None
+        for m in options.extra_mounts:
+            if ws is not None or m.type != "bind":
+                raise RunRefused("a cluster run mounts at most its workspace")
+            try:
+                parts = Path(m.source).resolve().relative_to(self.workspace_root).parts
+            except ValueError:
+                raise RunRefused(f"mount {m.source} is not a workspace: only workspaces cross to agents") from None
+            size = self.policy.current.tenant(tenant).workspace.size
+            if len(parts) == 2 and parts == (tdir, "shared"):
+                ws = WorkspaceRef(tenant=tdir, scope="tenant", mount=m.destination, size_mb=size)
+            elif len(parts) == 3 and parts[:2] == (tdir, "sessions"):
+                ws = WorkspaceRef(tenant=tdir, scope="session", session=parts[2], mount=m.destination, size_mb=size)
+            else:
+                raise RunRefused(f"mount {m.source} is not this tenant's workspace")
+        return RunSpec(
+            result_id=run_id, tenant=tdir, command=options.command, workdir=options.workdir,
+            env=options.env, stdin=options.stdin, resources=options.resources,
+            network=options.network.value, image=image, user=options.user,
+            read_only_rootfs=options.read_only_rootfs, workspace=ws,
+        )
+
+    def _catalog(self, tenant: str) -> dict[str, str]:
+        try:
+            return dict(self.policy.current.tenant(tenant).images.catalog)
+        except Exception:
+            return {}
+
+    def _no_host_text(self) -> str:
+        seen = "; ".join(f"{a['host']}: {a['why']}" for a in self.describe() if not a["usable"]) or "none registered"
+        return f"no healthy agent can take runs now (agents: {seen}); nothing was started. Retry later"
+
+    @staticmethod
+    def _lost_text(run: RemoteRun, how: str) -> str:
+        return (
+            f"host_lost: host {run.host!r} was lost while the command ran ({how}). "
+            "outcome: unknown — the command may or may not have run, in part or in full; it was not "
+            "run again anywhere. Check the workspace before running it again."
+        )
+
+
+class ClusterResultStore(ResultStore):
+    """The front end's results: rows here, output paged from the host that kept it."""
+
+    runner: RayRunner | None = None
+
+    def read(self, result: StoredResult, stream: str, offset: int, length: int) -> tuple[bytes, int]:
+        if self.runner is not None:
+            page = self.runner.read_remote(result.result_id, stream, offset, length)
+            if page is not None:
+                return page
+        return super().read(result, stream, offset, length)

@@ -1,0 +1,229 @@
+"""What a front end may ask of a HostAgent, and how the agent checks it.
+
+A run crosses the network as a `RunSpec`: names, never host paths. The
+image is a name the agent looks up in its own catalog; the workspace is a
+(tenant, scope, session) reference the agent turns into a directory under
+its own root. So a forged spec sent straight to an agent (anyone holding the
+Ray token can call actors) cannot name `/` as a root filesystem or bind a
+host directory: the model forbids unknown fields, and `to_options` checks
+every value against the host's own `HostCeilings` — the front end's policy
+decided what it asked for, the host decides what it runs.
+
+Pure: no Ray, no filesystem (the Manager checks paths when it runs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..policy.model import BUILTIN_IMAGE
+from ..policy.resolve import SAFE_COMPONENT
+from ..results import RESULT_ID_RE
+from ..sandbox import (
+    ContainerOptions,
+    InvalidOptionsError,
+    Mount,
+    NetworkMode,
+    ResourceSpec,
+    UserSpec,
+)
+
+HASHED_COMPONENT = re.compile(r"^@[0-9a-f]{32}\Z")
+HOST_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class SpecRefused(ValueError):
+    """The agent will not run this spec; the message says what and why."""
+
+
+class WorkspaceRef(BaseModel):
+    """A workspace by name: `<tenant>/shared` or `<tenant>/sessions/<session>`
+    under the agent's own workspace root."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: str
+    scope: str
+    session: str | None = None
+    mount: str
+    size_mb: int = Field(gt=0)
+
+    @property
+    def key(self) -> str:
+        """Cluster-wide identity: the same workspace always lives on one host."""
+        return f"{self.tenant}/{self.session}" if self.scope == "session" else f"{self.tenant}/shared"
+
+    def host_path(self, root: Path) -> Path:
+        if self.scope == "tenant":
+            return root / self.tenant / "shared"
+        return root / self.tenant / "sessions" / str(self.session)
+
+
+class RunSpec(BaseModel):
+    """One command for an agent to run. JSON-able, names only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    result_id: str
+    tenant: str
+    command: tuple[str, ...]
+    workdir: str = "/"
+    env: dict[str, str] | None = None
+    stdin: bytes | None = None
+    resources: ResourceSpec = ResourceSpec()
+    network: str = NetworkMode.NONE.value
+    image: str = BUILTIN_IMAGE
+    user: UserSpec | None = None
+    read_only_rootfs: bool = False
+    workspace: WorkspaceRef | None = None
+
+
+class HostCeilings(BaseModel):
+    """What this host runs at most, whatever a front end asks.
+
+    None means no ceiling for that field (then 0 = unlimited is accepted).
+    Network `host` is not in the default: a sandbox on the host's network
+    could reach Ray's ports and the other nodes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpus: float | None = None
+    memory_mb: int | None = 16 * 1024
+    max_pids: int | None = 4096
+    timeout: float | None = 24 * 3600.0
+    max_output_bytes: int | None = 64 * 1024 * 1024
+    stdin_bytes: int = 4 * 1024 * 1024
+    workspace_mb: int = 16 * 1024
+    networks: tuple[str, ...] = (NetworkMode.NONE.value,)
+    images: dict[str, str] = {}
+    """Image name -> unpacked rootfs directory on this host (besides the built-in)."""
+
+
+def parse_spec(data: object) -> RunSpec:
+    """A RunSpec from what arrived over Ray; SpecRefused with pydantic's reason."""
+    if isinstance(data, RunSpec):
+        data = data.model_dump()
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise SpecRefused(
+            f"run spec refused: {where}: {first['msg'].removeprefix('Value error, ')} "
+            "(a spec carries names, never host paths: command, workdir, env, stdin, resources, "
+            "network, image, user, read_only_rootfs, workspace)"
+        ) from None
+
+
+def _dir_name(name: str) -> bool:
+    """One directory name as policy.path_component makes them (kept or hashed)."""
+    return bool(SAFE_COMPONENT.match(name) and "\n" not in name) or bool(HASHED_COMPONENT.match(name))
+
+
+def _over(field: str, value: float, ceiling: float | None, unit: str = "") -> None:
+    if ceiling is None:
+        return
+    if value == 0 or value > ceiling:
+        shown = "unlimited" if value == 0 else f"{_num(value)}{unit}"
+        raise SpecRefused(
+            f"run spec refused: {field}={shown} is above this host's ceiling of {_num(ceiling)}{unit}"
+        )
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def to_options(
+    spec: RunSpec,
+    ceilings: HostCeilings,
+    defaults: ResourceSpec,
+    workspace_root: Path,
+) -> ContainerOptions:
+    """ContainerOptions for `spec` on this host, or SpecRefused naming the field.
+
+    Checks the effective resources (the spec's, zeros filled from the host's
+    defaults) against the ceilings, names against the catalog, and builds
+    every host path itself.
+    """
+    if not RESULT_ID_RE.match(spec.result_id):
+        raise SpecRefused(f"run spec refused: result_id={spec.result_id[:80]!r} is not res_ + 32 hex digits")
+    if not _dir_name(spec.tenant):
+        raise SpecRefused(f"run spec refused: tenant={spec.tenant[:80]!r} is not a tenant directory name")
+    res = spec.resources.merged_over(defaults)
+    # No CPU limit means at most every core of this host.
+    _over("cpus", res.cpus or float(os.cpu_count() or 1), ceilings.cpus)
+    _over("memory_mb", res.memory_mb, ceilings.memory_mb, " MiB")
+    _over("max_pids", res.max_pids, ceilings.max_pids)
+    _over("timeout", res.timeout, ceilings.timeout, " s")
+    _over("max_output_bytes", res.max_output_bytes, ceilings.max_output_bytes)
+    if spec.stdin is not None and len(spec.stdin) > ceilings.stdin_bytes:
+        raise SpecRefused(
+            f"run spec refused: stdin of {len(spec.stdin)} bytes is above this host's ceiling of "
+            f"{ceilings.stdin_bytes} bytes"
+        )
+    if spec.network not in ceilings.networks:
+        raise SpecRefused(
+            f"run spec refused: network={spec.network!r}; this host runs {', '.join(ceilings.networks)} "
+            "(never 'host' on a cluster node: the sandbox would reach Ray's ports)"
+        )
+    if spec.image == BUILTIN_IMAGE:
+        rootfs = None
+    elif spec.image in ceilings.images:
+        rootfs = ceilings.images[spec.image]
+    else:
+        raise SpecRefused(
+            f"run spec refused: image={spec.image!r} is not in this host's catalog "
+            f"({', '.join([BUILTIN_IMAGE, *ceilings.images])})"
+        )
+    mounts: tuple[Mount, ...] = ()
+    ws = spec.workspace
+    if ws is not None:
+        if ws.tenant != spec.tenant:
+            raise SpecRefused(f"run spec refused: workspace.tenant={ws.tenant[:80]!r} is not the run's tenant")
+        if ws.scope == "tenant":
+            if ws.session is not None:
+                raise SpecRefused("run spec refused: a tenant-scoped workspace has no session")
+        elif ws.scope != "session" or ws.session is None or not _dir_name(ws.session):
+            raise SpecRefused(
+                f"run spec refused: workspace scope={ws.scope!r} session={str(ws.session)[:80]!r}: "
+                "scope is 'tenant', or 'session' with a session directory name"
+            )
+        if ws.size_mb > ceilings.workspace_mb:
+            raise SpecRefused(
+                f"run spec refused: workspace.size_mb={ws.size_mb} is above this host's ceiling of "
+                f"{ceilings.workspace_mb} MiB"
+            )
+        try:
+            mounts = (Mount(destination=ws.mount, source=str(ws.host_path(workspace_root)),
+                            type="bind", read_only=False),)
+        except ValidationError as e:
+            raise SpecRefused(f"run spec refused: workspace.mount: {e.errors()[0]['msg']}") from None
+    try:
+        return ContainerOptions(
+            command=spec.command,
+            workdir=spec.workdir,
+            env=spec.env,
+            rootfs=rootfs,
+            resources=res,
+            network=NetworkMode(spec.network),
+            stdin=spec.stdin,
+            user=spec.user,
+            read_only_rootfs=spec.read_only_rootfs,
+            extra_mounts=mounts,
+        )
+    except (InvalidOptionsError, ValidationError, ValueError) as e:
+        text = str(e)
+        if isinstance(e, ValidationError):
+            text = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        raise SpecRefused(f"run spec refused: {text}") from None
+
+
+def default_ceilings() -> HostCeilings:
+    """The ceilings of an agent started without any: CPUs capped at this host's count."""
+    return HostCeilings(cpus=float(os.cpu_count() or 1))

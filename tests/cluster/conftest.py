@@ -1,0 +1,158 @@
+"""A real Ray cluster on this machine: a head and two worker nodes ("a", "b"),
+each with its own HostAgent (own runsc root, bundles, cgroup parent, state
+directory), under token authentication and on loopback only.
+
+One cluster per module (it takes 10-50 s to start on this shared 2-core
+machine and ~1 GB); the teardown stops the agents, shuts the cluster down,
+and fails the run if a Ray process or any sandbox leftover survives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import os
+
+import pytest
+
+from gvisor_mcp.cluster import ray_missing
+from gvisor_mcp.cluster.local import LOOPBACK_ENV
+
+os.environ.update(LOOPBACK_ENV)  # before anything imports ray (see cluster/local.py)
+
+from ..conftest import CGROUP_PARENT, TEST_BASE, leftovers, runsc_usable
+
+POLICY = """\
+version: 1
+defaults:
+  timeout: 2m
+  memory: 256MiB
+tenants:
+  alice:
+    workspace: {enabled: true, scope: tenant, size: 64MiB}
+  bob:
+    workspace: {enabled: false}
+"""
+
+
+def skip_reason() -> str | None:
+    return runsc_usable() or ray_missing()
+
+
+@dataclass
+class Harness:
+    base: Path
+    lc: Any
+    policy: Any
+    agents: dict[str, Any] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)
+    reports: dict[str, dict] = field(default_factory=dict)
+
+    def host_base(self, host: str) -> Path:
+        return self.base / host
+
+    def config(self, host: str, **manager: Any) -> Any:
+        from gvisor_mcp.cluster.agent import AgentConfig
+        from gvisor_mcp.sandbox import ManagerConfig
+
+        hb = self.host_base(host)
+        return AgentConfig(
+            host=host,
+            state_dir=hb / "state",
+            manager=ManagerConfig(
+                bundle_base_dir=str(hb / "bundles"), runsc_root=str(hb / "runsc"),
+                cgroup_parent=f"{CGROUP_PARENT}-{host}", max_concurrent_containers=4, **manager,
+            ),
+        )
+
+    def start_agent(self, host: str, **manager: Any) -> dict:
+        from gvisor_mcp.cluster.agent import start_agent
+
+        cfg = self.configs.get(host) if not manager else None
+        cfg = cfg or self.config(host, **manager)
+        self.configs[host] = cfg
+        handle, report = start_agent(cfg)
+        self.agents[host] = handle
+        self.reports[host] = report
+        return report
+
+    def stop_agent(self, host: str) -> None:
+        import ray
+
+        handle = self.agents.pop(host, None)
+        if handle is None:
+            return
+        try:
+            ray.get(handle.stop.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(handle)
+
+    def runner(self, **kw: Any) -> Any:
+        from gvisor_mcp.cluster.agent import runsc_version
+        from gvisor_mcp.cluster.frontend import RayRunner
+
+        return RayRunner(self.policy, self.base / "fe" / "workspaces", self.base / "fe",
+                         expected_runsc_version=runsc_version("runsc"), **kw)
+
+    def leftovers(self, host: str) -> dict:
+        return leftovers(self.host_base(host), f"{CGROUP_PARENT}-{host}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import ray
+
+    from gvisor_mcp.cluster.frontend import connect
+    from gvisor_mcp.cluster.local import LocalCluster, ray_processes
+    from gvisor_mcp.server import PolicyHolder
+
+    base = TEST_BASE / f"ray-{uuid.uuid4().hex[:6]}"
+    base.mkdir(parents=True)
+    (base / "policy.yaml").write_text(POLICY)
+    lc = LocalCluster(base / "c")
+    h = Harness(base, lc, PolicyHolder(str(base / "policy.yaml")))
+    try:
+        lc.start(hosts=("a", "b"))
+        connect(lc.address)
+        for host in ("a", "b"):
+            h.start_agent(host)
+        yield h
+    finally:
+        for host in list(h.agents):
+            h.stop_agent(host)
+        lc.shutdown()
+        deadline = time.monotonic() + 30
+        while ray_processes(lc.tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        survivors = ray_processes(lc.tmpdir)
+        left = {host: h.leftovers(host) for host in ("a", "b", "c")}
+        _unmount_all(base)
+        shutil.rmtree(base, ignore_errors=True)
+        for host in ("a", "b", "c"):
+            for ctl in Path("/sys/fs/cgroup").iterdir():
+                d = ctl / f"{CGROUP_PARENT}-{host}"
+                if d.is_dir() and not ctl.is_symlink():
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+    assert survivors == [], f"Ray processes outlived the cluster: {survivors}"
+    assert all(v == {} for v in left.values()), left
+
+
+def _unmount_all(base: Path) -> None:
+    from gvisor_mcp import workspace
+
+    for mp, _ in workspace.loop_mounts():
+        if base in mp.parents:
+            subprocess.run(["umount", "-l", str(mp)], check=False)
