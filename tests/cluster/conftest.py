@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ def cluster() -> Any:
             time.sleep(0.5)
         survivors = ray_processes(lc.tmpdir)
         left = {host: h.leftovers(host) for host in ("a", "b", "c")}
+        for host, what in left.items():  # keep the machine clean even after a failure
+            if what:
+                subprocess.run([str(Path(sys.executable).parent / "gvisor-mcp"), "cleanup", "--state-root",
+                                str(h.host_base(host)), "--cgroup-parent", f"{CGROUP_PARENT}-{host}"],
+                               check=False, capture_output=True)
         _unmount_all(base)
         shutil.rmtree(base, ignore_errors=True)
         for host in ("a", "b", "c"):

@@ -248,7 +248,7 @@ async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):
 
     # The host comes back: its new agent reaps what the crash left.
     cluster.agents.pop(home, None)
-    await anyio.to_thread.run_sync(lambda: cluster.lc.add_host(home))
+    cluster.lc.add_host(home)  # Ray installs signal handlers: main thread only
     report = await anyio.to_thread.run_sync(cluster.start_agent, home)
     assert report["canary_ok"]
     assert report["lost_results"] == 1, report
