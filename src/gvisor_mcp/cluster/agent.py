@@ -44,7 +44,7 @@ from ..sandbox import (
     Manager,
     ManagerConfig,
 )
-from ..sandbox.manager import canary
+from ..sandbox.doctor import canary
 from ..sandbox.runsc import RUNSC_ENV
 from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE
 from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, default_ceilings, parse_spec, to_options
