@@ -151,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate <state-dir>/audit.jsonl past this size (default 64)")
     p.add_argument("--audit-keep", type=int, default=4, metavar="N",
                    help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="where commands run: this host (default) or HostAgents on a Ray cluster (docs/scale-out.md)")
+    p.add_argument("--ray-address", default=None, help="ray: the head node's GCS address HOST:PORT")
+    p.add_argument("--expect-runsc-version", default=None,
+                   help="ray: agents must report this `runsc --version` line (default: this host's runsc)")
+
+    p = sub.add_parser("agent", help="run this host's HostAgent on a Ray cluster (docs/scale-out.md)")
+    _manager_args(p)
+    p.add_argument("--ray-address", required=True, help="the head node's GCS address HOST:PORT")
+    p.add_argument("--host-name", required=True, help="this host's name: its node has resource gvisor_mcp_host_<name>")
+    p.add_argument("--state-dir", default="/var/lib/gvisor-mcp-agent", help="output of runs and workspaces")
+    p.add_argument("--pool-size", type=int, default=2, help="warm sandboxes per front-end template (0: none)")
 
     from .workspace_cli import add_parser as add_workspace_parser
 
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level.upper(), json=True)
     handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
-               "workspace": cmd_workspace}
+               "workspace": cmd_workspace, "agent": cmd_agent}
     raise SystemExit(handler[args.cmd](args))
 
 
@@ -331,6 +343,12 @@ def cmd_workspace(args: argparse.Namespace) -> int:
     from .workspace_cli import workspace_main
 
     return workspace_main(args)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .cluster.agent_main import agent_main
+
+    return agent_main(args, manager_config(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from .audit import AuditLog
 from .metrics import Metrics
 from .network import ConnectionEvent, EgressGrant, EgressRules
 from .results import ResultStore, StoreUnavailable
+from .runner import HostLost, JobRunner, LocalRunner, RunRefused
 from .sandbox import (
     ContainerOptions,
     ContainerResult,
@@ -208,7 +209,7 @@ class CallRate:
 class Jobs:
     def __init__(
         self,
-        manager: Manager,
+        manager: Manager | JobRunner,
         store: ResultStore,
         audit: AuditLog,
         task_group: anyio.abc.TaskGroup,
@@ -219,6 +220,8 @@ class Jobs:
         """`shared`: the server serves several tenants (HTTP): admission then
         keeps a slot for a tenant below its fair share (FairGate reserve)."""
         self.manager = manager
+        self.runner: JobRunner = manager if isinstance(manager, JobRunner) else LocalRunner(manager)
+        """Where jobs run: this host's Manager, or a cluster (runner.py)."""
         self.metrics = metrics
         self.gate = FairGate(manager.config.max_concurrent_containers, reserve=1 if shared else 0)
         self.store = store
@@ -231,7 +234,7 @@ class Jobs:
         before each new start and finish, and reported by unstored()."""
 
     def container_of(self, job: Job) -> str | None:
-        run = self.manager.active_run(job.result_id)
+        run = self.runner.active_run(job.result_id)
         return run.container_id if run is not None else job.container_id
 
     def active_all(self) -> list[Job]:
@@ -332,17 +335,21 @@ class Jobs:
             with anyio.CancelScope() as job.scope:
                 await self.gate.acquire(job.tenant)
                 try:
-                    result = await self.manager.run(options, run_id=job.result_id)
+                    result = await self.runner.run_job(job, options)
                 finally:
                     self.gate.release(job.tenant)
             if result is not None:
                 status, error = result.status.value, result.error
-                if result.status == ContainerStatus.KILLED and error is None and self.manager.closed:
+                if result.status == ContainerStatus.KILLED and error is None and self.runner.closed:
                     error = "the server shut down while the command ran"
             else:  # cancel_command while it waited for a free slot
                 status, error = "killed", "cancelled before a sandbox was free to run it"
         except ManagerClosedError:
             status, error = "killed", "the server shut down before the command could start"
+        except RunRefused as e:
+            error = str(e)
+        except HostLost as e:
+            status, error = HostLost.status, str(e)
         except InvalidOptionsError as e:
             error = str(e)
         except (SandboxError, RunscError) as e:
@@ -499,7 +506,7 @@ class Jobs:
             del self._unstored[rid]
 
     async def cancel(self, job: Job) -> None:
-        if not await self.manager.kill(job.result_id, ContainerStatus.KILLED):
+        if not await self.runner.kill_job(job):
             if job.scope is not None:
                 job.scope.cancel()
         with anyio.move_on_after(self.manager.config.kill_grace * 3):

@@ -16,7 +16,7 @@ like any other end of a job:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .sandbox import ContainerOptions, ContainerResult, ContainerStatus, Manager
 
@@ -31,6 +31,7 @@ class HostLost(Exception):
     status = "host_lost"
 
 
+@runtime_checkable
 class JobRunner(Protocol):
     config: Any
     """A ManagerConfig: Jobs reads max_concurrent_containers, default_resources, kill_grace."""

@@ -76,6 +76,9 @@ class Settings:
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
     audit_keep: int = DEFAULT_AUDIT_KEEP
     """audit.jsonl is rotated past audit_max_bytes; audit_keep old files stay."""
+    backend: Any = None
+    """Where jobs run: None = this host's Manager; `cluster.serve.RayBackend`
+    for `--backend ray` (agents on other hosts; nothing runs here)."""
 
 
 class PolicyHolder:
@@ -218,6 +221,8 @@ class AppState:
         Only paths under the server's own workspace root are ever created; the
         policy derives them from tenant and session, never from a request.
         """
+        if self.settings.backend is not None:
+            return  # with a cluster backend, the agent that runs it prepares it
         if resolved.workspace is not None:
             user = resolved.options.user
             self.prepare_plan(resolved.workspace, (user.uid, user.gid) if user else (0, 0))
@@ -227,6 +232,9 @@ class AppState:
         returns the mounted directory."""
         from mcp.server.mcpserver.exceptions import ToolError
 
+        if self.settings.backend is not None:
+            raise ToolError("with --backend ray, workspaces live on the agents' hosts; "
+                            "the front end cannot open one here")
         known = self._prepared.get(plan.host_path)
         if known is not None and known in self.made_workspaces and os.path.ismount(known):
             return known  # the file tools' fast path: already mounted for this caller
@@ -380,12 +388,12 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
     """Start the shared parts; on exit kill every running command, record it, clean up."""
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = ResultStore(state_dir)
+    store = settings.backend.open_store(state_dir) if settings.backend else ResultStore(state_dir)
     audit = AuditLog(state_dir / "audit.jsonl", max_bytes=settings.audit_max_bytes, keep=settings.audit_keep)
     rt: Runtime | None = None
     try:
-        async with start_network(settings.network) as net, \
-                Manager(settings.manager, network=net) as manager, anyio.create_task_group() as tg:
+        async with start_network(settings.network, settings.backend) as net, \
+                _job_runner(settings, policy, store, net) as manager, anyio.create_task_group() as tg:
             reaped = await manager.cleanup_stale()
             _workspace.cleanup_stale(state_dir / "workspaces")  # mounts of dead servers
             recovered = store.recover()
@@ -418,10 +426,14 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
 
 
 @asynccontextmanager
-async def start_network(config: NetworkConfig) -> AsyncIterator[NetworkService | None]:
+async def start_network(config: NetworkConfig, backend: Any = None) -> AsyncIterator[NetworkService | None]:
     """The egress side of network=sandbox. A host where it cannot start
     (no netlink, no pyroute2) still serves: sandbox-mode calls are then
-    refused with a clear error, never run with another network."""
+    refused with a clear error, never run with another network. With a
+    cluster backend nothing runs here: each agent has its own."""
+    if backend is not None:
+        yield None
+        return
     async with AsyncExitStack() as stack:
         try:
             service: NetworkService | None = await stack.enter_async_context(NetworkService(config))
@@ -429,6 +441,13 @@ async def start_network(config: NetworkConfig) -> AsyncIterator[NetworkService |
             log.warning("network_unavailable", error=str(e))
             service = None
         yield service
+
+
+def _job_runner(settings: Settings, policy: PolicyHolder, store: ResultStore, net: NetworkService | None) -> Any:
+    """The seam (runner.py): this host's Manager, or the cluster's RayRunner."""
+    if settings.backend is None:
+        return Manager(settings.manager, network=net)
+    return settings.backend.runner(settings, policy, store)
 
 
 def build_server(  # type: ignore[no-untyped-def]
@@ -574,7 +593,12 @@ def _serve(args: Any) -> int:
         policy.current.tenant(settings.tenant)
         for warning in policy.current.warnings:
             log.warning("policy_warning", warning=str(warning))
-        _workspace.check_support(policy.current)  # never an unbounded workspace
+        if getattr(args, "backend", "local") == "ray":
+            from .cluster.serve import ray_backend
+
+            settings.backend = ray_backend(args)  # agents check workspaces and run canaries
+        else:
+            _workspace.check_support(policy.current)  # never an unbounded workspace
         settings.workspace_name, settings.projects = stdio_places(args, policy.current.tenant(settings.tenant))
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
@@ -622,7 +646,7 @@ def _serve(args: Any) -> int:
             return await signals.guard(lambda: canary(manager))
 
     try:
-        checked = anyio.run(preflight)
+        checked = anyio.run(preflight) if settings.backend is None else settings.backend.preflight()
     except Exception as e:
         checked = False, f"{type(e).__name__}: {e}"
     if checked is None:  # stopped by a signal during the canary

@@ -101,6 +101,14 @@ class RemoteRun:
     lease: str | None = None
 
 
+class _NoPool:
+    """Warm pools live on the agents; the server's metrics see none here."""
+
+    @staticmethod
+    def idle() -> int:
+        return 0
+
+
 class RayRunner:
     """Places jobs on agents. Use inside `async with` (it polls agents and renews leases)."""
 
@@ -121,6 +129,7 @@ class RayRunner:
         # capacity is enforced by the coordinator, so the local gate is wide.
         self.config = ManagerConfig(max_concurrent_containers=4096, kill_grace=kill_grace)
         self.agents: dict[str, Agent] = {}
+        self.pool = _NoPool()
         self._active: dict[str, RemoteRun] = {}
         self._closed = False
         self._warm: tuple[Any, int] | None = None
@@ -155,6 +164,10 @@ class RayRunner:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def cleanup_stale(self) -> int:
+        """Nothing to reap here: each agent reaps its own host when it starts."""
+        return 0
 
     async def close(self) -> None:
         """Stop placing runs; kill ours still running on their hosts."""

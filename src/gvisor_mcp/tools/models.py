@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Status = Literal["exited", "timed_out", "oom_killed", "killed", "error", "running"]
+Status = Literal["exited", "timed_out", "oom_killed", "killed", "error", "running", "host_lost"]
+"""host_lost: only with `serve --backend ray` — the host died mid-run; outcome unknown, never re-run."""
 
 
 class EgressDestination(BaseModel):
