@@ -196,6 +196,33 @@ async def test_agents_with_another_runsc_or_a_failing_canary_get_no_runs(cluster
         assert cluster.leftovers("c") == {} and cluster.leftovers("d") == {}
 
 
+async def test_the_server_runtime_runs_jobs_on_agents(cluster):
+    """The front end's Jobs layer through the seam: policy-resolved options
+    run on an agent; the result row is here, the output is read from there."""
+    from gvisor_mcp.cluster.serve import RayBackend
+    from gvisor_mcp.cluster.agent import runsc_version
+    from gvisor_mcp.policy import ExecRequest, resolve
+    from gvisor_mcp.server import Settings, runtime
+
+    settings = Settings(tenant="bob", state_dir=cluster.base / "fe2", pool_size=0,
+                        backend=RayBackend(cluster.lc.address, runsc_version("runsc")))
+    assert settings.backend.preflight()[0]
+    async with runtime(settings, cluster.policy) as rt:
+        resolved = resolve(cluster.policy.current, ExecRequest(command="seq 1 3000; echo err >&2"), "bob",
+                           workspace_root=settings.state_dir / "workspaces", session_id="s1")
+        job = rt.jobs.start(tenant="bob", session="s1", command="seq", options=resolved.options,
+                            limits={}, policy_hash=None)
+        with anyio.fail_after(120):
+            await job.done.wait()
+        stored = rt.store.get(job.result_id, "bob")
+        assert stored.status == "exited" and stored.exit_code == 0, stored
+        assert rt.manager.host_of(job.result_id)[0] in ("a", "b")
+        data, total = rt.store.read(stored, "stdout", 0, 1 << 20)
+        assert data == "".join(f"{n}\n" for n in range(1, 3001)).encode() and total == len(data)
+        assert rt.store.read(stored, "stderr", 0, 100)[0] == b"err\n"
+        assert not (settings.state_dir / "workspaces").exists()  # nothing prepared on the front end
+
+
 async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):
     import ray
 
