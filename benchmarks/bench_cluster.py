@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,24 +78,54 @@ async def ray_side(base: Path, calls: int, total: int) -> tuple[list[float], flo
     from gvisor_mcp.cluster.local import LocalCluster
     from gvisor_mcp.server import PolicyHolder
 
+    import ray
+
     lc = LocalCluster(base / "c")
     lc.start(hosts=("a", "b"))
+    agents = []
     try:
         connect(lc.address)
         for h in ("a", "b"):
-            start_agent(AgentConfig(host=h, state_dir=base / h / "state", pool_size=2, manager=ManagerConfig(
+            agents.append(start_agent(AgentConfig(host=h, state_dir=base / h / "state", pool_size=2, manager=ManagerConfig(
                 bundle_base_dir=str(base / h / "bundles"), runsc_root=str(base / h / "runsc"),
-                cgroup_parent=f"gvisor-mcp-bench-{h}", max_concurrent_containers=4)))
+                cgroup_parent=f"gvisor-mcp-bench-{h}", max_concurrent_containers=4)))[0])
         async with RayRunner(PolicyHolder(None), base / "fe" / "workspaces", base / "fe",
                              expected_runsc_version=runsc_version("runsc")) as runner:
             runner.warm(OPTS, 2)
             await runner.refresh()
             await asyncio.sleep(5)  # pools fill
             warm = await timed(calls, lambda: runner.run(OPTS, run_id=rid(), tenant="default"))
+            cpu0 = time.process_time()
             rate = await burst(total, 8, lambda: runner.run(OPTS, run_id=rid(), tenant="default"))
+            FACTS["driver_cpu_ms_per_run"] = (time.process_time() - cpu0) * 1000 / total
+            FACTS["coordinator_leases_per_s"] = await coordinator_rate(runner.coordinator, 400, 16)
         return warm, rate
     finally:
+        for handle in agents:  # their warm sandboxes go with them, not with the cluster
+            try:
+                ray.get(handle.stop.remote(), timeout=60)
+            except Exception as e:
+                print(f"agent stop failed: {e}", file=sys.stderr)
         lc.shutdown()
+
+
+FACTS: dict[str, float] = {}
+"""What the N-host model in docs/scale-out.md is built from."""
+
+
+async def coordinator_rate(coordinator, total: int, conc: int) -> float:  # type: ignore[no-untyped-def]
+    """Lease + release pairs per second through the one coordinator actor
+    (every run of every front end takes one), with fake hosts of ample slots."""
+    hosts = {"bench-x": 1000, "bench-y": 1000}
+
+    async def one() -> None:
+        grant = await coordinator.acquire.remote("bench-fe", f"t{uuid.uuid4().hex[:2]}", hosts)
+        await coordinator.release.remote(grant["lease"])
+
+    rate = await burst(total, conc, one)
+    await coordinator.forget_host.remote("bench-x")
+    await coordinator.forget_host.remote("bench-y")
+    return rate
 
 
 def main() -> None:
@@ -112,6 +143,10 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| warm `true`, median of {a.calls} | {lm:.1f} ms | {rm:.1f} ms | {rm / lm:.2f}x (target <= 1.15x) |")
     print(f"| throughput, concurrency 8, {a.burst} runs | {lr:.1f} runs/s | {rr:.1f} runs/s | {rr / lr:.2f}x |")
+    print(f"front end (driver) CPU per run through Ray: {FACTS['driver_cpu_ms_per_run']:.1f} ms; "
+          f"coordinator: {FACTS['coordinator_leases_per_s']:.0f} lease+release pairs/s (concurrency 16)")
+    print(f"warm p90: local {sorted(lw)[int(0.9 * len(lw))] * 1000:.1f} ms, ray {sorted(rw)[int(0.9 * len(rw))] * 1000:.1f} ms")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

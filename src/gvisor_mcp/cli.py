@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-name", required=True, help="this host's name: its node has resource gvisor_mcp_host_<name>")
     p.add_argument("--state-dir", default="/var/lib/gvisor-mcp-agent", help="output of runs and workspaces")
     p.add_argument("--pool-size", type=int, default=2, help="warm sandboxes per front-end template (0: none)")
+    p.add_argument("--image", action="append", default=[], metavar="NAME=DIR|NAME=store:REF",
+                   help="an image this host runs by name (repeatable; the built-in 'host' always)")
+    p.add_argument("--sandbox-network", action="store_true",
+                   help="also run network=sandbox (per-run namespace and egress proxy; Ray's nodes and "
+                        "ports are always refused)")
+    p.add_argument("--egress", action="append", default=[], metavar="RULE",
+                   help="network=sandbox: the widest egress allowlist this host grants (repeatable; none by default)")
 
     from .workspace_cli import add_parser as add_workspace_parser
 

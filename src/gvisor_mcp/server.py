@@ -537,6 +537,10 @@ def serve(args: Any) -> int:
         return _serve(args)
     finally:
         Signals.finished()
+        if getattr(args, "backend", "local") == "ray":
+            from .cluster.serve import leave_cluster
+
+            leave_cluster()
 
 
 def _return_big_buffers_to_the_os() -> None:

@@ -39,6 +39,9 @@ tenants:
     workspace: {enabled: true, scope: tenant, size: 64MiB}
   bob:
     workspace: {enabled: false}
+  carol:
+    workspace: {enabled: false}
+    quotas: {max_concurrent: 1}
 """
 
 
@@ -55,6 +58,10 @@ class Harness:
     configs: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, dict] = field(default_factory=dict)
 
+    @property
+    def gcs_port(self) -> int:
+        return int(self.lc.address.rpartition(":")[2])
+
     def host_base(self, host: str) -> Path:
         return self.base / host
 
@@ -63,8 +70,18 @@ class Harness:
         from gvisor_mcp.sandbox import ManagerConfig
 
         hb = self.host_base(host)
+        extra = {}
+        if host == "b":  # b also runs network=sandbox, with an egress ceiling that names the head's GCS
+            from gvisor_mcp.cluster.spec import default_ceilings
+            from gvisor_mcp.network.egress import EgressRules
+
+            extra["ceilings"] = default_ceilings().model_copy(update={
+                "networks": ("none", "sandbox"),
+                "egress": EgressRules(allow=[{"cidr": "127.0.0.0/8", "ports": [self.gcs_port, 80]}]),
+            })
         return AgentConfig(
             host=host,
+            **extra,
             state_dir=hb / "state",
             manager=ManagerConfig(
                 bundle_base_dir=str(hb / "bundles"), runsc_root=str(hb / "runsc"),

@@ -6,8 +6,12 @@ the restart after it come last.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +25,8 @@ from gvisor_mcp.sandbox import ContainerOptions, ContainerStatus, Mount, Resourc
 
 pytestmark = [pytest.mark.ray, pytest.mark.runsc]
 
+BIN = os.path.join(os.path.dirname(sys.executable), "gvisor-mcp")
+SEQ_40000 = "".join(f"{n}\n" for n in range(1, 40001)).encode()
 LOST_BOUND = 60.0
 """Host loss must be reported within this (measured: see docs/scale-out.md);
 a correctness bound for a noisy machine, not a speed target."""
@@ -148,6 +154,43 @@ def test_forged_spec_is_refused_by_the_agent(cluster):
         ray.get(agent.run.remote(good), timeout=60)
 
 
+def test_sandboxes_never_reach_the_cluster(cluster):
+    """network none reaches nothing; network sandbox goes through b's egress
+    proxy, whose fence refuses the nodes and Ray's ports even though b's own
+    ceiling and the run's rules name the head's GCS (127.0.0.0/8:GCS)."""
+    import ray
+
+    from gvisor_mcp.cluster.spec import RunSpec
+    from gvisor_mcp.network.egress import EgressRules
+
+    agent = cluster.agents["b"]
+    fence = ray.get(agent.health.remote())["fence"]
+    assert "127.0.0.1/32" in fence["networks"] and cluster.gcs_port in fence["ports"], fence
+    gcs = cluster.gcs_port
+    probe = (f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {gcs}), timeout=5)\" "
+             "&& echo CONNECTED || echo REFUSED")
+    none = RunSpec(result_id=rid(), tenant="bob", command=("/bin/sh", "-c", probe))
+    proxied = RunSpec(
+        result_id=rid(), tenant="bob", network="sandbox",
+        egress=EgressRules(allow=[{"cidr": "127.0.0.0/8", "ports": [gcs, 80]}]),
+        # --noproxy '': 127.0.0.1 is in the sandbox's NO_PROXY; force the proxy to be asked.
+        command=("/bin/sh", "-c", f"curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -o - -w ' %{{http_code}}' "
+                 f"http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -p -o /dev/null "
+                 f"-w ' %{{http_connect}}' http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" "
+                 "--noproxy '' -o - -w ' %{http_code}' http://127.0.0.1:80/; true"),
+    )
+    for spec in (none, proxied):
+        r = ray.get(agent.run.remote(spec.model_dump()), timeout=120)
+        assert r["status"] == "exited", r
+    out = ray.get(agent.read.remote(none.result_id, "bob", "stdout", 0, 4096))["data"].decode()
+    assert out.strip() == "REFUSED", out
+    out = ray.get(agent.read.remote(proxied.result_id, "bob", "stdout", 0, 8192))["data"].decode()
+    assert f"port {gcs} is one of the Ray cluster's ports, never reachable from a sandbox" in out, out
+    assert "127.0.0.1 is a node of the Ray cluster, never reachable from a sandbox" in out, out  # port 80
+    assert out.count(" 403") == 3, out  # plain HTTP and CONNECT to the GCS, HTTP to the node: all refused
+    assert cluster.leftovers("b") == {}
+
+
 def test_a_client_without_the_token_is_refused(cluster):
     code = (
         "import sys, ray\n"
@@ -221,6 +264,110 @@ async def test_the_server_runtime_runs_jobs_on_agents(cluster):
         assert data == "".join(f"{n}\n" for n in range(1, 3001)).encode() and total == len(data)
         assert rt.store.read(stored, "stderr", 0, 100)[0] == b"err\n"
         assert not (settings.state_dir / "workspaces").exists()  # nothing prepared on the front end
+
+
+@contextlib.contextmanager
+def ray_front_ends(cluster, n: int):
+    """`n` processes of `gvisor-mcp serve --transport http --backend ray` on the
+    cluster, sharing one policy and tokens file; on exit: SIGTERM, exit 0."""
+    base = cluster.base / f"http-{uuid.uuid4().hex[:6]}"
+    base.mkdir()
+    policy = cluster.base / "policy.yaml"
+    tokens = {t: subprocess.run([str(BIN), "token", "add", t, "--policy", str(policy), "--tokens",
+                                 str(base / "tokens.yaml")], capture_output=True, text=True, check=True).stdout.strip()
+              for t in ("bob", "carol")}
+    env = {"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO", **cluster.lc.env()}
+    servers = []
+    try:
+        for i in range(n):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            err = base / f"fe{i}.err"
+            proc = subprocess.Popen(
+                [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
+                 "--tokens", str(base / "tokens.yaml"), "--state-dir", str(base / f"fe{i}"),
+                 "--state-root", str(base / f"fe{i}-sandboxes"), "--pool-size", "0",
+                 "--backend", "ray", "--ray-address", cluster.lc.address],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err.open("wb"), env=env,
+            )
+            servers.append((proc, port, err))
+        for proc, port, err in servers:
+            deadline = time.monotonic() + 180
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                assert proc.poll() is None, err.read_text()[-3000:]
+                assert time.monotonic() < deadline, err.read_text()[-3000:]
+                time.sleep(0.2)
+
+        def client(i: int, tenant: str):
+            from mcp import Client
+            from mcp.client.streamable_http import streamable_http_client
+            import httpx2
+
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {tokens[tenant]}"}, timeout=120)
+            return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http))
+
+        yield client, servers
+    finally:
+        for proc, _, _ in servers:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, err in servers:
+            assert proc.wait(timeout=90) == 0, err.read_text()[-3000:]
+            assert not any(t in err.read_text() for t in tokens.values())  # never in a log line
+        assert not (base / "fe0-sandboxes").exists() or not any((base / "fe0-sandboxes").rglob("config.json"))
+
+
+async def test_serve_http_on_ray_with_a_real_mcp_client(cluster):
+    """Two front ends (`serve --transport http --backend ray`), real MCP
+    clients: a run's output is paged from the agent that kept it; list_active
+    and cancel reach the host running it; a tenant's quota holds across both
+    front ends; each front end knows only its own result ids."""
+    with ray_front_ends(cluster, 2) as (client, servers):
+        async with client(0, "bob") as b0, client(0, "carol") as c0, client(1, "carol") as c1:
+            r = (await b0.call_tool("execute_command", {"command": "seq 1 40000"})).structured_content
+            assert r["status"] == "exited" and r["exit_code"] == 0, r
+            assert r["stdout_truncated"] and r["stdout_bytes"] == len(SEQ_40000)
+            got, offset = b"", 0
+            while offset is not None:  # pages come from the agent's host, through Ray
+                page = (await b0.call_tool("inspect_result", {
+                    "result_id": r["result_id"], "offset": offset, "length": 65536, "encoding": "base64"}
+                )).structured_content
+                got += base64.b64decode(page["data"])
+                offset = page["next_offset"]
+            assert got == SEQ_40000
+            here = list(cluster.base.glob(f"http-*/fe0/**/{r['result_id']}*"))
+            assert here and all(p.stat().st_size == 0 for p in here), here  # the bytes stayed on the agent
+
+            bg = (await b0.call_tool("execute_command", {"command": "echo started; sleep 60",
+                                                         "background": True})).structured_content
+            with anyio.fail_after(60):
+                while True:
+                    active = (await b0.call_tool("list_active", {})).structured_content["commands"]
+                    page = (await b0.call_tool("inspect_result", {"result_id": bg["result_id"]})).structured_content
+                    if [a["result_id"] for a in active] == [bg["result_id"]] and page["data"] == "started\n":
+                        break
+                    await anyio.sleep(0.3)
+            cancelled = (await b0.call_tool("cancel_command", {"result_id": bg["result_id"]})).structured_content
+            assert cancelled["status"] == "killed", cancelled
+            assert (await b0.call_tool("list_active", {})).structured_content["commands"] == []
+
+            # carol may run one command at a time, whichever front end she calls.
+            hold = (await c0.call_tool("execute_command", {"command": "sleep 60", "background": True})
+                    ).structured_content
+            with anyio.fail_after(60):
+                while not (await c0.call_tool("list_active", {})).structured_content["commands"]:
+                    await anyio.sleep(0.3)
+            over = await c1.call_tool("execute_command", {"command": "echo second"})
+            text = str(over.structured_content or over.content)
+            assert "max_concurrent=1, counted across the cluster" in text, text
+            # Result ids are per front end: fe1 does not know fe0's.
+            other = await c1.call_tool("inspect_result", {"result_id": hold["result_id"]})
+            assert other.is_error
+            await c0.call_tool("cancel_command", {"result_id": hold["result_id"]})
+            after = (await c1.call_tool("execute_command", {"command": "echo second"})).structured_content
+            assert after["status"] == "exited" and after["stdout"] == "second\n", after
 
 
 async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):

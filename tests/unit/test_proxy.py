@@ -342,3 +342,41 @@ async def test_foreign_peer_gets_nothing():
     async with setup(peer="127.0.0.2") as (up, port, events, _):
         r = await exchange(port, b"CONNECT up.test:%d HTTP/1.1\r\nHost: up.test:%d\r\n\r\n" % (up.port, up.port))
     assert r == b"" and up.connections == 0
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        # The upstream is on a fenced node: refused although a CIDR rule and a name allow it.
+        (b"up.test:{port}", b"resolves to 127.0.0.1: 127.0.0.1 is a node of the Ray cluster"),
+        (b"127.0.0.1:{port}", b"127.0.0.1 is a node of the Ray cluster"),
+        (b"[::ffff:127.0.0.1]:{port}", b"is a node of the Ray cluster"),
+        # A fenced port, on any address, before any name is resolved.
+        (b"up.test:6379", b"port 6379 is one of the Ray cluster's ports"),
+    ],
+)
+async def test_the_fence_wins_over_every_rule(target, reason):
+    """A cluster agent fences off node addresses and Ray's ports (network/fence.py)."""
+    from gvisor_mcp.network.fence import Fence
+
+    async with setup() as (up, port, events, proxy):
+        rules = proxy.rules.model_copy(update={"allow": (*proxy.rules.allow, *EgressRules(
+            allow=[{"cidr": "::ffff:0:0/96", "ports": [up.port]}, "up.test:6379"]).allow)})
+        proxy.rules = rules
+        proxy.fence = lambda: Fence(networks=["127.0.0.1/32"], ports=frozenset({6379}))
+        t = target.replace(b"{port}", str(up.port).encode())
+        r = await exchange(port, b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (t, t))
+        await settle(events)
+    assert status(r) == 403 and reason in r, r
+    assert up.connections == 0
+    assert events[0].verdict == "denied"
+
+
+async def test_an_unfenced_address_still_passes_with_a_fence():
+    from gvisor_mcp.network.fence import Fence
+
+    async with setup() as (up, port, events, proxy):
+        proxy.fence = lambda: Fence(networks=["10.9.0.0/16"], ports=frozenset({6379}))
+        r = await exchange(port, b"GET http://up.test:%d/ HTTP/1.1\r\nHost: up.test:%d\r\n\r\n" % (up.port, up.port))
+        await settle(events)
+    assert status(r) == 200 and up.connections == 1

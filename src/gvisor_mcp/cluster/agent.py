@@ -26,9 +26,12 @@ Ray never re-runs a call on an agent (at most once).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import sqlite3
 import subprocess
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,16 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import workspace as _workspace
-from ..results import ResultStore
+from ..images.store import ImageStore
+from ..network import NetworkConfig, NetworkService
+from ..network.fence import NO_FENCE, Fence
+from ..results import ResultStore, StoreUnavailable
 from ..sandbox import (
     ContainerStatus,
     InvalidOptionsError,
     Manager,
     ManagerConfig,
+    NetworkMode,
 )
 from ..sandbox.doctor import canary
 from ..sandbox.runsc import RUNSC_ENV
@@ -51,6 +58,13 @@ from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, def
 
 log = structlog.get_logger("gvisor_mcp.cluster.agent")
 
+LEFTOVER_WAIT = 60.0
+"""Seconds a starting agent waits for its predecessor's workspace loop devices to detach."""
+FENCE_REFRESH = 10.0
+"""Seconds between re-reads of the cluster's nodes for the egress fence."""
+RAY_PORTS = frozenset({6379, 8265, 10001, 52365})
+"""Ray's default GCS, dashboard, client server and dashboard agent ports: fenced
+on every address, with the ports the cluster's nodes report (cluster_fence)."""
 MAX_PAGE = 256 * 1024
 """Bytes per read(): a 256 KiB page crosses Ray in ~20 ms here (docs/scale-out.md)."""
 TEMPLATE_ID = "res_" + "0" * 32
@@ -67,6 +81,10 @@ class AgentConfig(BaseModel):
     manager: ManagerConfig
     ceilings: HostCeilings = Field(default_factory=default_ceilings)
     pool_size: int = Field(default=0, ge=0, le=64)
+    network: NetworkConfig = NetworkConfig()
+    """network=sandbox (when the ceilings allow it): this host's egress proxy settings."""
+    images_dir: Path | None = None
+    """This host's image store (for `store:` catalog entries); default state_dir/images."""
 
     @property
     def workspace_root(self) -> Path:
@@ -95,6 +113,9 @@ class HostAgent:
         self._holder: asyncio.Task | None = None
         self._report: dict[str, Any] = {}
         self._runs = 0
+        self._net: NetworkService | None = None
+        self._fenced_at = 0.0
+        self.images: ImageStore | None = None
 
     # --- life cycle -------------------------------------------------------------
 
@@ -114,9 +135,18 @@ class HostAgent:
         cfg = self.config
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            async with Manager(cfg.manager) as manager:
+            async with AsyncExitStack() as stack:
+                net = None
+                if NetworkMode.SANDBOX.value in cfg.ceilings.networks:
+                    net = await stack.enter_async_context(NetworkService(cfg.network))
+                    net.fence = await anyio.to_thread.run_sync(cluster_fence)
+                    self._net = net
+                manager = await stack.enter_async_context(Manager(cfg.manager, network=net))
+                self.images = ImageStore(cfg.images_dir or cfg.state_dir / "images")
                 reaped = await manager.reap_stale()
                 mounts = _workspace.cleanup_stale(cfg.workspace_root)
+                if reaped or mounts:
+                    await anyio.to_thread.run_sync(_wait_detached, cfg.workspace_root, LEFTOVER_WAIT)
                 store = ResultStore(cfg.state_dir)
                 lost = store.recover()
                 ok, detail = await canary(manager)
@@ -155,6 +185,12 @@ class HostAgent:
     # --- what a front end calls ------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
+        if self._net is not None and time.monotonic() - self._fenced_at > FENCE_REFRESH:
+            self._fenced_at = time.monotonic()  # nodes join and leave: re-read them now and then
+            try:
+                self._net.fence = await anyio.to_thread.run_sync(cluster_fence)
+            except Exception:
+                pass  # logged; the previous fence stays
         m = self.manager
         capacity = m.config.max_concurrent_containers if m else 0
         in_use = m.active_containers() if m else 0
@@ -167,6 +203,7 @@ class HostAgent:
             "runs": self._runs,
             "instance": m.instance if m else None,
             "ceilings": self.config.ceilings.model_dump(mode="json"),
+            "fence": self._net.fence.model_dump(mode="json") if self._net is not None else None,
             **self._report,
         }
 
@@ -179,20 +216,23 @@ class HostAgent:
         manager, store = self._require()
         rs = parse_spec(spec)
         options = to_options(rs, self.config.ceilings, manager.config.default_resources,
-                             self.config.workspace_root)
+                             self.config.workspace_root, self.images)
         if rs.workspace is not None:
             self._ensure_workspace(rs.workspace, rs)
         try:
             res = manager.prepare(options)
         except InvalidOptionsError as e:
             raise SpecRefused(f"run spec refused: {e}") from None
+        once = SpecRefused(f"run spec refused: {rs.result_id} was already run on this host (runs are at most once)")
+        if store.exists(rs.result_id):
+            raise once  # checked first: a failed insert would remove the first run's live output
         try:
             store.start(rs.result_id, tenant=rs.tenant, session=rs.workspace.session if rs.workspace else None,
                         command=_command_text(rs), container_id=None, limits=None)
-        except sqlite3.IntegrityError:
-            raise SpecRefused(
-                f"run spec refused: {rs.result_id} was already run on this host (runs are at most once)"
-            ) from None
+        except StoreUnavailable as e:
+            if isinstance(e.__cause__, sqlite3.IntegrityError):
+                raise once from None
+            raise SpecRefused(f"run spec refused: this host cannot record the run ({e}); nothing was started") from None
         self._runs += 1
         out_w = store.part_writer(rs.result_id, "stdout", res.max_output_bytes)
         err_w = store.part_writer(rs.result_id, "stderr", res.max_output_bytes)
@@ -245,7 +285,7 @@ class HostAgent:
         data = template.model_dump() if isinstance(template, RunSpec) else dict(template)
         rs = parse_spec({**data, "result_id": TEMPLATE_ID})
         options = to_options(rs, self.config.ceilings, manager.config.default_resources,
-                             self.config.workspace_root)
+                             self.config.workspace_root, self.images)
         if rs.workspace is not None:
             self._ensure_workspace(rs.workspace, rs)
         try:
@@ -278,6 +318,62 @@ class HostAgent:
             _workspace.ensure(root, ws.host_path(root), ws.size_mb, uid, gid, ws.scope)
         except _workspace.WorkspaceError as e:
             raise SpecRefused(f"the workspace could not be prepared on {self.config.host}: {e}") from None
+
+
+def _wait_detached(root: Path, wait: float) -> None:
+    """Wait for the loop devices of a crashed predecessor's workspace images.
+
+    The agent runs in a Ray worker (threads): it cannot have a mount
+    namespace of its own (mountns.py), so its mounts are the host's. Once the
+    reaper has killed the orphaned sandboxes and cleanup_stale has unmounted
+    their workspaces, the loop devices detach only when the last runsc
+    process of those sandboxes has exited; until then workspace.ensure
+    refuses to mount the image again (two mounts of one ext4 image corrupt
+    it). Under load that takes longer than ensure's own short wait.
+    """
+    images = (root / _workspace.IMAGES_DIR).resolve()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        mounted = {backing for _, backing in _workspace.loop_mounts()}
+        held = [b for _, b in _workspace.loop_devices() if images in b.parents and b not in mounted]
+        if not held:
+            return
+        time.sleep(0.2)
+    log.warning("agent_leftover_loop_devices", root=str(root), wait=wait)
+
+
+def cluster_fence() -> Fence:
+    """Every node of the Ray cluster (all ports) and Ray's ports (any address):
+    what no sandbox of this agent may reach (network/fence.py). Nothing
+    without Ray (an agent used directly, as in unit tests)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return NO_FENCE
+        nodes = ray.nodes()
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception as e:  # keep the previous fence's caller going; say so
+        log.warning("fence_read_failed", error=f"{type(e).__name__}: {e}")
+        raise
+    addresses: set[str] = set()
+    ports = set(RAY_PORTS)
+    for node in nodes:
+        if node.get("NodeManagerAddress"):
+            addresses.add(node["NodeManagerAddress"])
+        ports.update(v for k, v in node.items() if k.endswith("Port") and isinstance(v, int) and v > 0)
+    host, _, port = str(gcs).rpartition(":")
+    if port.isdigit():
+        ports.add(int(port))
+        if host:
+            addresses.add(host)
+    networks = []
+    for a in sorted(addresses):
+        try:
+            networks.append(ipaddress.ip_network(a))
+        except ValueError:  # a name: resolve it here, once per refresh
+            networks.extend(ipaddress.ip_network(info[4][0]) for info in socket.getaddrinfo(a, None))
+    return Fence(networks=tuple(dict.fromkeys(networks)), ports=frozenset(ports))
 
 
 def _command_text(rs: RunSpec) -> str:
@@ -330,7 +426,19 @@ def start_agent(config: AgentConfig, *, timeout: float = 300.0) -> tuple[Any, di
     `ray.init` done); (handle, health report)."""
     import ray
 
+    from ray.exceptions import ActorAlreadyExistsError
+
     cls = ray.remote(HostAgent)
-    handle = cls.options(**actor_options(config.host)).remote(config)
+    deadline = time.monotonic() + min(timeout, 60.0)
+    while True:
+        try:
+            handle = cls.options(**actor_options(config.host)).remote(config)
+            break
+        except ActorAlreadyExistsError:
+            # A lost node's agent keeps its name until the GCS has marked it
+            # dead (seconds after the node); a live agent keeps it for good.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     report = ray.get(handle.start.remote(), timeout=timeout)
     return handle, report

@@ -20,11 +20,12 @@ log = structlog.get_logger("gvisor_mcp.cluster.agent")
 
 def agent_main(args: Any, manager_config: Any) -> int:
     from .agent import AgentConfig, start_agent
+    from .spec import ceilings
     from .frontend import connect
 
     try:
         config = AgentConfig(host=args.host_name, state_dir=Path(args.state_dir),
-                             manager=manager_config, pool_size=args.pool_size)
+                             manager=manager_config, pool_size=args.pool_size, ceilings=ceilings(args))
         connect(args.ray_address)
     except (ValueError, ConnectionError) as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)

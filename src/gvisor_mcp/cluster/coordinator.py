@@ -5,8 +5,9 @@ agent, so what holds on one host today holds across the cluster:
 
 - capacity: a host never gets more leases than it reported slots;
 - fair share: a freed slot goes to the waiting tenant holding the fewest
-  leases cluster-wide (ties: who waited longest), as `jobs.FairGate` does
-  for one host;
+  leases cluster-wide (ties: who waited longest), and the last free slot of
+  the cluster is kept for a tenant below its fair share (`reserve`), as
+  `jobs.FairGate` does for one host;
 - quotas: `max_concurrent` counts a tenant's leases and waiters on every
   front end; `runs_per_minute` counts its grants cluster-wide;
 - affinity: a workspace (tenant-scoped, or one session's) is homed on the
@@ -62,7 +63,14 @@ class Ledger:
 
 
 class Coordinator:
-    def __init__(self) -> None:
+    """`reserve`: as `jobs.FairGate`'s, over the whole cluster: the last
+    `reserve` free slots (all hosts together) go only to a tenant holding
+    less than its fair share (cluster capacity / tenants holding or waiting,
+    at least 2). The front ends create it with reserve=1, as the
+    multi-tenant HTTP server does for its own gate."""
+
+    def __init__(self, reserve: int = 0) -> None:
+        self.reserve = reserve
         self.l = Ledger()
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
@@ -134,7 +142,7 @@ class Coordinator:
                 eligible = (home,)
         if not eligible:
             return {"refused": "no healthy agent in the cluster can take runs now"}
-        host = None if self.l.waiters else self._free_host(eligible)
+        host = None if self.l.waiters else self._free_host(eligible, tenant)
         if host is not None:
             lease = self._grant(frontend, tenant, host)
         else:
@@ -193,8 +201,22 @@ class Coordinator:
     def _touch(self, frontend: str) -> None:
         self.l.seen[frontend] = time.monotonic()
 
-    def _free_host(self, eligible: tuple[str, ...]) -> str | None:
-        """The eligible host with the most free slots (spreads runs)."""
+    def _may_take(self, tenant: str) -> bool:
+        """FairGate.may_take over the cluster's total capacity."""
+        capacity = sum(self.l.capacity.values())
+        free = capacity - len(self.l.leases)
+        if free <= 0:
+            return False
+        if free > self.reserve:
+            return True
+        tenants = {x.tenant for x in self.l.leases.values()} | {w.tenant for w in self.l.waiters} | {tenant}
+        return self.held(tenant) < capacity / max(2, len(tenants))
+
+    def _free_host(self, eligible: tuple[str, ...], tenant: str | None = None) -> str | None:
+        """The eligible host with the most free slots (spreads runs); None when
+        `tenant` may not take one now (the reserve)."""
+        if tenant is not None and self.reserve and not self._may_take(tenant):
+            return None
         best, best_free = None, 0
         for h in eligible:
             free = self.l.capacity.get(h, 0) - self.used(h)
@@ -211,7 +233,7 @@ class Coordinator:
         """Hand free slots to waiters: fewest held first, then longest waiting."""
         while self.l.waiters:
             for w in sorted(self.l.waiters, key=lambda w: (self.held(w.tenant), w.seq)):
-                host = self._free_host(w.hosts)
+                host = self._free_host(w.hosts, w.tenant)
                 if host is not None:
                     self.l.waiters.remove(w)
                     if not w.future.done():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ LOST_MARGIN = 20.0
 REFRESH = 1.0
 """Seconds between agent health polls and lease renewals."""
 HEALTH_TIMEOUT = 5.0
+COORDINATOR_RESERVE = 1
+"""The cluster's last free slot waits for a tenant below its fair share
+(coordinator.py); constant, like everything Ray runs for us."""
 
 
 def connect(address: str) -> None:
@@ -58,6 +62,12 @@ def connect(address: str) -> None:
 
     if ray.is_initialized():
         return
+    import signal
+
+    # ray.init installs its own SIGTERM handling (Python's, and its C++ core's
+    # crash handler, which aborted a cleanly stopping server: exit -6). The
+    # server's signal handling stays ours: put back what was there before.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     except Exception as e:
@@ -66,6 +76,10 @@ def connect(address: str) -> None:
             "Check the address, that RAY_AUTH_MODE=token is set and the cluster token is readable "
             "(RAY_AUTH_TOKEN_PATH), and that the head node is up"
         ) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def coordinator_handle() -> Any:
@@ -78,7 +92,7 @@ def coordinator_handle() -> Any:
         name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, resources={"node:__internal_head__": 0.001},
         max_restarts=-1, max_task_retries=0, max_concurrency=10000,
-    ).remote()
+    ).remote(reserve=COORDINATOR_RESERVE)
 
 
 @dataclass
@@ -399,12 +413,12 @@ class RayRunner:
 
         if options.stdin is not None and not isinstance(options.stdin, bytes):
             raise RunRefused("stdin must be bytes to cross to another host")
-        image = BUILTIN_IMAGE
+        image, digest = BUILTIN_IMAGE, None
         if options.rootfs is not None:
-            names = [n for n, p in self._catalog(tenant).items() if p == options.rootfs]
-            if not names:
+            found = [(n, d) for n, (p, d) in self._catalog(tenant).items() if p == options.rootfs]
+            if not found:
                 raise RunRefused(f"image root {options.rootfs} is not in the policy's catalog")
-            image = names[0]
+            image, digest = found[0]
         tdir = path_component(tenant)
         ws = None
         for m in options.extra_mounts:
@@ -425,14 +439,30 @@ class RayRunner:
             result_id=run_id, tenant=tdir, command=options.command, workdir=options.workdir,
             env=options.env, stdin=options.stdin, resources=options.resources,
             network=options.network.value, image=image, user=options.user,
-            read_only_rootfs=options.read_only_rootfs, workspace=ws,
+            read_only_rootfs=options.read_only_rootfs, workspace=ws, image_digest=digest,
+            egress=_rules_of(options.egress),
         )
 
-    def _catalog(self, tenant: str) -> dict[str, str]:
+    def _catalog(self, tenant: str) -> dict[str, tuple[str, str | None]]:
+        """Image name -> (root directory here, digest) of the tenant's catalog.
+
+        The agent gets the name and, for a store image, the digest the
+        policy resolved: it runs its own copy of that content or refuses."""
+        out: dict[str, tuple[str, str | None]] = {}
         try:
-            return dict(self.policy.current.tenant(tenant).images.catalog)
+            catalog = self.policy.current.tenant(tenant).images.catalog
         except Exception:
-            return {}
+            return out
+        for name, entry in catalog.items():
+            if entry.path is not None:
+                out[name] = (str(entry.path), None)
+            elif entry.store and self.policy.images is not None:
+                try:
+                    stored = self.policy.images.get(entry.store)
+                except Exception:
+                    continue
+                out[name] = (stored.rootfs, stored.digest)
+        return out
 
     def _no_host_text(self) -> str:
         seen = "; ".join(f"{a['host']}: {a['why']}" for a in self.describe() if not a["usable"]) or "none registered"
@@ -445,6 +475,14 @@ class RayRunner:
             "outcome: unknown — the command may or may not have run, in part or in full; it was not "
             "run again anywhere. Check the workspace before running it again."
         )
+
+
+def _rules_of(egress: Any) -> Any:
+    """The run's EgressRules (Jobs wraps them in an EgressGrant with a local
+    callback: only the rules cross to the agent)."""
+    if egress is None:
+        return None
+    return getattr(egress, "rules", egress)
 
 
 class ClusterResultStore(ResultStore):

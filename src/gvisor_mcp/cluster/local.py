@@ -90,7 +90,23 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         return ray_env(self.token_path, self.tmpdir)
 
-    def start(self, hosts: tuple[str, ...] = ()) -> LocalCluster:
+    def start(self, hosts: tuple[str, ...] = (), *, attempts: int = 3) -> LocalCluster:
+        """Start the head and `hosts`. Ray gives a raylet a fixed 30 s to
+        register with the GCS, which a loaded 2-core machine can miss: a
+        failed start is torn down (every process it left, by pid) and tried
+        again, up to `attempts` times."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(hosts)
+            except Exception as e:
+                if attempt == attempts or "timed out during startup" not in str(e):
+                    raise
+                self.shutdown()
+                kill_ray_processes(self.tmpdir)
+                time.sleep(2)
+        raise AssertionError("unreachable")
+
+    def _start(self, hosts: tuple[str, ...]) -> LocalCluster:
         self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tmpdir.mkdir(exist_ok=True, mode=0o700)
         if not self.token_path.exists():
@@ -146,8 +162,8 @@ class LocalCluster:
 
         ray.shutdown()
         if self.cluster is not None:
-            self.cluster.shutdown()
-            self.cluster = None
+            cluster, self.cluster = self.cluster, None
+            cluster.shutdown()
         self.hosts.clear()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
@@ -179,3 +195,17 @@ def ray_processes(tmpdir: Path) -> list[int]:
         if mark in cmd or mark in env:
             found.append(int(pid))
     return found
+
+
+def kill_ray_processes(tmpdir: Path, wait: float = 10.0) -> None:
+    """SIGKILL the Ray processes of this cluster only (found by `tmpdir`), then wait for them."""
+    import signal
+
+    for pid in ray_processes(tmpdir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    while ray_processes(tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..network.egress import EgressError, EgressRules
 from ..policy.model import BUILTIN_IMAGE
 from ..policy.resolve import SAFE_COMPONENT
 from ..results import RESULT_ID_RE
@@ -77,9 +79,14 @@ class RunSpec(BaseModel):
     resources: ResourceSpec = ResourceSpec()
     network: str = NetworkMode.NONE.value
     image: str = BUILTIN_IMAGE
+    image_digest: str | None = None
+    """The digest the front end's policy resolved for a store image: the agent
+    runs that content or nothing (digests name content, the same on every host)."""
     user: UserSpec | None = None
     read_only_rootfs: bool = False
     workspace: WorkspaceRef | None = None
+    egress: EgressRules | None = None
+    """network=sandbox: the run's allowlist as the front end's policy narrowed it."""
 
 
 class HostCeilings(BaseModel):
@@ -101,7 +108,12 @@ class HostCeilings(BaseModel):
     workspace_mb: int = 16 * 1024
     networks: tuple[str, ...] = (NetworkMode.NONE.value,)
     images: dict[str, str] = {}
-    """Image name -> unpacked rootfs directory on this host (besides the built-in)."""
+    """Image name -> an unpacked rootfs directory on this host, or `store:REF`
+    for an image of this agent's image store (besides the built-in)."""
+    egress: EgressRules = EgressRules()
+    """network=sandbox: the widest allowlist this host grants; a run's rules
+    must each fall within it (nothing by default). Whatever it says, the
+    cluster's nodes and Ray's ports stay fenced off (network/fence.py)."""
 
 
 def parse_spec(data: object) -> RunSpec:
@@ -144,12 +156,14 @@ def to_options(
     ceilings: HostCeilings,
     defaults: ResourceSpec,
     workspace_root: Path,
+    images: Any = None,
 ) -> ContainerOptions:
     """ContainerOptions for `spec` on this host, or SpecRefused naming the field.
 
     Checks the effective resources (the spec's, zeros filled from the host's
     defaults) against the ceilings, names against the catalog, and builds
-    every host path itself.
+    every host path itself; `images` is this host's ImageStore (for
+    `store:` entries of the ceilings' catalog).
     """
     if not RESULT_ID_RE.match(spec.result_id):
         raise SpecRefused(f"run spec refused: result_id={spec.result_id[:80]!r} is not res_ + 32 hex digits")
@@ -172,15 +186,8 @@ def to_options(
             f"run spec refused: network={spec.network!r}; this host runs {', '.join(ceilings.networks)} "
             "(never 'host' on a cluster node: the sandbox would reach Ray's ports)"
         )
-    if spec.image == BUILTIN_IMAGE:
-        rootfs = None
-    elif spec.image in ceilings.images:
-        rootfs = ceilings.images[spec.image]
-    else:
-        raise SpecRefused(
-            f"run spec refused: image={spec.image!r} is not in this host's catalog "
-            f"({', '.join([BUILTIN_IMAGE, *ceilings.images])})"
-        )
+    rootfs = _rootfs(spec, ceilings, images)
+    egress = _egress(spec, ceilings)
     mounts: tuple[Mount, ...] = ()
     ws = spec.workspace
     if ws is not None:
@@ -216,6 +223,7 @@ def to_options(
             user=spec.user,
             read_only_rootfs=spec.read_only_rootfs,
             extra_mounts=mounts,
+            egress=egress,
         )
     except (InvalidOptionsError, ValidationError, ValueError) as e:
         text = str(e)
@@ -224,6 +232,88 @@ def to_options(
         raise SpecRefused(f"run spec refused: {text}") from None
 
 
+def _rootfs(spec: RunSpec, ceilings: HostCeilings, images: Any) -> str | None:
+    """The host's own directory for the image name; the digest must match."""
+    if spec.image == BUILTIN_IMAGE:
+        if spec.image_digest is not None:
+            raise SpecRefused(f"run spec refused: image={BUILTIN_IMAGE!r} has no digest")
+        return None
+    entry = ceilings.images.get(spec.image)
+    if entry is None:
+        raise SpecRefused(
+            f"run spec refused: image={spec.image!r} is not in this host's catalog "
+            f"({', '.join([BUILTIN_IMAGE, *ceilings.images])})"
+        )
+    if not entry.startswith("store:"):
+        if spec.image_digest is not None:
+            raise SpecRefused(
+                f"run spec refused: image={spec.image!r} is a directory on this host, not a store image "
+                f"with digest {spec.image_digest[:80]!r}"
+            )
+        return entry
+    from ..images.store import ImageError
+
+    if images is None:
+        raise SpecRefused(f"run spec refused: image={spec.image!r}: this host has no image store")
+    try:
+        stored = images.get(entry.removeprefix("store:"))
+    except ImageError as e:
+        raise SpecRefused(f"run spec refused: image={spec.image!r} is not in this host's image store ({e})") from None
+    if spec.image_digest is not None and spec.image_digest != stored.digest:
+        raise SpecRefused(
+            f"run spec refused: image={spec.image!r} is {stored.digest} on this host, the front end asked for "
+            f"{spec.image_digest[:80]}; the operator must build or pull the same image on every host"
+        )
+    return stored.rootfs
+
+
+def _egress(spec: RunSpec, ceilings: HostCeilings) -> EgressRules | None:
+    """The run's rules if each is within this host's egress ceiling, limits at the lower of the two."""
+    if spec.egress is None:
+        return None
+    if spec.network != NetworkMode.SANDBOX.value:
+        raise SpecRefused(f"run spec refused: egress rules need network='sandbox', not {spec.network!r}")
+    mine = ceilings.egress
+    try:
+        narrowed = mine.narrowed([r.model_dump(mode="json", exclude_none=True) for r in spec.egress.allow])
+    except EgressError as e:
+        raise SpecRefused(f"run spec refused: egress: {e} (this host's egress ceiling)") from None
+    for name, addrs in spec.egress.hosts.items():
+        if mine.hosts.get(name) != addrs:
+            raise SpecRefused(
+                f"run spec refused: egress.hosts: {name} -> {', '.join(map(str, addrs))} is not one of this "
+                "host's static names (the agent resolves names itself)"
+            )
+    return narrowed.model_copy(update={
+        "hosts": dict(spec.egress.hosts),
+        "max_connections": min(spec.egress.max_connections, mine.max_connections),
+        "max_bytes": min(spec.egress.max_bytes, mine.max_bytes),
+        "idle_timeout": min(spec.egress.idle_timeout, mine.idle_timeout),
+    })
+
+
 def default_ceilings() -> HostCeilings:
     """The ceilings of an agent started without any: CPUs capped at this host's count."""
     return HostCeilings(cpus=float(os.cpu_count() or 1))
+
+
+def ceilings(args: Any) -> HostCeilings:
+    """`gvisor-mcp agent`'s flags as this host's ceilings; ValueError saying which flag is wrong."""
+    images: dict[str, str] = {}
+    for item in getattr(args, "image", None) or ():
+        name, sep, where = item.partition("=")
+        if not sep or not name or not where or not (where.startswith(("store:", "/"))):
+            raise ValueError(f"--image {item!r}: expected NAME=/absolute/rootfs or NAME=store:REF")
+        images[name] = where
+    sandbox = bool(getattr(args, "sandbox_network", False))
+    rules = list(getattr(args, "egress", None) or ())
+    if rules and not sandbox:
+        raise ValueError("--egress needs --sandbox-network (egress rules apply to network=sandbox runs)")
+    try:
+        egress = EgressRules(allow=rules)
+    except (EgressError, ValidationError) as e:
+        raise ValueError(f"--egress: {e}") from None
+    return default_ceilings().model_copy(update={
+        "images": images, "egress": egress,
+        "networks": (NetworkMode.NONE.value, *((NetworkMode.SANDBOX.value,) if sandbox else ())),
+    })

@@ -46,6 +46,7 @@ import structlog
 
 from .accounting import ConnectionEvent, Verdict
 from .egress import EgressRules, IPAddress, ip_literal, normalize_host
+from .fence import NO_FENCE, Fence
 from .guard import classify
 from .resolver import ResolveError, Resolver
 
@@ -140,7 +141,10 @@ class RunProxy:
         resolver: Resolver,
         host_addresses: Callable[[], frozenset[IPAddress]],
         on_event: Callable[[ConnectionEvent], Any],
+        fence: Callable[[], Fence] = lambda: NO_FENCE,
     ) -> None:
+        """`fence`: what no rule opens (fence.py); read at each connection,
+        so a node that joins the cluster is fenced off for runs going on."""
         self.listener = listener
         self.run_id = run_id
         self.peer = peer
@@ -148,6 +152,7 @@ class RunProxy:
         self.resolver = resolver
         self.host_addresses = host_addresses
         self.on_event = on_event
+        self.fence = fence
         self.budget = Budget(rules.max_bytes, rules.max_connections)
         self.failure: str | None = None
         self.live: dict[int, dict[str, Any]] = {}
@@ -345,8 +350,13 @@ class RunProxy:
 
     async def _decide(self, host: str, port: int) -> list[IPAddress]:
         """The addresses we may connect to for host:port, or a Refusal (403)."""
+        fence = self.fence()
+        if (why := fence.port_refused(port)) is not None:
+            raise Refusal(403, why)
         literal = ip_literal(host)
         if literal is not None:
+            if (why := fence.refused(literal, port)) is not None:
+                raise Refusal(403, why)
             if not self.rules.allows_address(literal, port):
                 raise Refusal(403, f"{NOT_ALLOWED}: an IP address (allow its CIDR, or use a name)")
             return [literal]
@@ -362,6 +372,9 @@ class RunProxy:
         usable: list[IPAddress] = []
         why = None
         for ip in found:
+            if (fenced := fence.refused(ip, port)) is not None:
+                why = why or f"resolves to {ip}: {fenced}"
+                continue
             if self.rules.allows_address(ip, port):
                 usable.append(ip)
                 continue

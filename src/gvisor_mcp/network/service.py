@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .accounting import ConnectionEvent, RunAccounting
 from .egress import EgressRules, IPAddress, _host_map
+from .fence import NO_FENCE, Fence
 from .guard import HostAddresses
 from .netns import PROXY_PORT, Namespaces, NetnsError, SlotAllocator, create
 from .proxy import RunProxy
@@ -134,6 +135,7 @@ class RunNetwork:
             resolver=self._service.resolver,
             host_addresses=self._service.host_addresses.get,
             on_event=record,
+            fence=lambda: self._service.fence,
         )
         self._proxy = proxy
         self._service._spawn(self._serve, proxy)
@@ -189,6 +191,8 @@ class NetworkService:
         self.resolver = Resolver(self.config.hosts, system_dns=self.config.system_dns)
         self.host_addresses = HostAddresses()
         self._slots = SlotAllocator(self.config.slot_network)
+        self.fence: Fence = NO_FENCE
+        """What no run's allowlist opens; a cluster agent sets and refreshes it (fence.py)."""
         self._open: dict[str, RunNetwork] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 

@@ -379,6 +379,10 @@ class ResultStore:
 
     # --- reads -------------------------------------------------------------------
 
+    def exists(self, result_id: str) -> bool:
+        """Whether any tenant's result has this id (a cluster agent runs an id at most once)."""
+        return self._db.execute("SELECT 1 FROM results WHERE result_id=?", (result_id,)).fetchone() is not None
+
     def get(self, result_id: str, tenant: str) -> StoredResult | None:
         """The result, or None when absent OR another tenant's (indistinguishable)."""
         if not RESULT_ID_RE.match(result_id or ""):
