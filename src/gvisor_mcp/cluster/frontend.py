@@ -354,7 +354,11 @@ class RayRunner:
         finally:
             self._active.pop(run_id, None)
             if run.lease is not None:
-                self.coordinator.release.remote(run.lease)
+                # Awaited, not sent and forgotten: Ray does not keep the order of
+                # calls to an async actor, so a tenant's next acquire could be
+                # counted before this release and refused by its quota.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(HEALTH_TIMEOUT):
+                    await self.coordinator.release.remote(run.lease)
 
     async def kill(self, run_id: str, reason: ContainerStatus = ContainerStatus.KILLED) -> bool:
         run = self._active.get(run_id)
