@@ -354,10 +354,11 @@ async def test_serve_http_on_ray_with_a_real_mcp_client(cluster):
             assert (await b0.call_tool("list_active", {})).structured_content["commands"] == []
 
             # carol may run one command at a time, whichever front end she calls.
-            hold = (await c0.call_tool("execute_command", {"command": "sleep 60", "background": True})
+            hold = (await c0.call_tool("execute_command", {"command": "echo held; sleep 60", "background": True})
                     ).structured_content
-            with anyio.fail_after(60):
-                while not (await c0.call_tool("list_active", {})).structured_content["commands"]:
+            with anyio.fail_after(60):  # running on an agent, so its lease is held (listed is not enough)
+                while (await c0.call_tool("inspect_result", {"result_id": hold["result_id"]})
+                       ).structured_content["data"] != "held\n":
                     await anyio.sleep(0.3)
             over = await c1.call_tool("execute_command", {"command": "echo second"})
             text = str(over.structured_content or over.content)

@@ -83,3 +83,20 @@ async def test_a_silent_front_end_loses_its_leases(monkeypatch):
     now[0] += mod.LEASE_TTL + 1
     await c.renew("alive", [])
     assert "lease" in await asyncio.wait_for(c.acquire("alive", "t", {"a": 1}), 1)
+
+
+async def test_a_renew_that_crossed_a_grant_keeps_the_new_lease(monkeypatch):
+    """Found by the two-front-end test under load: a renew listing the front
+    end's leases as they were before a grant arrived after it, dropped the
+    fresh lease, and another front end's run of the tenant got past its quota."""
+    from gvisor_mcp.cluster import coordinator as mod
+
+    c = Coordinator()
+    fresh = await c.acquire("fe0", "carol", HOSTS, max_concurrent=1)
+    await c.renew("fe0", [])  # taken before the grant was known
+    assert "refused" in await c.acquire("fe1", "carol", HOSTS, max_concurrent=1)
+    now = [mod.time.monotonic() + mod.RENEW_GRACE + 1]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    await c.renew("fe0", [])  # still not listed long after: released and its release lost
+    assert "lease" in await c.acquire("fe1", "carol", HOSTS, max_concurrent=1)
+    assert fresh["lease"] not in c.l.leases

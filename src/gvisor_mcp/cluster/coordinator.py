@@ -33,6 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 LEASE_TTL = 15.0
+RENEW_GRACE = 10.0
+"""A lease younger than this is never dropped by its front end's renew (see renew)."""
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Lease:
     frontend: str
     tenant: str
     host: str
+    granted_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -173,10 +176,13 @@ class Coordinator:
         its leases and every lease of front ends silent for LEASE_TTL."""
         self._touch(frontend)
         keep = set(lease_ids)
-        for lid, lease in list(self.l.leases.items()):
-            if lease.frontend == frontend and lid not in keep:
-                del self.l.leases[lid]
         now = time.monotonic()
+        for lid, lease in list(self.l.leases.items()):
+            # A lease granted after the front end took its list is not in it:
+            # Ray does not order calls to an async actor, so a renew can
+            # arrive after a grant it did not know of. Only older ones go.
+            if lease.frontend == frontend and lid not in keep and now - lease.granted_at > RENEW_GRACE:
+                del self.l.leases[lid]
         for fe, at in list(self.l.seen.items()):
             if now - at > LEASE_TTL:
                 del self.l.seen[fe]
