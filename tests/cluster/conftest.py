@@ -140,7 +140,7 @@ def cluster() -> Any:
     lc = LocalCluster(base / "c")
     h = Harness(base, lc, PolicyHolder(str(base / "policy.yaml")))
     try:
-        lc.start(hosts=("a", "b"))
+        lc.start(hosts=("a", "b"), attempts=5)  # Ray gives a raylet 30 s to register: a loaded machine misses it
         connect(lc.address)
         for host in ("a", "b"):
             h.start_agent(host)
