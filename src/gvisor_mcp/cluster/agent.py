@@ -218,7 +218,7 @@ class HostAgent:
         options = to_options(rs, self.config.ceilings, manager.config.default_resources,
                              self.config.workspace_root, self.images)
         if rs.workspace is not None:
-            self._ensure_workspace(rs.workspace, rs)
+            await self._ensure_workspace(rs.workspace, rs)
         try:
             res = manager.prepare(options)
         except InvalidOptionsError as e:
@@ -287,7 +287,7 @@ class HostAgent:
         options = to_options(rs, self.config.ceilings, manager.config.default_resources,
                              self.config.workspace_root, self.images)
         if rs.workspace is not None:
-            self._ensure_workspace(rs.workspace, rs)
+            await self._ensure_workspace(rs.workspace, rs)
         try:
             manager.warm(options, min(size, self.config.pool_size) if self.config.pool_size else size)
         except InvalidOptionsError:
@@ -310,14 +310,24 @@ class HostAgent:
             raise SpecRefused(f"agent {self.config.host} is not running (start() first, or it is stopping)")
         return self.manager, self.store
 
-    def _ensure_workspace(self, ws: WorkspaceRef, rs: RunSpec) -> None:
+    async def _ensure_workspace(self, ws: WorkspaceRef, rs: RunSpec) -> None:
+        """Mount the workspace; while a crashed predecessor's sandboxes still hold
+        its image (their loop device outlives the reap until their last runsc
+        process exits: slow on a loaded host), wait up to LEFTOVER_WAIT."""
         root = self.config.workspace_root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         uid, gid = (rs.user.uid, rs.user.gid) if rs.user else (0, 0)
-        try:
-            _workspace.ensure(root, ws.host_path(root), ws.size_mb, uid, gid, ws.scope)
-        except _workspace.WorkspaceError as e:
-            raise SpecRefused(f"the workspace could not be prepared on {self.config.host}: {e}") from None
+        deadline = time.monotonic() + LEFTOVER_WAIT
+        while True:
+            try:
+                _workspace.ensure(root, ws.host_path(root), ws.size_mb, uid, gid, ws.scope)
+                return
+            except _workspace.WorkspaceError as e:
+                # workspace.ensure's words for "a loop device we cannot see holds it"
+                if "outside this server's mount namespace" in str(e) and time.monotonic() < deadline:
+                    await anyio.sleep(1.0)
+                    continue
+                raise SpecRefused(f"the workspace could not be prepared on {self.config.host}: {e}") from None
 
 
 def _wait_detached(root: Path, wait: float) -> None:
