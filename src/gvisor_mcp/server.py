@@ -393,7 +393,7 @@ async def runtime(settings: Settings, policy: PolicyHolder) -> AsyncIterator[Run
                      reaped=reaped, recovered=recovered, policy_hash=policy.current.hash,
                      pool_size=settings.pool_size)
             metrics = Metrics()
-            metrics.watch(manager.active_containers, manager.pool.idle)
+            metrics.watch(manager.active_containers, manager.idle_pooled)
             jobs = Jobs(manager, store, audit, tg, metrics, shared=settings.multi_tenant)
             rt = Runtime(settings, policy, manager, store, audit, jobs, metrics)
             try:
