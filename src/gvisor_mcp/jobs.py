@@ -30,7 +30,7 @@ from .sandbox import (
     ContainerResult,
     ContainerStatus,
     InvalidOptionsError,
-    Manager,
+    ManagerAPI,
     ManagerClosedError,
     RunscError,
     SandboxError,
@@ -208,7 +208,7 @@ class CallRate:
 class Jobs:
     def __init__(
         self,
-        manager: Manager,
+        manager: ManagerAPI,
         store: ResultStore,
         audit: AuditLog,
         task_group: anyio.abc.TaskGroup,

@@ -281,7 +281,7 @@ def test_load_returns_a_new_policy_or_raises(tmp_path: Path) -> None:
 def test_hash_is_of_the_exact_bytes(tmp_path: Path) -> None:
     path = write(tmp_path, "version: 1\n")
     policy = load(path)
-    assert policy.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == policy.hash
+    assert policy.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == policy.sha256
     assert policy.source == str(path)
 
 

@@ -626,10 +626,6 @@ class Settings(_Section):
         return self.quotas.runs_per_minute
 
     @property
-    def foreground_seconds(self) -> float:
-        return self.foreground_limit
-
-    @property
     def head_bytes(self) -> int:
         return self.output.head
 

@@ -3,7 +3,7 @@
 import datetime as dt
 from typing import Annotated
 
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -13,7 +13,7 @@ from .models import ActiveCommand, ActiveList, ExecResult
 from .view import exec_result, render_text
 
 
-async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
+async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]:
     """List YOUR commands that are still running (background, or past the foreground
     limit): result_id, command, start time, elapsed time and granted limits, plus how
     many sandboxes this server runs in all and its maximum."""
@@ -46,7 +46,7 @@ async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
 def make_cancel_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
     async def cancel_command(
         result_id: Annotated[str, Field(description="From execute_command or list_active.")],
-        ctx: Context,
+        ctx: ToolContext,
     ) -> Annotated[CallToolResult, ExecResult]:
         """Kill one of YOUR running commands and return its final result (status killed).
         A command that already finished is returned as it ended."""

@@ -5,7 +5,7 @@ import time
 from typing import Annotated, Literal
 
 import anyio
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -32,7 +32,7 @@ Results of other callers are never visible ("not found")."""
 def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
     async def inspect_result(
         result_id: Annotated[str, Field(description="From execute_command.")],
-        ctx: Context,
+        ctx: ToolContext,
         stream: Annotated[Literal["stdout", "stderr"], Field(description="Which stream to page.")] = "stdout",
         offset: Annotated[int, Field(ge=0, description="First byte to return.")] = 0,
         length: Annotated[int, Field(gt=0, le=MAX_PAGE, description="How many bytes (max 262144).")] = 65536,

@@ -42,6 +42,7 @@ from mcp.types import (
 
 from .. import files
 from ..roots import NoSuchWorkspace, Root
+from .context import RequestContext, TenantState
 from .files import caller_roots
 from .render import safe_text
 
@@ -53,7 +54,7 @@ def uri_for(parts: tuple[str, ...], handle: str = "") -> str:
     return f"{SCHEME}://{handle}/" + quote("/".join(parts), safe="/")
 
 
-def _workspace_root(app: Any, ctx: Any, handle: str | None) -> tuple[Any, Root | None]:
+def _workspace_root(app: TenantState, ctx: RequestContext, handle: str | None) -> tuple[Any, Root | None]:
     try:
         _caller, settings, roots = caller_roots(app, ctx, handle, create=False)
     except (ToolError, NoSuchWorkspace) as e:
@@ -61,7 +62,7 @@ def _workspace_root(app: Any, ctx: Any, handle: str | None) -> tuple[Any, Root |
     return settings, next((r for r in roots if r.kind == "workspace"), None)
 
 
-async def list_resources(ctx: Any, params: PaginatedRequestParams) -> ListResourcesResult:
+async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
     app = ctx.lifespan_context
     settings, root = _workspace_root(app, ctx, None)
     if root is None:
@@ -86,7 +87,7 @@ async def list_resources(ctx: Any, params: PaginatedRequestParams) -> ListResour
     return ListResourcesResult(resources=out)
 
 
-async def list_templates(ctx: Any, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
+async def list_templates(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
     return ListResourceTemplatesResult(resource_templates=[
         ResourceTemplate(
             uri_template=f"{SCHEME}:///{{+path}}", name="workspace file",
@@ -96,7 +97,7 @@ async def list_templates(ctx: Any, params: PaginatedRequestParams) -> ListResour
     ])
 
 
-async def read_resource(ctx: Any, params: ReadResourceRequestParams) -> ReadResourceResult:
+async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
     app = ctx.lifespan_context
     uri = str(params.uri)
     split = urlsplit(uri)

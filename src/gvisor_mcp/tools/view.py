@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..results import StoredResult
+from .context import TenantState
 from .models import ExecResult
 from .render import excerpt
 
@@ -25,7 +26,7 @@ class SchemaFacts:
     max_pids: int | None
     head_bytes: int
     tail_bytes: int
-    foreground_seconds: float
+    foreground_limit: float
     workspace: str | None
     egress_text: str = "nothing"
 
@@ -54,7 +55,7 @@ def schema_facts(settings: Any) -> SchemaFacts:
         max_pids=settings.ceilings.max_pids,
         head_bytes=settings.output.head,
         tail_bytes=settings.output.tail,
-        foreground_seconds=settings.foreground_limit,
+        foreground_limit=settings.foreground_limit,
         workspace=settings.workspace.mount if settings.workspace.enabled else None,
         egress_text=settings.network.egress.rules().describe(),
     )
@@ -95,7 +96,7 @@ def _fmt(v: float | None, unit: str) -> str:
     return "no maximum" if v is None else f"{v:g}{unit}"
 
 
-def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> ExecResult:
+def exec_result(app: TenantState, stored: StoredResult | None, head: int, tail: int) -> ExecResult:
     """The structured result; stdout/stderr are the same excerpts the text shows."""
     if stored is None:  # evicted in the instant since it finished: say so
         raise LookupError("result no longer stored")
