@@ -23,6 +23,10 @@ its own session manager). The Gateway is the ASGI app Granian serves:
 5. Sessions: at most `max_sessions_per_tenant` per tenant and
    `max_sessions` in all (429 / 503 with what to do); one idle for
    `session_idle_timeout` is ended and its workspace freed.
+
+Why over ~400 lines: the gateway's checks (token, tenant, session binding,
+caps, body limits) are one request path read top to bottom; the Granian glue
+and responders are in asgi.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ past that (or with background=true) the call returns `running` and the job
 goes on in the server's task group, reachable by inspect_result,
 list_active and cancel_command. Every job ends in the result store, whatever
 happens to the request, the client or the Manager.
+
+Why over ~400 lines: admission (FairGate, CallRate), a job's life and its
+recording are one contract: every job ends in the store, whatever happens.
+Splitting would scatter the paths that guarantee it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ warm pool, sessions): the lifespan context every tool receives
 as gvisor_mcp.errors.Refusal and the tool layer turns them into what the
 agent reads (tools/refuse.py).
 
-Why longer than ~400 lines: the per-tenant state's workspace and warm-pool
+Why over ~400 lines: the per-tenant state's workspace and warm-pool
 bookkeeping are one concept (what a tenant holds on this host) and read
 best next to each other.
 """
