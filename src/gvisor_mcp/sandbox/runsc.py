@@ -4,6 +4,10 @@ Everything runsc-specific lives here: global flags, the foreground `run`
 (DESIGN.md: `runsc wait` loses the exit status after create/start, and
 detached sandboxes keep pipes open), kill/delete/list, and reading runsc's
 state directory to learn when the sandbox is running the command.
+
+Why over ~400 lines: the project's rule is ONE place that talks to runsc;
+the launcher (cgroup join, mount steps), the pipes and the boot watch are
+all part of how a runsc command line runs, so they stay with it.
 """
 
 from __future__ import annotations
