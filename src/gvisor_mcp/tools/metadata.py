@@ -71,8 +71,9 @@ def annotations(tool: str, *, egress: bool) -> ToolAnnotations:
 def instructions(tools: list[str], facts: Any, file_facts: Any) -> str:
     """The server's instructions for the tools in `tools`, under the caller's policy."""
     if facts.workspace:
-        keeps = (f"except files in the workspace ({facts.workspace})"
-                 + (" of the workspace id you pass" if file_facts.agent_workspaces else ""))
+        keeps = f"except files in the workspace ({facts.workspace})"
+        if file_facts.agent_workspaces:
+            keeps += " (a call without a session has one only when it passes a create_workspace id)"
     else:
         keeps = "(this policy mounts no workspace)"
     network = ", ".join(facts.networks)
