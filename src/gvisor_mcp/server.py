@@ -22,12 +22,6 @@ from .tools.files import file_facts
 from .tools.view import schema_facts
 
 SERVER_NAME = "gvisor-mcp"
-INSTRUCTIONS = (
-    "Runs shell commands for you, each in a NEW, isolated gVisor sandbox. Nothing carries "
-    "over between calls (no cd, no exported variables, no background processes, no "
-    "installed packages) except files in the workspace directory, when the policy mounts "
-    "one. Long output is cut to its head and tail; read the rest with inspect_result."
-)
 
 Lifespan = Callable[[MCPServer[TenantState]], AbstractAsyncContextManager[TenantState]]
 """Yields the tenant's state for as long as the server serves."""
@@ -42,8 +36,7 @@ def build_server(
     (roots.py: protocol 2026-07-28 has no sessions).
     """
     server = SafeServer(
-        name=SERVER_NAME,
-        instructions=INSTRUCTIONS,
+        name=SERVER_NAME,  # version, capabilities and instructions: tools/metadata.py
         lifespan=lifespan,
         log_level="WARNING",
     )

@@ -17,7 +17,7 @@ import subprocess
 import anyio
 import pytest
 
-from .conftest import BIN, run, structured, text
+from .conftest import BIN, full_receipt, run, structured, text
 
 pytestmark = pytest.mark.runsc
 
@@ -234,7 +234,7 @@ async def test_project_mount_round_trip(serve, tmp_path):
         s = structured(r)
         assert s["stdout"] == "from the host\nread me\nend\n", (s["stdout"], s["stderr"])
         assert "outside the project" not in s["stdout"] + s["stderr"]
-        mounts = {m["name"]: m for m in s["limits"]["entries"][-1]["granted"]}
+        mounts = {m["name"]: m for m in (await full_receipt(c, s["result_id"]))["entries"][-1]["granted"]}
         assert mounts["project"] == {"name": "project", "mount": "/project", "access": "read-write"}
         assert mounts["docs"]["access"] == "read-only" and mounts["workspace"]["kept"]
         # The file tools reach the project the same way, with the same refusals.

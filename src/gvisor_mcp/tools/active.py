@@ -10,12 +10,12 @@ from pydantic import Field
 
 from .inspect import _not_found
 from .models import ActiveCommand, ActiveList, ExecResult
-from .view import exec_result, render_text
+from .view import compact_receipt, exec_result, render_text
 
 
 async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]:
     """List YOUR commands that are still running (background, or past the foreground
-    limit): result_id, command, start time, elapsed time and granted limits, plus how
+    limit): result_id, command, start time, elapsed time and the limits it asked for, plus how
     many sandboxes this server runs in all and its maximum."""
     app = ctx.request_context.lifespan_context
     caller = app.caller(ctx)
@@ -28,7 +28,7 @@ async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]
                 command=j.command,
                 started_at=dt.datetime.fromtimestamp(j.started_at, dt.timezone.utc).isoformat(),
                 elapsed_ms=round(j.elapsed() * 1000),
-                limits=j.limits,
+                limits=compact_receipt(j.limits),
             )
             for j in jobs
         ],

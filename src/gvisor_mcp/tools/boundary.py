@@ -27,6 +27,7 @@ from ..errors import InfrastructureError, Refusal
 from ..runtime import TenantState
 from ..text import render
 from .context import ToolContext
+from .metadata import drop_unserved, server_options
 
 MAX_SHOWN_VALUE = 120
 """Characters of a refused argument's value quoted back (like PolicyDenied)."""
@@ -97,7 +98,12 @@ def _strict(model: type[BaseModel]) -> type[BaseModel]:
 
 
 class SafeServer(MCPServer[TenantState]):
-    """MCPServer with strict arguments and rendered results for every tool."""
+    """MCPServer with strict arguments and rendered results for every tool, and
+    only the capabilities this server implements (tools/metadata.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **server_options(kwargs))
+        drop_unserved(self._lowlevel_server)
 
     def add_tool(self, fn: Any, name: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().add_tool(fn, name, *args, **kwargs)

@@ -35,8 +35,8 @@ workspace directory{workspace}. Chain steps in one command (`cd dir && make && .
 or keep files in the workspace.
 
 Output: the result shows the first and last {head} bytes of stdout and of stderr;
-when more was written, a marker gives the exact inspect_result(result_id, stream,
-offset, length) call that reads the missing bytes. Exit codes are the command's;
+when more was written, a marker gives the inspect_result(result_id, stream, offset,
+length) call to send as written; go on from its next_offset for the rest. Exit codes are the command's;
 status says how it ended: exited, timed_out, oom_killed, killed, error, or running.
 Commands running longer than {foreground} s (or with background=true) return
 status "running" with a result_id: poll with inspect_result(wait_seconds=...),

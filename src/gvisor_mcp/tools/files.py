@@ -32,7 +32,7 @@ from ..roots import NoSuchWorkspace, Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
 from ..workspace import image_path
 from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
-from .render import safe_text
+from ..text import render_bytes
 
 DEFAULT_PAGE = 64 * 1024
 MAX_DEPTH = 16
@@ -159,7 +159,7 @@ def _iso(t: float) -> str:
 
 def _show(text: str) -> str:
     """A name from the tree (anything a command wrote) as inert text."""
-    return safe_text(text.encode("utf-8", "surrogateescape"))
+    return render_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 def _result(text: str, model: Any) -> CallToolResult:
@@ -207,7 +207,7 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
                                       lambda fd, parts, _s: files.read(fd, parts, offset, length))
         end = offset + len(got.data)
         if encoding == "text":
-            data = safe_text(got.data)
+            data = render_bytes(got.data)
             escaped = data.encode("utf-8", "surrogatepass") != got.data
         else:
             data, escaped = base64.b64encode(got.data).decode("ascii"), False

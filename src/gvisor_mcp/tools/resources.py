@@ -44,7 +44,7 @@ from .. import files
 from ..roots import NoSuchWorkspace, Root
 from .context import RequestContext, TenantState
 from .files import caller_roots
-from .render import safe_text
+from ..text import render_bytes
 
 SCHEME = "workspace"
 LIST_DEPTH = 16
@@ -80,7 +80,7 @@ async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) ->
         except UnicodeEncodeError:
             continue  # not UTF-8: no URI can name it; read_file/list_files show it escaped
         out.append(Resource(
-            uri=uri_for(e.path), name=safe_text("/".join(e.path).encode()),
+            uri=uri_for(e.path), name=render_bytes("/".join(e.path).encode()),
             mime_type=_mime(e.path[-1]), size=e.size,
             description=f"{posixpath.join(root.mount, *e.path)} in the workspace",
         ))
@@ -124,7 +124,7 @@ async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) 
         text = got.data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None and safe_text(got.data) == text:
+    if text is not None and render_bytes(got.data) == text:
         return ReadResourceResult(contents=[TextResourceContents(uri=uri, text=text, mime_type=mime or "text/plain")])
     return ReadResourceResult(contents=[BlobResourceContents(
         uri=uri, blob=base64.b64encode(got.data).decode("ascii"), mime_type=mime or "application/octet-stream",
