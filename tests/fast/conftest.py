@@ -23,10 +23,12 @@ import pytest
 from mcp import Client
 
 from gvisor_mcp.audit import AuditLog
+from gvisor_mcp.http import Gateway, HttpOptions
 from gvisor_mcp.jobs import Jobs
 from gvisor_mcp.metrics import Metrics
 from gvisor_mcp.results import ResultStore
 from gvisor_mcp.server import AppState, PolicyHolder, Runtime, Settings, build_server
+from gvisor_mcp.tokens import METRICS_ROLE, TokenFile
 
 from .fakes import FakeManager
 
@@ -92,9 +94,53 @@ class FastServer:
         kw.setdefault("mode", "legacy")
         return Client(self.server(tenant), **kw)
 
+    @contextlib.asynccontextmanager
+    async def gateway(self, **options: Any) -> AsyncIterator[HttpGateway]:
+        """The HTTP front (http.Gateway, the ASGI app Granian serves) with
+        tokens for alice, bob, a metrics token, and one for mallory, a tenant
+        the policy does not have; an httpx client calls it in-process."""
+        import httpx2
+
+        path = self.state / "tokens.yaml"
+        file = TokenFile.load(path)
+        tokens = {name: file.add(name) for name in ("alice", "bob", "mallory")}
+        tokens["metrics"] = file.add(METRICS_ROLE)
+        opts = HttpOptions(tokens_path=str(path), **options)
+        async with anyio.create_task_group() as tg:
+            gateway = Gateway(self.rt, TokenFile.load(path), opts, tg)
+            transport = httpx2.ASGITransport(app=gateway)
+            async with httpx2.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{opts.port}",
+                                          timeout=30) as http:
+                yield HttpGateway(gateway, http, tokens, f"http://127.0.0.1:{opts.port}/mcp")
+            tg.cancel_scope.cancel()
+
     def audit(self) -> list[dict[str, Any]]:
         path = self.state / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@dataclass
+class HttpGateway:
+    gateway: Gateway
+    http: Any
+    """an httpx2.AsyncClient on the gateway, in-process (ASGITransport)"""
+    tokens: dict[str, str]
+    url: str
+
+    def headers(self, who: str | None, **extra: str) -> dict[str, str]:
+        h = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", **extra}
+        if who is not None:
+            h["Authorization"] = f"Bearer {self.tokens[who]}"
+        return h
+
+    def client(self, who: str, **kw: Any) -> Client:
+        """The SDK's streamable HTTP client, in-process."""
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.gateway),
+                                  headers={"Authorization": f"Bearer {self.tokens[who]}"}, timeout=30)
+        return Client(streamable_http_client(self.url, http_client=http), **kw)
 
 
 @pytest.fixture
