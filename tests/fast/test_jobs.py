@@ -83,6 +83,9 @@ async def test_admission_counts_running_jobs_per_tenant(fast):
     async with fast() as srv:
         srv.fake.script("hold", block=True)
         job = start(srv, "hold")
+        with anyio.fail_after(10):
+            while srv.fake.active_run(job.result_id) is None:
+                await anyio.sleep(0.01)
         with pytest.raises(QuotaExceeded, match="max_concurrent=1"):
             srv.rt.jobs.admit("alice", 1)
         srv.rt.jobs.admit("bob", 1)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from gvisor_mcp.audit import AuditLog
 from gvisor_mcp.jobs import Job, Jobs
 from gvisor_mcp.results import ResultStore
@@ -85,6 +87,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_interleave_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     AuditLog(path).write(n=-1, writer="parent")
@@ -161,6 +164,7 @@ async def test_a_run_without_a_sandbox_is_audited_too(tmp_path: Path) -> None:
 # --- bounded: rotation, logrotate, throttled refusals ------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_log_rotates_and_never_holds_more_than_keep_plus_one_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, max_bytes=64 * 1024, keep=2)

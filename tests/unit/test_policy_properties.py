@@ -15,6 +15,8 @@ from gvisor_mcp.policy.resolve import workspace_host_path
 
 from ..images_helpers import store_with
 
+pytestmark = pytest.mark.slow  # hypothesis at full strength: seconds per test
+
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/srv/state/workspaces")
 IMAGES = store_with(Path(tempfile.mkdtemp(prefix="gvisor-mcp-test-images-")) / "images", "agent")

@@ -217,6 +217,7 @@ def test_the_size_limit_names_the_entry_that_crossed_it(tmp_path):
     assert e.value.entry == "b"
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_stops_at_the_limit(tmp_path):
     """100 MiB of zeros in ~100 KiB of gzip: refused when the header says so, before writing."""
     buf = io.BytesIO()
