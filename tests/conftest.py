@@ -67,7 +67,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     At the end of collection, so only what `-m`/`-k` kept counts."""
     reason = runsc_usable()
-    if reason is None:
+    if reason is None or session.testsfailed:  # a collection error already fails the run
         return
     needing = [i for i in session.items if needs_runsc(i)]
     if not needing:
