@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gvisor_mcp.sandbox.output import pump as _pump
 from gvisor_mcp.sandbox.output import BoundedCapture
+from gvisor_mcp.sandbox.output import pump as _pump
 
 MARK = b"@@gvisor-mcp-exit-0123456789abcdef@@"
 
@@ -28,7 +28,7 @@ class Chunks:
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
 
 
 @settings(max_examples=300)

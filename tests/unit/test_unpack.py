@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gvisor_mcp.images.unpack import UnpackError, Unpacker, UnpackLimits, clean_name
+from gvisor_mcp.images.unpack import Unpacker, UnpackError, UnpackLimits, clean_name
 
 from ..images_helpers import Entry, layer_tar
 
