@@ -16,6 +16,8 @@ from gvisor_mcp.images.unpack import Unpacker, UnpackError, UnpackLimits, clean_
 
 from ..images_helpers import Entry, layer_tar
 
+pytestmark = pytest.mark.runsc  # root: the unpacker gives every file its owner from the layer
+
 
 def unpack(root: Path, *layers: bytes, limits: UnpackLimits | None = None) -> Unpacker:
     root.mkdir(exist_ok=True)
