@@ -23,11 +23,13 @@ import pytest
 from mcp import Client
 
 from gvisor_mcp.audit import AuditLog
-from gvisor_mcp.http import Gateway, HttpOptions
+from gvisor_mcp.config import HttpOptions, ServeConfig
+from gvisor_mcp.http import Gateway
 from gvisor_mcp.jobs import Jobs
 from gvisor_mcp.metrics import Metrics
 from gvisor_mcp.results import ResultStore
-from gvisor_mcp.server import AppState, PolicyHolder, Runtime, Settings, build_server
+from gvisor_mcp.runtime import PolicyHolder, Runtime, TenantState
+from gvisor_mcp.server import build_server
 from gvisor_mcp.tokens import METRICS_ROLE, TokenFile
 
 from .fakes import FakeManager
@@ -74,19 +76,19 @@ class FastServer:
     state: Path
     policy_path: Path
 
-    def app(self, tenant: str = "default", *, over_http: bool = False) -> AppState:
+    def app(self, tenant: str = "default", *, over_http: bool = False) -> TenantState:
         return self.rt.app_for(tenant, session_from_request=over_http)
 
     def server(self, tenant: str = "default") -> Any:
-        """The MCPServer a stdio client of `tenant` talks to (its lifespan: one AppState)."""
+        """The MCPServer a stdio client of `tenant` talks to (its lifespan: one TenantState)."""
         app = self.app(tenant)
 
         @contextlib.asynccontextmanager
-        async def lifespan(_server: Any) -> AsyncIterator[AppState]:
+        async def lifespan(_server: Any) -> AsyncIterator[TenantState]:
             app.warm_pool()
             yield app
 
-        return build_server(self.rt.settings, self.rt.policy, tenant, lifespan=lifespan)
+        return build_server(self.rt.config, self.rt.policy, tenant, lifespan)
 
     def client(self, tenant: str = "default", **kw: Any) -> Client:
         """The SDK's in-memory client; legacy mode (initialize, then JSON-RPC
@@ -161,15 +163,16 @@ def fast(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager
         state.mkdir(exist_ok=True)
         fake = FakeManager()
         fake.config = fake.config.model_copy(update={"max_concurrent_containers": capacity})
-        settings = Settings(state_dir=state, manager=fake.config, pool_size=pool_size, multi_tenant=shared)
+        config = ServeConfig(state_dir=state, manager=fake.config, pool_size=pool_size,
+                             transport="http" if shared else "stdio")
         policy = PolicyHolder(str(policy_path))
         store = ResultStore(state)
         audit = AuditLog(state / "audit.jsonl")
         try:
             async with anyio.create_task_group() as tg:
                 metrics = Metrics()
-                jobs = Jobs(fake, store, audit, tg, metrics, shared=shared)  # type: ignore[arg-type]  # the fake stands in
-                rt = Runtime(settings, policy, fake, store, audit, jobs, metrics)  # type: ignore[arg-type]
+                jobs = Jobs(fake, store, audit, tg, metrics, shared=shared)
+                rt = Runtime(config, policy, fake, store, audit, jobs, metrics)
                 try:
                     yield FastServer(rt, fake, project, state, policy_path)
                 finally:

@@ -13,7 +13,7 @@ prints TEXT; anything else exits 127 saying it has no script). Output goes
 through the real BoundedCapture, so truncation flags and counts are the
 Manager's own; the caller's writers get the chunks as a real run streams
 them. It implements what the runtime calls on a Manager (the ManagerAPI
-protocol, sandbox/api.py once it lands; tests/fast/test_fake.py checks it).
+protocol, sandbox/api.py; tests/fast/test_fake.py checks it).
 """
 
 from __future__ import annotations
