@@ -446,10 +446,6 @@ async def serve_http(config: ServeConfig, policy: PolicyHolder, signals: Signals
         policy.reload()
         if gateway is None:
             return
-        try:
-            gateway.tokens = TokenFile.load(options.tokens_path)
-            log.info("tokens_reloaded", count=len(gateway.tokens.entries))
-        except ValueError as e:
-            log.error("tokens_reload_failed", error=str(e))
+        gateway.tokens = gateway.tokens.reload()
 
     await signals.guard(serve, on_reload=reload)

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import anyio
 import pytest
@@ -132,7 +133,7 @@ async def test_traversal_and_planted_symlinks_never_lead_out(serve, sandbox_base
     state = sandbox_base / "state"
     image = state / "workspaces" / ".images" / "default" / "named" / "default.img"
     mountpoint = state / "workspaces" / "default" / "named" / "default"
-    passwd = open("/etc/passwd", "rb").read()
+    passwd = Path("/etc/passwd").read_bytes()
     async with serve(*FAST) as c:
         await ok(c, "write_file", path="real.txt", content="mine\n")
         before = image.stat()
@@ -156,7 +157,7 @@ async def test_traversal_and_planted_symlinks_never_lead_out(serve, sandbox_base
         assert entries["/workspace/l2"]["type"] == "symlink" and entries["/workspace/l2"]["target"] == "/etc"
         assert (await ok(c, "delete_file", path="l1"))["removed"] == "symlink"
         assert (await ok(c, "read_file", path="real.txt"))["data"] == "mine\n"
-    assert open("/etc/passwd", "rb").read() == passwd
+    assert Path("/etc/passwd").read_bytes() == passwd
     after = image.stat()
     assert (after.st_size, after.st_mode) == (before.st_size, before.st_mode)
     assert not os.path.exists("/etc/evil") and not os.path.exists("/tmp/evil")

@@ -175,6 +175,7 @@ def test_huge_file_is_refused(tmp_path: Path) -> None:
         load(path)
 
 
+@pytest.mark.slow
 def test_deep_nesting_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(PolicyError, match="nest"):

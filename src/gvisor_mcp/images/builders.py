@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import oci, sources
 from .errors import ImageError
 from .store import ImageStore, StoredImage, Work, check_name
-from .unpack import UnpackError, Unpacker, UnpackLimits, human_size
+from .unpack import Unpacker, UnpackError, UnpackLimits, human_size
 from .watch import DiskWatch, term_with_parent
 
 Log = Callable[[str], None]

@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -303,7 +304,7 @@ class Runsc:
 
     def all_run_ids(self, prefix: str) -> set[str]:
         """Container ids (starting with `prefix`) of every runsc process on our root."""
-        ids = set()
+        ids: set[str] = set()
         needle_root = f"--root={self.root}".encode()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -406,7 +407,7 @@ class RunProcess:
         self._proc.terminate()
 
     def send_signal(self, sig: int) -> None:
-        self._proc.send_signal(sig)
+        self._proc.send_signal(signal.Signals(sig))
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
