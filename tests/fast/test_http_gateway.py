@@ -100,8 +100,9 @@ async def test_two_tenants_see_only_their_own(fast, mode):
             gw.client("bob", mode=mode) as b:
         srv.fake.script("sleep 60", block=True)
         mine = structured(await a.call_tool("execute_command", {"command": "echo alice"}))
-        assert mine["stdout"] == "alice\n" and mine["limits"]["tenant"] == "alice"
         rid = mine["result_id"]
+        receipt = structured(await a.call_tool("inspect_result", {"result_id": rid, "receipt": True}))
+        assert mine["stdout"] == "alice\n" and receipt["limits"]["tenant"] == "alice"
         theirs = await b.call_tool("inspect_result", {"result_id": rid})
         unknown = await b.call_tool("inspect_result", {"result_id": "res_" + "0" * 32})
         assert theirs.is_error and unknown.is_error

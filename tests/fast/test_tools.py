@@ -28,8 +28,11 @@ async def test_a_command_is_resolved_by_the_policy_run_and_reported(fast):
         assert set(s) == EXEC_FIELDS
         assert (s["status"], s["exit_code"], s["stdout"], s["stdout_bytes"]) == ("exited", 0, "hi\n", 3)
         assert s["result_id"].startswith("res_") and s["container_id"] == "fake-0001"
+        # The compact receipt: only what was requested (memory_mb, env), plus the policy hash.
         granted = {e["field"]: e["granted"] for e in s["limits"]["entries"]}
-        assert s["limits"]["tenant"] == "default" and granted["memory_mb"] == 256
+        assert granted == {"memory_mb": 256, "env": ["GREETING"]} and s["limits"]["policy_sha256"]
+        full = wire(await client.call_tool("inspect_result", {"result_id": s["result_id"], "receipt": True}))
+        assert full["structuredContent"]["limits"]["tenant"] == "default"
         [t] = [c["text"] for c in out["content"]]
         assert t.startswith("status=exited exit_code=0 ") and f"result_id={s['result_id']}" in t
         assert t.endswith("--- stdout ---\nhi\n")
