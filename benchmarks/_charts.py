@@ -64,7 +64,7 @@ def draw(m: dict, machine: str, outdir: Path = DOCS) -> list[Path]:
     if ts:
         fig, ax = plt.subplots(figsize=(8, 0.55 * len(ts) + 1.6))
         ys = list(range(len(ts)))[::-1]
-        for y, t in zip(ys, ts):
+        for y, t in zip(ys, ts, strict=True):
             ax.barh(y, t.ratio, color=GOOD if t.met else BAD, height=0.6)
             ax.plot([t.bound, t.bound], [y - 0.4, y + 0.4], color="black", linewidth=2)
             sign = "<=" if t.upper else ">="
@@ -87,7 +87,7 @@ def draw(m: dict, machine: str, outdir: Path = DOCS) -> list[Path]:
         ]))
     if panels:
         fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.3 * len(panels) + 0.8), squeeze=False)
-        for ax, (title, series) in zip(axes[:, 0], panels):
+        for ax, (title, series) in zip(axes[:, 0], panels, strict=True):
             labels = [name for name, _ in series]
             data = [xs for _, xs in series]
             ax.boxplot(data, vert=False, widths=0.5, showfliers=False)

@@ -25,8 +25,8 @@ if str(SRC) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(1, str(SRC))
 
 from gvisor_mcp.sandbox import ContainerOptions, ManagerConfig, NetworkMode, build_spec  # noqa: E402
-from gvisor_mcp.sandbox.runsc import Runsc  # noqa: E402
 from gvisor_mcp.sandbox.rootfs import host_system_entries, make_root  # noqa: E402
+from gvisor_mcp.sandbox.runsc import Runsc  # noqa: E402
 
 BASE = Path("/run/gvisor-mcp-bench")
 """Everything a benchmark creates lives under here (tests use /run/gvisor-mcp-test)."""
@@ -108,7 +108,7 @@ class Raw:
         for p in procs:
             p.wait()
         dt = time.perf_counter() - t
-        for p, (b, _) in zip(procs, bundles):
+        for p, (b, _) in zip(procs, bundles, strict=True):
             self.finish(p, b)
         return dt
 

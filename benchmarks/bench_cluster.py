@@ -74,7 +74,7 @@ async def measure(base: Path, calls: int, total: int, rounds: int) -> dict[str, 
     from gvisor_mcp.cluster.agent import AgentConfig, runsc_version, start_agent
     from gvisor_mcp.cluster.frontend import RayRunner, connect
     from gvisor_mcp.cluster.local import LocalCluster
-    from gvisor_mcp.server import PolicyHolder
+    from gvisor_mcp.runtime import PolicyHolder
 
     import ray
 

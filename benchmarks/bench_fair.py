@@ -36,7 +36,15 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, check_clean, common_args, emit, fresh_base, machine_line, med, ms, verdict,
+    CGROUP_PREFIX,
+    check_clean,
+    common_args,
+    emit,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    verdict,
 )
 
 TITLE = "Fair share under a saturating tenant"

@@ -24,7 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX,
+    RAW_CGROUP,
+    Raw,
+    bench_main,
+    check_clean,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    verdict,
 )
 
 from gvisor_mcp import files, workspace  # noqa: E402

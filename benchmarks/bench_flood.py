@@ -25,8 +25,19 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms,
-    p90, reset_peak_rss, status_kib, verdict,
+    CGROUP_PREFIX,
+    RAW_CGROUP,
+    Raw,
+    bench_main,
+    check_clean,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    reset_peak_rss,
+    status_kib,
+    verdict,
 )
 from bench_mcp import TENANT, bench_policy, server_params, server_pid  # noqa: E402
 

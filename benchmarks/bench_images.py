@@ -17,7 +17,6 @@ with the same root filesystem; and how long building and pulling take.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -32,7 +31,17 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, Raw, check_cold_warm_clean, common_args, emit, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX,
+    Raw,
+    check_cold_warm_clean,
+    common_args,
+    emit,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    verdict,
 )
 
 from gvisor_mcp import logs  # noqa: E402
@@ -95,7 +104,7 @@ class Registry:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise SystemExit("docker-registry did not start")
+                    raise SystemExit("docker-registry did not start") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

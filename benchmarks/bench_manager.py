@@ -23,7 +23,16 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, Raw, bench_main, check_cold_warm_clean, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX,
+    Raw,
+    bench_main,
+    check_cold_warm_clean,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    verdict,
 )
 
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402

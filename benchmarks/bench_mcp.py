@@ -32,8 +32,23 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, RAW_CGROUP, Raw, check_clean, cmdline, common_args, emit, fresh_base, machine_line,
-    med, ms, p90, pss_kib, runsc_processes, server_pid, status_kib, verdict,
+    CGROUP_PREFIX,
+    RAW_CGROUP,
+    Raw,
+    check_clean,
+    cmdline,
+    common_args,
+    emit,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    pss_kib,
+    runsc_processes,
+    server_pid,
+    status_kib,
+    verdict,
 )
 
 from gvisor_mcp import logs  # noqa: E402

@@ -31,7 +31,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, Raw, bench_main, check_clean, fresh_base, machine_line, med, ms, p90, verdict,
+    CGROUP_PREFIX,
+    Raw,
+    bench_main,
+    check_clean,
+    fresh_base,
+    machine_line,
+    med,
+    ms,
+    p90,
+    verdict,
 )
 
 from gvisor_mcp.network import EgressRules, NetworkConfig, NetworkService  # noqa: E402

@@ -37,14 +37,20 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CGROUP_PREFIX, check_clean, common_args, emit, fresh_base, machine_line, med,
+    CGROUP_PREFIX,
+    check_clean,
+    common_args,
+    emit,
+    fresh_base,
+    machine_line,
+    med,
 )
 
 from gvisor_mcp import logs  # noqa: E402
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig  # noqa: E402
 from gvisor_mcp.sandbox import container as container_mod  # noqa: E402
-from gvisor_mcp.sandbox.container import Container  # noqa: E402
 from gvisor_mcp.sandbox.cgroups import Cgroup  # noqa: E402
+from gvisor_mcp.sandbox.container import Container  # noqa: E402
 from gvisor_mcp.sandbox.runsc import BootWatch, Runsc  # noqa: E402
 
 TITLE = "Where the time goes (profile)"
@@ -368,11 +374,11 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
     busy = [sum(v for k, v in c.items() if not k.startswith("idle")) or 1 for c, _ in columns]
     for b in all_b:
         cells = []
-        for (c, runs), tot in zip(columns, busy):
+        for (c, runs), tot in zip(columns, busy, strict=True):
             cells.append(f"{c.get(b, 0) * 2 / runs:.1f} ({100 * c.get(b, 0) / tot:.0f}%)")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines.append("| **busy, all buckets** | " + " | ".join(
-        f"**{tot * 2 / runs:.1f}**" for (_, runs), tot in zip(columns, busy)) + " |")
+        f"**{tot * 2 / runs:.1f}**" for (_, runs), tot in zip(columns, busy, strict=True)) + " |")
     lines.append("| idle (event loop waiting), share of the main thread's samples | " + " | ".join(
         f"{100 * sum(v for k, v in c.items() if k.startswith('idle')) / (sum(c.values()) or 1):.0f}%"
         for c, _ in columns) + " |")
@@ -388,7 +394,7 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         "| command | execs after start | command + sandbox shutdown, median ms |",
         "|---|---:|---:|",
     ]
-    for (label, argv), count in zip(EXEC_VARIANTS, (0, 1, 2)):
+    for (label, _argv), count in zip(EXEC_VARIANTS, (0, 1, 2), strict=True):
         lines.append(f"| {label} | {count} | {execs[label] * 1000:.1f} |")
     metrics = {name: {"wall_ms": med(r["wall"]) * 1000, "phases_ms": {k: v * 1000 for k, v in r["phases"].items()},
                       "cpu_self_ms": r["cpu_self"] * 1000, "cpu_children_ms": r["cpu_children"] * 1000,
@@ -399,9 +405,8 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
 
 
 async def server_profile(base: Path, n: int, spy_dir: Path) -> tuple[Counter, list[float]]:
-    from mcp import Client
-
     from bench_mcp import bench_policy, call_true, server_params, server_pid, wait_pool_full
+    from mcp import Client
 
     policy = base / "policy.yaml"
     policy.write_text(bench_policy())

@@ -18,13 +18,18 @@ run's leaves, not those of another test run on the same host."""
 
 
 OPT_OUT = "GVISOR_MCP_TESTS_WITHOUT_RUNSC"
-"""Set to 1 to run what can run without runsc or root (unit tests) and skip
-the rest, explicitly. Without it, selecting a test that needs them on a
-machine that lacks them is an error: a green run must mean the sandbox
-suite ran."""
+"""Set to 1 to run what can run without runsc or root and skip the rest,
+explicitly. Without it, selecting a test that needs them on a machine that
+lacks them is an error: a green run must mean the sandbox suite ran. Tests
+deselected with `-m "not runsc"` are not selected: the fast set needs
+neither the opt-out nor root."""
 
 ROOT_FIXTURES = {"sandbox_base", "small_tmpfs", "internet"}
 """Fixtures that need root (and, for sandbox_base and internet, runsc)."""
+
+RUNSC_DIRS = {"integration", "protocol", "adversarial", "images"}
+"""Directories of tests/ whose every test needs root, runsc or the host's
+sandbox and image tools: marked `runsc` here, whatever their own markers say."""
 
 
 def runsc_usable() -> str | None:
@@ -36,13 +41,35 @@ def runsc_usable() -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+def needs_runsc(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker("runsc")) or bool(ROOT_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `runsc` every test that needs root or runsc (by directory, or by the
+    fixtures it uses), before `-m` selects: `-m "not runsc"` is then the set
+    that runs anywhere, as any user."""
+    tests = Path(__file__).parent
+    for item in items:
+        try:
+            top = item.path.relative_to(tests).parts[0]
+        except ValueError:
+            continue
+        if top in RUNSC_DIRS or ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.runsc)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
     """Fail the run, clearly, when selected tests need runsc or root and this
-    machine has neither; skip them only when GVISOR_MCP_TESTS_WITHOUT_RUNSC=1."""
+    machine has neither; skip them only when GVISOR_MCP_TESTS_WITHOUT_RUNSC=1.
+
+    At the end of collection, so only what `-m`/`-k` kept counts."""
     reason = runsc_usable()
-    if reason is None:
+    if reason is None or session.testsfailed:  # a collection error already fails the run
         return
-    needing = [i for i in items if i.get_closest_marker("runsc") or ROOT_FIXTURES & set(i.fixturenames)]
+    needing = [i for i in session.items if needs_runsc(i)]
     if not needing:
         return
     if os.environ.get(OPT_OUT) == "1":
@@ -51,8 +78,9 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
         return
     raise pytest.UsageError(
         f"{len(needing)} of the selected tests need runsc and root, and here: {reason}. "
-        "Run the suite as root after scripts/setup.sh (which installs runsc), or set "
-        f"{OPT_OUT}=1 to run only what works without them (not a full test run)."
+        "Run the suite as root after scripts/setup.sh (which installs runsc); run only the "
+        "tests that need neither with `pytest -m \"not runsc\"`, or set "
+        f"{OPT_OUT}=1 to skip the others (neither is a full test run)."
     )
 
 

@@ -126,7 +126,7 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gvisor-mcp test CA")])
     ca = (
@@ -190,17 +190,19 @@ def start(workdir: Path) -> Internet:
         packages = workdir / "packages"
         packages.mkdir(exist_ok=True)
         build_wheel(packages)
-        web = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, str(SERVER), net.web, str(cert), str(key)],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "web.log", "wb"),
-        )
+        with open(workdir / "web.log", "wb") as web_log:  # the child keeps its own copy of the fd
+            web = subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, str(SERVER), net.web, str(cert), str(key)],
+                stdout=subprocess.DEVNULL, stderr=web_log,
+            )
         net.procs.append(web)
         pypi_bin = Path(sys.executable).with_name("pypi-server")
-        pypi = subprocess.Popen(
-            ["ip", "netns", "exec", netns, str(pypi_bin), "run", "-i", net.pypi, "-p", "80",
-             "--disable-fallback", "-a", ".", "-P", ".", str(packages)],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "pypi.log", "wb"),
-        )
+        with open(workdir / "pypi.log", "wb") as pypi_log:
+            pypi = subprocess.Popen(
+                ["ip", "netns", "exec", netns, str(pypi_bin), "run", "-i", net.pypi, "-p", "80",
+                 "--disable-fallback", "-a", ".", "-P", ".", str(packages)],
+                stdout=subprocess.DEVNULL, stderr=pypi_log,
+            )
         net.procs.append(pypi)
         _wait_port(netns, net.web, 80, web)
         _wait_port(netns, net.web, 443, web)

@@ -24,6 +24,10 @@ for a symlink while we walk. The rules:
   keeps its owner and mode unless a mode is given.
 
 No MCP and no policy here: tools/files.py maps paths and limits onto this.
+
+Why over ~400 lines: every operation here relies on the same openat2
+resolution and its fallback; kept together so the safety rules above are
+checked against all of them at once.
 """
 
 from __future__ import annotations

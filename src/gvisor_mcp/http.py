@@ -23,35 +23,40 @@ its own session manager). The Gateway is the ASGI app Granian serves:
 5. Sessions: at most `max_sessions_per_tenant` per tenant and
    `max_sessions` in all (429 / 503 with what to do); one idle for
    `session_idle_timeout` is ended and its workspace freed.
+
+Why over ~400 lines: the gateway's checks (token, tenant, session binding,
+caps, body limits) are one request path read top to bottom; the Granian glue
+and responders are in asgi.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+
+from . import startup
+from .asgi import Receive, Scope, Send, respond, respond_bytes, serve_asgi
+from .config import HttpOptions, ServeConfig, is_loopback
 from .lifecycle import Signals
 from .metrics import CONTENT_TYPE_LATEST
 from .policy import UnknownTenant
-from .server import AppState, PolicyHolder, Runtime, Settings, build_server, runtime
+from .runtime import PolicyHolder, Runtime, TenantState, start_runtime
+from .server import build_server
 from .tokens import METRICS_ROLE, TokenFile
 
 log = structlog.get_logger("gvisor_mcp.http")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SESSION_HEADER = b"mcp-session-id"
 DRAIN_LIMIT = 64 * 1024 * 1024
@@ -59,72 +64,24 @@ DRAIN_LIMIT = 64 * 1024 * 1024
 size so the client can read its 413; larger ones get the 413 at once."""
 
 
-@dataclass(frozen=True)
-class HttpOptions:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    tokens_path: str = ""
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    behind_tls_proxy: bool = False
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 4 * 1024 * 1024
-    body_timeout: float = 30.0
-    header_timeout: float = 10.0
-    """A request head must arrive within this (also: how long a kept-alive connection may idle)."""
-    max_connections: int = 512
-    """Connections open at once; more wait in the kernel's listen backlog."""
-    session_idle_timeout: float = 1800.0
-    max_sessions: int = 256
-    max_sessions_per_tenant: int = 16
-
-    def check(self) -> None:
-        """Refuse configurations that would expose tokens in clear text."""
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if not _is_loopback(self.host) and not self.tls_cert and not self.behind_tls_proxy:
-            raise ValueError(
-                f"refusing to listen on {self.host} without TLS: bearer tokens would cross the network "
-                "in clear text. Pass --tls-cert/--tls-key, or --behind-tls-proxy when a proxy in front "
-                "terminates TLS, or bind to 127.0.0.1"
-            )
-        for name in ("header_timeout", "body_timeout", "session_idle_timeout"):
-            if not 0 < getattr(self, name) <= 86400:
-                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 86400 seconds")
-        for name in ("max_connections", "max_sessions", "max_sessions_per_tenant"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.tokens_path:
-            raise ValueError("--tokens FILE is required with --transport http (create it with `gvisor-mcp token add TENANT`)")
-
-    def security(self) -> Any:
-        from mcp.server.transport_security import TransportSecuritySettings
-
-        hosts = [f"127.0.0.1:{self.port}", f"localhost:{self.port}", f"[::1]:{self.port}"]
-        if not _is_loopback(self.host) and self.host not in ("0.0.0.0", "::"):
-            hosts.append(f"{self.host}:{self.port}")
-        scheme = "https" if self.tls_cert or self.behind_tls_proxy else "http"
-        origins = [f"{scheme}://{h}" for h in hosts]
-        return TransportSecuritySettings(
-            enable_dns_rebinding_protection=True,
-            allowed_hosts=[*hosts, *self.allowed_hosts],
-            allowed_origins=[*origins, *self.allowed_origins],
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def transport_security(options: HttpOptions) -> TransportSecuritySettings:
+    """The SDK's Host/Origin checks (421/403) for where we listen, plus the extras."""
+    port = options.port
+    hosts = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
+    if not is_loopback(options.host) and options.host not in ("0.0.0.0", "::"):
+        hosts.append(f"{options.host}:{port}")
+    scheme = "https" if options.tls_cert or options.behind_tls_proxy else "http"
+    origins = [f"{scheme}://{h}" for h in hosts]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*hosts, *options.allowed_hosts],
+        allowed_origins=[*origins, *options.allowed_origins],
+    )
 
 
 @dataclass
 class TenantHost:
-    app: AppState
+    app: TenantState
     asgi: Any
 
 
@@ -168,7 +125,7 @@ class Gateway:
             return
         tenant = self.tokens.tenant_for(_bearer(scope))
         if tenant is None:
-            await _respond(send, 401, {
+            await respond(send, 401, {
                 "error": "unauthorized",
                 "message": "a valid bearer token is required: `Authorization: Bearer <token>`; "
                 "the operator creates one with `gvisor-mcp token add TENANT`",
@@ -177,21 +134,21 @@ class Gateway:
         path = scope.get("path", "")
         if path == "/metrics":
             if tenant != METRICS_ROLE:
-                await _respond(send, 403, {"error": "forbidden", "message": "/metrics needs a metrics token "
+                await respond(send, 403, {"error": "forbidden", "message": "/metrics needs a metrics token "
                                            "(`gvisor-mcp token add --metrics`)"})
                 return
-            await _respond_bytes(send, 200, self.rt.metrics.exposition(), CONTENT_TYPE_LATEST.encode())
+            await respond_bytes(send, 200, self.rt.metrics.exposition(), CONTENT_TYPE_LATEST.encode())
             return
         if path.rstrip("/") != "/mcp":
-            await _respond(send, 404, {"error": "not found", "message": "the MCP endpoint is /mcp"})
+            await respond(send, 404, {"error": "not found", "message": "the MCP endpoint is /mcp"})
             return
         if tenant == METRICS_ROLE:
-            await _respond(send, 403, {"error": "forbidden", "message": "a metrics token cannot call tools"})
+            await respond(send, 403, {"error": "forbidden", "message": "a metrics token cannot call tools"})
             return
         try:
             self.rt.policy.current.tenant(tenant)
         except UnknownTenant:
-            await _respond(send, 403, {"error": "forbidden", "message": f"tenant {tenant!r} of this token is "
+            await respond(send, 403, {"error": "forbidden", "message": f"tenant {tenant!r} of this token is "
                                        "not in the policy; ask the operator"})
             return
         await self._mcp(tenant, scope, receive, send)
@@ -206,7 +163,7 @@ class Gateway:
         if external is not None:
             session = self.sessions.get(external)
             if session is None or session.tenant != tenant:
-                await _respond(send, 404, {"jsonrpc": "2.0", "id": None,
+                await respond(send, 404, {"jsonrpc": "2.0", "id": None,
                                            "error": {"code": -32001, "message": "Session not found"}})
                 return
             scope = _with_header(scope, SESSION_HEADER, session.internal)
@@ -217,7 +174,7 @@ class Gateway:
                 self._admit(tenant)
             except SessionLimit as e:
                 log.warning("http_session_refused", tenant=tenant, reason=e.message)
-                await _respond(send, e.status, {"jsonrpc": "2.0", "id": None,
+                await respond(send, e.status, {"jsonrpc": "2.0", "id": None,
                                                 "error": {"code": -32000, "message": e.message}},
                                extra=[(b"retry-after", b"60")])
                 return
@@ -261,7 +218,7 @@ class Gateway:
                     received += len(message.get("body", b""))
                     if message["type"] != "http.request" or not message.get("more_body"):
                         break
-        await _respond(send, 413, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
+        await respond(send, 413, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
             f"request body of {declared} bytes is larger than this server accepts "
             f"(--max-body-bytes {self.options.max_body_bytes}); send less"
         )}}, extra=[(b"connection", b"close")])
@@ -349,13 +306,13 @@ class Gateway:
         app = self.rt.app_for(tenant, session_from_request=True)
 
         @contextlib.asynccontextmanager
-        async def lifespan(_server: Any) -> AsyncIterator[AppState]:
+        async def lifespan(_server: MCPServer[TenantState]) -> AsyncIterator[TenantState]:
             yield app
 
-        server = build_server(self.rt.settings, self.rt.policy, tenant, lifespan=lifespan, over_http=True)
+        server = build_server(self.rt.config, self.rt.policy, tenant, lifespan, over_http=True)
         asgi = server.streamable_http_app(
             streamable_http_path="/mcp",
-            transport_security=self.options.security(),
+            transport_security=transport_security(self.options),
             max_request_body_size=self.options.max_body_bytes,
             session_idle_timeout=self.options.session_idle_timeout * 2,  # ours ends them first
             max_sessions=self.options.max_sessions_per_tenant,
@@ -461,122 +418,20 @@ def _bounded(receive: Receive, timeout: float) -> Receive:
     return wrapped
 
 
-async def _respond(send: Send, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    await _respond_bytes(send, status, json.dumps(body).encode(), b"application/json", extra)
+def serve(config: ServeConfig) -> int:
+    """`gvisor-mcp serve --transport http`: start-up checks, then serve_http."""
+    return startup.serve(config, serve_http)
 
 
-async def _respond_bytes(
-    send: Send, status: int, body: bytes, content_type: bytes, extra: list[tuple[bytes, bytes]] = ()  # type: ignore[assignment]
-) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-HEADER_TIMEOUT = 10.0
-MAX_CONNECTIONS = 512
-
-
-async def serve_asgi(
-    app: Any, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS, tls_cert: str | None = None, tls_key: str | None = None,
-) -> None:
-    """Serve `app` with Granian, embedded in this event loop, until cancelled.
-
-    Why Granian and not uvicorn: uvicorn has no timeout on reading a
-    request's head (its keep-alive timer is disarmed by every byte received,
-    and `limit_concurrency` only answers 503 once a head is complete), so 200
-    clients sending headers a byte at a time held 200 connections forever
-    (issue 14, finding 8). Granian (hyper underneath) has all three limits
-    as its own settings:
-
-    - `header_read_timeout`: the whole request head must arrive within it,
-      counted from the connection's start and again whenever a kept-alive
-      connection goes idle (so it is the keep-alive idle limit too);
-    - `backpressure`: connections open at once; past it, new ones wait in
-      the kernel's listen backlog (no fd, no task) until one closes;
-    - HTTP/1.1 only (MCP clients speak it; no h2 stream limits to tune).
-
-    (Hypercorn also times out a request head, through its keep-alive timer,
-    but has no connection cap.) Granian is started and stopped here, not by
-    its own signal handling: signals are the server's (lifecycle.py).
-    """
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
-    from granian.server.embed import Server
-
-    server = Server(
-        app,
-        address=host,
-        port=port,
-        interface=Interfaces.ASGINL,  # no ASGI lifespan: the Runtime is ours
-        http=HTTPModes.http1,
-        websockets=False,
-        backlog=1024,
-        backpressure=max_connections,
-        http1_settings=HTTP1Settings(header_read_timeout=int(header_timeout * 1000), keep_alive=True),
-        log_level=LogLevels.error,
-        log_dictconfig=_GRANIAN_LOGS,
-        ssl_cert=Path(tls_cert) if tls_cert else None,
-        ssl_key=Path(tls_key) if tls_key else None,
-    )
-    done = anyio.Event()
-
-    async def run() -> None:
-        try:
-            with anyio.CancelScope(shield=True):  # stopped below, never cut half-way
-                await server.serve()
-        finally:
-            done.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        try:
-            await done.wait()  # it ends by itself only on a failure (e.g. the port is taken)
-            raise RuntimeError(f"the HTTP server on {host}:{port} stopped")
-        finally:
-            server.stop()
-            with anyio.CancelScope(shield=True):
-                await done.wait()
-
-
-_GRANIAN_LOGS = {
-    # Granian's default handlers write to stdout: never there (stdio's MCP channel).
-    "handlers": {
-        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
-        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
-    },
-}
-
-
-async def serve_metrics(metrics: Any, port: int) -> None:
-    """stdio's --metrics-port: /metrics on loopback only, no token (one local user)."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        if scope.get("path") != "/metrics":
-            await _respond(send, 404, {"error": "not found", "message": "only /metrics is served here"})
-            return
-        await _respond_bytes(send, 200, metrics.exposition(), CONTENT_TYPE_LATEST.encode())
-
-    await serve_asgi(app, "127.0.0.1", port, max_connections=64)
-
-
-async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOptions, signals: Signals) -> None:
+async def serve_http(config: ServeConfig, policy: PolicyHolder, signals: Signals) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy and the tokens file."""
-    # A tenant's MCP server is built at its first request; import what that
-    # needs before listening, so the first request does not pay seconds of imports.
-    from mcp.server.mcpserver import MCPServer  # noqa: F401
-
-    from .tools import register_tools  # noqa: F401
-
+    options = config.http
+    assert options is not None, "serve_http needs config.http"
     gateway: Gateway | None = None
 
     async def serve() -> None:
         nonlocal gateway
-        async with runtime(settings, policy) as rt, anyio.create_task_group() as tg:
+        async with start_runtime(config, policy) as rt, anyio.create_task_group() as tg:
             gateway = Gateway(rt, TokenFile.load(options.tokens_path), options, tg)
             tg.start_soon(gateway.expire_idle_sessions)
             log.info("http_listening", host=options.host, port=options.port, tls=bool(options.tls_cert),
@@ -591,10 +446,6 @@ async def serve_http(settings: Settings, policy: PolicyHolder, options: HttpOpti
         policy.reload()
         if gateway is None:
             return
-        try:
-            gateway.tokens = TokenFile.load(options.tokens_path)
-            log.info("tokens_reloaded", count=len(gateway.tokens.entries))
-        except ValueError as e:
-            log.error("tokens_reload_failed", error=str(e))
+        gateway.tokens = gateway.tokens.reload()
 
     await signals.guard(serve, on_reload=reload)

@@ -5,6 +5,10 @@ past that (or with background=true) the call returns `running` and the job
 goes on in the server's task group, reachable by inspect_result,
 list_active and cancel_command. Every job ends in the result store, whatever
 happens to the request, the client or the Manager.
+
+Why over ~400 lines: admission (FairGate, CallRate), a job's life and its
+recording are one contract: every job ends in the store, whatever happens.
+Splitting would scatter the paths that guarantee it.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ from .audit import AuditLog
 from .metrics import Metrics
 from .network import ConnectionEvent, EgressGrant, EgressRules
 from .results import ResultStore, StoreUnavailable
-from .runner import HostLost, JobRunner, LocalRunner, RunRefused
+from .runner import HostLost, JobRunner, RunRefused, as_runner
 from .sandbox import (
     ContainerOptions,
     ContainerResult,
     ContainerStatus,
     InvalidOptionsError,
-    Manager,
+    ManagerAPI,
     ManagerClosedError,
     RunscError,
     SandboxError,
@@ -209,7 +213,7 @@ class CallRate:
 class Jobs:
     def __init__(
         self,
-        manager: Manager | JobRunner,
+        manager: ManagerAPI | JobRunner,
         store: ResultStore,
         audit: AuditLog,
         task_group: anyio.abc.TaskGroup,
@@ -219,11 +223,10 @@ class Jobs:
     ) -> None:
         """`shared`: the server serves several tenants (HTTP): admission then
         keeps a slot for a tenant below its fair share (FairGate reserve)."""
-        self.manager = manager
-        self.runner: JobRunner = manager if isinstance(manager, JobRunner) else LocalRunner(manager)
+        self.runner: JobRunner = as_runner(manager)
         """Where jobs run: this host's Manager, or a cluster (runner.py)."""
         self.metrics = metrics
-        self.gate = FairGate(manager.config.max_concurrent_containers, reserve=1 if shared else 0)
+        self.gate = FairGate(self.runner.config.max_concurrent_containers, reserve=1 if shared else 0)
         self.store = store
         self.audit = audit
         self.rate = CallRate()
@@ -279,7 +282,7 @@ class Jobs:
         self._retry_unstored()
         rid = self.store.new_id()
         holding = hold(rid) if hold is not None else None
-        cap = options.resources.merged_over(self.manager.config.default_resources).max_output_bytes
+        cap = options.resources.merged_over(self.runner.config.default_resources).max_output_bytes
         job = Job(
             result_id=rid,
             tenant=tenant,
@@ -288,7 +291,7 @@ class Jobs:
             command_bytes=len(command.encode("utf-8", "surrogatepass")),
             command_sha256=command_sha256(command),
             limits=limits,
-            timeout=options.resources.timeout or self.manager.config.default_resources.timeout,
+            timeout=options.resources.timeout or self.runner.config.default_resources.timeout,
             holding=holding,
         )
         try:
@@ -335,7 +338,8 @@ class Jobs:
             with anyio.CancelScope() as job.scope:
                 await self.gate.acquire(job.tenant)
                 try:
-                    result = await self.runner.run_job(job, options)
+                    result = await self.runner.run_job(options, run_id=job.result_id, tenant=job.tenant,
+                                                       session=job.session)
                 finally:
                     self.gate.release(job.tenant)
             if result is not None:
@@ -506,8 +510,8 @@ class Jobs:
             del self._unstored[rid]
 
     async def cancel(self, job: Job) -> None:
-        if not await self.runner.kill_job(job):
+        if not await self.runner.kill_job(job.result_id):
             if job.scope is not None:
                 job.scope.cancel()
-        with anyio.move_on_after(self.manager.config.kill_grace * 3):
+        with anyio.move_on_after(self.runner.config.kill_grace * 3):
             await job.done.wait()

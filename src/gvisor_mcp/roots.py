@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from . import files
+from .policy import Project
+from .policy.effective import mount_clash
+from .policy.model import NAME_EXPECTED, NAME_RE
 
 CREATED_PREFIX = "ws_"
 MAX_CREATED = 16
@@ -150,17 +153,13 @@ PROJECT_MOUNT = "/project"
 """Where `serve --project DIR` mounts DIR (read-write), in commands and for the file tools."""
 
 
-def stdio_places(args: Any, effective: Any) -> tuple[str, dict[str, Any]]:
-    """`serve --workspace NAME` and `--project DIR`: (workspace name, projects
-    by name); ValueError when they cannot mean anything (over HTTP, or
-    against the tenant's `effective` policy)."""
-    from .policy import Project
-    from .policy.effective import mount_clash
-    from .policy.model import NAME_EXPECTED, NAME_RE
-
-    workspace_name, projects = DEFAULT_WORKSPACE, {}
-    http = getattr(args, "transport", "stdio") == "http"
-    name = getattr(args, "workspace", None)
+def stdio_places(config: Any, effective: Any) -> dict[str, Any]:
+    """Check `serve --workspace NAME` and `--project DIR` (a config.ServeConfig)
+    against the tenant's `effective` policy; the projects by name. ValueError
+    when they cannot mean anything (over HTTP, or against the policy)."""
+    projects: dict[str, Any] = {}
+    http = config.transport == "http"
+    name = config.workspace
     if name is not None:
         if http:
             raise ValueError("--workspace is for stdio; over HTTP each session (or create_workspace) has its own")
@@ -172,8 +171,7 @@ def stdio_places(args: Any, effective: Any) -> tuple[str, dict[str, Any]]:
                 f"{effective.name!r} is " + ("disabled" if not effective.workspace.enabled else
                 "shared by the tenant (workspace.scope: tenant)") + "; leave --workspace out"
             )
-        workspace_name = name
-    project = getattr(args, "project", None)
+    project = config.project_dir
     if project is not None:
         if http:
             raise ValueError("--project is for stdio; over HTTP, name projects in the policy (projects:)")
@@ -189,7 +187,7 @@ def stdio_places(args: Any, effective: Any) -> tuple[str, dict[str, Any]]:
         if clash:
             raise ValueError(f"--project: {clash}; move the policy's mount elsewhere")
         projects = extra
-    return workspace_name, projects
+    return projects
 
 
 __all__ = [

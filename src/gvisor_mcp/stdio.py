@@ -26,7 +26,17 @@ from io import TextIOWrapper
 from typing import Any
 
 import anyio
+import mcp_types
 import structlog
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.message import SessionMessage
+
+from . import startup
+from .asgi import serve_metrics
+from .config import ServeConfig
+from .lifecycle import Signals
+from .runtime import PolicyHolder, TenantState, start_runtime
+from .server import build_server
 
 log = structlog.get_logger("gvisor_mcp.stdio")
 
@@ -136,8 +146,6 @@ class LineReader:
 
     async def _parse(self, line: bytearray) -> Any:
         """The message, or None once the client was answered with an error."""
-        import mcp_types
-
         try:
             message = _message_adapter().validate_json(line, by_name=False)
         except ValueError as e:
@@ -206,8 +214,6 @@ INVALID_PARAMS = -32602
 
 
 def _message_adapter() -> Any:
-    import mcp_types
-
     return mcp_types.jsonrpc_message_adapter
 
 
@@ -257,14 +263,39 @@ async def claimed_stdio() -> AsyncIterator[tuple[LineReader, Any]]:
         out.close()
 
 
-async def serve_stdio(server: Any) -> None:
+def serve(config: ServeConfig) -> int:
+    """`gvisor-mcp serve` (stdio): start-up checks, then one tenant until stdin ends."""
+    return startup.serve(config, _serve)
+
+
+async def _serve(config: ServeConfig, policy: PolicyHolder, signals: Signals) -> None:
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer[TenantState]) -> AsyncIterator[TenantState]:
+        """The runtime, for this process's one tenant (and --metrics-port beside it)."""
+        async with start_runtime(config, policy) as rt, anyio.create_task_group() as side:
+            if config.metrics_port:
+                side.start_soon(serve_metrics, rt.metrics, config.metrics_port)
+            app = rt.app_for(config.tenant)
+            app.warm_pool()
+            policy.listeners.append(app.warm_pool)
+            try:
+                yield app
+            finally:
+                policy.listeners.remove(app.warm_pool)
+                side.cancel_scope.cancel()
+
+    server = build_server(config, policy, config.tenant, lifespan)
+    # serve_stdio returns when stdin ends; a stop signal cancels it. Either
+    # way the lifespan (start_runtime()) cleans up, shielded, before this returns.
+    await signals.guard(lambda: serve_stdio(server), on_reload=policy.reload)
+
+
+async def serve_stdio(server: MCPServer[Any]) -> None:
     """Run an MCPServer on the claimed stdio until stdin ends or we are cancelled.
 
     The SDK's `stdio_server()` parses each line itself; here LineReader has
     parsed it already, so the messages go to the server as they are.
     """
-    from mcp.shared.message import SessionMessage
-
     lowlevel = server._lowlevel_server
     async with claimed_stdio() as (stdin, stdout):
         to_server, from_stdin = anyio.create_memory_object_stream[Any](0)

@@ -20,7 +20,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import yaml
+
+log = structlog.get_logger("gvisor_mcp.tokens")
 
 TOKEN_PREFIX = "gmcp_"
 METRICS_ROLE = "@metrics"
@@ -72,6 +75,17 @@ class TokenFile:
                 )
             entries.append(Entry(row["sha256"].lower(), row["tenant"], str(row.get("created", ""))))
         return cls(path, tuple(entries))
+
+    def reload(self) -> TokenFile:
+        """SIGHUP: the file as it is now; this one, unchanged, when the new file
+        is broken (logged: the server keeps serving the tokens it had)."""
+        try:
+            fresh = TokenFile.load(self.path)
+        except (ValueError, OSError) as e:  # TokenFileError, undecodable bytes, unreadable
+            log.error("tokens_reload_failed", path=str(self.path), error=str(e))
+            return self
+        log.info("tokens_reloaded", count=len(fresh.entries))
+        return fresh
 
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant (or METRICS_ROLE) of `token`, or None; constant time in the match."""

@@ -36,6 +36,10 @@ Life cycle:
 The mounts are `nosuid,nodev` (inside the sandbox the bind is nosuid/nodev
 too) and `discard`, so files deleted in the workspace give their blocks back
 to the host.
+
+Why over ~400 lines: mkfs, loop mounts, the holders' locks and stale-mount
+cleanup are one resource's lifecycle; its locking is only correct read as a
+whole.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import workspace as _workspace
+from .paths import default_state_dir
 from .policy.units import format_bytes
 
 
@@ -55,8 +56,6 @@ def find(root: Path) -> list[Found]:
 
 
 def _state(args: argparse.Namespace) -> Path:
-    from .server import default_state_dir
-
     return (Path(args.state_dir) if args.state_dir else default_state_dir()) / "workspaces"
 
 

@@ -115,7 +115,7 @@ async def test_network_none_reaches_no_public_address_no_host_listener_and_not_t
             s = await ok(c, f"python3 - <<'EOF'\n{probe}\nEOF")
             got = json.loads(s["stdout"])
             assert got.pop("own loopback") == "CONNECTED"
-            assert "RESOLVED" != got.pop("dns")
+            assert got.pop("dns") != "RESOLVED"
             for target, outcome in got.items():
                 assert "CONNECTED" not in outcome, (target, outcome)
             await anyio.sleep(0.5)  # let the listener's thread see anything in flight

@@ -227,8 +227,8 @@ HOSTILE_LINES = {
 
 async def _send_raw(server, arguments: str) -> int:
     server._next += 1
-    line = ('{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"execute_command","arguments":%s}}\n'
-            % (server._next, arguments))
+    line = (f'{{"jsonrpc":"2.0","id":{server._next},"method":"tools/call",'
+            f'"params":{{"name":"execute_command","arguments":{arguments}}}}}\n')
     await server.process.stdin.send(line.encode())
     return server._next
 

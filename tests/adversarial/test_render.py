@@ -149,9 +149,30 @@ async def test_results_name_the_policy_by_hash_and_file_name_never_its_path(serv
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
         r = await run(c, command="true")
         s = structured(r)
-        assert s["limits"]["policy_source"] == "team.yaml"
         assert len(s["limits"]["policy_sha256"]) == 64
         assert str(tmp_path) not in json.dumps(s) and str(tmp_path) not in text(r)
         with anyio.fail_after(60):
-            page = await c.call_tool("inspect_result", {"result_id": s["result_id"]})
-        assert str(tmp_path) not in json.dumps(structured(page))
+            page = await c.call_tool("inspect_result", {"result_id": s["result_id"], "receipt": True})
+        assert structured(page)["limits"]["policy_source"] == "team.yaml"
+        assert str(tmp_path) not in json.dumps(structured(page)) and str(tmp_path) not in text(page)
+
+
+async def test_file_tools_show_hostile_names_and_contents_rendered(serve):
+    """Names and bytes a command wrote reach the client through the file tools
+    (list_files, read_file, delete_file) rendered like command output."""
+    async with serve("--pool-size", "0") as c:
+        made = await run(c, command=f"cd /workspace && printf '{HOSTILE_PRINTF}\\n' > \"$(printf 'n\\033]0;T\\007\\342\\200\\256x')\"")
+        assert structured(made)["exit_code"] == 0, text(made)
+        listing = await c.call_tool("list_files", {"path": "/workspace"})
+        listed = assert_inert(listing)
+        [entry] = [e for e in structured(listing)["entries"] if e["path"].startswith("/workspace/n")]
+        assert entry["path"] == "/workspace/n\\x1b]0;T\\x07\\u202ex" and entry["path"] in listed
+        # The content, read as text: every hostile piece escaped, in the text and the data.
+        await run(c, command="cd /workspace && cp n* plain.txt")
+        page = await c.call_tool("read_file", {"path": "plain.txt"})
+        shown = assert_inert(page)
+        assert structured(page)["escaped"]
+        for piece in SHOWN:
+            assert piece in structured(page)["data"] and piece in shown, piece
+        deleted = await c.call_tool("delete_file", {"path": "plain.txt"})
+        assert_inert(deleted)

@@ -8,7 +8,6 @@ the command (so a bigger input would end the same way, only later).
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import anyio

@@ -132,7 +132,7 @@ def cluster() -> Any:
 
     from gvisor_mcp.cluster.frontend import connect
     from gvisor_mcp.cluster.local import LocalCluster, ray_processes
-    from gvisor_mcp.server import PolicyHolder
+    from gvisor_mcp.runtime import PolicyHolder
 
     base = TEST_BASE / f"ray-{uuid.uuid4().hex[:6]}"
     base.mkdir(parents=True)

@@ -242,15 +242,17 @@ async def test_agents_with_another_runsc_or_a_failing_canary_get_no_runs(cluster
 async def test_the_server_runtime_runs_jobs_on_agents(cluster):
     """The front end's Jobs layer through the seam: policy-resolved options
     run on an agent; the result row is here, the output is read from there."""
-    from gvisor_mcp.cluster.serve import RayBackend
     from gvisor_mcp.cluster.agent import runsc_version
+    from gvisor_mcp.cluster.serve import preflight
+    from gvisor_mcp.config import ServeConfig
     from gvisor_mcp.policy import ExecRequest, resolve
-    from gvisor_mcp.server import Settings, runtime
+    from gvisor_mcp.runtime import start_runtime
 
-    settings = Settings(tenant="bob", state_dir=cluster.base / "fe2", pool_size=0,
-                        backend=RayBackend(cluster.lc.address, runsc_version("runsc")))
-    assert settings.backend.preflight()[0]
-    async with runtime(settings, cluster.policy) as rt:
+    settings = ServeConfig(tenant="bob", state_dir=cluster.base / "fe2", pool_size=0, backend="ray",
+                           ray_address=cluster.lc.address, expect_runsc_version=runsc_version("runsc"))
+    assert preflight(settings)[0]
+    async with start_runtime(settings, cluster.policy) as rt:
+        assert rt.jobs.runner is rt.manager and rt.jobs.runner.capacity() > 0  # the agents' capacity
         resolved = resolve(cluster.policy.current, ExecRequest(command="seq 1 3000; echo err >&2"), "bob",
                            workspace_root=settings.state_dir / "workspaces", session_id="s1")
         job = rt.jobs.start(tenant="bob", session="s1", command="seq", options=resolved.options,

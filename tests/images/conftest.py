@@ -236,8 +236,8 @@ def push(layout: Path, tag: str, registry: str, repo: str) -> str:
     return ref
 
 
-def write_policy(path: Path, text: str) -> Path:
-    path.write_text(text)
+def write_policy(path: Path, body: str) -> Path:
+    path.write_text(body)
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import time
 import anyio
 import pytest
 
-from gvisor_mcp.sandbox import ContainerOptions, ContainerStatus, Manager
+from gvisor_mcp.sandbox import ContainerOptions, Manager
 
-from ..conftest import CGROUP_PARENT, leftovers
+from ..conftest import leftovers
 from .conftest import make_config
 
 pytestmark = pytest.mark.runsc

@@ -6,7 +6,6 @@ test's private runsc root, bundle directory and cgroup parent are empty.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -31,6 +31,11 @@ async def run(client, **args):
     return await client.call_tool("execute_command", args)
 
 
+async def full_receipt(client, result_id: str) -> dict:
+    """A result's whole limits receipt (results carry only the requested part)."""
+    return structured(await client.call_tool("inspect_result", {"result_id": result_id, "receipt": True}))["limits"]
+
+
 def server_params(base: Path, *extra: str, state_dir: Path | None = None, env: dict | None = None) -> StdioServerParameters:
     return StdioServerParameters(
         command=str(BIN),

@@ -13,11 +13,12 @@ import json
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import anyio
 import pytest
 
-from .conftest import BIN, run, structured, text
+from .conftest import BIN, full_receipt, run, structured, text
 
 pytestmark = pytest.mark.runsc
 
@@ -132,7 +133,7 @@ async def test_traversal_and_planted_symlinks_never_lead_out(serve, sandbox_base
     state = sandbox_base / "state"
     image = state / "workspaces" / ".images" / "default" / "named" / "default.img"
     mountpoint = state / "workspaces" / "default" / "named" / "default"
-    passwd = open("/etc/passwd", "rb").read()
+    passwd = Path("/etc/passwd").read_bytes()
     async with serve(*FAST) as c:
         await ok(c, "write_file", path="real.txt", content="mine\n")
         before = image.stat()
@@ -156,7 +157,7 @@ async def test_traversal_and_planted_symlinks_never_lead_out(serve, sandbox_base
         assert entries["/workspace/l2"]["type"] == "symlink" and entries["/workspace/l2"]["target"] == "/etc"
         assert (await ok(c, "delete_file", path="l1"))["removed"] == "symlink"
         assert (await ok(c, "read_file", path="real.txt"))["data"] == "mine\n"
-    assert open("/etc/passwd", "rb").read() == passwd
+    assert Path("/etc/passwd").read_bytes() == passwd
     after = image.stat()
     assert (after.st_size, after.st_mode) == (before.st_size, before.st_mode)
     assert not os.path.exists("/etc/evil") and not os.path.exists("/tmp/evil")
@@ -234,7 +235,7 @@ async def test_project_mount_round_trip(serve, tmp_path):
         s = structured(r)
         assert s["stdout"] == "from the host\nread me\nend\n", (s["stdout"], s["stderr"])
         assert "outside the project" not in s["stdout"] + s["stderr"]
-        mounts = {m["name"]: m for m in s["limits"]["entries"][-1]["granted"]}
+        mounts = {m["name"]: m for m in (await full_receipt(c, s["result_id"]))["entries"][-1]["granted"]}
         assert mounts["project"] == {"name": "project", "mount": "/project", "access": "read-write"}
         assert mounts["docs"]["access"] == "read-only" and mounts["workspace"]["kept"]
         # The file tools reach the project the same way, with the same refusals.

@@ -24,7 +24,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
-from .conftest import BIN
+from .conftest import BIN, full_receipt
 
 pytestmark = pytest.mark.runsc
 
@@ -200,7 +200,7 @@ async def test_two_tenants_see_only_their_own(http_server, mode):
             tg.start_soon(call, "alice", a)
             tg.start_soon(call, "bob", b)
         assert results["alice"]["stdout"] == "alice\n" and results["bob"]["stdout"] == "bob\n"
-        assert results["alice"]["limits"]["tenant"] == "alice"
+        assert (await full_receipt(a, results["alice"]["result_id"]))["tenant"] == "alice"
         # Results: each inspects its own; the other's id is "not found", like a random one.
         rid = results["alice"]["result_id"]
         assert (await a.call_tool("inspect_result", {"result_id": rid})).structured_content["data"] == "alice\n"

@@ -19,8 +19,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
 from ..adversarial.conftest import server_pids
+from ..conftest import CGROUP_PARENT, leftovers, workspace_leftovers
 from .conftest import BIN
 from .test_lifecycle import RawServer, serve_argv, until_running, wait_exit
 

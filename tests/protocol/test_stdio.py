@@ -31,6 +31,8 @@ def tool_listing(tools) -> list[dict]:
             "description": t.description,
             "inputSchema": t.input_schema,
             "outputSchema": t.output_schema,
+            "annotations": t.annotations.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if t.annotations else None,
         }
         for t in sorted(tools, key=lambda t: t.name)
     ]

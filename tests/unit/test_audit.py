@@ -10,7 +10,6 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from gvisor_mcp.audit import AuditLog
 from gvisor_mcp.jobs import Job, Jobs
@@ -85,6 +86,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_interleave_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     AuditLog(path).write(n=-1, writer="parent")
@@ -130,7 +132,7 @@ async def test_a_finished_run_writes_one_line_with_the_promised_fields(tmp_path:
     store, audit, rid = finish_run(tmp_path, result, "exited", None)
     try:
         (entry,) = lines(audit.path)
-        assert PROMISED <= entry.keys()
+        assert entry.keys() >= PROMISED
         assert entry["tenant"] == "alice" and entry["command"] == "make test"
         assert entry["policy_hash"] == "sha256:feed" and entry["decision"] == "allowed"
         assert entry["status"] == "exited" and entry["exit_code"] == 2
@@ -161,6 +163,7 @@ async def test_a_run_without_a_sandbox_is_audited_too(tmp_path: Path) -> None:
 # --- bounded: rotation, logrotate, throttled refusals ------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_log_rotates_and_never_holds_more_than_keep_plus_one_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, max_bytes=64 * 1024, keep=2)
@@ -224,9 +227,8 @@ def test_throttled_lines_say_how_many_were_left_out(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_never_raises_and_the_lines_are_written_once_there_is_room(small_tmpfs: Path) -> None:
-    from tests.conftest import fill_disk
-
     from gvisor_mcp.audit import AuditUnavailable
+    from tests.conftest import fill_disk
 
     path = small_tmpfs / "audit.jsonl"
     log = AuditLog(path)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import io
+import ipaddress
 
 import pytest
 from hypothesis import given
@@ -75,6 +75,7 @@ def test_narrowing_never_widens():
     assert rules.narrowed(["*.a.pythonhosted.org"]).allows_name("x.a.pythonhosted.org", 443)
 
 
+@pytest.mark.slow
 @given(st.from_regex(r"[a-z]{1,8}(\.[a-z]{1,8}){0,3}", fullmatch=True), st.integers(1, 65535))
 def test_a_narrowed_list_allows_nothing_the_original_does_not(name, port):
     rules = EgressRules(allow=["*.example.org", "pypi.org"])

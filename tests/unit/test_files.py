@@ -82,6 +82,7 @@ def test_reads_a_regular_file_in_pages(tree: Path) -> None:
     assert (first.data, rest.data, past.data, first.size) == (b"hel", b"lo\n", b"", 6)
 
 
+@pytest.mark.runsc  # root: makes a device node
 def test_a_fifo_socket_or_device_is_an_error_at_once(tree: Path) -> None:
     """O_NONBLOCK + fstat: a FIFO with no writer would block a plain open() forever."""
     sock = socket.socket(socket.AF_UNIX)

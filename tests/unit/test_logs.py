@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 CHILD = textwrap.dedent(
     """
     import structlog
@@ -27,6 +29,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_an_exception_is_logged_with_its_traceback_as_one_json_line() -> None:
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "", r.stderr  # stdout is the MCP channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ def capture(chunks, limit):
     return cap, seen
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=30), st.integers(min_value=0, max_value=700))
 def test_head_and_tail_property(chunks, limit):

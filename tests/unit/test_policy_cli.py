@@ -23,6 +23,7 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.runsc  # root: the image store's unpack gives files their owners
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_policies_pass_check(path: Path, tmp_path: Path) -> None:
     """Against a state directory whose image store has the images they name."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -10,15 +11,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gvisor_mcp.images.store import ImageStore
 from gvisor_mcp.policy import ExecRequest, PolicyDenied, PolicyError, load, loads, resolve
 from gvisor_mcp.policy.resolve import workspace_host_path
 
 from ..images_helpers import store_with
 
+# Hypothesis at full strength (seconds per test), and the image store's unpack
+# gives files their owners (root only).
+pytestmark = [pytest.mark.slow, pytest.mark.runsc]
+
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/srv/state/workspaces")
-IMAGES = store_with(Path(tempfile.mkdtemp(prefix="gvisor-mcp-test-images-")) / "images", "agent")
-"""A real store holding the store images the shipped policies name."""
+
+
+@functools.cache
+def images() -> ImageStore:
+    """A real store holding the store images the shipped policies name (made
+    once, when a test first needs it)."""
+    return store_with(Path(tempfile.mkdtemp(prefix="gvisor-mcp-test-images-")) / "images", "agent")
 
 POLICIES = {
     path.name: load(path) for path in sorted((REPO / "policies").glob("*.yaml"))
@@ -69,7 +80,7 @@ def test_any_request_stays_within_the_tenants_policy(
     policy = POLICIES[policy_name]
     s = policy.tenant(tenant)
     try:
-        r = resolve(policy, request, tenant, workspace_root=ROOT, session_id=session, images=IMAGES)
+        r = resolve(policy, request, tenant, workspace_root=ROOT, session_id=session, images=images())
     except PolicyDenied as e:
         assert str(e).startswith("Policy denied ") and e.field
         return
@@ -84,7 +95,7 @@ def test_any_request_stays_within_the_tenants_policy(
     assert image in s.images.allowed
     entry = s.images.catalog.get(image)
     if entry is not None and entry.store is not None:
-        stored = IMAGES.get(entry.store)
+        stored = images().get(entry.store)
         assert (r.options.rootfs, r.receipt.image_digest) == (stored.rootfs, stored.digest)
     else:
         assert r.options.rootfs == (None if image == "host" else entry.path)

@@ -55,7 +55,7 @@ def test_defaults_fill_everything() -> None:
     assert r.receipt.policy_sha256 == policy.sha256
     assert r.receipt.notes == ()
     assert (r.output.head, r.output.tail, r.quotas.max_concurrent, r.foreground_limit) == (4096, 4096, 4, 45.0)
-    assert (r.settings.head_bytes, r.settings.max_concurrent, r.settings.foreground_seconds) == (4096, 4, 45.0)
+    assert (r.settings.head_bytes, r.settings.max_concurrent, r.settings.foreground_limit) == (4096, 4, 45.0)
     # the options pass the sandbox's own validation again
     assert ContainerOptions.model_validate(o.model_dump()) == o
 

@@ -113,16 +113,19 @@ def test_format_duration(s: float, text: str) -> None:
     assert format_duration(s) == text
 
 
+@pytest.mark.slow
 @given(st.integers(min_value=0, max_value=2**50))
 def test_bytes_round_trip(n: int) -> None:
     assert parse_bytes(format_bytes(n)) == n
 
 
+@pytest.mark.slow
 @given(st.integers(min_value=1, max_value=2**20))
 def test_mib_round_trip(n: int) -> None:
     assert parse_mib(format_mib(n)) == n
 
 
+@pytest.mark.slow
 @given(st.integers(min_value=1, max_value=10**7) | st.floats(min_value=0.001, max_value=10**6))
 def test_duration_round_trip(s: float) -> None:
     assert parse_duration(format_duration(s)) == pytest.approx(s)

@@ -68,3 +68,17 @@ async def test_doctor_names_a_missing_runsc_and_how_to_get_it():
     assert "not found" in checks["runsc"].detail and "setup.sh" in checks["runsc"].detail
     assert "runsc version" not in checks
     assert checks["platform"].ok
+
+
+def test_manager_satisfies_the_protocol_the_runtime_is_written_against():
+    from gvisor_mcp.sandbox import ManagerAPI
+
+    assert isinstance(Manager(ManagerConfig()), ManagerAPI)
+
+
+def test_sandbox_errors_slot_under_the_package_family():
+    from gvisor_mcp.errors import GvisorMcpError, InfrastructureError, Refusal
+
+    assert issubclass(SandboxBaseError, GvisorMcpError)
+    assert issubclass(InvalidOptionsError, Refusal) and issubclass(ManagerClosedError, Refusal)
+    assert issubclass(RunscError, InfrastructureError) and not issubclass(RunscError, Refusal)

@@ -234,6 +234,7 @@ def pages(store: ResultStore, rid: str, stream: str, page: int) -> tuple[bytes, 
     chunks=st.lists(st.binary(max_size=700), max_size=8),
     page=st.integers(min_value=1, max_value=5000),
 )
+@pytest.mark.slow
 def test_pages_reassemble_the_stream(shared_store: ResultStore, chunks: list[bytes], page: int) -> None:
     stream = b"".join(chunks)
     rid = begin(shared_store)
@@ -398,6 +399,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_crashed_servers_run_is_reported_as_error_after_restart(state: Path) -> None:
     state.mkdir(parents=True)
     child = subprocess.Popen(
@@ -557,6 +559,7 @@ def test_a_long_run_is_not_evicted_for_its_age(state: Path, clock: Clock) -> Non
     ),
     budget=st.integers(0, 5 * ROW),
 )
+@pytest.mark.slow
 def test_eviction_keeps_each_tenants_newest_results_within_budget(
     runs: list[tuple[str, int, int]], budget: int
 ) -> None:

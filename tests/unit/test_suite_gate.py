@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,7 +34,8 @@ def test_selecting_runsc_tests_without_runsc_fails_clearly() -> None:
     r = pytest_without_runsc("tests/integration/test_manager.py", "-k", "test_echo")
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "need runsc and root, and here: runsc not installed" in out, out
+    reason = "runsc not installed" if os.geteuid() == 0 else "needs root"
+    assert f"need runsc and root, and here: {reason}" in out, out
     assert "GVISOR_MCP_TESTS_WITHOUT_RUNSC=1" in out
 
 
@@ -38,6 +43,13 @@ def test_the_opt_out_skips_them_explicitly() -> None:
     r = pytest_without_runsc("tests/integration/test_manager.py", "-k", "test_echo", opt_out=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 skipped" in r.stdout, r.stdout
+
+
+def test_deselecting_them_needs_neither_the_opt_out_nor_runsc() -> None:
+    r = pytest_without_runsc("tests/integration/test_manager.py", "tests/fast/test_tokens.py",
+                             "-m", "not runsc", "-k", "test_echo or reload")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 passed" in r.stdout and "deselected" in r.stdout and "skipped" not in r.stdout, r.stdout
 
 
 def test_unit_tests_alone_need_neither() -> None:

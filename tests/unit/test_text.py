@@ -57,6 +57,7 @@ def test_known_sequences(raw: str, shown: str) -> None:
     assert is_safe(shown)
 
 
+@pytest.mark.slow
 def test_every_unsafe_code_point_of_this_unicode_database_is_escaped() -> None:
     """The class in text.py is written out (no 0x110000-code-point scan at import);
     this checks it against unicodedata, so a new Python's Unicode update shows up here."""
@@ -120,6 +121,7 @@ def test_a_long_command_keeps_its_head_size_and_sha256() -> None:
     assert len(out.encode()) < COMMAND_KEPT_BYTES + 150
 
 
+@pytest.mark.slow
 @settings(max_examples=200)
 @given(st.text(min_size=1), st.integers(1, 64))
 def test_the_cut_never_splits_a_character_and_stays_bounded(text: str, keep: int) -> None:

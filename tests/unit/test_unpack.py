@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gvisor_mcp.images.unpack import UnpackError, Unpacker, UnpackLimits, clean_name
+from gvisor_mcp.images.unpack import Unpacker, UnpackError, UnpackLimits, clean_name
 
 from ..images_helpers import Entry, layer_tar
+
+pytestmark = pytest.mark.runsc  # root: the unpacker gives every file its owner from the layer
 
 
 def unpack(root: Path, *layers: bytes, limits: UnpackLimits | None = None) -> Unpacker:
@@ -217,6 +219,7 @@ def test_the_size_limit_names_the_entry_that_crossed_it(tmp_path):
     assert e.value.entry == "b"
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_stops_at_the_limit(tmp_path):
     """100 MiB of zeros in ~100 KiB of gzip: refused when the header says so, before writing."""
     buf = io.BytesIO()

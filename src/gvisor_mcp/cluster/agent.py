@@ -21,6 +21,10 @@ The class itself knows nothing of Ray (tests and the CLI can use it
 directly); `actor_options` and `start_agent` make it a Ray actor pinned to
 its node by the custom resource `gvisor_mcp_host_<name>`, with retries off:
 Ray never re-runs a call on an agent (at most once).
+
+Why over ~400 lines: a host's reaping of its predecessor, its re-check of
+every spec and its at-most-once run bookkeeping are one contract with the
+front end; split, the at-most-once argument would span files.
 """
 
 from __future__ import annotations

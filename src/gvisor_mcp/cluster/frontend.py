@@ -15,6 +15,10 @@ ours. Bound: the run's timeout + 2 x kill grace + LOST_MARGIN; Ray itself
 reports a killed node in ~2 s and a frozen one in ~6 s (docs/scale-out.md).
 
 Front ends know nothing of each other: they share agents and the coordinator.
+
+Why over ~400 lines: placement, leases, host_lost detection and remote
+paging share the in-flight table and its placements database; they are one
+contract (at most once, never a lost result) and read best together.
 """
 
 from __future__ import annotations
@@ -115,14 +119,6 @@ class RemoteRun:
     lease: str | None = None
 
 
-class _NoPool:
-    """Warm pools live on the agents; the server's metrics see none here."""
-
-    @staticmethod
-    def idle() -> int:
-        return 0
-
-
 class RayRunner:
     """Places jobs on agents. Use inside `async with` (it polls agents and renews leases)."""
 
@@ -143,7 +139,6 @@ class RayRunner:
         # capacity is enforced by the coordinator, so the local gate is wide.
         self.config = ManagerConfig(max_concurrent_containers=4096, kill_grace=kill_grace)
         self.agents: dict[str, Agent] = {}
-        self.pool = _NoPool()
         self._active: dict[str, RemoteRun] = {}
         self._closed = False
         self._warm: tuple[Any, int] | None = None
@@ -269,11 +264,20 @@ class RayRunner:
     def active_runs(self) -> list[RemoteRun]:
         return list(self._active.values())
 
-    async def run_job(self, job: Any, options: ContainerOptions) -> ContainerResult:
-        return await self.run(options, run_id=job.result_id, tenant=job.tenant, session=job.session)
+    def capacity(self) -> int:
+        """What the healthy agents can run at once (their own max_concurrent_containers)."""
+        return sum(self.usable_hosts().values())
 
-    async def kill_job(self, job: Any) -> bool:
-        return await self.kill(job.result_id)
+    def idle_pooled(self) -> int:
+        """Warm pools live on the agents; the server's metrics see none here."""
+        return 0
+
+    async def run_job(self, options: ContainerOptions, *, run_id: str, tenant: str,
+                      session: str | None) -> ContainerResult:
+        return await self.run(options, run_id=run_id, tenant=tenant, session=session)
+
+    async def kill_job(self, run_id: str) -> bool:
+        return await self.kill(run_id)
 
     def warm(self, template: ContainerOptions, size: int) -> None:
         """Agents keep their own warm pools for this shape (one template per front end)."""

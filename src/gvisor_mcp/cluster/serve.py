@@ -1,55 +1,42 @@
 """`gvisor-mcp serve --backend ray --ray-address ADDR`: the front end as a Ray driver.
 
 Everything above the Jobs layer is today's server (tokens, policy, quotas,
-tools); `RayBackend` only swaps where a job runs (RayRunner) and where its
-output is read from (ClusterResultStore). This process never runs a
-sandbox: with no healthy agent, runs are refused, never run here.
+tools); with `ServeConfig.backend == "ray"`, `runtime.start_runtime` swaps
+where a job runs (frontend.RayRunner) and where its output is read from
+(frontend.ClusterResultStore). This process never runs a sandbox: with no
+healthy agent, runs are refused, never run here. `startup.serve` calls
+what is here (lazily: ray is an optional extra).
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-from typing import Any
 
 import structlog
 
+from ..config import ServeConfig
 from .agent import runsc_version
-from .frontend import ClusterResultStore, RayRunner, connect
+from .frontend import connect
 
 log = structlog.get_logger("gvisor_mcp.cluster.serve")
 
 
-class RayBackend:
-    def __init__(self, address: str, expected_runsc_version: str | None) -> None:
-        self.address = address
-        self.expected = expected_runsc_version
-
-    def preflight(self) -> tuple[bool, str]:
-        """Join the cluster (token auth) before serving: say so when it fails."""
-        try:
-            connect(self.address)
-        except ConnectionError as e:
-            return False, str(e)
-        return True, f"joined the Ray cluster at {self.address}"
-
-    def open_store(self, state_dir: Path) -> ClusterResultStore:
-        return ClusterResultStore(state_dir)
-
-    def runner(self, settings: Any, policy: Any, store: ClusterResultStore) -> RayRunner:
-        runner = RayRunner(policy, settings.state_dir / "workspaces", settings.state_dir / "cluster",
-                           expected_runsc_version=self.expected, kill_grace=settings.manager.kill_grace)
-        store.runner = runner
-        return runner
+def with_expected_runsc(config: ServeConfig) -> ServeConfig:
+    """Agents must run the runsc this front end expects: `--expect-runsc-version`,
+    else this host's own runsc (when it has one)."""
+    if config.expect_runsc_version is not None or not shutil.which(config.manager.runsc_path):
+        return config
+    return config.model_copy(update={"expect_runsc_version": runsc_version(config.manager.runsc_path)})
 
 
-def ray_backend(args: Any) -> RayBackend:
-    if not args.ray_address:
-        raise ValueError("--backend ray needs --ray-address HOST:PORT (the head node's GCS address)")
-    expected = args.expect_runsc_version
-    if expected is None and shutil.which(args.runsc):
-        expected = runsc_version(args.runsc)
-    return RayBackend(args.ray_address, expected)
+def preflight(config: ServeConfig) -> tuple[bool, str]:
+    """Join the cluster (token auth) before serving: say so when it fails."""
+    assert config.ray_address is not None  # cli.serve_config refuses --backend ray without it
+    try:
+        connect(config.ray_address)
+    except ConnectionError as e:
+        return False, str(e)
+    return True, f"joined the Ray cluster at {config.ray_address}"
 
 
 def leave_cluster() -> None:

@@ -11,11 +11,15 @@ skopeo does the transport and checks every blob's digest; we read the
 layout it wrote and unpack it ourselves (oci.py, unpack.py), so every way
 in goes through the same hostile-archive rules and size limits, and every
 failure leaves the store as it was (store.work()).
+
+Why over ~400 lines: the three ways in share the recipe model, the tools'
+environment, the stop/wait of a tool's process group and the failure texts
+(full disk, missing package, registry errors); split apart, those texts
+would drift.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -24,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import oci, sources
 from .errors import ImageError
 from .store import ImageStore, StoredImage, Work, check_name
-from .unpack import UnpackError, Unpacker, UnpackLimits, human_size
+from .unpack import Unpacker, UnpackError, UnpackLimits, human_size
+from .watch import DiskWatch, term_with_parent
 
 Log = Callable[[str], None]
 
@@ -172,9 +176,9 @@ def build(
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
                 env={**TOOL_ENV, "TMPDIR": str(work.path)}, start_new_session=True,
-                preexec_fn=_term_with_parent,
+                preexec_fn=term_with_parent,
             )
-            watch = _DiskWatch(work.path, proc)
+            watch = DiskWatch(work.path, proc, _stop)
             try:
                 assert proc.stdout is not None
                 with Unpacker(work.rootfs, limits) as u:
@@ -218,63 +222,6 @@ def _mmdebstrap_failed(rc: int, log_path: Path, disk_full: bool = False) -> Imag
     elif "Unable to locate package" in text or "has no installation candidate" in text:
         hint = " (a package name is wrong or not in the host's apt sources for this suite)"
     return ImageError(f"mmdebstrap failed (exit {rc}){hint}; nothing was added to the store. Its last lines:\n  {_tail(text)}")
-
-
-def _term_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM mmdebstrap if we die (even by SIGKILL).
-
-    mmdebstrap runs in its own session (so _stop can signal its whole group),
-    which also means a killed `gvisor-mcp image build` would leave it, and the
-    apt it drives, running forever. PR_SET_PDEATHSIG (1) hands it SIGTERM
-    instead, on which it cleans up after itself.
-    """
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-
-
-class _DiskWatch:
-    """Stops mmdebstrap when the disk under its work directory is full.
-
-    Measured here: on a full disk apt-get update (inside mmdebstrap) does not
-    fail, it deadlocks (its http, store and gpgv methods all waiting in poll),
-    so the build would hang until its timeout. It deadlocked with 1.5 MiB
-    still free (a write of a larger decompressed index failed), so "full"
-    means below FLOOR, which no real build could finish in anyway (the
-    smallest variant is ~100 MiB). Free space is checked every second; below
-    FLOOR twice in a row, the process group is stopped and the build reports a
-    full disk. A thread, because the build is synchronous code blocked reading
-    mmdebstrap's tar stream.
-    """
-
-    FLOOR = 8 * 1024 * 1024
-    PERIOD = 1.0
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes]) -> None:
-        self.full = False
-        self._path = path
-        self._proc = proc
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="image-disk-watch", daemon=True)
-        self._thread.start()
-
-    def _free(self) -> int:
-        st = os.statvfs(self._path)
-        return st.f_bavail * st.f_frsize
-
-    def _run(self) -> None:
-        low = 0
-        while not self._done.wait(self.PERIOD):
-            try:
-                low = low + 1 if self._free() < self.FLOOR else 0
-            except OSError:
-                return
-            if low >= 2:
-                self.full = True
-                _stop(self._proc)
-                return
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:

@@ -47,7 +47,9 @@ def host_suite(os_release: Path = Path("/etc/os-release")) -> str:
 
 
 def _deb822(text: str) -> list[dict[str, str]]:
-    out, fields, key = [], {}, None
+    out: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    key: str | None = None
     for line in text.splitlines() + [""]:
         if line.startswith("#"):
             continue

@@ -15,6 +15,9 @@ a failed build, pull or import leaves the store exactly as it was, and a
 reader never sees half an image. A name can be pointed at a new image (a
 rebuild); the old image stays, unnamed, until `image rm sha256:...` or
 `image prune`, so a policy that pins a digest keeps working.
+
+Why over ~400 lines: names, images, leases and removal share one lock
+discipline (the flock on .lock) that is only checkable in one place.
 """
 
 from __future__ import annotations

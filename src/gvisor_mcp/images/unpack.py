@@ -177,9 +177,8 @@ class Unpacker:
             return
         if m.mode & (stat.S_ISUID | stat.S_ISGID) and not m.isdir():
             self.stats.note(f"removed setuid/setgid from {m.name}")
-        if m.pax_headers and any(k.startswith("SCHILY.xattr.") for k in m.pax_headers):
-            if any(k == "SCHILY.xattr.security.capability" for k in m.pax_headers):
-                self.stats.note(f"dropped file capabilities of {m.name}")
+        if m.pax_headers and any(k == "SCHILY.xattr.security.capability" for k in m.pax_headers):
+            self.stats.note(f"dropped file capabilities of {m.name}")
 
         parent = self._dir(parts[:-1], m.name, create=True)
         try:

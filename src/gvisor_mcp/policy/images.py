@@ -39,18 +39,18 @@ def check_store_images(
     for tname, s in tenants.items():
         base = () if tname == "default" else ("tenants", tname)
         for name in s.images.allowed:
-            entry = s.images.catalog.get(name)
-            if name == BUILTIN_IMAGE or entry is None or entry.store not in found:
+            listed = s.images.catalog.get(name)
+            if name == BUILTIN_IMAGE or listed is None or listed.store not in found:
                 continue
-            image = found[entry.store]
+            image = found[listed.store]
             where = (*base, "images", "catalog", name)
             if not image.has_shell:
-                issues.append((where, f"store image {entry.store!r} ({image.short}) has no /bin/sh",
+                issues.append((where, f"store image {listed.store!r} ({image.short}) has no /bin/sh",
                                "an image with a shell: every command runs as /bin/sh -c COMMAND"))
             if s.workspace.enabled and not _is_dir(image.rootfs, s.workspace.mount):
                 issues.append((
                     where,
-                    f"store image {entry.store!r} has no directory {s.workspace.mount} for the workspace "
+                    f"store image {listed.store!r} has no directory {s.workspace.mount} for the workspace "
                     f"mount{'' if tname == 'default' else f' of tenant {tname!r}'}",
                     "an image that has it (store images get /workspace), or workspace.mount: /workspace",
                 ))

@@ -49,11 +49,6 @@ class Policy:
     prints them, `serve` logs them; they never refuse the file."""
 
     @property
-    def hash(self) -> str:
-        """Alias of `sha256`."""
-        return self.sha256
-
-    @property
     def label(self) -> str:
         """How results name the policy, with `sha256`: the file's name without
         its directory (clients never see a host path), or the built-in's name."""

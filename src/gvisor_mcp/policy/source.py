@@ -53,7 +53,7 @@ class _PolicyLoader(yaml.SafeLoader):
 
     yaml_implicit_resolvers: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:  # type: ignore[override]
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
@@ -63,7 +63,7 @@ class _PolicyLoader(yaml.SafeLoader):
                 "or share a tenant's settings with `extends`",
                 event.start_mark,
             )
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
 
 _PolicyLoader.add_implicit_resolver(
@@ -176,7 +176,7 @@ class _Builder:
 
     def key(self, key_node: Node, path: KeyPath) -> str | None:
         if not isinstance(key_node, ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-            shown = key_node.value if isinstance(key_node, ScalarNode) else "<" + key_node.id + ">"
+            shown = key_node.value if isinstance(key_node, ScalarNode) else "<" + getattr(key_node, "id", "node") + ">"
             self.problem(
                 key_node,
                 (*path, str(shown)),

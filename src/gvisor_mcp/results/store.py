@@ -12,6 +12,10 @@ up to the capture cap (so `inspect_result` can page it live); when it ends,
 the Manager's head+tail capture is written to `<id>.<stream>` and the part
 file removed. Paging the final file reconstructs the captured stream byte for
 byte; when truncated, the gap sits at byte `cap // 2`.
+
+Why over ~400 lines: the schema, the stream files and the disk accounting
+are one durability contract (a row and its files are written, counted and
+evicted together).
 """
 
 from __future__ import annotations

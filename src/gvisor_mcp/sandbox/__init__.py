@@ -4,6 +4,7 @@ Knows nothing of MCP or policy; see manager.py for how a run works and
 docs/design-notes.md ("sandbox/ layout") for which module holds what.
 """
 
+from .api import ManagerAPI, RunView
 from .cgroups import CgroupStats
 from .config import ManagerConfig
 from .container import Container
@@ -52,10 +53,12 @@ __all__ = [
     "InvalidOptionsError",
     "Manager",
     "ManagerClosedError",
+    "ManagerAPI",
     "ManagerConfig",
     "Mount",
     "NetworkMode",
     "ResourceSpec",
+    "RunView",
     "RunscError",
     "SandboxBaseError",
     "SandboxError",

@@ -9,6 +9,10 @@ that `Manager.active_runs()` shows and `Manager.kill()` stops. A cold run
 creates it for its command; a warm run gets one the pool booted with the
 stub (stub.py) and claims it. Never reused: `teardown` removes runsc state,
 cgroup and bundle, and runs at most once.
+
+Why over ~400 lines: one container's lifetime is one state machine (create,
+boot, claim, supervise, kill, teardown); split, its invariants (teardown at
+most once, the deadline, the early answer) would be read across files.
 """
 
 from __future__ import annotations

@@ -9,20 +9,24 @@
 
 A command that fails is not an error: it is a `ContainerResult`. Anything
 else that escapes the sandbox is a bug and should propagate with its
-traceback. The rest of the package builds its own family on
-`SandboxBaseError` (the sandbox imports nothing from above).
+traceback. The branches slot under the package's family (gvisor_mcp.errors,
+a leaf module that imports nothing, so the sandbox still imports nothing
+from above): `SandboxRefusal` is a `Refusal`, `SandboxError` an
+`InfrastructureError`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import GvisorMcpError, InfrastructureError, Refusal
 
-class SandboxBaseError(Exception):
+
+class SandboxBaseError(GvisorMcpError):
     """Every error the sandbox package raises on purpose."""
 
 
-class SandboxRefusal(SandboxBaseError):
+class SandboxRefusal(SandboxBaseError, Refusal):
     """Refused before anything was created; nothing to clean up."""
 
 
@@ -50,7 +54,7 @@ class ManagerClosedError(SandboxRefusal, RuntimeError):
         super().__init__("gvisor manager is closed")
 
 
-class SandboxError(SandboxBaseError, RuntimeError):
+class SandboxError(SandboxBaseError, InfrastructureError, RuntimeError):
     """An infrastructure failure before the command could run (runsc, cgroups, disk)."""
 
 

@@ -20,9 +20,9 @@ import anyio.to_thread
 from .cgroups import Cgroup, detect_version
 from .config import ManagerConfig
 from .errors import SandboxError
+from .network import NetworkProvider
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
-from .network import NetworkProvider
 from .runsc import Runsc, missing_launcher_tools
 
 

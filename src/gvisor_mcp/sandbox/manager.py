@@ -124,6 +124,10 @@ class Manager:
         """The number of containers currently running."""
         return len(self._active)
 
+    def idle_pooled(self) -> int:
+        """Warm sandboxes booted and waiting for a claim."""
+        return self.pool.idle()
+
     def active_runs(self) -> list[Container]:
         return list(self._active.values())
 

@@ -86,7 +86,7 @@ def _seconds(value: Any) -> Any:
 Seconds = Annotated[float, BeforeValidator(_seconds)]
 
 
-class NetworkMode(str, enum.Enum):
+class NetworkMode(str, enum.Enum):  # noqa: UP042  (StrEnum would change what str() of a member gives)
     """How the sandbox reaches the network.
 
     none: only the sandbox's own loopback (the default).
@@ -180,7 +180,7 @@ class UserSpec(BaseModel):
         try:
             return cls(uid=int(uid), gid=int(gid or uid))
         except (ValueError, ValidationError):
-            raise InvalidOptionsError("user", text, "UID[:GID] with numbers 0..2147483646")
+            raise InvalidOptionsError("user", text, "UID[:GID] with numbers 0..2147483646") from None
 
 
 class Mount(BaseModel):

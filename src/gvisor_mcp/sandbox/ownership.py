@@ -13,7 +13,6 @@ import os
 import secrets
 from pathlib import Path
 
-
 ID_PREFIX = "gm-"
 
 

@@ -119,6 +119,8 @@ class WarmPool:
 
     async def wait_full(self, key: PoolKey | None, timeout: float) -> bool:
         """Wait until `key`'s target is met; False on timeout or without a target."""
+        if key is None:
+            return False
         with anyio.move_on_after(timeout):
             while True:
                 target = self.targets.get(key)

@@ -3,19 +3,19 @@
 import datetime as dt
 from typing import Annotated
 
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
 from .inspect import _not_found
 from .models import ActiveCommand, ActiveList, ExecResult
-from .view import exec_result, render_text
+from .view import compact_receipt, exec_result, render_text
 
 
-async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
+async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]:
     """List YOUR commands that are still running (background, or past the foreground
-    limit): result_id, command, start time, elapsed time and granted limits, plus how
+    limit): result_id, command, start time, elapsed time and the limits it asked for, plus how
     many sandboxes this server runs in all and its maximum."""
     app = ctx.request_context.lifespan_context
     caller = app.caller(ctx)
@@ -28,12 +28,12 @@ async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
                 command=j.command,
                 started_at=dt.datetime.fromtimestamp(j.started_at, dt.timezone.utc).isoformat(),
                 elapsed_ms=round(j.elapsed() * 1000),
-                limits=j.limits,
+                limits=compact_receipt(j.limits),
             )
             for j in jobs
         ],
-        capacity_in_use=app.manager.active_containers(),
-        capacity_max=app.manager.config.max_concurrent_containers,
+        capacity_in_use=app.jobs.runner.active_containers(),
+        capacity_max=app.jobs.runner.capacity(),
     )
     lines = [f"{len(jobs)} running; server capacity {listing.capacity_in_use}/{listing.capacity_max}"]
     lines += [f"{c.result_id}  {c.elapsed_ms / 1000:.1f}s  {c.command[:120]}" for c in listing.commands]
@@ -46,7 +46,7 @@ async def list_active(ctx: Context) -> Annotated[CallToolResult, ActiveList]:
 def make_cancel_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
     async def cancel_command(
         result_id: Annotated[str, Field(description="From execute_command or list_active.")],
-        ctx: Context,
+        ctx: ToolContext,
     ) -> Annotated[CallToolResult, ExecResult]:
         """Kill one of YOUR running commands and return its final result (status killed).
         A command that already finished is returned as it ended."""

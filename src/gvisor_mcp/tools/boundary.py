@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..errors import InfrastructureError, Refusal
+from ..runtime import TenantState
 from ..text import render
+from .context import ToolContext
+from .metadata import drop_unserved, server_options
 
 MAX_SHOWN_VALUE = 120
 """Characters of a refused argument's value quoted back (like PolicyDenied)."""
@@ -53,7 +57,7 @@ def render_call_result(result: Any) -> Any:
     return result.model_copy(update={"content": content, "structured_content": structured})
 
 
-async def report_progress(ctx: Context, progress: float, total: float | None, message: str) -> None:
+async def report_progress(ctx: ToolContext, progress: float, total: float | None, message: str) -> None:
     """The only way tools send progress: the message is rendered first."""
     await ctx.report_progress(progress=progress, total=total, message=render(message))
 
@@ -93,8 +97,13 @@ def _strict(model: type[BaseModel]) -> type[BaseModel]:
     return type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})})
 
 
-class SafeServer(MCPServer):
-    """MCPServer with strict arguments and rendered results for every tool."""
+class SafeServer(MCPServer[TenantState]):
+    """MCPServer with strict arguments and rendered results for every tool, and
+    only the capabilities this server implements (tools/metadata.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **server_options(kwargs))
+        drop_unserved(self._lowlevel_server)
 
     def add_tool(self, fn: Any, name: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().add_tool(fn, name, *args, **kwargs)
@@ -107,7 +116,16 @@ class SafeServer(MCPServer):
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         try:
             result = await super().call_tool(name, arguments, context)
-        except UnexpectedToolError as e:  # a crash: the SDK's generic text, rendered anyway
+        except UnexpectedToolError as e:
+            cause = e.__cause__
+            # The one place the package's errors become what the agent reads:
+            # a refusal says what was asked and allowed; an infrastructure
+            # failure says nothing ran. Anything else is a crash.
+            if isinstance(cause, Refusal):
+                raise ToolError(render(str(cause))) from cause
+            if isinstance(cause, InfrastructureError):
+                raise ToolError(render(cause.for_agent())) from cause
+            # A crash: the SDK's generic text (rendered anyway); the log has the traceback.
             raise UnexpectedToolError(render(str(e))) from e.__cause__
         except ToolError as e:
             if isinstance(e.__cause__, ValidationError):

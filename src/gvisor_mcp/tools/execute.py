@@ -9,7 +9,7 @@ import time
 from typing import Annotated, Any, Literal
 
 import anyio
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, WithJsonSchema
@@ -35,8 +35,8 @@ workspace directory{workspace}. Chain steps in one command (`cd dir && make && .
 or keep files in the workspace.
 
 Output: the result shows the first and last {head} bytes of stdout and of stderr;
-when more was written, a marker gives the exact inspect_result(result_id, stream,
-offset, length) call that reads the missing bytes. Exit codes are the command's;
+when more was written, a marker gives the inspect_result(result_id, stream, offset,
+length) call to send as written; go on from its next_offset for the rest. Exit codes are the command's;
 status says how it ended: exited, timed_out, oom_killed, killed, error, or running.
 Commands running longer than {foreground} s (or with background=true) return
 status "running" with a result_id: poll with inspect_result(wait_seconds=...),
@@ -73,7 +73,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
 
     async def execute_command(
         command: Annotated[str, Field(description="Shell command, run as /bin/sh -c COMMAND.")],
-        ctx: Context,
+        ctx: ToolContext,
         workdir: Annotated[
             str | None, Field(description=f"Working directory inside the sandbox (default {facts.default_workdir}).")
         ] = None,
@@ -122,7 +122,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
             write = app.audit.write_throttled if throttle else app.audit.write
             write(**({"key": f"rate:{caller.tenant}"} if throttle else {}),
                   tenant=caller.tenant, session=caller.session_id, command=command,
-                  policy_hash=policy.hash, decision=decision, reason=str(e))
+                  policy_hash=policy.sha256, decision=decision, reason=str(e))
             if app.metrics is not None:
                 app.metrics.denied(caller.tenant, kind)
             return ToolError(str(e))
@@ -157,16 +157,16 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         try:
             job = app.jobs.start(
                 tenant=caller.tenant, session=caller.session_id, command=command,
-                options=resolved.options, limits=limits, policy_hash=policy.hash,
+                options=resolved.options, limits=limits, policy_hash=policy.sha256,
                 hold=lambda rid: app.hold_image(resolved, rid),
             )
         except ImageError as e:  # removed from the store between resolve() and now
             raise refuse("denied", "policy", e) from e
         except StoreUnavailable as e:
             app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
-                            policy_hash=policy.hash, decision="failed", reason=state_error(e))
+                            policy_hash=policy.sha256, decision="failed", reason=state_error(e))
             raise ToolError(state_error(e)) from e
-        wait = 0.0 if background else settings.foreground_seconds
+        wait = 0.0 if background else settings.foreground_limit
         try:
             await _wait_with_progress(ctx, job, wait)
         except anyio.get_cancelled_exc_class():
@@ -188,7 +188,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
     execute_command.__doc__ = DESCRIPTION.format(
         workspace=f" ({facts.workspace})" if facts.workspace else " (none is mounted under this policy)",
         head=facts.head_bytes,
-        foreground=f"{facts.foreground_seconds:g}",
+        foreground=f"{facts.foreground_limit:g}",
         networks=", ".join(facts.networks),
         egress=EGRESS_TEXT.format(allow=facts.egress_text) if "sandbox" in facts.networks else "",
         limits=facts.limits_text,
@@ -204,7 +204,7 @@ def state_error(e: Exception) -> str:
     )
 
 
-async def _wait_with_progress(ctx: Context, job: Job, wait: float) -> None:
+async def _wait_with_progress(ctx: ToolContext, job: Job, wait: float) -> None:
     """Wait up to `wait` s for the job, reporting progress about once a second."""
     deadline = time.monotonic() + wait
     while not job.done.is_set():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import Context
+from .context import TenantState, ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -32,7 +32,7 @@ from ..roots import NoSuchWorkspace, Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
 from ..workspace import image_path
 from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
-from .render import safe_text
+from ..text import render_bytes
 
 DEFAULT_PAGE = 64 * 1024
 MAX_DEPTH = 16
@@ -79,7 +79,7 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
 # --- where a call's paths lead ---------------------------------------------------------
 
 
-def caller_roots(app: Any, ctx: Any, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
+def caller_roots(app: TenantState, ctx: ToolContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
     """(caller, settings, roots) for this call: its workspace (mounted; created if
     `create`) and the projects."""
     try:
@@ -130,7 +130,7 @@ def _fail(e: files.FileError, root: Root, settings: Any, doing: str) -> ToolErro
     return ToolError(text)
 
 
-def on_path(app: Any, ctx: Any, workspace: str | None, path: str, doing: str, op: Any, *,
+def on_path(app: TenantState, ctx: ToolContext, workspace: str | None, path: str, doing: str, op: Any, *,
             writable: bool = False) -> tuple[Any, Root, tuple[str, ...], Any]:
     """Find `path` for this caller and run `op(root_fd, parts, settings)` on it;
     (caller, root, parts, op's result), or a ToolError the agent can act on."""
@@ -159,7 +159,7 @@ def _iso(t: float) -> str:
 
 def _show(text: str) -> str:
     """A name from the tree (anything a command wrote) as inert text."""
-    return safe_text(text.encode("utf-8", "surrogateescape"))
+    return render_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 def _result(text: str, model: Any) -> CallToolResult:
@@ -191,7 +191,7 @@ PathArg = Annotated[
 def make_file_tools(facts: FileFacts) -> list[Any]:
     async def read_file(
         path: PathArg,
-        ctx: Context,
+        ctx: ToolContext,
         offset: Annotated[int, Field(ge=0, description="First byte to return.")] = 0,
         length: Annotated[
             int,
@@ -207,7 +207,7 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
                                       lambda fd, parts, _s: files.read(fd, parts, offset, length))
         end = offset + len(got.data)
         if encoding == "text":
-            data = safe_text(got.data)
+            data = render_bytes(got.data)
             escaped = data.encode("utf-8", "surrogatepass") != got.data
         else:
             data, escaped = base64.b64encode(got.data).decode("ascii"), False
@@ -240,7 +240,7 @@ Only regular files; symbolic links are never followed."""
                 json_schema_extra={"maxLength": -(-facts.max_write // 3) * 4},
             ),
         ],
-        ctx: Context,
+        ctx: ToolContext,
         encoding: Annotated[
             Literal["text", "base64"], Field(description="text: UTF-8 as given; base64: binary data.")
         ] = "text",
@@ -265,7 +265,7 @@ Only regular files; symbolic links are never followed."""
         caller, root, parts, done = on_path(app, ctx, workspace, path, "written", write, writable=True)
         shown = sandbox_path(root, parts)
         app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="write_file", path=shown,
-                        bytes=done.size, decision="allowed", policy_hash=app.policy.current.hash)
+                        bytes=done.size, decision="allowed", policy_hash=app.policy.current.sha256)
         result = FileWritten(path=shown, bytes=done.size, created=done.created, mode=f"{done.mode:04o}")
         return _result(
             f"wrote {done.size} bytes to {_show(shown)} ({'new file' if done.created else 'replaced'}, mode {done.mode:04o})",
@@ -282,7 +282,7 @@ bytes (files.max_write). Reaches: {facts.reach}. Refuses symlinks, directories a
 non-regular files at the path."""
 
     async def list_files(
-        ctx: Context,
+        ctx: ToolContext,
         path: Annotated[str, Field(description="A directory: relative to the workspace, or absolute.")] = ".",
         depth: Annotated[
             int, Field(ge=1, le=MAX_DEPTH, description="1: the directory's entries; 2: and theirs; ...")
@@ -318,7 +318,7 @@ says when there were more. Reaches: {facts.reach}."""
 
     async def delete_file(
         path: PathArg,
-        ctx: Context,
+        ctx: ToolContext,
         recursive: Annotated[bool, Field(description="Delete a directory with everything in it.")] = False,
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileDeleted]:
@@ -328,7 +328,7 @@ says when there were more. Reaches: {facts.reach}."""
             writable=True)
         shown = sandbox_path(root, parts)
         app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="delete_file", path=shown,
-                        decision="allowed", policy_hash=app.policy.current.hash)
+                        decision="allowed", policy_hash=app.policy.current.sha256)
         return _result(f"deleted {kind} {_show(shown)}", FileDeleted(path=shown, removed=kind))
 
     delete_file.__doc__ = f"""Delete a file, symlink (the link, never its target) or directory of the

@@ -5,37 +5,39 @@ import time
 from typing import Annotated, Literal
 
 import anyio
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
+from ..text import render_bytes
 from .boundary import report_progress
 from .models import InspectResult
-from .render import safe_text
-from .view import exec_result, render_text
+from .render import MAX_PAGE
+from .view import network_lines, receipt_lines, status_line
 
-MAX_PAGE = 256 * 1024
 MAX_WAIT = 300.0
 
 DESCRIPTION = """Read a command's result and page through its full captured output.
 
-Returns the status and result fields (as execute_command does) plus `data`: bytes
+Returns a short status (status, exit code, duration, bytes written) and `data`: bytes
 [offset, offset+length) of the chosen stream (default stdout), with `next_offset`
-for the next page (null at the end) and `total_bytes` stored. encoding="text"
+for the next page (null at the end) and `total_bytes` stored; the head/tail excerpts
+execute_command showed are not repeated. receipt=true adds the full limits receipt
+(every field: requested, granted, rule, ceiling) and the network report. encoding="text"
 (default) is for reading: invalid UTF-8 and control bytes are shown as \\xNN, a
 character split by a page edge too. encoding="base64" returns the exact bytes: pages
 put together reproduce the captured stream byte for byte. With wait_seconds, waits up to that long for a running command to finish.
 Results of other callers are never visible ("not found")."""
 
 
-def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
+def make_inspect_tool():  # type: ignore[no-untyped-def]
     async def inspect_result(
         result_id: Annotated[str, Field(description="From execute_command.")],
-        ctx: Context,
+        ctx: ToolContext,
         stream: Annotated[Literal["stdout", "stderr"], Field(description="Which stream to page.")] = "stdout",
         offset: Annotated[int, Field(ge=0, description="First byte to return.")] = 0,
-        length: Annotated[int, Field(gt=0, le=MAX_PAGE, description="How many bytes (max 262144).")] = 65536,
+        length: Annotated[int, Field(gt=0, le=MAX_PAGE, description=f"How many bytes (max {MAX_PAGE}).")] = 65536,
         encoding: Annotated[
             Literal["text", "base64"],
             Field(description="text: safe to read; base64: the exact bytes."),
@@ -43,6 +45,9 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
         wait_seconds: Annotated[
             float, Field(ge=0, le=MAX_WAIT, description="Wait up to this long for a running command.")
         ] = 0,
+        receipt: Annotated[
+            bool, Field(description="Add the full limits receipt and the network report.")
+        ] = False,
     ) -> Annotated[CallToolResult, InspectResult]:
         app = ctx.request_context.lifespan_context
         caller = app.caller(ctx)
@@ -65,26 +70,47 @@ def make_inspect_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
                                 f"still running; {max(0, deadline - time.monotonic()):.0f} s left to wait",
                             )
             stored = app.store.get(result_id, caller.tenant) or stored
-        base = exec_result(app, stored, head, tail)
         data, total = app.store.read(stored, stream, offset, length)
         end = offset + len(data)
+        running = stored.status == "running"
         result = InspectResult(
-            **base.model_dump(),
+            result_id=stored.result_id,
+            status=stored.status,  # type: ignore[arg-type]
+            exit_code=stored.exit_code,
+            signal=stored.signal,
+            duration_ms=stored.duration_ms,
+            oom_killed=stored.oom_killed,
+            peak_memory_bytes=stored.peak_memory_bytes,
+            stdout_bytes=0 if running else stored.stdout_bytes,
+            stderr_bytes=0 if running else stored.stderr_bytes,
+            error=stored.error,
             stream=stream,
             offset=offset,
-            data=safe_text(data) if encoding == "text" else base64.b64encode(data).decode("ascii"),
+            data=render_bytes(data) if encoding == "text" else base64.b64encode(data).decode("ascii"),
             encoding=encoding,
             data_bytes=len(data),
-            next_offset=end if end < total or stored.status == "running" else None,
+            next_offset=end if end < total or running else None,
             total_bytes=total,
+            limits=stored.limits if receipt else None,
+            network=stored.network if receipt else None,
         )
-        text = render_text(base, result_id) + (
-            f"\n--- {stream} bytes {offset} to {end} of {total}"
+        lines = [status_line(result, result_id)]
+        if receipt:
+            lines += receipt_lines(stored.limits)
+            if result.network is not None:
+                lines += network_lines(result.network)
+        elif stored.network and stored.network.get("denied"):
+            lines.append(f"network: {stored.network['denied']} connections denied; receipt=true lists them")
+        other = "stderr" if stream == "stdout" else "stdout"
+        if not running and getattr(stored, f"{other}_bytes"):
+            lines.append(f'{other}: {getattr(stored, f"{other}_bytes")} bytes (stream="{other}" reads them)')
+        lines.append(
+            f"--- {stream} bytes {offset} to {end} of {total}"
             + (f"; next page: offset={end}" if result.next_offset is not None else "; end")
             + f" ---\n{result.data}"
         )
         return CallToolResult(
-            content=[TextContent(type="text", text=text)],
+            content=[TextContent(type="text", text="\n".join(lines))],
             structured_content=result.model_dump(mode="json"),
         )
 

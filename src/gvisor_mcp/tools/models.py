@@ -52,12 +52,29 @@ class ExecResult(BaseModel):
     warm: bool = Field(False, description="ran in a pre-booted sandbox (boot_ms is then the claim time)")
     oom_killed: bool = False
     peak_memory_bytes: int | None = None
-    limits: dict[str, Any] | None = Field(None, description="what was requested, granted, and why")
+    limits: dict[str, Any] | None = Field(
+        None,
+        description="the limits receipt, compact: policy_sha256, the entries this call requested "
+        "(granted as asked, or clamped) and notes; every field, granted and why: "
+        "inspect_result(result_id, receipt=true)",
+    )
     error: str | None = None
     network: NetworkReport | None = Field(None, description="network=sandbox: egress per destination")
 
 
-class InspectResult(ExecResult):
+class InspectResult(BaseModel):
+    """One page of a stream and the run's status: the head/tail excerpts are not sent again."""
+
+    result_id: str
+    status: Status
+    exit_code: int | None = Field(None, description="null while running or when it never ran")
+    signal: int | None = None
+    duration_ms: int | None = None
+    oom_killed: bool = False
+    peak_memory_bytes: int | None = None
+    stdout_bytes: int = Field(0, description="bytes the command wrote to stdout (0 while running)")
+    stderr_bytes: int = 0
+    error: str | None = None
     stream: Literal["stdout", "stderr"]
     offset: int
     encoding: Literal["text", "base64"]
@@ -67,6 +84,10 @@ class InspectResult(ExecResult):
     data_bytes: int = Field(description="how many stored bytes `data` covers")
     next_offset: int | None = Field(description="offset of the next page, null at the end")
     total_bytes: int = Field(description="bytes stored for this stream so far")
+    limits: dict[str, Any] | None = Field(
+        None, description="receipt=true: the full limits receipt (every field: requested, granted, rule, ceiling)"
+    )
+    network: NetworkReport | None = Field(None, description="receipt=true and network=sandbox: egress per destination")
 
 
 class ActiveCommand(BaseModel):

@@ -42,8 +42,9 @@ from mcp.types import (
 
 from .. import files
 from ..roots import NoSuchWorkspace, Root
+from .context import RequestContext, TenantState
 from .files import caller_roots
-from .render import safe_text
+from ..text import render_bytes
 
 SCHEME = "workspace"
 LIST_DEPTH = 16
@@ -53,7 +54,7 @@ def uri_for(parts: tuple[str, ...], handle: str = "") -> str:
     return f"{SCHEME}://{handle}/" + quote("/".join(parts), safe="/")
 
 
-def _workspace_root(app: Any, ctx: Any, handle: str | None) -> tuple[Any, Root | None]:
+def _workspace_root(app: TenantState, ctx: RequestContext, handle: str | None) -> tuple[Any, Root | None]:
     try:
         _caller, settings, roots = caller_roots(app, ctx, handle, create=False)
     except (ToolError, NoSuchWorkspace) as e:
@@ -61,7 +62,7 @@ def _workspace_root(app: Any, ctx: Any, handle: str | None) -> tuple[Any, Root |
     return settings, next((r for r in roots if r.kind == "workspace"), None)
 
 
-async def list_resources(ctx: Any, params: PaginatedRequestParams) -> ListResourcesResult:
+async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
     app = ctx.lifespan_context
     settings, root = _workspace_root(app, ctx, None)
     if root is None:
@@ -79,14 +80,14 @@ async def list_resources(ctx: Any, params: PaginatedRequestParams) -> ListResour
         except UnicodeEncodeError:
             continue  # not UTF-8: no URI can name it; read_file/list_files show it escaped
         out.append(Resource(
-            uri=uri_for(e.path), name=safe_text("/".join(e.path).encode()),
+            uri=uri_for(e.path), name=render_bytes("/".join(e.path).encode()),
             mime_type=_mime(e.path[-1]), size=e.size,
             description=f"{posixpath.join(root.mount, *e.path)} in the workspace",
         ))
     return ListResourcesResult(resources=out)
 
 
-async def list_templates(ctx: Any, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
+async def list_templates(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
     return ListResourceTemplatesResult(resource_templates=[
         ResourceTemplate(
             uri_template=f"{SCHEME}:///{{+path}}", name="workspace file",
@@ -96,7 +97,7 @@ async def list_templates(ctx: Any, params: PaginatedRequestParams) -> ListResour
     ])
 
 
-async def read_resource(ctx: Any, params: ReadResourceRequestParams) -> ReadResourceResult:
+async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
     app = ctx.lifespan_context
     uri = str(params.uri)
     split = urlsplit(uri)
@@ -123,7 +124,7 @@ async def read_resource(ctx: Any, params: ReadResourceRequestParams) -> ReadReso
         text = got.data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None and safe_text(got.data) == text:
+    if text is not None and render_bytes(got.data) == text:
         return ReadResourceResult(contents=[TextResourceContents(uri=uri, text=text, mime_type=mime or "text/plain")])
     return ReadResourceResult(contents=[BlobResourceContents(
         uri=uri, blob=base64.b64encode(got.data).decode("ascii"), mime_type=mime or "application/octet-stream",

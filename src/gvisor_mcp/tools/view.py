@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..results import StoredResult
+from ..text import render
+from .context import TenantState
 from .models import ExecResult
 from .render import excerpt
 
@@ -25,9 +27,12 @@ class SchemaFacts:
     max_pids: int | None
     head_bytes: int
     tail_bytes: int
-    foreground_seconds: float
+    foreground_limit: float
     workspace: str | None
     egress_text: str = "nothing"
+    egress: bool = False
+    """True when a run may reach beyond this machine (network host, or sandbox with an
+    allowlist): execute_command's openWorldHint."""
 
     @property
     def limits_text(self) -> str:
@@ -54,9 +59,11 @@ def schema_facts(settings: Any) -> SchemaFacts:
         max_pids=settings.ceilings.max_pids,
         head_bytes=settings.output.head,
         tail_bytes=settings.output.tail,
-        foreground_seconds=settings.foreground_limit,
+        foreground_limit=settings.foreground_limit,
         workspace=settings.workspace.mount if settings.workspace.enabled else None,
         egress_text=settings.network.egress.rules().describe(),
+        egress="host" in settings.network.allowed
+        or ("sandbox" in settings.network.allowed and bool(settings.network.egress.allow)),
     )
 
 
@@ -77,12 +84,13 @@ def network_lines(net: Any) -> list[str]:
     rows = sorted(net.destinations, key=lambda d: order.get(d.verdict, 3))
     lines = []
     for d in rows[:NETWORK_LINES]:
-        detail = d.reason or ""
+        # The destination is what the sandbox asked for: rendered like its output.
+        detail = render(d.reason or "")
         if d.verdict != "denied":
             traffic = f"{d.connections} connection{'s' if d.connections != 1 else ''}, " \
                       f"{_size(d.bytes_up)} up, {_size(d.bytes_down)} down"
             detail = f"{detail}; {traffic}" if detail else traffic
-        lines.append(f"network: {d.verdict} {d.destination}" + (f" ({detail})" if detail else ""))
+        lines.append(f"network: {d.verdict} {render(d.destination)}" + (f" ({detail})" if detail else ""))
     more = len(rows) - NETWORK_LINES + (1 if net.other_connections else 0)
     if more > 0:
         lines.append(f"network: ... and more destinations ({net.connections} connections in all); see the result's network section")
@@ -95,8 +103,48 @@ def _fmt(v: float | None, unit: str) -> str:
     return "no maximum" if v is None else f"{v:g}{unit}"
 
 
-def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> ExecResult:
-    """The structured result; stdout/stderr are the same excerpts the text shows."""
+SHOWN_RULES = ("requested", "clamped to ceiling")
+"""Receipt entries a result shows by default: what the call asked for. Defaults and
+policy-set fields are the same for every call of a tenant; they are in the full
+receipt (inspect_result(receipt=true))."""
+
+
+def compact_receipt(limits: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a limits receipt worth sending with every result: the policy's
+    hash, the image's digest when a store image ran (with the policy hash: what ran,
+    under what), the entries the call requested (granted as asked or clamped), the notes."""
+    if not limits:
+        return limits
+    out: dict[str, Any] = {"policy_sha256": limits.get("policy_sha256")}
+    if limits.get("image_digest"):
+        out["image_digest"] = limits["image_digest"]
+    entries = [e for e in limits.get("entries", ()) if e.get("rule") in SHOWN_RULES]
+    if entries:
+        out["entries"] = entries
+    if limits.get("notes"):
+        out["notes"] = list(limits["notes"])
+    return out
+
+
+def receipt_lines(limits: dict[str, Any] | None) -> list[str]:
+    """The full receipt as text, one field a line (inspect_result receipt=true)."""
+    if not limits:
+        return ["limits: no receipt (the call never ran)"]
+    lines = [f"limits: tenant {limits.get('tenant')}, policy {limits.get('policy_source')} "
+             f"sha256 {limits.get('policy_sha256')}"]
+    for e in limits.get("entries", ()):
+        asked = "" if e.get("requested") is None else f", requested {e['requested']}"
+        ceiling = "" if e.get("limit") is None else f", ceiling {e['limit']}"
+        lines.append(f"limits: {e.get('field')}={e.get('granted')} ({e.get('rule')}{asked}{ceiling})")
+    if limits.get("image_digest"):
+        lines.append(f"limits: image digest {limits['image_digest']}")
+    return [render(line) for line in lines]
+
+
+def exec_result(app: TenantState, stored: StoredResult | None, head: int, tail: int, *,
+                full_receipt: bool = False) -> ExecResult:
+    """The structured result; stdout/stderr are the same excerpts the text shows.
+    `limits` is the compact receipt unless `full_receipt`."""
     if stored is None:  # evicted in the instant since it finished: say so
         raise LookupError("result no longer stored")
     texts: dict[str, str] = {}
@@ -129,14 +177,14 @@ def exec_result(app: Any, stored: StoredResult | None, head: int, tail: int) -> 
         warm=stored.warm,
         oom_killed=stored.oom_killed,
         peak_memory_bytes=stored.peak_memory_bytes,
-        limits=stored.limits,
+        limits=stored.limits if full_receipt else compact_receipt(stored.limits),
         error=stored.error,
         network=stored.network,
     )
 
 
-def render_text(r: ExecResult, result_id: str) -> str:
-    """The text content: one summary line, then each non-empty stream."""
+def status_line(r: Any, result_id: str) -> str:
+    """`status=exited exit_code=0 duration=...ms ... result_id=...`: how the run ended (so far)."""
     head = [f"status={r.status}"]
     if r.exit_code is not None:
         head.append(f"exit_code={r.exit_code}")
@@ -144,7 +192,7 @@ def render_text(r: ExecResult, result_id: str) -> str:
         head.append(f"signal={r.signal}")
     if r.duration_ms is not None:
         head.append(f"duration={r.duration_ms}ms")
-    if r.boot_ms is not None:
+    if getattr(r, "boot_ms", None) is not None:
         head.append(f"boot={r.boot_ms}ms" + (" (warm)" if r.warm else ""))
     if r.peak_memory_bytes:
         head.append(f"peak_memory={r.peak_memory_bytes // (1024 * 1024)}MiB")
@@ -160,9 +208,15 @@ def render_text(r: ExecResult, result_id: str) -> str:
     if r.status == "timed_out":
         lines.append("The command hit its time limit and was killed.")
     if r.error:
-        lines.append(f"error: {r.error}")
+        lines.append(f"error: {render(r.error)}")
+    return "\n".join(lines)
+
+
+def render_text(r: ExecResult, result_id: str) -> str:
+    """The text content: the status, notes, network lines, then each non-empty stream."""
+    lines = [status_line(r, result_id)]
     if r.limits and r.limits.get("notes"):
-        lines.extend(f"limits: {n}" for n in r.limits["notes"])
+        lines.extend(render(f"limits: {n}") for n in r.limits["notes"])
     if r.network is not None:
         lines.extend(network_lines(r.network))
     for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):

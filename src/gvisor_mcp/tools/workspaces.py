@@ -10,7 +10,7 @@ the same tools give a session more than one workspace.
 
 from typing import Annotated
 
-from mcp.server.mcpserver import Context
+from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -22,7 +22,7 @@ from ..sandbox.options import UserSpec
 from .models import WorkspaceCreated
 
 
-async def create_workspace(ctx: Context) -> Annotated[CallToolResult, WorkspaceCreated]:
+async def create_workspace(ctx: ToolContext) -> Annotated[CallToolResult, WorkspaceCreated]:
     """Create a private workspace and return its id.
 
     Pass the id as `workspace` to execute_command, read_file, write_file, list_files and
@@ -52,7 +52,7 @@ async def create_workspace(ctx: Context) -> Annotated[CallToolResult, WorkspaceC
         idle_minutes=app.created.idle_seconds / 60,
     )
     app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="create_workspace",
-                    decision="allowed", policy_hash=app.policy.current.hash)
+                    decision="allowed", policy_hash=app.policy.current.sha256)
     text = (
         f"workspace={entry.handle} (mounted at {plan.mount} in commands, {result.size}). Pass "
         f'workspace="{entry.handle}" to execute_command and the file tools; it is deleted after '
@@ -63,7 +63,7 @@ async def create_workspace(ctx: Context) -> Annotated[CallToolResult, WorkspaceC
 
 async def delete_workspace(
     workspace: Annotated[str, Field(description="The id create_workspace returned.")],
-    ctx: Context,
+    ctx: ToolContext,
 ) -> str:
     """Delete a workspace made with create_workspace, with all its files."""
     app = ctx.request_context.lifespan_context
@@ -79,5 +79,5 @@ async def delete_workspace(
     app.created.forget(workspace)
     app.remove_workspace(workspace_host_path(app.workspace_root, caller.tenant, "session", workspace).resolve())
     app.audit.write(tenant=caller.tenant, session=workspace, tool="delete_workspace",
-                    decision="allowed", policy_hash=app.policy.current.hash)
+                    decision="allowed", policy_hash=app.policy.current.sha256)
     return f"deleted workspace {workspace} and its files"
