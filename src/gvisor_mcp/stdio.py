@@ -224,17 +224,42 @@ class LockedWriter:
     def __init__(self, file: Any) -> None:
         self._file = file
         self._lock = anyio.Lock()
+        self.client_gone = False
 
     async def write(self, text: str) -> None:
         async with self._lock:
-            await self._file.write(text)
+            if self.client_gone:
+                return
+            try:
+                await self._file.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone()
 
     async def flush(self) -> None:
         async with self._lock:
-            await self._file.flush()
+            if self.client_gone:
+                return
+            try:
+                await self._file.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone()
+
+    def _gone(self) -> None:
+        """The client closed its end: nothing written from now on can be read.
+
+        Seen in the 10,000-call soak: the client went away mid-run and the
+        server died with a BrokenPipeError traceback out of its task group,
+        leaving runs to the crash reaper. Dropping the output instead lets the
+        server end as on stdin EOF, with its normal cleanup.
+        """
+        self.client_gone = True
+        log.info("stdio_client_gone", reason="stdout closed by the client; answers from now on are dropped")
 
     async def aclose(self) -> None:
-        await self._file.aclose()
+        try:
+            await self._file.aclose()
+        except (BrokenPipeError, ConnectionResetError):
+            self._gone()
 
     async def error(self, request_id: int | str | None, code: int, message: str) -> None:
         body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
