@@ -30,7 +30,8 @@ from .errors import SandboxError
 from .host import Host, kill_pid
 from .network import NetworkHandle
 from .options import ContainerOptions, NetworkMode, ResourceSpec
-from .output import BoundedCapture, feed, pump
+from .outfile import OutputFile
+from .output import BoundedCapture, accepts_skips, feed, pump
 from .result import ContainerResult, ContainerStatus
 from .rootfs import make_root
 from .runsc import BootWatch, Launch, RunProcess, meminfo_mount, meminfo_text
@@ -91,8 +92,12 @@ class Container:
         command: tuple[str, ...],
         stdin: bool,
         run_id: str | None = None,
+        output_files: bool = False,
     ) -> None:
         """Bundle, cgroup and a started `runsc run` (booting); torn down on failure.
+
+        `output_files`: the sandbox writes its stdout/stderr to files in the
+        bundle (outfile.py) instead of our pipes.
 
         network=sandbox: a namespace from the host's network provider, bound
         to `run_id` before runsc starts (a pooled sandbox, run_id None, binds
@@ -125,9 +130,12 @@ class Container:
             (self.bundle / "config.json").write_text(json.dumps(spec))
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
+            outputs = None
+            if output_files:
+                outputs = (OutputFile(self.bundle / "stdout"), OutputFile(self.bundle / "stderr"))
             self.process = await host.runsc.open_run(
                 self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"),
-                stdin=stdin, launch=self._launch(options, res),
+                stdin=stdin, launch=self._launch(options, res), outputs=outputs,
             )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -200,7 +208,10 @@ class Container:
             header = claim_line(options, env, inherited_env)
         else:
             await self.start(
-                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id
+                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id,
+                output_files=self.host.output_files
+                and accepts_skips(options.stdout_writer)
+                and accepts_skips(options.stderr_writer),
             )
         oom_before = self.cgroup.stats().oom_kills if self.warm else 0
         proc = self.process
@@ -277,9 +288,21 @@ class Container:
                     tg.start_soon(self._watch_network, self.net)
 
                 async def pump_one(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
+                    if isinstance(stream, OutputFile):
+                        await stream.pump(capture, exited)
+                        return
                     got = await pump(stream, capture, mark, extra)
                     if got is not None:
                         marks[name] = got
+
+                exited = anyio.Event()
+                if isinstance(proc.stdout, OutputFile):
+                    # No EOF on a file: the pumps take their last look once the client is gone.
+                    async def wait_exit() -> None:
+                        await proc.wait()
+                        exited.set()
+
+                    tg.start_soon(wait_exit)
 
                 async with anyio.create_task_group() as io:
                     io.start_soon(pump_one, "stdout", proc.stdout, out, 0)

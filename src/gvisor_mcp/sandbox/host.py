@@ -23,6 +23,7 @@ from .errors import SandboxError
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
 from .network import NetworkProvider
+from .outfile import can_punch
 from .runsc import Runsc, missing_launcher_tools
 
 
@@ -55,6 +56,9 @@ class Host:
         Path(config.runsc_root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.etc = write_etc(self.base / ".image" / "etc")
         self.system = host_system_entries()
+        self.output_files = config.output_files and can_punch(self.base)
+        """Cold runs' output goes through files (outfile.py); not where the
+        bundle directory's filesystem cannot punch holes."""
         self.owner = OwnerLock(self.base / ".owners")
 
     @property
