@@ -46,8 +46,11 @@ READ_ALL = 1 << 20
 """Past the limit, a poll finding at most this many new bytes reads them all."""
 TAIL_READ = 64 * 1024
 """Past the limit, in a flood: the bytes read per poll (for the last line)."""
-PUNCH_MIN = 1 << 20
-"""Punch only ranges at least this large (one fallocate per MiB at most)."""
+PUNCH_MIN = 4 << 20
+"""Punch only ranges at least this large: each punch briefly holds the
+file against the sandbox's appends, and freed pages are reused warm by the
+writer (100 MB appended with 4 MiB punches took 159 ms here, without
+punching 555 ms on ext4, from dirty-page throttling)."""
 CHUNK = 1 << 20
 
 _FALLOC_FL_KEEP_SIZE = 0x01
