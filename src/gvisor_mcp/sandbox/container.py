@@ -106,15 +106,17 @@ class Container:
         at claim)."""
         host = self.host
         try:
-            self.bundle.mkdir(mode=0o700)
+            mountpoints = (*(m.destination for m in options.extra_mounts), options.workdir)
             root = None
+            if options.rootfs is None and host.spares.take(mountpoints, self.bundle):
+                root = self.bundle / "rootfs"  # made ahead (spares.py)
+            else:
+                self.bundle.mkdir(mode=0o700)
+                if options.rootfs is None:
+                    root = self.bundle / "rootfs"
+                    make_root(root, list(mountpoints), host.system)
             if options.rootfs is None:
-                root = self.bundle / "rootfs"
-                make_root(
-                    root,
-                    [m.destination for m in options.extra_mounts] + [options.workdir],
-                    host.system,
-                )
+                host.start_soon(host.spares.refill, mountpoints)
             update: dict[str, Any] = {"command": command}
             if options.network is NetworkMode.SANDBOX:
                 self.net = await self._open_network()

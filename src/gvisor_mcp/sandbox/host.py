@@ -25,6 +25,7 @@ from .rootfs import host_system_entries, write_etc
 from .network import NetworkProvider
 from .outfile import can_punch
 from .runsc import Runsc, missing_launcher_tools
+from .spares import Spares
 
 
 class Host:
@@ -60,6 +61,8 @@ class Host:
         """Cold runs' output goes through files (outfile.py); not where the
         bundle directory's filesystem cannot punch holes."""
         self.owner = OwnerLock(self.base / ".owners")
+        self.spares = Spares(self.base, self.system, self.new_container_id)
+        """Cold runs' empty roots, made ahead (spares.py)."""
 
     @property
     def instance(self) -> str:
@@ -70,6 +73,13 @@ class Host:
 
     def cgroup(self, container_id: str) -> Cgroup:
         return Cgroup(f"/{self.config.cgroup_parent}/{container_id}", self.cgroup_version)
+
+    def start_soon(self, func, *args) -> None:  # type: ignore[no-untyped-def]
+        """Background work in the Manager's task group; skipped once it has ended."""
+        try:
+            self.tg.start_soon(func, *args)
+        except (RuntimeError, AttributeError):  # not entered, or ended (a run outlived close())
+            pass
 
     def close_fd_later(self, fd: int) -> None:
         """Close an fd in a worker thread (see BootWatch.detach for why)."""
