@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--state-dir", default=None)
     t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
 
+    p = sub.add_parser("connect", help="stdio MCP server for a user's client, forwarding to a gvisor-mcp HTTP server "
+                       "(no root needed; see README)")
+    p.add_argument("url", metavar="URL", help="the server's MCP endpoint, like http://127.0.0.1:8765/mcp")
+    p.add_argument("--token-file", required=True, metavar="FILE",
+                   help="file holding the bearer token `gvisor-mcp token add TENANT` printed (chmod 600)")
+
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
     for name, command in sub.choices.items():
@@ -214,7 +220,7 @@ def _main(argv: list[str]) -> int:
     except UsageError as e:
         return fail_usage(e)
     handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
-               "workspace": cmd_workspace}
+               "workspace": cmd_workspace, "connect": cmd_connect}
     return handler[args.cmd](args)
 
 
@@ -358,6 +364,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     print(token)
     print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
     return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from .connect import connect_main
+
+    return connect_main(args.url, args.token_file)
 
 
 def cmd_workspace(args: argparse.Namespace) -> int:
