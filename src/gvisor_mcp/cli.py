@@ -250,6 +250,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         user = UserSpec.parse(args.user or _policy_user(args.policy, args.tenant))
     except (InvalidOptionsError, PolicyError, UnknownTenant) as e:
         return _fail(_clean_validation(e) if isinstance(e, InvalidOptionsError) else str(e))
+    from .runview import RunView
+
+    view = RunView(sys.stdout.buffer, sys.stderr.buffer)
     try:
         options = ContainerOptions(
             command=command,
@@ -267,8 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
             ),
             stdin=None if sys.stdin is None or sys.stdin.isatty() else _stdin_bytes(),
-            stdout_writer=_writer(sys.stdout),
-            stderr_writer=_writer(sys.stderr),
+            stdout_writer=view.writer("stdout"),
+            stderr_writer=view.writer("stderr"),
         )
     except (ValueError, InvalidOptionsError) as e:
         return _fail(_clean_validation(e))
@@ -282,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def run_with(net: NetworkService | None) -> int:
         async with Manager(manager_config(args), network=net) as manager:
             try:
-                result = await manager.run(options)
+                result = await view.while_running(lambda: manager.run(options))
             except InvalidOptionsError as e:
                 print(f"gvisor-mcp: {e}", file=sys.stderr)
                 return 2
@@ -309,14 +312,6 @@ def _policy_user(path: str | None, tenant: str) -> str:
 def _stdin_bytes() -> bytes | None:
     data = sys.stdin.buffer.read()
     return data or None
-
-
-def _writer(stream):  # type: ignore[no-untyped-def]
-    def write(chunk: bytes) -> None:
-        stream.buffer.write(chunk)
-        stream.buffer.flush()
-
-    return write
 
 
 def _clean_validation(e: Exception) -> str:

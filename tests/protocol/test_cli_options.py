@@ -116,3 +116,46 @@ def test_run_uses_the_policys_user_unless_told_otherwise(sandbox_base, tmp_path)
     assert r.returncode == 2 and r.stderr == (
         "gvisor-mcp: tenant 'nobody-here' is not defined in the policy; defined tenants: default\n"), r.stderr
     assert leftovers(sandbox_base) == {}
+
+
+@pytest.mark.runsc
+def test_a_long_run_shows_elapsed_time_and_bytes_on_a_terminal_and_nothing_extra_otherwise(sandbox_base) -> None:
+    import pty
+    import re
+
+    argv = [str(BIN), "run", "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--",
+            "/bin/sh", "-c", "echo start; sleep 5; printf partial; sleep 2; echo; echo oops >&2"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=ENV)
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        stdout = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, screen
+    finally:
+        os.close(master)
+    assert stdout == b"start\npartial\n"
+    text = screen.decode()
+    # While it ran: the line, redrawn in place, with the bytes so far.
+    shown = re.findall(r"\r\x1b\[Kgvisor-mcp: running (\d+\.\d)s, stdout (\d+ B), stderr (\d+ B)", text)
+    assert ("6 B", "0 B") in [(o, e) for _, o, e in shown], text
+    assert [float(t) for t, _, _ in shown] == sorted(float(t) for t, _, _ in shown)
+    # Never in the middle of the command's own line ("partial" had no newline yet) ...
+    assert "partial\x1b" not in text and "partialgvisor" not in text
+    # ... erased before the command's stderr and before the summary.
+    assert re.search(r"(\n|\r\x1b\[K)oops\r?\n", text), text
+    assert re.search(r"(\n|\r\x1b\[K)gvisor-mcp: status=exited exit_code=0 ", text), text
+    assert leftovers(sandbox_base) == {}
+
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=ENV, timeout=120)
+    assert r.returncode == 0 and b"running" not in r.stderr and b"\x1b" not in r.stderr
+    assert r.stderr.startswith(b"oops\ngvisor-mcp: status=exited exit_code=0 "), r.stderr
+    assert leftovers(sandbox_base) == {}
