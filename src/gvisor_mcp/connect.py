@@ -129,10 +129,10 @@ class Explain(httpx2.AsyncBaseTransport):
         try:
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as e:
-            why = str(e) or type(e).__name__
+            why = _reason(e)
             return self._fail(request, 502, UNREACHABLE, (
                 f"gvisor-mcp connect: cannot reach the gvisor-mcp server at {self.url} ({why}). Is it running? "
-                "On the server machine: `systemctl status gvisor-mcp` (see README, \"A desktop user who is not root\")"
+                "On the server machine: `systemctl status gvisor-mcp` (docs/desktop.md)"
             ))
         if response.status_code in (401, 403):
             body = await response.aread()
@@ -160,6 +160,17 @@ class Explain(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _reason(e: BaseException) -> str:
+    """The OS's word for it ("Connection refused"), not httpx's "All connection attempts failed"."""
+    seen: BaseException | None = e
+    deepest = str(e) or type(e).__name__
+    while seen is not None:
+        if isinstance(seen, OSError) and isinstance(seen.errno, int) and seen.errno > 0:
+            deepest = os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return deepest
 
 
 @dataclass
