@@ -49,6 +49,8 @@ UNREACHABLE = -32000
 """JSON-RPC error code of a request the bridge could not deliver (server down, refused connection, TLS failure)."""
 REFUSED = -32001
 """JSON-RPC error code of a request the server refused before MCP (401/403: token unknown, revoked, wrong tenant)."""
+SESSION_LOST = -32002
+"""JSON-RPC error code of a request in a session the server no longer knows (it restarted, or ended the session)."""
 
 READ_TIMEOUT = 900.0
 """Seconds a response stream may stay silent; above the longest timeout a policy may grant (10 min)."""
@@ -146,6 +148,13 @@ class Explain(httpx2.AsyncBaseTransport):
                 f"gvisor-mcp connect: the server at {self.url} {what} {self.token_file} "
                 f"(HTTP {response.status_code}: {detail}). Ask the operator for a new token "
                 "(`gvisor-mcp token add TENANT`) and put it in that file"
+            ))
+        if response.status_code == 404 and request.method == "POST" and "mcp-session-id" in request.headers:
+            await response.aclose()
+            return self._fail(request, 404, SESSION_LOST, (
+                f"gvisor-mcp connect: the server at {self.url} no longer knows this session (it restarted, or "
+                "ended the session); its session workspace is gone. Restart the MCP client (in Claude Code: /mcp, "
+                "reconnect) to open a new session"
             ))
         return response
 

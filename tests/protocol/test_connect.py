@@ -8,6 +8,7 @@ fails that a user meets: the token is refused, the server is down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -154,6 +155,26 @@ async def test_a_refused_token_and_a_server_that_is_down_get_a_clear_error(sandb
         message = _mcp_error(caught.value)
         assert message.startswith(f"gvisor-mcp connect: cannot reach the gvisor-mcp server at {down} ("), message
         assert "Is it running?" in message and "systemctl status gvisor-mcp" in message
+
+
+async def test_a_server_restart_is_reported_as_a_lost_session(sandbox_base, tmp_path, user_dir):
+    port = _free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        first = stack.enter_context(running_http_server(sandbox_base, tmp_path, port=port))
+        tokens = token_file(user_dir, first.tokens["alice"])
+        c = await stack.enter_async_context(Client(as_nobody(first.url, tokens), mode="legacy"))
+        assert structured(await c.call_tool("list_active", {}))["commands"] == []
+        stack.pop_all()  # keep the client; stop only the server
+        with running_http_server(sandbox_base, tmp_path, port=port):  # a new server, same port and token
+            try:
+                with pytest.raises(MCPError) as caught:
+                    await c.call_tool("list_active", {})
+                assert caught.value.error.code == -32002
+                assert caught.value.error.message.startswith(
+                    f"gvisor-mcp connect: the server at {first.url} no longer knows this session (it restarted"), \
+                    caught.value.error.message
+            finally:
+                await c.__aexit__(None, None, None)
 
 
 def test_bad_connect_arguments_get_one_line(user_dir):
