@@ -302,6 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return anyio.run(go)
     except (SandboxError, RunscError) as e:
         return _fail(str(e), 125)
+    except KeyboardInterrupt:  # Ctrl-C: asyncio cancelled the run, and the Manager removed its sandbox
+        return _fail("interrupted; the command was stopped and its sandbox removed", 130)
 
 
 def _policy_user(path: str | None, tenant: str) -> str:

@@ -159,3 +159,29 @@ def test_a_long_run_shows_elapsed_time_and_bytes_on_a_terminal_and_nothing_extra
     assert r.returncode == 0 and b"running" not in r.stderr and b"\x1b" not in r.stderr
     assert r.stderr.startswith(b"oops\ngvisor-mcp: status=exited exit_code=0 "), r.stderr
     assert leftovers(sandbox_base) == {}
+
+
+@pytest.mark.runsc
+def test_ctrl_c_stops_a_run_with_one_line_and_leaves_nothing(sandbox_base) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [str(BIN), "run", "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--", "sleep", "300"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job has it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "runsc list" not in leftovers(sandbox_base):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err == b"gvisor-mcp: interrupted; the command was stopped and its sandbox removed\n", err
+    assert leftovers(sandbox_base) == {}
