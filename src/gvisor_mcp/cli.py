@@ -1,4 +1,10 @@
-"""`gvisor-mcp serve | run | doctor | cleanup | policy ... | image ...`."""
+"""`gvisor-mcp serve | run | doctor | cleanup | connect | token | workspace | policy ... | image ...`.
+
+Why over ~400 lines: every command's flags are declared here, one argparse
+line (and its help text) per flag, and turned into config in one place; the
+shared options and usage errors live in cli_args.py, the bridge in
+connect.py, run's status line in runview.py.
+"""
 
 from __future__ import annotations
 
