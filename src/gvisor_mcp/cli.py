@@ -23,7 +23,8 @@ from .network import EgressError, EgressRules, NetworkConfig, NetworkService
 from .paths import default_state_dir
 from .policy import PolicyError, UnknownTenant, load, load_default
 from .policy.cli import policy_main
-from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading, version
+from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading
+from .version import package_version
 from .sandbox import (
     ContainerOptions,
     InvalidOptionsError,
@@ -212,7 +213,7 @@ def _main(argv: list[str]) -> int:
     try:
         leading, rest = split_leading(argv)
         if leading.show_version:
-            print(f"gvisor-mcp {version()}")
+            print(f"gvisor-mcp {package_version()}")
             return 0
         # `policy` and `image` own their own argument parsing.
         if rest and rest[0] in ("policy", "image"):

@@ -11,19 +11,10 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 
 from . import logs
 
 LOG_LEVEL_ENV = "GVISOR_MCP_LOG_LEVEL"
-
-
-def version() -> str:
-    """The installed package's version (pyproject.toml), as `--version` and serverInfo show it."""
-    try:
-        return metadata.version("gvisor-mcp")
-    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 class UsageError(Exception):
