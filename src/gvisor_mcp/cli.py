@@ -14,6 +14,7 @@ from . import logs
 from .config import HttpOptions, ServeConfig
 from .images.cli import image_main
 from .network import EgressError, EgressRules, NetworkConfig, NetworkService
+from .oauth import OAuthOptions, options_from_args
 from .paths import default_state_dir
 from .policy import load, load_default
 from .policy.cli import policy_main
@@ -30,7 +31,7 @@ from .sandbox import (
 )
 from .sandbox.doctor import doctor
 from .sandbox.reaper import describe
-from .tokens import METRICS_ROLE, TokenFile
+from .tokens import TokenFile
 from .workspace_cli import add_parser as add_workspace_parser
 from .workspace_cli import workspace_main
 
@@ -72,8 +73,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gvisor-mcp",
         description="Run shell commands for LLM agents, each in a fresh gVisor sandbox.",
     )
@@ -160,17 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate <state-dir>/audit.jsonl past this size (default 64)")
     p.add_argument("--audit-keep", type=int, default=4, metavar="N",
                    help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)")
+    from .oauth import add_arguments as add_oauth_arguments
+
+    add_oauth_arguments(p)
 
     add_workspace_parser(sub)
 
-    p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
-    tsub = p.add_subparsers(dest="token_command", required=True)
-    t = tsub.add_parser("add", help="create a token for TENANT, print it once, store its hash")
-    t.add_argument("tenant", nargs="?", default=None)
-    t.add_argument("--metrics", action="store_true", help="a token that may read /metrics only")
-    t.add_argument("--tokens", default=None, help="tokens file (default <state-dir>/tokens.yaml)")
-    t.add_argument("--state-dir", default=None)
-    t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
+    from .token_cli import add_parser as add_token_parser
+
+    add_token_parser(sub)
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
@@ -303,25 +309,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    """`gvisor-mcp token add TENANT`: the token is printed once, only its hash is kept."""
+    """`gvisor-mcp token add | list | revoke` (token_cli.py)."""
+    from .token_cli import token_main
 
-    if args.metrics == bool(args.tenant):
-        return _fail("give either a TENANT or --metrics")
-    if args.tenant:
-        try:
-            (load(args.policy) if args.policy else load_default()).tenant(args.tenant)
-        except Exception as e:
-            return _fail(str(e))
-    state = Path(args.state_dir) if args.state_dir else default_state_dir()
-    path = Path(args.tokens) if args.tokens else state / "tokens.yaml"
-    try:
-        tokens = TokenFile.load(path)
-    except ValueError as e:
-        return _fail(str(e))
-    token = tokens.add(METRICS_ROLE if args.metrics else args.tenant)
-    print(token)
-    print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
-    return 0
+    return token_main(args)
 
 
 def cmd_workspace(args: argparse.Namespace) -> int:
@@ -337,6 +328,12 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
             raise ValueError(f"--egress-host {item!r}: expected NAME=ADDRESS, like mirror.internal=10.0.0.5")
         hosts.setdefault(name.strip(), []).append(addr.strip())
     return NetworkConfig(hosts=hosts, system_dns=not getattr(args, "no_system_dns", False))
+
+
+def _oauth_options(args: argparse.Namespace) -> OAuthOptions | None:
+    """OAuth resource-server mode when --oauth-issuer is given (oauth.py)."""
+    scheme = "https" if args.tls_cert or args.behind_tls_proxy else "http"
+    return options_from_args(args, scheme=scheme, host=args.host, port=args.port)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -359,7 +356,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             session_idle_timeout=args.session_idle_timeout,
             max_sessions=args.max_sessions,
             max_sessions_per_tenant=args.max_sessions_per_tenant,
+            oauth=_oauth_options(args),
         )
+        TokenFile.load(http.tokens_path)  # unreadable or invalid: one clear line now, not at the first request
     return ServeConfig(
         transport=args.transport,
         tenant=args.tenant or "default",

@@ -31,6 +31,7 @@ import structlog
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 
+from .progress import MAX_PROGRESS_TOKEN, progress_token_problem  # noqa: F401  (MAX_: re-exported)
 from . import startup
 from .asgi import serve_metrics
 from .config import ServeConfig
@@ -183,14 +184,6 @@ def _bad_id(line: bytearray) -> str | None:
     )
 
 
-MAX_PROGRESS_TOKEN = 256
-"""Characters of a progressToken: it is echoed in every progress notification."""
-
-
-def progress_token_problem(params: Any) -> str | None:
-    """Why a request's progressToken is refused, or None."""
-    if not isinstance(params, dict):
-        return None
     meta = params.get("_meta")
     if not isinstance(meta, dict) or "progressToken" not in meta:
         return None
