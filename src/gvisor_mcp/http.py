@@ -37,6 +37,7 @@ and responders are in asgi.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
