@@ -17,3 +17,19 @@ def progress_token_problem(params: Any) -> str | None:
     """Why a request's progressToken is refused, or None."""
     if not isinstance(params, dict):
         return None
+    meta = params.get("_meta")
+    if not isinstance(meta, dict) or "progressToken" not in meta:
+        return None
+    token = meta["progressToken"]
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        return "invalid params: _meta.progressToken must be a string or an integer; send it again as one"
+    if isinstance(token, int) and abs(token) > 2**53:
+        return "invalid params: _meta.progressToken is an integer beyond 2^53; send a smaller one"
+    if isinstance(token, str) and len(token) > MAX_PROGRESS_TOKEN:
+        return (
+            f"invalid params: _meta.progressToken is {len(token)} characters long; at most "
+            f"{MAX_PROGRESS_TOKEN} are accepted, because it is sent back with every progress "
+            "notification. Send the request again with a shorter token"
+        )
+    return None
+
