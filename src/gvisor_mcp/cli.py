@@ -20,10 +20,13 @@ from . import logs
 from .config import HttpOptions, ServeConfig
 from .images.cli import image_main
 from .network import EgressError, EgressRules, NetworkConfig, NetworkService
+from .oauth import OAuthOptions, options_from_args
 from .paths import default_state_dir
 from .policy import PolicyError, UnknownTenant, load, load_default
 from .policy.cli import policy_main
 from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading
+from .token_cli import add_parser as add_token_parser
+from .token_cli import token_main
 from .version import package_version
 from .sandbox import (
     ContainerOptions,
@@ -38,7 +41,7 @@ from .sandbox import (
 )
 from .sandbox.doctor import doctor
 from .sandbox.reaper import describe
-from .tokens import METRICS_ROLE, TokenFile
+from .tokens import TokenFile
 from .workspace_cli import add_parser as add_workspace_parser
 from .workspace_cli import workspace_main
 
@@ -178,17 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate <state-dir>/audit.jsonl past this size (default 64)")
     p.add_argument("--audit-keep", type=int, default=4, metavar="N",
                    help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)")
+    from .oauth import add_arguments as add_oauth_arguments
+
+    add_oauth_arguments(p)
 
     add_workspace_parser(sub)
 
-    p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
-    tsub = p.add_subparsers(dest="token_command", required=True)
-    t = tsub.add_parser("add", help="create a token for TENANT, print it once, store its hash")
-    t.add_argument("tenant", nargs="?", default=None)
-    t.add_argument("--metrics", action="store_true", help="a token that may read /metrics only")
-    t.add_argument("--tokens", default=None, help="tokens file (default <state-dir>/tokens.yaml)")
-    t.add_argument("--state-dir", default=None)
-    t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
+    add_token_parser(sub)
 
     p = sub.add_parser("connect", help="stdio MCP server for a user's client, forwarding to a gvisor-mcp HTTP server "
                        "(no root needed; see README)")
@@ -349,25 +348,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    """`gvisor-mcp token add TENANT`: the token is printed once, only its hash is kept."""
-
-    if args.metrics == bool(args.tenant):
-        return _fail("give either a TENANT or --metrics")
-    if args.tenant:
-        try:
-            (load(args.policy) if args.policy else load_default()).tenant(args.tenant)
-        except Exception as e:
-            return _fail(str(e))
-    state = Path(args.state_dir) if args.state_dir else default_state_dir()
-    path = Path(args.tokens) if args.tokens else state / "tokens.yaml"
-    try:
-        tokens = TokenFile.load(path)
-    except ValueError as e:
-        return _fail(str(e))
-    token = tokens.add(METRICS_ROLE if args.metrics else args.tenant)
-    print(token)
-    print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
-    return 0
+    """`gvisor-mcp token add | list | revoke` (token_cli.py)."""
+    return token_main(args)
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -391,6 +373,12 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
     return NetworkConfig(hosts=hosts, system_dns=not getattr(args, "no_system_dns", False))
 
 
+def _oauth_options(args: argparse.Namespace) -> OAuthOptions | None:
+    """OAuth resource-server mode when --oauth-issuer is given (oauth.py)."""
+    scheme = "https" if args.tls_cert or args.behind_tls_proxy else "http"
+    return options_from_args(args, scheme=scheme, host=args.host, port=args.port)
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """`serve`'s flags as a ServeConfig; ValueError names the flag that cannot be used."""
     http = None
@@ -411,7 +399,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             session_idle_timeout=args.session_idle_timeout,
             max_sessions=args.max_sessions,
             max_sessions_per_tenant=args.max_sessions_per_tenant,
+            oauth=_oauth_options(args),
         )
+        TokenFile.load(http.tokens_path)  # unreadable or invalid: one clear line now, not at the first request
     return ServeConfig(
         transport=args.transport,
         tenant=args.tenant or "default",

@@ -32,11 +32,17 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 
 from . import startup
+from .progress import MAX_PROGRESS_TOKEN, progress_token_problem  # noqa: F401  (MAX_: re-exported)
 from .asgi import serve_metrics
 from .config import ServeConfig
 from .lifecycle import Signals
 from .runtime import PolicyHolder, TenantState, start_runtime
 from .server import build_server
+
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 
 log = structlog.get_logger("gvisor_mcp.stdio")
 
@@ -181,36 +187,6 @@ def _bad_id(line: bytearray) -> str | None:
         f'invalid request: "id" is {kind}; JSON-RPC request ids here must be a string or an integer. '
         "Send the request again with such an id (or without one, as a notification)"
     )
-
-
-MAX_PROGRESS_TOKEN = 256
-"""Characters of a progressToken: it is echoed in every progress notification."""
-
-
-def progress_token_problem(params: Any) -> str | None:
-    """Why a request's progressToken is refused, or None."""
-    if not isinstance(params, dict):
-        return None
-    meta = params.get("_meta")
-    if not isinstance(meta, dict) or "progressToken" not in meta:
-        return None
-    token = meta["progressToken"]
-    if isinstance(token, bool) or not isinstance(token, (str, int)):
-        return "invalid params: _meta.progressToken must be a string or an integer; send it again as one"
-    if isinstance(token, int) and abs(token) > 2**53:
-        return "invalid params: _meta.progressToken is an integer beyond 2^53; send a smaller one"
-    if isinstance(token, str) and len(token) > MAX_PROGRESS_TOKEN:
-        return (
-            f"invalid params: _meta.progressToken is {len(token)} characters long; at most "
-            f"{MAX_PROGRESS_TOKEN} are accepted, because it is sent back with every progress "
-            "notification. Send the request again with a shorter token"
-        )
-    return None
-
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-INVALID_PARAMS = -32602
 
 
 def _message_adapter() -> Any:
