@@ -129,6 +129,10 @@ async def soak(calls: int, concurrency: int) -> dict:
                     if why:
                         unexpected.append(why)
                     rss_at[done] = status_kib(pid, "VmRSS")
+                    if done % 500 == 0:  # a long run's progress, for whoever watches its log
+                        print(f"{time.strftime('%H:%M:%S')} {done}/{calls} calls, {len(unexpected)} unexpected, "
+                              f"server RSS {rss_at[done]} KiB, load {os.getloadavg()[0]:.1f}",
+                              file=sys.stderr, flush=True)
 
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:

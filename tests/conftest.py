@@ -103,6 +103,9 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
         left = [n for n in os.listdir(bundles) if not n.startswith(".")]
         if left:
             out["bundles"] = left
+        spares = [n for n in os.listdir(bundles) if n.startswith(".spare-")]
+        if spares:  # cold runs' roots made ahead (sandbox/spares.py)
+            out["spare bundles"] = spares
     cg = []
     for ctl in Path("/sys/fs/cgroup").iterdir():
         d = ctl / cgroup_parent

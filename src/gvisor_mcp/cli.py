@@ -1,9 +1,9 @@
-"""`gvisor-mcp serve | run | doctor | cleanup | agent | policy ... | image ...`.
+"""`gvisor-mcp serve | run | doctor | cleanup | agent | connect | token | workspace | policy ... | image ...`.
 
-Why over ~400 lines: one parser holds every subcommand's flags (the shared
-Manager flags are defined once and reused by serve, run and agent); the
-`agent` command (ray scale-out) pushed it past 400. Moving a subcommand's
-flags to its own `*_cli.py` front, as workspace_cli does, is the split.
+Why over ~400 lines: every command's flags are declared here, one argparse
+line (and its help text) per flag, and turned into config in one place; the
+shared options and usage errors live in cli_args.py, the bridge in
+connect.py, run's status line in runview.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ from . import logs
 from .config import HttpOptions, ServeConfig
 from .images.cli import image_main
 from .network import EgressError, EgressRules, NetworkConfig, NetworkService
+from .oauth import OAuthOptions, options_from_args
 from .paths import default_state_dir
-from .policy import load, load_default
+from .policy import PolicyError, UnknownTenant, load, load_default
 from .policy.cli import policy_main
+from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading
+from .token_cli import add_parser as add_token_parser
+from .token_cli import token_main
+from .version import package_version
 from .sandbox import (
     ContainerOptions,
     InvalidOptionsError,
@@ -36,7 +41,7 @@ from .sandbox import (
 )
 from .sandbox.doctor import doctor
 from .sandbox.reaper import describe
-from .tokens import METRICS_ROLE, TokenFile
+from .tokens import TokenFile
 from .workspace_cli import add_parser as add_workspace_parser
 from .workspace_cli import workspace_main
 
@@ -79,12 +84,17 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gvisor-mcp",
         description="Run shell commands for LLM agents, each in a fresh gVisor sandbox.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("GVISOR_MCP_LOG_LEVEL", "WARNING"))
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--log-level", metavar="LEVEL",
+        help=f"{', '.join(logs.LEVELS)} (default: ${LOG_LEVEL_ENV}, else INFO for serve, WARNING otherwise); "
+        "also accepted after the command",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run one command in a fresh sandbox and stream its output")
     _manager_args(p)
@@ -93,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="seconds (default 120)")
     p.add_argument("--max-pids", type=int, default=0, help="processes (default 1024)")
     p.add_argument("--network", default="none", help="none | host | sandbox (default none)")
-    p.add_argument("--user", default=None, help="UID[:GID] inside the sandbox (default 0:0)")
+    p.add_argument("--user", default=None,
+                   help="UID[:GID] inside the sandbox (default: the policy's defaults.user, 1000:1000 in the built-in policy)")
+    p.add_argument("--policy", default=None,
+                   help="take the default --user from this policy file (default: the built-in policy); "
+                        "its other settings do not apply to run")
+    p.add_argument("--tenant", default="default", help="with --policy: the tenant whose defaults.user applies")
     p.add_argument("--workdir", default="/", help="working directory inside the sandbox")
     p.add_argument("--rootfs", default=None, help="host directory to use as root (default: built-in image)")
     p.add_argument("--read-only", action="store_true", help="make the root filesystem read-only")
@@ -172,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-runsc-version", default=None,
                    help="ray: agents must report this `runsc --version` line (default: this host's runsc)")
 
+    from .oauth import add_arguments as add_oauth_arguments
+
+    add_oauth_arguments(p)
+
     p = sub.add_parser("agent", help="run this host's HostAgent on a Ray cluster (docs/scale-out.md)")
     _manager_args(p)
     p.add_argument("--ray-address", required=True, help="the head node's GCS address HOST:PORT")
@@ -188,32 +207,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_workspace_parser(sub)
 
-    p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
-    tsub = p.add_subparsers(dest="token_command", required=True)
-    t = tsub.add_parser("add", help="create a token for TENANT, print it once, store its hash")
-    t.add_argument("tenant", nargs="?", default=None)
-    t.add_argument("--metrics", action="store_true", help="a token that may read /metrics only")
-    t.add_argument("--tokens", default=None, help="tokens file (default <state-dir>/tokens.yaml)")
-    t.add_argument("--state-dir", default=None)
-    t.add_argument("--policy", default=None, help="check TENANT against this policy (default: built-in)")
+    add_token_parser(sub)
+
+    p = sub.add_parser("connect", help="stdio MCP server for a user's client, forwarding to a gvisor-mcp HTTP server "
+                       "(no root needed; see README)")
+    p.add_argument("url", metavar="URL", help="the server's MCP endpoint, like http://127.0.0.1:8765/mcp")
+    p.add_argument("--token-file", required=True, metavar="FILE",
+                   help="file holding the bearer token `gvisor-mcp token add TENANT` printed (chmod 600)")
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
+    for name, command in sub.choices.items():
+        if name not in ("policy", "image"):  # these parse their own arguments
+            command.add_argument("--log-level", metavar="LEVEL", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    # `policy` and `image` own their own argument parsing.
-    if argv and argv[0] == "policy":
-        raise SystemExit(policy_main(argv[1:]))
-    if argv and argv[0] == "image":
-        raise SystemExit(image_main(argv[1:]))
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level.upper(), json=True)
+    raise SystemExit(_main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    """Options before the command first (cli_args.py), then the command; usage errors are one line."""
+    try:
+        leading, rest = split_leading(argv)
+        if leading.show_version:
+            print(f"gvisor-mcp {package_version()}")
+            return 0
+        # `policy` and `image` own their own argument parsing.
+        if rest and rest[0] in ("policy", "image"):
+            logs.configure(choose_level(leading.log_level, rest[0]), json=True)
+            return policy_main(rest[1:]) if rest[0] == "policy" else image_main(rest[1:])
+        args, extra = build_parser().parse_known_args(rest)
+        if extra:
+            where = " ".join(["gvisor-mcp", args.cmd] + ([args.token_command] if args.cmd == "token" else []))
+            raise UsageError(f"{where}: unrecognized arguments: {' '.join(extra)}; see `{where} --help`")
+        logs.configure(choose_level(getattr(args, "log_level", None) or leading.log_level, args.cmd), json=True)
+    except UsageError as e:
+        return fail_usage(e)
     handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
-               "workspace": cmd_workspace, "agent": cmd_agent}
-    raise SystemExit(handler[args.cmd](args))
+               "workspace": cmd_workspace, "connect": cmd_connect,
+               "agent": cmd_agent}
+    return handler[args.cmd](args)
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -239,6 +274,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (EgressError, ValueError) as e:
         return _fail(_clean_validation(e))
     try:
+        user = UserSpec.parse(args.user or _policy_user(args.policy, args.tenant))
+    except (InvalidOptionsError, PolicyError, UnknownTenant) as e:
+        return _fail(_clean_validation(e) if isinstance(e, InvalidOptionsError) else str(e))
+    from .runview import RunView
+
+    view = RunView(sys.stdout.buffer, sys.stderr.buffer)
+    try:
         options = ContainerOptions(
             command=command,
             workdir=args.workdir,
@@ -246,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rootfs=args.rootfs,
             network=network,
             egress=egress,
-            user=UserSpec.parse(args.user) if args.user else None,
+            user=user,
             read_only_rootfs=args.read_only,
             resources=ResourceSpec(
                 cpus=args.cpus,
@@ -255,8 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
             ),
             stdin=None if sys.stdin is None or sys.stdin.isatty() else _stdin_bytes(),
-            stdout_writer=_writer(sys.stdout),
-            stderr_writer=_writer(sys.stderr),
+            stdout_writer=view.writer("stdout"),
+            stderr_writer=view.writer("stderr"),
         )
     except (ValueError, InvalidOptionsError) as e:
         return _fail(_clean_validation(e))
@@ -270,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def run_with(net: NetworkService | None) -> int:
         async with Manager(manager_config(args), network=net) as manager:
             try:
-                result = await manager.run(options)
+                result = await view.while_running(lambda: manager.run(options))
             except InvalidOptionsError as e:
                 print(f"gvisor-mcp: {e}", file=sys.stderr)
                 return 2
@@ -287,19 +329,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return anyio.run(go)
     except (SandboxError, RunscError) as e:
         return _fail(str(e), 125)
+    except KeyboardInterrupt:  # Ctrl-C: asyncio cancelled the run, and the Manager removed its sandbox
+        return _fail("interrupted; the command was stopped and its sandbox removed", 130)
+
+
+def _policy_user(path: str | None, tenant: str) -> str:
+    """The user a policy runs commands as: `run` never defaults to root when the server would not."""
+    return (load(path) if path else load_default()).tenant(tenant).defaults.user
 
 
 def _stdin_bytes() -> bytes | None:
     data = sys.stdin.buffer.read()
     return data or None
-
-
-def _writer(stream):  # type: ignore[no-untyped-def]
-    def write(chunk: bytes) -> None:
-        stream.buffer.write(chunk)
-        stream.buffer.flush()
-
-    return write
 
 
 def _clean_validation(e: Exception) -> str:
@@ -328,25 +369,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    """`gvisor-mcp token add TENANT`: the token is printed once, only its hash is kept."""
+    """`gvisor-mcp token add | list | revoke` (token_cli.py)."""
+    return token_main(args)
 
-    if args.metrics == bool(args.tenant):
-        return _fail("give either a TENANT or --metrics")
-    if args.tenant:
-        try:
-            (load(args.policy) if args.policy else load_default()).tenant(args.tenant)
-        except Exception as e:
-            return _fail(str(e))
-    state = Path(args.state_dir) if args.state_dir else default_state_dir()
-    path = Path(args.tokens) if args.tokens else state / "tokens.yaml"
-    try:
-        tokens = TokenFile.load(path)
-    except ValueError as e:
-        return _fail(str(e))
-    token = tokens.add(METRICS_ROLE if args.metrics else args.tenant)
-    print(token)
-    print(f"stored its SHA-256 in {path}; this token is not shown again", file=sys.stderr)
-    return 0
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from .connect import connect_main
+
+    return connect_main(args.url, args.token_file)
 
 
 def cmd_workspace(args: argparse.Namespace) -> int:
@@ -362,6 +392,12 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
             raise ValueError(f"--egress-host {item!r}: expected NAME=ADDRESS, like mirror.internal=10.0.0.5")
         hosts.setdefault(name.strip(), []).append(addr.strip())
     return NetworkConfig(hosts=hosts, system_dns=not getattr(args, "no_system_dns", False))
+
+
+def _oauth_options(args: argparse.Namespace) -> OAuthOptions | None:
+    """OAuth resource-server mode when --oauth-issuer is given (oauth.py)."""
+    scheme = "https" if args.tls_cert or args.behind_tls_proxy else "http"
+    return options_from_args(args, scheme=scheme, host=args.host, port=args.port)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -386,7 +422,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             session_idle_timeout=args.session_idle_timeout,
             max_sessions=args.max_sessions,
             max_sessions_per_tenant=args.max_sessions_per_tenant,
+            oauth=_oauth_options(args),
         )
+        TokenFile.load(http.tokens_path)  # unreadable or invalid: one clear line now, not at the first request
     return ServeConfig(
         transport=args.transport,
         tenant=args.tenant or "default",

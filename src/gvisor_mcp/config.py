@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from .audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from .network import NetworkConfig
+from .oauth import OAuthOptions
 from .paths import default_state_dir
 from .sandbox import ManagerConfig
 
@@ -43,6 +44,8 @@ class HttpOptions(BaseModel):
     session_idle_timeout: float = 1800.0
     max_sessions: int = 256
     max_sessions_per_tenant: int = 16
+    oauth: OAuthOptions | None = None
+    """OAuth 2.1 resource-server mode (JWT access tokens), with --oauth-issuer."""
 
     def check(self) -> None:
         """Refuse configurations that would expose tokens in clear text."""

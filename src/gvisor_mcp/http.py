@@ -5,9 +5,10 @@ audit log) shared by every tenant, and in front of it one `MCPServer` per
 tenant (each publishes its own tenant's policy in the tool schemas, and has
 its own session manager). The Gateway is the ASGI app Granian serves:
 
-1. every request needs `Authorization: Bearer <token>`; without a valid one
-   it gets 401 before anything else happens. The tenant comes only from the
-   token.
+1. every request needs `Authorization: Bearer <token>` (a static token or,
+   in OAuth mode, a JWT access token: auth.py, oauth.py); without a valid
+   one it gets 401 before anything else happens. The tenant comes only from
+   the token. Only the RFC 9728 metadata (OAuth mode) is public.
 2. `/metrics` is for `@metrics` tokens only; `/mcp` for tenant tokens.
 3. MCP session ids are replaced at the edge by 256-bit random ones, bound to
    the tenant that opened the session: another tenant presenting that id
@@ -22,7 +23,11 @@ its own session manager). The Gateway is the ASGI app Granian serves:
    open at once.
 5. Sessions: at most `max_sessions_per_tenant` per tenant and
    `max_sessions` in all (429 / 503 with what to do); one idle for
-   `session_idle_timeout` is ended and its workspace freed.
+   `session_idle_timeout` is ended and its workspace freed. Only a POST
+   (an initialize) may open a session: a sessionless GET or DELETE gets
+   400, and a sessionless request the SDK refuses opens nothing.
+6. Streams are resumable (events.py): SSE events carry ids, a priming event
+   and `retry`; a GET with `Last-Event-ID` replays the rest of its stream.
 
 Why over ~400 lines: the gateway's checks (token, tenant, session binding,
 caps, body limits) are one request path read top to bottom; the Granian glue
@@ -32,6 +37,7 @@ and responders are in asgi.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -45,15 +51,17 @@ import structlog
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
-from . import startup
+from . import events, startup
 from .asgi import Receive, Scope, Send, respond, respond_bytes, serve_asgi
+from .auth import TenantTokenVerifier, WatchedTokenFile, authenticate, tenant_of, unauthorized_body
 from .config import HttpOptions, ServeConfig, is_loopback
 from .lifecycle import Signals
 from .metrics import CONTENT_TYPE_LATEST
 from .policy import UnknownTenant
 from .runtime import PolicyHolder, Runtime, TenantState, start_runtime
 from .server import build_server
-from .tokens import METRICS_ROLE, TokenFile
+from .progress import progress_token_problem
+from .tokens import METRICS_ROLE
 
 log = structlog.get_logger("gvisor_mcp.http")
 
@@ -92,6 +100,10 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     """Requests of this session being served (an open GET stream counts)."""
+    partition: str = ""
+    """Its key in the event store (events.py)."""
+    user: Any = None
+    """The SDK's AuthenticatedUser that opened it (the SDK binds the session to it)."""
 
 
 class SessionLimit(Exception):
@@ -106,9 +118,10 @@ class SessionLimit(Exception):
 @dataclass
 class Gateway:
     rt: Runtime
-    tokens: TokenFile
+    verifier: TenantTokenVerifier
     options: HttpOptions
     tg: anyio.abc.TaskGroup
+    event_store: events.BoundedEventStore = field(default_factory=events.BoundedEventStore)
     hosts: dict[str, TenantHost] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
     """external session id -> tenant and the SDK's id"""
@@ -117,21 +130,25 @@ class Gateway:
     opening: dict[str, int] = field(default_factory=dict)
     """tenant -> requests without a session id in flight (each may open one)"""
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
+    _metadata_app: Any = None
 
     # --- ASGI ---------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        tenant = self.tokens.tenant_for(_bearer(scope))
-        if tenant is None:
-            await respond(send, 401, {
-                "error": "unauthorized",
-                "message": "a valid bearer token is required: `Authorization: Bearer <token>`; "
-                "the operator creates one with `gvisor-mcp token add TENANT`",
-            }, extra=[(b"www-authenticate", b'Bearer realm="gvisor-mcp"')])
-            return
         path = scope.get("path", "")
+        oauth = self.options.oauth
+        if oauth is not None and path.startswith("/.well-known/oauth-protected-resource"):
+            await self._metadata(scope, receive, send)
+            return
+        user = await authenticate(self.verifier, scope)
+        if isinstance(user, str):
+            body, extra = unauthorized_body(user, oauth)
+            await respond_bytes(send, 401, body, b"application/json", extra)
+            return
+        tenant = tenant_of(user)
+        scope = {**scope, "user": user}
         if path == "/metrics":
             if tenant != METRICS_ROLE:
                 await respond(send, 403, {"error": "forbidden", "message": "/metrics needs a metrics token "
@@ -153,23 +170,55 @@ class Gateway:
             return
         await self._mcp(tenant, scope, receive, send)
 
+    async def _metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._metadata_app is None and self.options.oauth is not None:
+            self._metadata_app = self.options.oauth.metadata_app()
+        await self._metadata_app(scope, receive, send)
+
     async def _mcp(self, tenant: str, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.options.max_body_bytes:
             await self._too_large(declared, receive, send)
             return
-        host = await self._host(tenant)
         external = _header(scope, SESSION_HEADER)
+        if external is None and scope["method"] != "POST":
+            await respond(send, 400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
+                f"a {scope['method']} request needs an mcp-session-id header; open a session with an "
+                "initialize request (POST) first, then send its mcp-session-id"
+            )}})
+            return
+        receive = _bounded(receive, self.options.body_timeout)
+        if scope["method"] == "POST":
+            body, receive = await _buffered(receive, self.options.max_body_bytes)
+            problem = _progress_problem(body)
+            if problem is not None:
+                await respond(send, 200, {"jsonrpc": "2.0", "id": problem[0],
+                                           "error": {"code": -32602, "message": problem[1]}})
+                return
+        host = await self._host(tenant)
         if external is not None:
             session = self.sessions.get(external)
             if session is None or session.tenant != tenant:
                 await respond(send, 404, {"jsonrpc": "2.0", "id": None,
                                            "error": {"code": -32001, "message": "Session not found"}})
                 return
+            last_event = _header(scope, b"last-event-id")
+            if last_event is not None:
+                with events.partition(session.partition):
+                    held = self.event_store.holds(last_event)
+                if not held:
+                    await respond(send, 400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
+                        "Last-Event-ID names an event this server no longer holds (events are kept in memory, "
+                        f"at most {self.event_store.max_session_bytes} bytes per session); the call itself goes on: "
+                        "poll it with list_active and inspect_result"
+                    )}})
+                    return
             scope = _with_header(scope, SESSION_HEADER, session.internal)
             session.in_flight += 1
+            key = session.partition
         else:
             session = None
+            key = secrets.token_hex(16)
             try:
                 self._admit(tenant)
             except SessionLimit as e:
@@ -186,13 +235,18 @@ class Gateway:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 internal = _header(message, SESSION_HEADER)
-                if internal is not None:
-                    ext = self._external(tenant, internal)
+                if internal is not None and (session is not None or status < 400):
+                    # (a refused sessionless request opens no session: the SDK discards it too)
+                    ext = self._external(tenant, internal, key, scope["user"])
                     message = _with_header(message, SESSION_HEADER, ext)
+                elif internal is not None:
+                    message = {**message, "headers": [(k, v) for k, v in message["headers"]
+                                                      if k.lower() != SESSION_HEADER]}
             await send(message)
 
         try:
-            await host.asgi(scope, _bounded(receive, self.options.body_timeout), send_mapped)
+            with events.partition(key):
+                await host.asgi(scope, receive, send_mapped)
         finally:
             if session is None:
                 self.opening[tenant] -= 1
@@ -246,11 +300,11 @@ class Gateway:
                 f"({o.session_idle_timeout:g} s without a request)"
             ))
 
-    def _external(self, tenant: str, internal: str) -> str:
+    def _external(self, tenant: str, internal: str, partition: str, user: Any) -> str:
         ext = self.external_ids.get((tenant, internal))
         if ext is None:
             ext = secrets.token_hex(32)
-            self.sessions[ext] = Session(tenant, internal)
+            self.sessions[ext] = Session(tenant, internal, partition=partition, user=user)
             self.external_ids[(tenant, internal)] = ext
             log.info("http_session_opened", tenant=tenant, open=len(self.sessions))
         return ext
@@ -260,6 +314,7 @@ class Gateway:
         its last background command ends)."""
         self.sessions.pop(external, None)
         self.external_ids.pop((session.tenant, session.internal), None)
+        self.event_store.forget(session.partition)
         host = self.hosts.get(session.tenant)
         if host is not None:
             host.app.drop_session(session.internal)
@@ -284,7 +339,7 @@ class Gateway:
                 if session.in_flight == 0 and now - session.last_active >= timeout:
                     host = self.hosts.get(session.tenant)
                     if host is not None:
-                        await _delete_session(host.asgi, session.internal, self.options)
+                        await _delete_session(host.asgi, session, self.options)
                     self._forget(external, session, "idle")
             for host in list(self.hosts.values()):
                 host.app.reap_ended_sessions()
@@ -317,6 +372,8 @@ class Gateway:
             session_idle_timeout=self.options.session_idle_timeout * 2,  # ours ends them first
             max_sessions=self.options.max_sessions_per_tenant,
             host=self.options.host,
+            event_store=self.event_store,
+            retry_interval=events.RETRY_MS,
         )
         async with server.session_manager.run():
             app.warm_pool()
@@ -329,14 +386,15 @@ class Gateway:
                 self.rt.policy.listeners.remove(app.warm_pool)
 
 
-async def _delete_session(asgi: Any, internal: str, options: HttpOptions) -> None:
-    """End a session the way a client would: DELETE with its id (the SDK's own path)."""
+async def _delete_session(asgi: Any, session: Session, options: HttpOptions) -> None:
+    """End a session the way a client would: DELETE with its id and its opener's credential (the SDK's own path)."""
+    internal = session.internal
     host = f"127.0.0.1:{options.port}".encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "DELETE",
         "scheme": "http", "path": "/mcp", "raw_path": b"/mcp", "root_path": "", "query_string": b"",
         "headers": [(b"host", host), (SESSION_HEADER, internal.encode("latin-1"))],
-        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", options.port),
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", options.port), "user": session.user,
     }
     sent = False
 
@@ -358,12 +416,49 @@ async def _delete_session(asgi: Any, internal: str, options: HttpOptions) -> Non
         log.warning("http_session_delete_failed", error=str(e))
 
 
-def _bearer(scope: Scope) -> str | None:
-    value = _header(scope, b"authorization")
-    if value is None:
+async def _buffered(receive: Receive, limit: int) -> tuple[bytes, Receive]:
+    """Read a request's whole body (bounded in time by `receive`); a receive that replays it.
+
+    Past `limit` bytes it stops and returns b"" with a receive that replays
+    what was read and then reads on: the SDK's body limit answers 413.
+    """
+    messages: list[dict[str, Any]] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return b"", _replay(messages, receive)
+        size += len(message.get("body", b""))
+        if size > limit:
+            return b"", _replay(messages, receive)
+        if not message.get("more_body"):
+            break
+    body = b"".join(m.get("body", b"") for m in messages)
+    return body, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _replay(first: list[dict[str, Any]], receive: Receive) -> Receive:
+    async def wrapped() -> dict[str, Any]:
+        return first.pop(0) if first else await receive()
+
+    return wrapped
+
+
+def _progress_problem(body: bytes) -> tuple[Any, str] | None:
+    """(request id, why) when a request's progressToken is refused, as over stdio (stdio.py)."""
+    if b"progressToken" not in body:
         return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None  # the SDK answers a parse error
+    for m in message if isinstance(message, list) else [message]:
+        if isinstance(m, dict) and "id" in m and "method" in m:
+            problem = progress_token_problem(m.get("params"))
+            if problem is not None:
+                return m["id"], problem
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -432,9 +527,11 @@ async def serve_http(config: ServeConfig, policy: PolicyHolder, signals: Signals
     async def serve() -> None:
         nonlocal gateway
         async with start_runtime(config, policy) as rt, anyio.create_task_group() as tg:
-            gateway = Gateway(rt, TokenFile.load(options.tokens_path), options, tg)
+            verifier = TenantTokenVerifier(WatchedTokenFile(options.tokens_path), options.oauth)
+            gateway = Gateway(rt, verifier, options, tg)
             tg.start_soon(gateway.expire_idle_sessions)
             log.info("http_listening", host=options.host, port=options.port, tls=bool(options.tls_cert),
+                     oauth_issuer=options.oauth.issuer if options.oauth else None,
                      header_timeout=options.header_timeout, max_connections=options.max_connections)
             # Stops taking requests first; then runtime() kills and records commands.
             await serve_asgi(
@@ -446,6 +543,6 @@ async def serve_http(config: ServeConfig, policy: PolicyHolder, signals: Signals
         policy.reload()
         if gateway is None:
             return
-        gateway.tokens = gateway.tokens.reload()
+        gateway.verifier.tokens.reload()
 
     await signals.guard(serve, on_reload=reload)

@@ -78,6 +78,12 @@ class Job:
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
 
+    def skipped(self, n: int, stream: str) -> None:
+        if stream == "stdout":
+            self.out_bytes += n
+        else:
+            self.err_bytes += n
+
     def seen(self, chunk: bytes, stream: str) -> None:
         if stream == "stdout":
             self.out_bytes += len(chunk)
@@ -318,6 +324,10 @@ class Jobs:
             job.seen(chunk, "stderr")
             err_w(chunk)
 
+        # Bytes the capture drops may come as a count only (a cold run's
+        # output file, sandbox/outfile.py): the part file is full by then.
+        on_out.skipped = lambda n: job.skipped(n, "stdout")  # type: ignore[attr-defined]
+        on_err.skipped = lambda n: job.skipped(n, "stderr")  # type: ignore[attr-defined]
         update: dict[str, Any] = {"stdout_writer": on_out, "stderr_writer": on_err}
         if isinstance(options.egress, EgressRules):
             # Every connection attempt of this run goes to the audit log and

@@ -72,7 +72,7 @@ def _serve(config: ServeConfig, loop: ServeLoop) -> int:
     signals = Signals()
     signals.install()
     _return_big_buffers_to_the_os()
-    logs.configure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
+    logs.ensure(os.environ.get("GVISOR_MCP_LOG_LEVEL", "INFO"))
     log.info("serve_begin", pid=os.getpid())
     try:
         if config.audit_max_bytes < 1 << 20 or config.audit_keep < 0:

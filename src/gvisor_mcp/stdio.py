@@ -32,11 +32,17 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 
 from . import startup
+from .progress import MAX_PROGRESS_TOKEN, progress_token_problem  # noqa: F401  (MAX_: re-exported)
 from .asgi import serve_metrics
 from .config import ServeConfig
 from .lifecycle import Signals
 from .runtime import PolicyHolder, TenantState, start_runtime
 from .server import build_server
+
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 
 log = structlog.get_logger("gvisor_mcp.stdio")
 
@@ -183,36 +189,6 @@ def _bad_id(line: bytearray) -> str | None:
     )
 
 
-MAX_PROGRESS_TOKEN = 256
-"""Characters of a progressToken: it is echoed in every progress notification."""
-
-
-def progress_token_problem(params: Any) -> str | None:
-    """Why a request's progressToken is refused, or None."""
-    if not isinstance(params, dict):
-        return None
-    meta = params.get("_meta")
-    if not isinstance(meta, dict) or "progressToken" not in meta:
-        return None
-    token = meta["progressToken"]
-    if isinstance(token, bool) or not isinstance(token, (str, int)):
-        return "invalid params: _meta.progressToken must be a string or an integer; send it again as one"
-    if isinstance(token, int) and abs(token) > 2**53:
-        return "invalid params: _meta.progressToken is an integer beyond 2^53; send a smaller one"
-    if isinstance(token, str) and len(token) > MAX_PROGRESS_TOKEN:
-        return (
-            f"invalid params: _meta.progressToken is {len(token)} characters long; at most "
-            f"{MAX_PROGRESS_TOKEN} are accepted, because it is sent back with every progress "
-            "notification. Send the request again with a shorter token"
-        )
-    return None
-
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-INVALID_PARAMS = -32602
-
-
 def _message_adapter() -> Any:
     return mcp_types.jsonrpc_message_adapter
 
@@ -224,17 +200,42 @@ class LockedWriter:
     def __init__(self, file: Any) -> None:
         self._file = file
         self._lock = anyio.Lock()
+        self.client_gone = False
 
     async def write(self, text: str) -> None:
         async with self._lock:
-            await self._file.write(text)
+            if self.client_gone:
+                return
+            try:
+                await self._file.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone()
 
     async def flush(self) -> None:
         async with self._lock:
-            await self._file.flush()
+            if self.client_gone:
+                return
+            try:
+                await self._file.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone()
+
+    def _gone(self) -> None:
+        """The client closed its end: nothing written from now on can be read.
+
+        Seen in the 10,000-call soak: the client went away mid-run and the
+        server died with a BrokenPipeError traceback out of its task group,
+        leaving runs to the crash reaper. Dropping the output instead lets the
+        server end as on stdin EOF, with its normal cleanup.
+        """
+        self.client_gone = True
+        log.info("stdio_client_gone", reason="stdout closed by the client; answers from now on are dropped")
 
     async def aclose(self) -> None:
-        await self._file.aclose()
+        try:
+            await self._file.aclose()
+        except (BrokenPipeError, ConnectionResetError):
+            self._gone()
 
     async def error(self, request_id: int | str | None, code: int, message: str) -> None:
         body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}

@@ -30,6 +30,7 @@ from gvisor_mcp.metrics import Metrics
 from gvisor_mcp.results import ResultStore
 from gvisor_mcp.runtime import PolicyHolder, Runtime, TenantState
 from gvisor_mcp.server import build_server
+from gvisor_mcp.auth import TenantTokenVerifier, WatchedTokenFile
 from gvisor_mcp.tokens import METRICS_ROLE, TokenFile
 
 from .fakes import FakeManager
@@ -109,7 +110,7 @@ class FastServer:
         tokens["metrics"] = file.add(METRICS_ROLE)
         opts = HttpOptions(tokens_path=str(path), **options)
         async with anyio.create_task_group() as tg:
-            gateway = Gateway(self.rt, TokenFile.load(path), opts, tg)
+            gateway = Gateway(self.rt, TenantTokenVerifier(WatchedTokenFile(path)), opts, tg)
             transport = httpx2.ASGITransport(app=gateway)
             async with httpx2.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{opts.port}",
                                           timeout=30) as http:

@@ -127,3 +127,14 @@ async def test_the_error_answer_is_one_json_rpc_line():
     assert [json.loads(x) for x in lines] == [
         {"jsonrpc": "2.0", "id": 9, "error": {"code": INVALID_REQUEST, "message": "why"}}]
     assert lines[0].endswith("\n") and lines[0].count("\n") == 1
+
+
+async def test_the_writer_survives_a_client_that_closed_its_end():
+    """A BrokenPipeError must not escape the writer (it crashed the server in a soak)."""
+    r, w = os.pipe()
+    os.close(r)
+    writer = LockedWriter(anyio.wrap_file(os.fdopen(w, "w", buffering=1)))
+    await writer.write(PING.decode() + "\n")
+    await writer.flush()
+    assert writer.client_gone
+    await writer.write("dropped\n")

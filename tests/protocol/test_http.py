@@ -75,7 +75,8 @@ def _token(base: Path, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY):
+def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY,
+                        port: int | None = None):
     """`gvisor-mcp serve --transport http` with `extra` flags; on exit: SIGTERM,
     exit status 0, no token in the log, nothing left behind."""
     policy = tmp_path / "policy.yaml"
@@ -85,7 +86,7 @@ def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_
         "bob": _token(tmp_path, "bob", "--policy", str(policy)),
         "metrics": _token(tmp_path, "--metrics"),
     }
-    port = _free_port()
+    port = port or _free_port()
     stderr = tmp_path / "server.err"
     state = tmp_path / "state"
     process = subprocess.Popen(

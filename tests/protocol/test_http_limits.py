@@ -195,7 +195,10 @@ async def test_workspace_caps_refuse_a_new_mount_with_what_to_do(sandbox_base, t
             assert not (await a3.call_tool("execute_command", {"command": "echo three"})).is_error
 
 
-async def test_sighup_reloads_the_tokens_file_and_keeps_it_when_broken(sandbox_base, tmp_path):
+async def test_the_tokens_file_is_reread_when_it_changes_and_kept_when_broken(sandbox_base, tmp_path):
+    """A token added (or revoked) while the server runs counts from the next
+    request, without SIGHUP (auth.py); SIGHUP still re-reads the file. A
+    broken file is logged and the last good tokens hold."""
     with running_http_server(sandbox_base, tmp_path, "--pool-size", "0") as server:
         tokens_file = tmp_path / "tokens.yaml"
         old_alice = server.tokens["alice"]
@@ -206,17 +209,14 @@ async def test_sighup_reloads_the_tokens_file_and_keeps_it_when_broken(sandbox_b
             def with_token(token: str) -> dict:
                 return {**server.headers(None), "Authorization": f"Bearer {token}"}
 
-            assert (await http.post(server.url, json=INIT, headers=with_token(new_alice))).status_code == 401
-            server.process.send_signal(signal.SIGHUP)
-            with anyio.fail_after(30):
-                while (await http.post(server.url, json=INIT, headers=with_token(new_alice))).status_code != 200:
-                    await anyio.sleep(0.1)
+            assert (await http.post(server.url, json=INIT, headers=with_token(new_alice))).status_code == 200
             assert (await http.post(server.url, json=INIT, headers=with_token(old_alice))).status_code == 200
             # A broken file: the reload fails (logged), the last good tokens hold.
             tokens_file.write_text("tokens: [oops\n")
+            assert (await http.post(server.url, json=INIT, headers=with_token(new_alice))).status_code == 200
             server.process.send_signal(signal.SIGHUP)
             with anyio.fail_after(30):
-                while "tokens_reload_failed" not in server.stderr.read_text():
+                while server.stderr.read_text().count("tokens_reload_failed") < 2:
                     await anyio.sleep(0.1)
             assert (await http.post(server.url, json=INIT, headers=with_token(new_alice))).status_code == 200
         server.tokens["new_alice"] = new_alice  # checked absent from the log at the end

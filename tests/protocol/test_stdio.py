@@ -136,6 +136,27 @@ async def test_progress_notifications(serve):
     assert any("tick" in (m or "") for _, _, m in seen)
 
 
+async def test_progress_counts_a_flood_and_shows_its_last_line(serve):
+    # A cold run's output goes through a file (sandbox/outfile.py): past the
+    # cap the server sees the flood's bytes as a count and the last bytes.
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(message or "")
+
+    async with serve("--pool-size", "0") as c:
+        r = await c.call_tool(
+            "execute_command",
+            {"command": "head -c 30000000 /dev/zero; echo; echo the-last-line; sleep 3"},
+            progress_callback=on_progress,
+        )
+    s = structured(r)
+    assert s["exit_code"] == 0 and s["stdout_bytes"] == 30_000_015 and s["stdout_truncated"]
+    late = [m for m in seen if "the-last-line" in m]
+    assert late, seen
+    assert "30000015 bytes stdout" in late[-1]
+
+
 @pytest.mark.parametrize("pool", ["0", "2"])
 async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_base, pool):
     async with serve("--pool-size", pool) as c:

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gvisor_mcp.tools.metadata import annotations, instructions, package_version
+from gvisor_mcp.tools.metadata import annotations, instructions
+from gvisor_mcp.version import package_version
 
 TOOLS = ["execute_command", "inspect_result", "list_active", "cancel_command",
          "read_file", "write_file", "list_files", "delete_file"]

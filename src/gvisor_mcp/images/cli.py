@@ -21,10 +21,11 @@ from .builders import Recipe, build, default_name, import_file, load_recipe, mak
 from .errors import ImageError
 from .store import ImageStore, StoredImage
 from .unpack import DEFAULT_MAX_BYTES, UnpackLimits, human_size
+from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gvisor-mcp image",
         description="Manage the image store: root filesystems runs can use (policy images.catalog).",
     )
@@ -109,6 +110,9 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
     err = stderr or sys.stderr
     try:
         args = _parser().parse_args(argv)
+    except UsageError as e:
+        err.write(f"{e}\n")
+        return 2
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 2
 

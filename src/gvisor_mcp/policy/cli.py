@@ -20,10 +20,11 @@ from .errors import PolicyError, UnknownTenant
 from .fairness import DEFAULT_CAPACITY, capacity_warnings
 from .loader import Policy, load, load_default
 from .model import DEFAULT_TENANT, PolicyFile, Settings
+from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gvisor-mcp policy", description="Check, show or describe a policy file."
     )
     sub = parser.add_subparsers(dest="action", required=True)
@@ -90,6 +91,9 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
     err = stderr or sys.stderr
     try:
         args = _parser().parse_args(argv)
+    except UsageError as e:
+        err.write(f"{e}\n")
+        return 2
     except SystemExit as e:  # argparse already printed usage / help
         return int(e.code) if isinstance(e.code, int) else 2
 

@@ -206,19 +206,27 @@ class Cgroup:
 
     async def remove(self, attempts: int = 50) -> list[Path]:
         """rmdir everywhere, retrying while the last tasks exit; returns what remains."""
-        left = self.existing_dirs()
+        left = await anyio.to_thread.run_sync(self.existing_dirs)
         for _ in range(attempts):
-            still = []
-            for d in left:
-                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
-                    _rmdir(sub)
-                if not _rmdir(d):
-                    still.append(d)
-            left = still
+            # In a worker thread: an rmdir here waits for the kernel (a v1
+            # memory cgroup's offlining; 5-70 ms per run on this loaded host),
+            # which must not stall the event loop and every other call with it.
+            left = await anyio.to_thread.run_sync(_rmdir_pass, left)
             if not left:
                 return []
             await anyio.sleep(0.02)
         return left
+
+
+def _rmdir_pass(dirs: list[Path]) -> list[Path]:
+    """One attempt at removing each cgroup directory (children first); what stays."""
+    still = []
+    for d in dirs:
+        for sub in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
+            _rmdir(sub)
+        if not _rmdir(d):
+            still.append(d)
+    return still
 
 
 def _rmdir(d: Path) -> bool:

@@ -49,6 +49,13 @@ class ManagerConfig(BaseModel):
     client's CPU then counts in the run's cgroup too; where other host
     processes keep the CPUs busy, False (runsc joins the leaf itself, its
     client outside) was faster here (docs/benchmarks.md)."""
+    output_files: bool = True
+    """A cold run's stdout/stderr go to files in its bundle, followed and
+    capped by us (outfile.py): a flood runs at raw runsc's speed writing a
+    file instead of waking our reader per pipe-full. Pooled (warm) runs and
+    runs whose writers want every byte (the CLI) use pipes. The file's pages
+    count in the run's memory cgroup (at most the tail's half of the output
+    cap plus ~50 ms of output)."""
     report_memory_limit: bool = False
     """With cgroup_prejoin, runsc no longer reads the run's memory limit, so
     the sandbox's /proc/meminfo shows the host's memory as MemTotal (as in

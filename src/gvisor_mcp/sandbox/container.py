@@ -30,7 +30,8 @@ from .errors import SandboxError
 from .host import Host, kill_pid
 from .network import NetworkHandle
 from .options import ContainerOptions, NetworkMode, ResourceSpec
-from .output import BoundedCapture, feed, pump
+from .outfile import OutputFile
+from .output import BoundedCapture, accepts_skips, feed, pump
 from .result import ContainerResult, ContainerStatus
 from .rootfs import make_root
 from .runsc import BootWatch, Launch, RunProcess, meminfo_mount, meminfo_text
@@ -66,8 +67,10 @@ class Container:
         self.cancel_scope: anyio.CancelScope | None = None
         self.claimed_at: float | None = None
         self.answered_early = False
-        """The stub reported the exit status: the result can be returned
-        before the sandbox has exited (warm runs)."""
+        """The result can be returned before the teardown: the stub reported
+        the exit status (warm; the sandbox may still be exiting), or the
+        result was built (the rest is cleanup); the Manager tears down in
+        the background (Manager._after)."""
         self.exit_mark: str | None = None
         """A pooled stub's exit mark (stub.py), given to it at boot."""
         self._torn_down = False
@@ -91,23 +94,29 @@ class Container:
         command: tuple[str, ...],
         stdin: bool,
         run_id: str | None = None,
+        output_files: bool = False,
     ) -> None:
         """Bundle, cgroup and a started `runsc run` (booting); torn down on failure.
+
+        `output_files`: the sandbox writes its stdout/stderr to files in the
+        bundle (outfile.py) instead of our pipes.
 
         network=sandbox: a namespace from the host's network provider, bound
         to `run_id` before runsc starts (a pooled sandbox, run_id None, binds
         at claim)."""
         host = self.host
         try:
-            self.bundle.mkdir(mode=0o700)
+            mountpoints = (*(m.destination for m in options.extra_mounts), options.workdir)
             root = None
+            if options.rootfs is None and host.spares.take(mountpoints, self.bundle):
+                root = self.bundle / "rootfs"  # made ahead (spares.py)
+            else:
+                self.bundle.mkdir(mode=0o700)
+                if options.rootfs is None:
+                    root = self.bundle / "rootfs"
+                    make_root(root, list(mountpoints), host.system)
             if options.rootfs is None:
-                root = self.bundle / "rootfs"
-                make_root(
-                    root,
-                    [m.destination for m in options.extra_mounts] + [options.workdir],
-                    host.system,
-                )
+                host.start_soon(host.spares.refill, mountpoints)
             update: dict[str, Any] = {"command": command}
             if options.network is NetworkMode.SANDBOX:
                 self.net = await self._open_network()
@@ -125,9 +134,12 @@ class Container:
             (self.bundle / "config.json").write_text(json.dumps(spec))
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
+            outputs = None
+            if output_files:
+                outputs = (OutputFile(self.bundle / "stdout"), OutputFile(self.bundle / "stderr"))
             self.process = await host.runsc.open_run(
                 self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"),
-                stdin=stdin, launch=self._launch(options, res),
+                stdin=stdin, launch=self._launch(options, res), outputs=outputs,
             )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -200,7 +212,10 @@ class Container:
             header = claim_line(options, env, inherited_env)
         else:
             await self.start(
-                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id
+                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id,
+                output_files=self.host.output_files
+                and accepts_skips(options.stdout_writer)
+                and accepts_skips(options.stderr_writer),
             )
         oom_before = self.cgroup.stats().oom_kills if self.warm else 0
         proc = self.process
@@ -247,6 +262,11 @@ class Container:
             network=self.net.report() if self.net is not None else None,
         )
         log.info("run", container_id=self.container_id, warm=result.warm, **result.log_fields())
+        # A cold run's sandbox is gone once its client exited: what is left
+        # (cgroup, bundle, runsc state) is cleanup that cannot change the
+        # result, so it is answered now and torn down after, like a warm
+        # run (Manager._after; its capacity slot stays taken until then).
+        self.answered_early = True
         return result
 
     async def _supervise(
@@ -277,9 +297,21 @@ class Container:
                     tg.start_soon(self._watch_network, self.net)
 
                 async def pump_one(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
+                    if isinstance(stream, OutputFile):
+                        await stream.pump(capture, exited)
+                        return
                     got = await pump(stream, capture, mark, extra)
                     if got is not None:
                         marks[name] = got
+
+                exited = anyio.Event()
+                if isinstance(proc.stdout, OutputFile):
+                    # No EOF on a file: the pumps take their last look once the client is gone.
+                    async def wait_exit() -> None:
+                        await proc.wait()
+                        exited.set()
+
+                    tg.start_soon(wait_exit)
 
                 async with anyio.create_task_group() as io:
                     io.start_soon(pump_one, "stdout", proc.stdout, out, 0)
@@ -414,7 +446,10 @@ class Container:
                 left = await self.cgroup.remove()
             if left:
                 log.warning("cgroup_left", container_id=cid, paths=[str(p) for p in left])
-            shutil.rmtree(self.bundle, ignore_errors=True)
+            # In a worker thread: removing the (nearly empty) bundle took
+            # 20-90 ms on this host's ext4 under load, which in the event
+            # loop delayed every other call's answer (a warm call's most).
+            await anyio.to_thread.run_sync(shutil.rmtree, self.bundle, True)
         except Exception as e:  # teardown must not mask the result
             log.error("teardown_failed", container_id=cid, error=repr(e))
 

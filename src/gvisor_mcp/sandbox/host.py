@@ -23,7 +23,9 @@ from .errors import SandboxError
 from .network import NetworkProvider
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
+from .outfile import can_punch
 from .runsc import Runsc, missing_launcher_tools
+from .spares import Spares
 
 
 class Host:
@@ -55,7 +57,12 @@ class Host:
         Path(config.runsc_root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.etc = write_etc(self.base / ".image" / "etc")
         self.system = host_system_entries()
+        self.output_files = config.output_files and can_punch(self.base)
+        """Cold runs' output goes through files (outfile.py); not where the
+        bundle directory's filesystem cannot punch holes."""
         self.owner = OwnerLock(self.base / ".owners")
+        self.spares = Spares(self.base, self.system, self.new_container_id)
+        """Cold runs' empty roots, made ahead (spares.py)."""
 
     @property
     def instance(self) -> str:
@@ -66,6 +73,13 @@ class Host:
 
     def cgroup(self, container_id: str) -> Cgroup:
         return Cgroup(f"/{self.config.cgroup_parent}/{container_id}", self.cgroup_version)
+
+    def start_soon(self, func, *args) -> None:  # type: ignore[no-untyped-def]
+        """Background work in the Manager's task group; skipped once it has ended."""
+        try:
+            self.tg.start_soon(func, *args)
+        except (RuntimeError, AttributeError):  # not entered, or ended (a run outlived close())
+            pass
 
     def close_fd_later(self, fd: int) -> None:
         """Close an fd in a worker thread (see BootWatch.detach for why)."""

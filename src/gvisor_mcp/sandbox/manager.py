@@ -258,6 +258,7 @@ class Manager:
                         await c.done.wait()
         finally:
             if self._parts is not None:
+                self._parts.host.spares.close()
                 self._parts.host.owner.release()
             self._close_done.set()
 

@@ -30,7 +30,9 @@ class BoundedCapture:
         self.total = 0
         self._writer = writer
         self._head_cap = limit // 2
-        self._tail_cap = limit - self._head_cap
+        self.tail_cap = limit - self._head_cap
+        self.skipped = 0
+        """Bytes counted but never seen (outfile.py, past the limit)."""
         self._head = bytearray()
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
@@ -53,18 +55,50 @@ class BoundedCapture:
             chunk = chunk[room:]
             if not chunk:
                 return
-        if self._tail_cap == 0:
+        if self.tail_cap == 0:
             return
-        if len(chunk) >= self._tail_cap:
+        if len(chunk) >= self.tail_cap:
             self._tail.clear()
-            self._tail.append(chunk[-self._tail_cap :])
-            self._tail_len = self._tail_cap
+            self._tail.append(chunk[-self.tail_cap :])
+            self._tail_len = self.tail_cap
             return
         self._tail.append(chunk)
         self._tail_len += len(chunk)
         # Drop whole chunks while the rest still covers the tail.
-        while self._tail_len - len(self._tail[0]) >= self._tail_cap:
+        while self._tail_len - len(self._tail[0]) >= self.tail_cap:
             self._tail_len -= len(self._tail.popleft())
+
+    @property
+    def head_cap(self) -> int:
+        return self._head_cap
+
+    @property
+    def head_len(self) -> int:
+        return len(self._head)
+
+    @property
+    def has_writer(self) -> bool:
+        return self._writer is not None
+
+    def skip(self, n: int) -> None:
+        """`n` bytes came that will not be read (an output file past the
+        head; outfile.py): counted, and told to the writer if it takes skips (see
+        accepts_skips); set_tail must give the exact tail before value()."""
+        if n <= 0:
+            return
+        if len(self._head) < self._head_cap:
+            raise ValueError("bytes may be skipped only once the head is full")
+        self.total += n
+        self.skipped += n
+        on_skip = getattr(self._writer, "skipped", None)
+        if on_skip is not None:
+            on_skip(n)
+
+    def set_tail(self, tail: bytes) -> None:
+        """The stream's last bytes, read back from its file after skips."""
+        self._tail.clear()
+        self._tail.append(tail[-self.tail_cap :] if self.tail_cap else b"")
+        self._tail_len = len(self._tail[0])
 
     def value(self) -> bytes:
         tail = b"".join(self._tail)
@@ -72,7 +106,14 @@ class BoundedCapture:
             # Nothing dropped: head is full only if the stream passed head_cap,
             # and the tail holds the remainder exactly.
             return bytes(self._head) + tail
-        return bytes(self._head) + tail[-self._tail_cap :]
+        return bytes(self._head) + tail[-self.tail_cap :]
+
+
+def accepts_skips(writer: Callable[[bytes], Any] | None) -> bool:
+    """Whether a writer can do without the bytes the capture drops: it has
+    a `skipped(n)` attribute (told the count instead). A writer without one
+    (the CLI streaming to a terminal) gets every byte: the run uses pipes."""
+    return writer is None or callable(getattr(writer, "skipped", None))
 
 
 async def pump(

@@ -20,6 +20,7 @@ from .cgroups import list_leaves
 from .errors import RunscError
 from .host import Host, kill_pid
 from .ownership import ID_PREFIX, instance_of
+from .spares import PREFIX as SPARE_PREFIX
 
 log = structlog.get_logger("gvisor_mcp.sandbox")
 
@@ -56,10 +57,31 @@ async def reap_stale(host: Host, owned: Callable[[], set[str]]) -> list[dict]:
             if alive[inst]:
                 continue
         report.append(await _reap(host, cid))
+    _reap_spares(host, alive)
     host.owner.forget_dead()
     if report:
         log.info("cleanup_stale", removed=len(report))
     return report
+
+
+def _reap_spares(host: Host, alive: dict[str, bool]) -> None:
+    """Spare bundles (spares.py) of dead owners, and ours no longer listed."""
+    for p in host.base.iterdir():
+        if not p.name.startswith(SPARE_PREFIX):
+            continue
+        cid = p.name[len(SPARE_PREFIX) :]
+        inst = instance_of(cid)
+        if inst is None:
+            continue
+        if inst == host.instance:
+            if cid in host.spares.names():
+                continue
+        else:
+            if inst not in alive:
+                alive[inst] = host.owner.alive(inst)
+            if alive[inst]:
+                continue
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def describe(entry: dict) -> str:

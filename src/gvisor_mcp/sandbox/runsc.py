@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import RunscError
 from .options import NetworkMode
+from .outfile import OutputFile
 
 # Only what runsc itself needs: the server's own environment (secrets, LD_*
 # tricks) never reaches the runsc process.
@@ -190,7 +191,25 @@ class Runsc:
         log_path: str,
         stdin: bool,
         launch: Launch = Launch(),
+        outputs: tuple[OutputFile, OutputFile] | None = None,
     ) -> RunProcess:
+        """The client, started; its stdout/stderr are our pipes, or with
+        `outputs` the sandbox writes those files itself (outfile.py)."""
+        if outputs is not None:
+            try:
+                proc = await anyio.open_process(
+                    self.run_argv(container_id, bundle, network, log_path, launch),
+                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=outputs[0].writer_fd,
+                    stderr=outputs[1].writer_fd,
+                    cwd=bundle,
+                    env=RUNSC_ENV,
+                    start_new_session=True,
+                )
+            finally:
+                for f in outputs:
+                    f.close_writer()
+            return RunProcess(proc, outputs[0], outputs[1])
         pipes = [_big_pipe(), _big_pipe()]  # stdout, stderr: (read end, write end)
         try:
             proc = await anyio.open_process(
@@ -383,7 +402,9 @@ class PipeReader(anyio.abc.ByteReceiveStream):
 class RunProcess:
     """The `runsc run` client: anyio's Process, with our own output pipes."""
 
-    def __init__(self, proc: anyio.abc.Process, stdout: PipeReader, stderr: PipeReader) -> None:
+    def __init__(
+        self, proc: anyio.abc.Process, stdout: PipeReader | OutputFile, stderr: PipeReader | OutputFile
+    ) -> None:
         self._proc = proc
         self.stdin = proc.stdin
         self.stdout = stdout

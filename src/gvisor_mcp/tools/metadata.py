@@ -33,15 +33,8 @@ from typing import Any
 
 from mcp.types import ToolAnnotations
 
-PACKAGE = "gvisor-mcp"
+from ..version import package_version
 
-
-def package_version() -> str:
-    """The installed package's version (serverInfo.version)."""
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:  # run from a source tree without installing
-        return "0+unknown"
 
 
 def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False,
