@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 
+from ..sandbox import ContainerStatus
 from ..sandbox.ownership import OwnerLock
 from ..text import clip_command
+from .record import RunOutcome, RunRecord
 
 log = structlog.get_logger("gvisor_mcp.results")
 
@@ -86,35 +87,18 @@ CREATE INDEX IF NOT EXISTS results_status ON results (status);
 """
 
 
-class StoredResult(BaseModel):
-    """One row, as tools render it."""
+class StoredResult(RunRecord):
+    """One row, as tools render it: the run record plus the row's bookkeeping."""
 
-    model_config = ConfigDict(frozen=True)
-
-    result_id: str
     tenant: str
     session: str | None
-    container_id: str | None
     command: str
-    status: str
     created_at: float
     finished_at: float | None
-    exit_code: int | None
-    signal: int | None
-    duration_ms: int | None
-    boot_ms: int | None
-    oom_killed: bool
-    peak_memory_bytes: int | None
-    stdout_bytes: int
-    stderr_bytes: int
-    stdout_truncated: bool
-    stderr_truncated: bool
-    warm: bool = False
-    """Ran in a pre-booted sandbox from the warm pool."""
-    limits: dict[str, Any] | None
-    error: str | None
-    network: dict[str, Any] | None = None
-    """network=sandbox: per-destination egress accounting (see gvisor_mcp.network)."""
+
+
+OUTCOME_COLUMNS = tuple(RunOutcome.model_fields)
+"""The columns finish() writes: one per RunOutcome field."""
 
 
 class ResultStore:
@@ -295,26 +279,29 @@ class ResultStore:
         self,
         result_id: str,
         *,
-        status: str,
+        status: ContainerStatus | str,
         stdout: bytes = b"",
         stderr: bytes = b"",
-        fields: dict[str, Any] | None = None,
+        fields: RunOutcome | dict[str, Any] | None = None,
     ) -> None:
         """Write the final streams and the outcome; idempotent per result.
 
-        Raises StoreUnavailable when the disk refuses; the streams written so
-        far stay (finish can be called again with less, see Jobs._finish).
+        `fields`: the run's outcome (a RunOutcome, or a dict of its fields);
+        only the fields it sets are written. Raises StoreUnavailable when the
+        disk refuses; the streams written so far stay (finish can be called
+        again with less, see Jobs._finish).
         """
+        outcome = fields if isinstance(fields, RunOutcome) else RunOutcome.model_validate(fields or {})
         try:
-            self._finish(result_id, status=status, stdout=stdout, stderr=stderr, fields=fields)
+            self._finish(result_id, status=ContainerStatus(status), stdout=stdout, stderr=stderr, outcome=outcome)
         except (OSError, sqlite3.Error) as e:
             for stream in STREAMS:
                 final = self._path(result_id, stream)
                 final.with_suffix(final.suffix + ".tmp").unlink(missing_ok=True)
             raise StoreUnavailable(_why(e)) from e
 
-    def _finish(self, result_id: str, *, status: str, stdout: bytes, stderr: bytes,
-                fields: dict[str, Any] | None) -> None:
+    def _finish(self, result_id: str, *, status: ContainerStatus, stdout: bytes, stderr: bytes,
+                outcome: RunOutcome) -> None:
         stored = 0
         for stream, data in (("stdout", stdout), ("stderr", stderr)):
             final = self._path(result_id, stream)
@@ -323,32 +310,19 @@ class ResultStore:
             tmp.replace(final)
             self._path(result_id, stream, part=True).unlink(missing_ok=True)
             stored += len(data)
-        f = dict(fields or {})
         cols = ["status=?", "finished_at=?", "stored_bytes=?"]
-        vals: list[Any] = [status, self._clock(), stored]
-        for key in (
-            "container_id",
-            "exit_code",
-            "signal",
-            "duration_ms",
-            "boot_ms",
-            "oom_killed",
-            "peak_memory_bytes",
-            "stdout_bytes",
-            "stderr_bytes",
-            "stdout_truncated",
-            "stderr_truncated",
-            "warm",
-            "error",
-        ):
-            if key in f:
-                cols.append(f"{key}=?")
-                v = f[key]
-                vals.append(int(v) if isinstance(v, bool) else v)
-        for key in ("limits", "network"):
-            if f.get(key) is not None:
-                cols.append(f"{key}=?")
-                vals.append(json.dumps(f[key]))
+        vals: list[Any] = [status.value, self._clock(), stored]
+        values = outcome.model_dump(mode="json", include=outcome.model_fields_set)
+        for key in OUTCOME_COLUMNS:
+            if key not in values:
+                continue
+            v = values[key]
+            if key == "network":
+                if v is None:
+                    continue
+                v = json.dumps(v)
+            cols.append(f"{key}=?")
+            vals.append(int(v) if isinstance(v, bool) else v)
         vals.append(result_id)
         self._db.execute(f"UPDATE results SET {', '.join(cols)} WHERE result_id=?", vals)
 
@@ -394,7 +368,7 @@ class ResultStore:
 
     def read(self, result: StoredResult, stream: str, offset: int, length: int) -> tuple[bytes, int]:
         """(bytes at [offset, offset+length), total bytes stored so far)."""
-        done = result.status != "running"
+        done = result.status != ContainerStatus.RUNNING
         path = self._path(result.result_id, stream, part=not done)
         if not path.exists():
             # Finished between our read of the row and of the file.
