@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .errors import Refusal
+
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
@@ -65,11 +67,14 @@ KINDS = {
 }
 
 
-class FileError(Exception):
+class FileError(Refusal):
     """A file operation refused or failed; `kind` for callers, the text for the agent.
 
     kinds: invalid, not_found, symlink, not_regular, is_directory,
     not_directory, not_empty, exists, read_only, no_space, too_large, io.
+
+    The file tools answer these themselves (tools/files.py adds which root
+    the path was in); a missing file is an answer, not a policy denial.
     """
 
     def __init__(self, kind: str, message: str) -> None:

@@ -26,6 +26,7 @@ import anyio.abc
 import structlog
 
 from .audit import AuditLog
+from .errors import InfrastructureError, Refusal
 from .metrics import Metrics
 from .network import ConnectionEvent, EgressGrant, EgressRules
 from .results import ResultStore, StoreUnavailable
@@ -181,8 +182,26 @@ class FairGate:
         self._dispatch()
 
 
-class QuotaExceeded(Exception):
-    """A tenant is at its concurrency or rate quota; the message names it."""
+class QuotaExceeded(Refusal):
+    """A tenant is at its concurrency quota; the message names it."""
+
+    kind = "quota"
+    decision = "quota"
+
+
+class RateLimited(QuotaExceeded):
+    """A tenant is at its `runs_per_minute`."""
+
+    kind = "rate"
+    throttled = True
+
+
+class ResultNotStored(InfrastructureError):
+    """The command ran, but the store could not record its result (a full
+    disk); the text says what is known and that the output is lost."""
+
+    def for_agent(self) -> str:
+        return str(self)
 
 
 class CallRate:
@@ -210,7 +229,7 @@ class CallRate:
             recent.popleft()
         if len(recent) >= per_minute:
             retry = self.WINDOW - (now - recent[0])
-            raise QuotaExceeded(
+            raise RateLimited(
                 f"quota: tenant {tenant!r} made {per_minute} execute_command calls in the last minute, "
                 f"refused ones included (runs_per_minute={per_minute}); retry in {max(1, math.ceil(retry))} s"
             )

@@ -30,6 +30,7 @@ from . import workspace as _workspace
 from .audit import AuditLog
 from .config import ServeConfig
 from .errors import InfrastructureError, Refusal
+from .images.errors import ImageError
 from .images.store import Holding, ImageStore
 from .jobs import Jobs
 from .metrics import Metrics
@@ -56,6 +57,10 @@ class WorkspaceLimit(Refusal):
 
     kind = "workspace"
     decision = "quota"
+
+
+class ImageUnavailable(Refusal):
+    """The run's store image left the store between resolve() and the run."""
 
 
 class PolicyHolder:
@@ -318,7 +323,10 @@ class TenantState:
         if (self.warmed is not None and digest != self.pool_digest
                 and image.granted == resolved.settings.defaults.image):
             self.warm_pool()
-        return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
+        try:
+            return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
+        except ImageError as e:  # removed from the store since resolve() found it
+            raise ImageUnavailable(str(e)) from e
 
 
 @dataclass

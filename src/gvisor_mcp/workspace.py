@@ -58,6 +58,8 @@ from typing import Any
 
 import structlog
 
+from .errors import InfrastructureError
+
 log = structlog.get_logger("gvisor_mcp.workspace")
 
 IMAGES_DIR = ".images"
@@ -72,7 +74,7 @@ HELD_ELSEWHERE_WAIT = 5.0
 """Seconds to wait for a loop device of a dead server's namespace to detach."""
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(InfrastructureError, RuntimeError):
     """A workspace could not be prepared; the message says why and what to do."""
 
 

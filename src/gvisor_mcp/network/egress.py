@@ -31,6 +31,8 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import ConfigurationError
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -42,8 +44,11 @@ RULE_EXPECTED = (
 )
 
 
-class EgressError(ValueError):
-    """A malformed rule, host or request; the text ends with '; expected ...'."""
+class EgressError(ConfigurationError, ValueError):
+    """A malformed rule, host or request; the text ends with '; expected ...'.
+
+    In a policy file it is the operator's; in a request, resolve() turns it
+    into a PolicyDenied for the agent."""
 
 
 def normalize_host(host: str) -> str:

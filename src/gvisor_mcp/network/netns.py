@@ -32,6 +32,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from ..errors import InfrastructureError
+
 CLONE_NEWNET = 0x40000000
 SO_BINDTODEVICE = 25
 S_IFNAME = "eth0"
@@ -45,7 +47,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 T = TypeVar("T")
 
 
-class NetnsError(RuntimeError):
+class NetnsError(InfrastructureError, RuntimeError):
     """A namespace, interface or listener could not be made."""
 
 

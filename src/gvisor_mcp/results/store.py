@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import structlog
 
+from ..errors import StateUnavailable
 from ..sandbox import ContainerStatus
 from ..sandbox.ownership import OwnerLock
 from ..text import clip_command
@@ -52,7 +53,7 @@ _COST = (
 """SQL: the bytes one row costs (the ? is ROW_OVERHEAD_BYTES)."""
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(StateUnavailable):
     """The result store could not write (e.g. the state disk is full)."""
 
 SCHEMA = """

@@ -28,7 +28,8 @@ from .. import files
 from ..policy import plan_workspace, project_mounts
 from ..policy.resolve import NO_SESSION_NOTE
 from ..policy.units import format_bytes
-from ..roots import NoSuchWorkspace, Root, locate, sandbox_path
+from ..errors import Refusal
+from ..roots import Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
 from ..workspace import image_path
 from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
@@ -82,10 +83,7 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
 def caller_roots(app: TenantState, ctx: ToolContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
     """(caller, settings, roots) for this call: its workspace (mounted; created if
     `create`) and the projects."""
-    try:
-        caller = app.caller(ctx, workspace)
-    except NoSuchWorkspace as e:
-        raise ToolError(str(e)) from None
+    caller = app.caller(ctx, workspace)  # NoSuchWorkspace: a refusal (tools/refuse.py)
     settings = app.policy.current.tenant(caller.tenant)
     args = app.resolve_args(caller)
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
@@ -338,6 +336,10 @@ empty needs recursive=true. Reaches: {facts.reach}."""
     return [workspace_param(fn, facts.agent_workspaces) for fn in (read_file, write_file, list_files, delete_file)]
 
 
+class WriteTooLarge(Refusal):
+    """write_file content over the policy's files.max_write (a ceiling)."""
+
+
 def _decode(content: str, encoding: str, limit: int) -> bytes:
     """The bytes to write, or a ToolError naming the limit; checked before decoding."""
     over = (
@@ -347,7 +349,7 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
     )
     if encoding == "base64":
         if len(content) > -(-limit // 3) * 4 + 4:
-            raise ToolError(over)
+            raise WriteTooLarge(over)
         try:
             data = base64.b64decode(content.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError) as e:
@@ -357,7 +359,7 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
             ) from None
     else:
         if len(content) > limit:
-            raise ToolError(over)
+            raise WriteTooLarge(over)
         try:
             data = content.encode("utf-8")
         except UnicodeEncodeError:
@@ -366,5 +368,5 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
                 "Send binary data with encoding=\"base64\""
             ) from None
     if len(data) > limit:
-        raise ToolError(over.replace("content is", f"content is {len(data)} bytes:", 1))
+        raise WriteTooLarge(over.replace("content is", f"content is {len(data)} bytes:", 1))
     return data
