@@ -11,6 +11,7 @@ signal, and the runtime cleans up behind it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -51,8 +52,6 @@ def _return_big_buffers_to_the_os() -> None:
     its parsed text — come from the heap and stay resident after they are
     freed: +86 MiB after one 30 MB line (issue 14, finding 10).
     """
-    import ctypes
-
     try:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):

@@ -8,6 +8,7 @@ or was refused (the store is unchanged), 2 usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -215,8 +216,6 @@ def _file_name(path: str) -> str:
 
 
 def _os_error(e: OSError) -> str:
-    import errno
-
     if e.errno == errno.ENOSPC:
         return (f"the disk is full ({e.strerror}: {e.filename or ''}); nothing was added to the store. "
                 "Free space (or use a larger --state-dir) and try again")

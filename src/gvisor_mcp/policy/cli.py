@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import yaml
 
 from ..images.store import ImageStore
+from ..paths import default_state_dir
 from .errors import PolicyError, UnknownTenant
 from .fairness import DEFAULT_CAPACITY, capacity_warnings
 from .loader import Policy, load, load_default
@@ -80,8 +81,6 @@ def schema() -> dict[str, Any]:
 
 def image_store(state_dir: str | None) -> ImageStore:
     """The image store `serve --state-dir` would use."""
-    from ..paths import default_state_dir
-
     return ImageStore((Path(state_dir) if state_dir else default_state_dir()) / "images")
 
 
