@@ -29,7 +29,7 @@ import structlog
 from . import workspace as _workspace
 from .audit import AuditLog
 from .config import ServeConfig
-from .errors import InfrastructureError, Refusal
+from .errors import ConfigurationError, InfrastructureError, Refusal
 from .images.errors import ImageError
 from .images.store import Holding, ImageStore
 from .jobs import Jobs
@@ -83,7 +83,9 @@ class PolicyHolder:
             return False
         try:
             self.current = load(self.path, images=self.images)
-        except Exception as e:  # keep serving with the old policy
+        except (ConfigurationError, OSError) as e:  # keep serving with the old policy
+            # (anything else is a bug: Signals.guard logs it with its traceback,
+            # and the old policy stays too)
             log.error("policy_reload_failed", path=self.path, error=str(e))
             return False
         log.info("policy_reloaded", path=self.path, policy_hash=self.current.sha256)
