@@ -12,7 +12,9 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import anyio
 

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -398,13 +399,13 @@ def write(
         if tmp_made:
             _quiet(lambda: os.unlink(tmp, dir_fd=parent))
         for fd_, part in reversed(made):  # undo the directories this call created
-            _quiet(lambda: os.rmdir(part, dir_fd=fd_))
+            _quiet(functools.partial(os.rmdir, part, dir_fd=fd_))
             os.close(fd_)
         if parent >= 0:
             os.close(parent)
 
 
-def _quiet(fn) -> None:  # type: ignore[no-untyped-def]
+def _quiet(fn: Callable[[], object]) -> None:
     try:
         fn()
     except OSError:

@@ -47,7 +47,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
-
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 

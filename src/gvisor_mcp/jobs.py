@@ -41,7 +41,6 @@ from .sandbox import (
     RunscError,
     SandboxError,
 )
-
 from .text import clip_command, command_sha256
 
 log = structlog.get_logger("gvisor_mcp.jobs")
@@ -522,8 +521,7 @@ class Jobs:
             del self._unstored[rid]
 
     async def cancel(self, job: Job) -> None:
-        if not await self.manager.kill(job.result_id, ContainerStatus.KILLED):
-            if job.scope is not None:
-                job.scope.cancel()
+        if not await self.manager.kill(job.result_id, ContainerStatus.KILLED) and job.scope is not None:
+            job.scope.cancel()
         with anyio.move_on_after(self.manager.config.kill_grace * 3):
             await job.done.wait()

@@ -191,7 +191,7 @@ def _loop_backing_file(device: str) -> Path | None:
 def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
     """(mountpoint, backing file) of every loop-device mount in the mount
     namespace of `pid` (default: ours)."""
-    out = []
+    out: list[tuple[Path, Path]] = []
     try:
         lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     except OSError:
@@ -211,7 +211,7 @@ def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
 
 def loop_devices() -> list[tuple[str, Path]]:
     """(device, backing file) of every attached loop device, in any mount namespace."""
-    out = []
+    out: list[tuple[str, Path]] = []
     try:
         names = os.listdir("/sys/block")
     except OSError:

@@ -85,7 +85,7 @@ async def test_results_pages_progress_and_cancel_are_rendered(serve):
         assert b"\x1b]0;PWNED-TITLE\x07" in base64.b64decode(structured(raw)["data"])
 
         # list_active and cancel_command: command text with the same characters.
-        command = f"sleep 300 # \x1b]0;T\x07 \u202eevil\u202c \u200b \U000e0041 \x9b"
+        command = "sleep 300 # \x1b]0;T\x07 \u202eevil\u202c \u200b \U000e0041 \x9b"
         rb = await run(c, command=command, background=True)
         rid = structured(rb)["result_id"]
         await running_container(c, rid)

@@ -20,7 +20,7 @@ from ..policy.cli import image_store
 from ..policy.units import UnitError, format_bytes, parse_bytes
 from .builders import Recipe, build, default_name, import_file, load_recipe, make_recipe, pull
 from .errors import ImageError
-from .store import ImageStore, StoredImage
+from .store import StoredImage
 from .unpack import DEFAULT_MAX_BYTES, UnpackLimits, human_size
 from ..cli_args import Parser, UsageError
 

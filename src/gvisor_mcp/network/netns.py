@@ -29,8 +29,9 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import InfrastructureError
 

@@ -115,8 +115,8 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
             )
             for warning in policy.warnings:
                 err.write(f"{warning}\n")
-            for warning in capacity_warnings(policy, args.max_concurrent):
-                err.write(f"{name}: warning: {warning}\n")
+            for capacity in capacity_warnings(policy, args.max_concurrent):
+                err.write(f"{name}: warning: {capacity}\n")
         return status
 
     try:

@@ -23,6 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..images.errors import ImageError
+from ..images.store import ImageStore
+from ..network.egress import EgressError, EgressRules
 from ..sandbox.options import (
     ENV_KEY_RE,
     ContainerOptions,
@@ -32,9 +35,6 @@ from ..sandbox.options import (
     ResourceSpec,
     UserSpec,
 )
-from ..images.errors import ImageError
-from ..images.store import ImageStore
-from ..network.egress import EgressError, EgressRules
 from .errors import PolicyDenied, denied_by
 from .loader import Policy
 from .model import BUILTIN_IMAGE, Output, Quotas, TenantSettings

@@ -26,8 +26,9 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -100,6 +101,37 @@ class StoredResult(RunRecord):
 
 OUTCOME_COLUMNS = tuple(RunOutcome.model_fields)
 """The columns finish() writes: one per RunOutcome field."""
+
+
+class PartWriter:
+    """Appends a run's chunks to its live part file, up to `cap` bytes; `close()` when the run ends.
+
+    The part file only serves live paging: when the disk refuses a write,
+    the writer stops (logged once) and the run goes on; its final output
+    comes from the Manager's own capture, written by finish().
+    """
+
+    def __init__(self, path: Path, cap: int, result_id: str, stream: str) -> None:
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115  (open until close(), when the run ends)
+        self._cap = cap
+        self._written = 0
+        self._result_id = result_id
+        self._stream = stream
+
+    def __call__(self, chunk: bytes) -> None:
+        if self._file.closed or self._written >= self._cap:
+            return
+        piece = chunk[: self._cap - self._written]
+        try:
+            self._file.write(piece)
+        except OSError as e:
+            log.warning("live_output_not_stored", result_id=self._result_id, stream=self._stream, error=str(e))
+            self._written = self._cap  # stop trying; the final capture still comes
+            return
+        self._written += len(piece)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ResultStore:
@@ -249,32 +281,9 @@ class ResultStore:
                 self._path(result_id, stream, part=True).unlink(missing_ok=True)
             raise StoreUnavailable(_why(e)) from e
 
-    def part_writer(self, result_id: str, stream: str, cap: int):  # type: ignore[no-untyped-def]
-        """A chunk writer appending to the live part file, up to `cap` bytes.
-
-        The part file only serves live paging: when the disk refuses a write,
-        the writer stops (logged once) and the run goes on; its final output
-        comes from the Manager's own capture, written by finish().
-        """
-        path = self._path(result_id, stream, part=True)
-        f = open(path, "ab", buffering=0)
-        written = 0
-
-        def write(chunk: bytes) -> None:
-            nonlocal written
-            if f.closed or written >= cap:
-                return
-            piece = chunk[: cap - written]
-            try:
-                f.write(piece)
-            except OSError as e:
-                log.warning("live_output_not_stored", result_id=result_id, stream=stream, error=str(e))
-                written = cap  # stop trying; the final capture still comes
-                return
-            written += len(piece)
-
-        write.close = f.close  # type: ignore[attr-defined]
-        return write
+    def part_writer(self, result_id: str, stream: str, cap: int) -> PartWriter:
+        """A chunk writer appending to the live part file, up to `cap` bytes."""
+        return PartWriter(self._path(result_id, stream, part=True), cap, result_id, stream)
 
     def finish(
         self,

@@ -323,6 +323,7 @@ class Container:
                     await proc.wait()
                 tg.cancel_scope.cancel()
                 return early
+            return None  # the task group absorbed its own cancellation before the return above
         except BaseException:
             # Cancelled from outside (or a writer raised): the container must
             # not outlive this call.

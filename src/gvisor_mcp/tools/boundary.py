@@ -18,7 +18,7 @@ directly (tests/unit/test_text.py checks the source for that).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
@@ -31,6 +31,8 @@ from ..text import render
 from .context import ToolContext
 from .metadata import drop_unserved, server_options
 from .refuse import ArgumentRefused, answer, argument_error
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def render_value(value: Any) -> Any:
@@ -62,9 +64,9 @@ async def report_progress(ctx: ToolContext, progress: float, total: float | None
     await ctx.report_progress(progress=progress, total=total, message=render(message))
 
 
-def _strict(model: type[BaseModel]) -> type[BaseModel]:
+def _strict(model: type[M]) -> type[M]:
     """The SDK's argument model of a tool, in strict mode (same fields, same schema)."""
-    return type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})})
+    return cast("type[M]", type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})}))
 
 
 class SafeServer(MCPServer[TenantState]):

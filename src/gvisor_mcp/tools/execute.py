@@ -6,6 +6,7 @@ enums, ceilings as maximums), and the SDK reads those annotations as objects.
 """
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -43,16 +44,16 @@ sandbox fail by design (the proxy resolves names); connections not through the p
 Denied destinations are listed in the result."""
 
 
-def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # type: ignore[no-untyped-def]
+def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False) -> Callable[..., Any]:
     """`agent_workspaces`: publish the `workspace` parameter (HTTP, scope session; see roots.py)."""
     # Always an `enum` (pydantic would publish a one-value Literal as `const`,
     # which some clients do not show as a choice).
     NetworkT = Annotated[
-        Literal[tuple(facts.networks)],  # type: ignore[valid-type]
+        Literal[tuple(facts.networks)],
         WithJsonSchema({"type": "string", "enum": list(facts.networks)}),
     ]
     ImageT = Annotated[
-        Literal[tuple(facts.images)],  # type: ignore[valid-type]
+        Literal[tuple(facts.images)],
         WithJsonSchema({"type": "string", "enum": list(facts.images)}),
     ]
 
@@ -62,7 +63,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         Published, not enforced here: the policy enforces it (reject or clamp,
         as the operator chose) and explains itself in the error or receipt.
         """
-        extra = {"maximum": ceiling} if ceiling is not None else None
+        extra: dict[str, Any] | None = {"maximum": ceiling} if ceiling is not None else None
         return Annotated[kind, Field(gt=0, json_schema_extra=extra)]
 
     async def execute_command(

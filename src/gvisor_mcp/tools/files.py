@@ -19,19 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from .context import TenantState, ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
 from .. import files
+from ..errors import Refusal
 from ..policy import plan_workspace, project_mounts
 from ..policy.resolve import NO_SESSION_NOTE
 from ..policy.units import format_bytes
-from ..errors import Refusal
 from ..roots import Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
 from ..workspace import image_path
+from .context import RequestContext, TenantState, ToolContext
 from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
 from ..text import render_bytes
 
@@ -80,7 +80,7 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
 # --- where a call's paths lead ---------------------------------------------------------
 
 
-def caller_roots(app: TenantState, ctx: ToolContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
+def caller_roots(app: TenantState, ctx: ToolContext | RequestContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
     """(caller, settings, roots) for this call: its workspace (mounted; created if
     `create`) and the projects."""
     caller = app.caller(ctx, workspace)  # NoSuchWorkspace: a refusal (tools/refuse.py)
@@ -88,11 +88,12 @@ def caller_roots(app: TenantState, ctx: ToolContext, workspace: str | None, *, c
     args = app.resolve_args(caller)
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
     roots: list[Root] = []
-    if plan is not None:
-        if create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists():
-            user = UserSpec.parse(settings.defaults.user)
-            host = app.prepare_plan(plan, (user.uid, user.gid))
-            roots.append(Root("workspace", plan.mount, host, False, "workspace"))
+    if plan is not None and (
+        create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()
+    ):
+        user = UserSpec.parse(settings.defaults.user)
+        host = app.prepare_plan(plan, (user.uid, user.gid))
+        roots.append(Root("workspace", plan.mount, host, False, "workspace"))
     for name, project in sorted(project_mounts(settings, args["extra_projects"]).items()):
         # The operator's own path may go through symlinks (runsc's bind follows
         # them too); only what lies beneath it is never followed.
@@ -292,7 +293,7 @@ non-regular files at the path."""
             app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list))
         out = [
             FileEntry(
-                path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),  # type: ignore[arg-type]
+                path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),
                 mode=f"{e.mode:04o}", target=_show(e.target) if e.target is not None else None,
             )
             for e in entries

@@ -2,10 +2,10 @@
 
 import base64
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 import anyio
-from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -13,6 +13,7 @@ from pydantic import Field
 from ..text import render_bytes
 from ..sandbox import ContainerStatus
 from .boundary import report_progress
+from .context import ToolContext
 from .models import InspectResult
 from .render import MAX_PAGE
 from .view import network_lines, receipt_lines, status_line
@@ -32,7 +33,7 @@ put together reproduce the captured stream byte for byte. With wait_seconds, wai
 Results of other callers are never visible ("not found")."""
 
 
-def make_inspect_tool():  # type: ignore[no-untyped-def]
+def make_inspect_tool() -> Callable[..., Awaitable[CallToolResult]]:
     async def inspect_result(
         result_id: Annotated[str, Field(description="From execute_command.")],
         ctx: ToolContext,

@@ -10,7 +10,6 @@ the same tools give a session more than one workspace.
 
 from typing import Annotated
 
-from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
@@ -18,6 +17,7 @@ from pydantic import Field
 from ..policy import plan_workspace, workspace_host_path
 from ..policy.units import format_bytes
 from ..sandbox.options import UserSpec
+from .context import ToolContext
 from .models import WorkspaceCreated
 
 
