@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import workspace as _workspace
 from .paths import default_state_dir
@@ -100,7 +101,7 @@ def workspace_main(args: argparse.Namespace) -> int:
     return status
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("workspace", help="list, measure or remove workspaces (kept across restarts)")
     wsub = p.add_subparsers(dest="workspace_command", required=True)
     for name, text in (("list", "every workspace: size limit and whether a server uses it"),

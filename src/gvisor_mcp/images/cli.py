@@ -16,13 +16,13 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from ..cli_args import Parser, UsageError
 from ..policy.cli import image_store
 from ..policy.units import UnitError, format_bytes, parse_bytes
 from .builders import Recipe, build, default_name, import_file, load_recipe, make_recipe, pull
 from .errors import ImageError
 from .store import StoredImage
 from .unpack import DEFAULT_MAX_BYTES, UnpackLimits, human_size
-from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:

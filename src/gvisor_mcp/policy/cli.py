@@ -15,13 +15,13 @@ from typing import Any, TextIO
 
 import yaml
 
+from ..cli_args import Parser, UsageError
 from ..images.store import ImageStore
 from ..paths import default_state_dir
 from .errors import PolicyError, UnknownTenant
 from .fairness import DEFAULT_CAPACITY, capacity_warnings
 from .loader import Policy, load, load_default
 from .model import DEFAULT_TENANT, PolicyFile, Settings
-from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:

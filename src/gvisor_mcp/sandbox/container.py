@@ -407,7 +407,8 @@ class Container:
             with anyio.move_on_after(self.host.config.kill_grace):
                 async with anyio.create_task_group() as tg:
                     for stream in (proc.stdout, proc.stderr):
-                        tg.start_soon(pump, stream, BoundedCapture(0))
+                        if not isinstance(stream, OutputFile):  # a file needs no draining
+                            tg.start_soon(pump, stream, BoundedCapture(0))
                 await proc.wait()
             if proc.returncode is None:
                 await self.host.runsc.kill(self.container_id)

@@ -30,10 +30,10 @@ from ..policy.resolve import NO_SESSION_NOTE
 from ..policy.units import format_bytes
 from ..roots import Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
+from ..text import render_bytes
 from ..workspace import image_path
 from .context import RequestContext, TenantState, ToolContext
 from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
-from ..text import render_bytes
 
 DEFAULT_PAGE = 64 * 1024
 MAX_DEPTH = 16

@@ -10,8 +10,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
-from ..text import render_bytes
 from ..sandbox import ContainerStatus
+from ..text import render_bytes
 from .boundary import report_progress
 from .context import ToolContext
 from .models import InspectResult

@@ -43,9 +43,9 @@ from mcp.types import (
 from .. import files
 from ..errors import GvisorMcpError, InfrastructureError
 from ..roots import Root
+from ..text import render_bytes
 from .context import RequestContext, TenantState
 from .files import caller_roots
-from ..text import render_bytes
 
 SCHEME = "workspace"
 LIST_DEPTH = 16

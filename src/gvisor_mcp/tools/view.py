@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..results import StoredResult
-from ..text import render
 from ..results.record import RunRecord
 from ..sandbox import ContainerStatus
+from ..text import render
 from .context import TenantState
 from .models import ExecResult
 from .render import excerpt
