@@ -71,12 +71,12 @@ POLICY = "version: 1\ntenants:\n  bench: {quotas: {max_concurrent: 8, runs_per_m
 async def measure(base: Path, calls: int, total: int, rounds: int) -> dict[str, list[float]]:
     """Both sides alive at once, measured interleaved (call by call, burst by
     burst), so the machine's noise hits both alike."""
+    import ray
+
     from gvisor_mcp.cluster.agent import AgentConfig, runsc_version, start_agent
     from gvisor_mcp.cluster.frontend import RayRunner, connect
     from gvisor_mcp.cluster.local import LocalCluster
     from gvisor_mcp.runtime import PolicyHolder
-
-    import ray
 
     out: dict[str, list[float]] = {"local_warm": [], "ray_warm": [], "local_rate": [], "ray_rate": []}
     base.mkdir(parents=True, exist_ok=True)

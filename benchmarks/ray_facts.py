@@ -90,7 +90,7 @@ def main() -> None:
         ray.get([a.ping.remote(), b.ping.remote()])
         facts.append(("async actor call round trip (median of 200)", f"{per_call_ms(lambda: ray.get(a.ping.remote()), 200):.2f} ms"))
         for n in (65536, 262144, 4 << 20):
-            facts.append((f"actor call returning {n} bytes", f"{per_call_ms(lambda: ray.get(a.page.remote(n)), 30):.2f} ms"))
+            facts.append((f"actor call returning {n} bytes", f"{per_call_ms(lambda n=n: ray.get(a.page.remote(n)), 30):.2f} ms"))
 
         # A node killed mid-call (every Ray process of it SIGKILLed).
         ref = a.sleep.remote(120)

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install what is missing, then run the whole test suite (unit, integration
-# on real runsc, protocol over real stdio). Extra arguments go to pytest.
+# Install what is missing, lint and type-check, then run the whole test suite
+# (unit, fast, integration on real runsc, protocol over real stdio). Extra
+# arguments go to pytest. A ruff or mypy finding fails the run before the
+# tests start (configured in pyproject.toml; `.ci/run` calls this script).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$here/scripts/setup.sh"
 cd "$here"
+"$here/.venv/bin/ruff" check --quiet .
+"$here/.venv/bin/mypy"
 exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

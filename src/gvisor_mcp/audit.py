@@ -32,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from .errors import StateUnavailable
 from .text import clip_command, command_sha256
 
 log = structlog.get_logger("gvisor_mcp.audit")
@@ -44,7 +45,7 @@ dropped and counted (an `audit_lines_lost` line says how many). Calls are
 refused while lines are pending, so only lines of runs already going get here."""
 
 
-class AuditUnavailable(Exception):
+class AuditUnavailable(StateUnavailable):
     """The audit log cannot be written (e.g. the state disk is full)."""
 
 

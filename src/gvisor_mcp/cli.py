@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from . import logs
+from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading
 from .config import HttpOptions, ServeConfig
 from .images.cli import image_main
 from .network import EgressError, EgressRules, NetworkConfig, NetworkService
@@ -24,10 +25,6 @@ from .oauth import OAuthOptions, options_from_args
 from .paths import default_state_dir
 from .policy import PolicyError, UnknownTenant, load, load_default
 from .policy.cli import policy_main
-from .cli_args import LOG_LEVEL_ENV, Parser, UsageError, choose_level, fail_usage, split_leading
-from .token_cli import add_parser as add_token_parser
-from .token_cli import token_main
-from .version import package_version
 from .sandbox import (
     ContainerOptions,
     InvalidOptionsError,
@@ -41,7 +38,10 @@ from .sandbox import (
 )
 from .sandbox.doctor import doctor
 from .sandbox.reaper import describe
+from .token_cli import add_parser as add_token_parser
+from .token_cli import token_main
 from .tokens import TokenFile
+from .version import package_version
 from .workspace_cli import add_parser as add_workspace_parser
 from .workspace_cli import workspace_main
 

@@ -13,11 +13,12 @@ import sys
 from dataclasses import dataclass
 
 from . import logs
+from .errors import ConfigurationError
 
 LOG_LEVEL_ENV = "GVISOR_MCP_LOG_LEVEL"
 
 
-class UsageError(Exception):
+class UsageError(ConfigurationError):
     """A command line we cannot run; its text is the one line the user sees."""
 
 

@@ -45,6 +45,8 @@ from mcp.shared.inbound import (
 from mcp.shared.message import ClientMessageMetadata, SessionMessage
 from mcp_types import PROTOCOL_VERSION_META_KEY, JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 
+from .errors import ConfigurationError
+
 UNREACHABLE = -32000
 """JSON-RPC error code of a request the bridge could not deliver (server down, refused connection, TLS failure)."""
 REFUSED = -32001
@@ -56,7 +58,7 @@ READ_TIMEOUT = 900.0
 """Seconds a response stream may stay silent; above the longest timeout a policy may grant (10 min)."""
 
 
-class ConnectError(Exception):
+class ConnectError(ConfigurationError):
     """A bridge that cannot start (bad URL, unreadable token file); its text is the one line the user sees."""
 
 

@@ -32,6 +32,9 @@ class Refusal(GvisorMcpError):
     """The `gvisor_mcp_denied_total{kind=...}` label: policy, quota, rate, arguments, workspace."""
     decision: str = "denied"
     """The audit line's decision: denied, or quota for a quota or rate refusal."""
+    throttled: bool = False
+    """Audited at most once a second per tenant and kind (a client looping on
+    a rate refusal must not fill the audit log); the next line counts the rest."""
 
 
 class ConfigurationError(GvisorMcpError):
@@ -49,4 +52,15 @@ class InfrastructureError(GvisorMcpError):
         )
 
 
-__all__ = ["ConfigurationError", "GvisorMcpError", "InfrastructureError", "Refusal"]
+class StateUnavailable(InfrastructureError):
+    """The server cannot record a call (the result store or the audit log):
+    its state disk is probably full. No command runs unrecorded."""
+
+    def for_agent(self) -> str:
+        return (
+            f"the server cannot record this call, so nothing was run: {self}. Its state disk is "
+            "probably full; earlier results are kept. Retry later, once the operator has freed space."
+        )
+
+
+__all__ = ["ConfigurationError", "GvisorMcpError", "InfrastructureError", "Refusal", "StateUnavailable"]

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from .errors import Refusal
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -65,11 +68,14 @@ KINDS = {
 }
 
 
-class FileError(Exception):
+class FileError(Refusal):
     """A file operation refused or failed; `kind` for callers, the text for the agent.
 
     kinds: invalid, not_found, symlink, not_regular, is_directory,
     not_directory, not_empty, exists, read_only, no_space, too_large, io.
+
+    The file tools answer these themselves (tools/files.py adds which root
+    the path was in); a missing file is an answer, not a policy denial.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -393,13 +399,13 @@ def write(
         if tmp_made:
             _quiet(lambda: os.unlink(tmp, dir_fd=parent))
         for fd_, part in reversed(made):  # undo the directories this call created
-            _quiet(lambda: os.rmdir(part, dir_fd=fd_))
+            _quiet(functools.partial(os.rmdir, part, dir_fd=fd_))
             os.close(fd_)
         if parent >= 0:
             os.close(parent)
 
 
-def _quiet(fn) -> None:  # type: ignore[no-untyped-def]
+def _quiet(fn: Callable[[], object]) -> None:
     try:
         fn()
     except OSError:

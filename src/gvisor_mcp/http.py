@@ -47,7 +47,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
-
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
@@ -58,9 +57,9 @@ from .config import HttpOptions, ServeConfig, is_loopback
 from .lifecycle import Signals
 from .metrics import CONTENT_TYPE_LATEST
 from .policy import UnknownTenant
+from .progress import progress_token_problem
 from .runtime import PolicyHolder, Runtime, TenantState, start_runtime
 from .server import build_server
-from .progress import progress_token_problem
 from .tokens import METRICS_ROLE
 
 log = structlog.get_logger("gvisor_mcp.http")

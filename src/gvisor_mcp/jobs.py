@@ -26,9 +26,11 @@ import anyio.abc
 import structlog
 
 from .audit import AuditLog
+from .errors import InfrastructureError, Refusal
 from .metrics import Metrics
 from .network import ConnectionEvent, EgressGrant, EgressRules
 from .results import ResultStore, StoreUnavailable
+from .results.record import RunOutcome
 from .runner import HostLost, JobRunner, RunRefused, as_runner
 from .sandbox import (
     ContainerOptions,
@@ -40,7 +42,6 @@ from .sandbox import (
     RunscError,
     SandboxError,
 )
-
 from .text import clip_command, command_sha256
 
 log = structlog.get_logger("gvisor_mcp.jobs")
@@ -58,7 +59,7 @@ class Job:
     started_mono: float = field(default_factory=time.monotonic)
     done: anyio.Event = field(default_factory=anyio.Event)
     result: ContainerResult | None = None
-    status: str = "running"
+    status: ContainerStatus = ContainerStatus.RUNNING
     error: str | None = None
     out_bytes: int = 0
     err_bytes: int = 0
@@ -73,7 +74,8 @@ class Job:
     """Of the whole command (`command` is cut to 4 KiB: text.clip_command)."""
     store_error: str | None = None
     """Set when the store could not record the final result (disk full)."""
-    store_fields: dict[str, Any] | None = None
+    store_outcome: tuple[ContainerStatus, RunOutcome] | None = None
+    """What to store once the disk takes it again (with store_error)."""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
@@ -180,8 +182,26 @@ class FairGate:
         self._dispatch()
 
 
-class QuotaExceeded(Exception):
-    """A tenant is at its concurrency or rate quota; the message names it."""
+class QuotaExceeded(Refusal):
+    """A tenant is at its concurrency quota; the message names it."""
+
+    kind = "quota"
+    decision = "quota"
+
+
+class RateLimited(QuotaExceeded):
+    """A tenant is at its `runs_per_minute`."""
+
+    kind = "rate"
+    throttled = True
+
+
+class ResultNotStored(InfrastructureError):
+    """The command ran, but the store could not record its result (a full
+    disk); the text says what is known and that the output is lost."""
+
+    def for_agent(self) -> str:
+        return str(self)
 
 
 class CallRate:
@@ -209,7 +229,7 @@ class CallRate:
             recent.popleft()
         if len(recent) >= per_minute:
             retry = self.WINDOW - (now - recent[0])
-            raise QuotaExceeded(
+            raise RateLimited(
                 f"quota: tenant {tenant!r} made {per_minute} execute_command calls in the last minute, "
                 f"refused ones included (runs_per_minute={per_minute}); retry in {max(1, math.ceil(retry))} s"
             )
@@ -309,7 +329,8 @@ class Jobs:
                 err_w = self.store.part_writer(rid, "stderr", cap)
             except OSError as e:
                 with contextlib.suppress(StoreUnavailable):
-                    self.store.finish(rid, status="error", fields={"error": f"not started: {e.strerror or e}"})
+                    self.store.finish(rid, status=ContainerStatus.ERROR,
+                                      fields=RunOutcome(error=f"not started: {e.strerror or e}"))
                 raise StoreUnavailable(e.strerror or str(e)) from e
         except StoreUnavailable:
             if holding is not None:
@@ -343,7 +364,7 @@ class Jobs:
     async def _run(self, job: Job, options: ContainerOptions, writers: tuple, policy_hash: str | None) -> None:
         result: ContainerResult | None = None
         error: str | None = None
-        status = "error"
+        status = ContainerStatus.ERROR
         try:
             with anyio.CancelScope() as job.scope:
                 await self.gate.acquire(job.tenant)
@@ -353,13 +374,13 @@ class Jobs:
                 finally:
                     self.gate.release(job.tenant)
             if result is not None:
-                status, error = result.status.value, result.error
+                status, error = result.status, result.error
                 if result.status == ContainerStatus.KILLED and error is None and self.runner.closed:
                     error = "the server shut down while the command ran"
             else:  # cancel_command while it waited for a free slot
-                status, error = "killed", "cancelled before a sandbox was free to run it"
+                status, error = ContainerStatus.KILLED, "cancelled before a sandbox was free to run it"
         except ManagerClosedError:
-            status, error = "killed", "the server shut down before the command could start"
+            status, error = ContainerStatus.KILLED, "the server shut down before the command could start"
         except RunRefused as e:
             error = str(e)
         except HostLost as e:
@@ -369,7 +390,7 @@ class Jobs:
         except (SandboxError, RunscError) as e:
             error = f"sandbox failure: {e}"
         except anyio.get_cancelled_exc_class():
-            status, error = "killed", "the server shut down while the command ran"
+            status, error = ContainerStatus.KILLED, "the server shut down while the command ran"
             with anyio.CancelScope(shield=True):
                 self._finish(job, result, status, error, writers, policy_hash)
             raise
@@ -397,7 +418,8 @@ class Jobs:
         if self.metrics is not None:
             self.metrics.egress(job.tenant, ev.verdict, ev.bytes_up, ev.bytes_down)
 
-    def _finish(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
+    def _finish(self, job: Job, result: ContainerResult | None, status: ContainerStatus, error: str | None,
+                writers: tuple[Any, ...], policy_hash: str | None) -> None:
         """Record the outcome (store, audit, metrics) and wake the waiters.
 
         Never raises: it runs in the job's task, inside the server's task
@@ -413,34 +435,20 @@ class Jobs:
             self._jobs.pop(job.result_id, None)
             job.done.set()
 
-    def _record(self, job, result, status, error, writers, policy_hash) -> None:  # type: ignore[no-untyped-def]
+    def _record(self, job: Job, result: ContainerResult | None, status: ContainerStatus, error: str | None,
+                writers: tuple[Any, ...], policy_hash: str | None) -> None:
         for w in writers:
             with contextlib.suppress(OSError):
                 w.close()
         if job.holding is not None:
             job.holding.release()
-        fields: dict[str, Any] = {"error": error}
         if result is not None:
             job.container_id = result.container_id
-            fields.update(
-                container_id=result.container_id,
-                exit_code=result.exit_code,
-                signal=result.signal,
-                duration_ms=round(result.duration * 1000),
-                boot_ms=round(result.boot_duration * 1000),
-                oom_killed=result.oom_killed,
-                peak_memory_bytes=result.peak_memory_bytes,
-                stdout_bytes=result.stdout_bytes,
-                stderr_bytes=result.stderr_bytes,
-                stdout_truncated=result.stdout_truncated,
-                stderr_truncated=result.stderr_truncated,
-                warm=result.warm,
-                network=result.network,
-            )
+            outcome = RunOutcome.of(result, error=error)
         else:
-            fields.update(duration_ms=round(job.elapsed() * 1000))
+            outcome = RunOutcome(error=error, duration_ms=round(job.elapsed() * 1000))
         self._retry_unstored()
-        self._store_final(job, result, status, error, fields)
+        self._store_final(job, result, status, outcome)
         self.audit.write(
             tenant=job.tenant,
             session=job.session,
@@ -454,8 +462,8 @@ class Jobs:
             decision="allowed",
             status=status,
             exit_code=result.exit_code if result else None,
-            duration_ms=fields.get("duration_ms"),
-            boot_ms=fields.get("boot_ms"),
+            duration_ms=outcome.duration_ms,
+            boot_ms=outcome.boot_ms,
             error=error,
         )
         if self.metrics is not None:
@@ -466,8 +474,8 @@ class Jobs:
                 duration=result.duration if result else None,
             )
 
-    def _store_final(self, job: Job, result: ContainerResult | None, status: str,
-                     error: str | None, fields: dict[str, Any]) -> None:
+    def _store_final(self, job: Job, result: ContainerResult | None, status: ContainerStatus,
+                     outcome: RunOutcome) -> None:
         """Store the outcome; on a full disk, keep what can be kept and say so.
 
         First the whole result; failing that, the row without the output
@@ -482,14 +490,15 @@ class Jobs:
                 status=status,
                 stdout=result.stdout if result else b"",
                 stderr=result.stderr if result else b"",
-                fields=fields,
+                fields=outcome,
             )
         except StoreUnavailable as e:
             log.error("result_output_not_stored", result_id=job.result_id, error=str(e))
             lost = f"the server could not store this command's output ({e}); it is lost"
-            fields["error"] = f"{error}; {lost}" if error else lost
+            error = outcome.error
+            outcome = outcome.model_copy(update={"error": f"{error}; {lost}" if error else lost})
             try:
-                self.store.finish(job.result_id, status=status, fields=fields)
+                self.store.finish(job.result_id, status=status, fields=outcome)
             except StoreUnavailable as e2:
                 log.error("result_not_stored", result_id=job.result_id, error=str(e2))
                 job.store_error = (
@@ -498,7 +507,7 @@ class Jobs:
                     + f") but the server could not store its result: {e2}. The server's state "
                     "disk is probably full; its output is lost. Retry once the operator has freed space."
                 )
-                job.store_fields = {"status": status, **fields}
+                job.store_outcome = (status, outcome)
                 self._unstored[job.result_id] = job
         except Exception:  # a bug: the row stays 'running' until recover() at the next start
             log.exception("store_finish_failed", result_id=job.result_id)
@@ -509,10 +518,9 @@ class Jobs:
 
     def _retry_unstored(self) -> None:
         for rid, job in list(self._unstored.items()):
-            fields = dict(job.store_fields or {})
-            status = fields.pop("status", "error")
+            status, outcome = job.store_outcome or (ContainerStatus.ERROR, RunOutcome())
             try:
-                self.store.finish(rid, status=status, fields=fields)
+                self.store.finish(rid, status=status, fields=outcome)
             except StoreUnavailable:
                 return  # still full: try again later
             except Exception:
@@ -520,8 +528,7 @@ class Jobs:
             del self._unstored[rid]
 
     async def cancel(self, job: Job) -> None:
-        if not await self.runner.kill_job(job.result_id):
-            if job.scope is not None:
-                job.scope.cancel()
+        if not await self.runner.kill_job(job.result_id) and job.scope is not None:
+            job.scope.cancel()
         with anyio.move_on_after(self.runner.config.kill_grace * 3):
             await job.done.wait()

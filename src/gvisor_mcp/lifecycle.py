@@ -78,7 +78,7 @@ class Signals:
         if self._wake is not None:
             self._wake()
 
-    async def guard(self, work: Callable[[], Awaitable[T]], on_reload: Callable[[], None] | None = None) -> T | None:
+    async def guard(self, work: Callable[[], Awaitable[T]], on_reload: Callable[[], object] | None = None) -> T | None:
         """Run `work` until it returns or a stop signal comes (then cancel it and
         return None once its clean-up is done). SIGHUP calls `on_reload`."""
         if self.stop_requested is not None:

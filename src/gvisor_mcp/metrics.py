@@ -27,7 +27,7 @@ class Metrics:
             ["tenant", "status"], registry=r,
         )
         self.denials = Counter(
-            "gvisor_mcp_denials", "execute_command calls refused before running, by tenant and kind",
+            "gvisor_mcp_denials", "tool calls refused before running, by tenant and kind (tools/refuse.py)",
             ["tenant", "kind"], registry=r,
         )
         self.boot_seconds = Histogram(

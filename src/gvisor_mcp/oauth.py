@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 import anyio
 import structlog
 
+from .errors import Refusal
+
 log = structlog.get_logger("gvisor_mcp.oauth")
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -47,8 +49,13 @@ LEEWAY = 30
 """Seconds of clock skew allowed on exp/nbf/iat."""
 
 
-class TokenRefused(Exception):
-    """Why a bearer token is not accepted, in words for the client."""
+class TokenRefused(Refusal):
+    """Why a bearer token is not accepted, in words for the client (a 401's reason).
+
+    Answered by the HTTP gateway before any tool, so it never reaches
+    tools/refuse.py; it is a refusal all the same (the client can fix it)."""
+
+    kind = "auth"
 
 
 @dataclass(frozen=True)

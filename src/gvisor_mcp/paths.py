@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import platformdirs
+
 
 def default_state_dir() -> Path:
-    import platformdirs
-
     return Path(platformdirs.user_data_dir("gvisor-mcp"))

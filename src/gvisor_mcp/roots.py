@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files
+from .errors import Refusal
 from .policy import Project
 from .policy.effective import mount_clash
 from .policy.model import NAME_EXPECTED, NAME_RE
@@ -41,8 +42,10 @@ MAX_CREATED = 16
 CREATED_IDLE_SECONDS = 1800.0
 
 
-class NoSuchWorkspace(LookupError):
-    pass
+class NoSuchWorkspace(Refusal, LookupError):
+    """A workspace id this tenant did not create (or that expired)."""
+
+    kind = "workspace"
 
 
 @dataclass

@@ -21,18 +21,23 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from .errors import InfrastructureError, Refusal
 from .sandbox import ContainerOptions, ContainerResult, ContainerStatus, ManagerAPI, ManagerConfig
 from .sandbox.api import RunView
 
 
-class RunRefused(Exception):
-    """The job was not started anywhere; the message is for the caller."""
+class RunRefused(Refusal):
+    """The job was not started anywhere; the message is for the caller.
+    Jobs records it as the job's error (it never reaches tools/refuse.py)."""
+
+    kind = "cluster"
 
 
-class HostLost(Exception):
-    """The host running the job was lost; outcome unknown, never re-run."""
+class HostLost(InfrastructureError):
+    """The host running the job was lost; outcome unknown, never re-run.
+    Jobs records it as the job's end, status host_lost."""
 
-    status = "host_lost"
+    status = ContainerStatus.HOST_LOST
 
 
 @runtime_checkable

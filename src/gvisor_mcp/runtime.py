@@ -29,7 +29,8 @@ import structlog
 from . import workspace as _workspace
 from .audit import AuditLog
 from .config import ServeConfig
-from .errors import InfrastructureError, Refusal
+from .errors import ConfigurationError, InfrastructureError, Refusal
+from .images.errors import ImageError
 from .images.store import Holding, ImageStore
 from .jobs import Jobs
 from .metrics import Metrics
@@ -59,6 +60,10 @@ class WorkspaceLimit(Refusal):
     decision = "quota"
 
 
+class ImageUnavailable(Refusal):
+    """The run's store image left the store between resolve() and the run."""
+
+
 class PolicyHolder:
     """The current policy; reload() swaps it only when the new file is valid.
 
@@ -79,7 +84,9 @@ class PolicyHolder:
             return False
         try:
             self.current = load(self.path, images=self.images)
-        except Exception as e:  # keep serving with the old policy
+        except (ConfigurationError, OSError) as e:  # keep serving with the old policy
+            # (anything else is a bug: Signals.guard logs it with its traceback,
+            # and the old policy stays too)
             log.error("policy_reload_failed", path=self.path, error=str(e))
             return False
         log.info("policy_reloaded", path=self.path, policy_hash=self.current.sha256)
@@ -327,7 +334,10 @@ class TenantState:
         if (self.warmed is not None and digest != self.pool_digest
                 and image.granted == resolved.settings.defaults.image):
             self.warm_pool()
-        return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
+        try:
+            return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
+        except ImageError as e:  # removed from the store since resolve() found it
+            raise ImageUnavailable(str(e)) from e
 
 
 @dataclass

@@ -11,6 +11,7 @@ signal, and the runtime cleans up behind it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -56,8 +57,6 @@ def _return_big_buffers_to_the_os() -> None:
     its parsed text — come from the heap and stay resident after they are
     freed: +86 MiB after one 30 MB line (issue 14, finding 10).
     """
-    import ctypes
-
     try:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
@@ -93,11 +92,11 @@ def _serve(config: ServeConfig, loop: ServeLoop) -> int:
     except Exception as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
-    for warning in capacity_warnings(
+    for capacity in capacity_warnings(
         policy.current, config.manager.max_concurrent_containers,
         None if config.multi_tenant else [config.tenant], shared=config.multi_tenant,
     ):
-        log.warning("capacity_warning", warning=warning)
+        log.warning("capacity_warning", warning=capacity)
     if config.http is not None:
         try:
             config.http.check()

@@ -32,13 +32,12 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 
 from . import startup
-from .progress import MAX_PROGRESS_TOKEN, progress_token_problem  # noqa: F401  (MAX_: re-exported)
 from .asgi import serve_metrics
 from .config import ServeConfig
 from .lifecycle import Signals
+from .progress import MAX_PROGRESS_TOKEN, progress_token_problem  # noqa: F401  (MAX_: re-exported)
 from .runtime import PolicyHolder, TenantState, start_runtime
 from .server import build_server
-
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("token", help="manage bearer tokens for the HTTP transport")
     tsub = p.add_subparsers(dest="token_command", required=True)
 

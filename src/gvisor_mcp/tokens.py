@@ -28,6 +28,8 @@ from pathlib import Path
 import structlog
 import yaml
 
+from .errors import ConfigurationError
+
 log = structlog.get_logger("gvisor_mcp.tokens")
 
 TOKEN_PREFIX = "gmcp_"
@@ -35,8 +37,8 @@ METRICS_ROLE = "@metrics"
 HEADER = "# gvisor-mcp tokens: SHA-256 of each token -> tenant. Add with `gvisor-mcp token add TENANT`.\n"
 
 
-class TokenFileError(ValueError):
-    pass
+class TokenFileError(ConfigurationError, ValueError):
+    """A tokens file that cannot be used; the operator reads it."""
 
 
 FINGERPRINT_LEN = 12

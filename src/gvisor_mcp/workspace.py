@@ -58,6 +58,8 @@ from typing import Any
 
 import structlog
 
+from .errors import InfrastructureError
+
 log = structlog.get_logger("gvisor_mcp.workspace")
 
 IMAGES_DIR = ".images"
@@ -72,7 +74,7 @@ HELD_ELSEWHERE_WAIT = 5.0
 """Seconds to wait for a loop device of a dead server's namespace to detach."""
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(InfrastructureError, RuntimeError):
     """A workspace could not be prepared; the message says why and what to do."""
 
 
@@ -189,7 +191,7 @@ def _loop_backing_file(device: str) -> Path | None:
 def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
     """(mountpoint, backing file) of every loop-device mount in the mount
     namespace of `pid` (default: ours)."""
-    out = []
+    out: list[tuple[Path, Path]] = []
     try:
         lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     except OSError:
@@ -209,7 +211,7 @@ def loop_mounts(pid: int | str = "self") -> list[tuple[Path, Path]]:
 
 def loop_devices() -> list[tuple[str, Path]]:
     """(device, backing file) of every attached loop device, in any mount namespace."""
-    out = []
+    out: list[tuple[str, Path]] = []
     try:
         names = os.listdir("/sys/block")
     except OSError:

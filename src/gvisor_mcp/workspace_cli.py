@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import workspace as _workspace
 from .paths import default_state_dir
@@ -85,22 +86,22 @@ def workspace_main(args: argparse.Namespace) -> int:
     status = 0
     known = {f.id: f for f in find(root)}
     for ident in args.ids:
-        f = known.get(ident.strip("/"))
-        if f is None:
+        entry = known.get(ident.strip("/"))
+        if entry is None:
             print(f"gvisor-mcp: no workspace {ident!r} under {root}; `gvisor-mcp workspace list` shows "
                   "them (e.g. default/named/default)", file=sys.stderr)
             status = 1
             continue
-        if not _workspace.remove_unused(root, f.mountpoint):
-            print(f"gvisor-mcp: workspace {f.id} is in use by a running server; stop it and try again",
+        if not _workspace.remove_unused(root, entry.mountpoint):
+            print(f"gvisor-mcp: workspace {entry.id} is in use by a running server; stop it and try again",
                   file=sys.stderr)
             status = 1
             continue
-        print(f"removed {f.id} ({format_bytes(f.on_disk)} freed)")
+        print(f"removed {entry.id} ({format_bytes(entry.on_disk)} freed)")
     return status
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("workspace", help="list, measure or remove workspaces (kept across restarts)")
     wsub = p.add_subparsers(dest="workspace_command", required=True)
     for name, text in (("list", "every workspace: size limit and whether a server uses it"),

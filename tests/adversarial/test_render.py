@@ -85,7 +85,7 @@ async def test_results_pages_progress_and_cancel_are_rendered(serve):
         assert b"\x1b]0;PWNED-TITLE\x07" in base64.b64decode(structured(raw)["data"])
 
         # list_active and cancel_command: command text with the same characters.
-        command = f"sleep 300 # \x1b]0;T\x07 \u202eevil\u202c \u200b \U000e0041 \x9b"
+        command = "sleep 300 # \x1b]0;T\x07 \u202eevil\u202c \u200b \U000e0041 \x9b"
         rb = await run(c, command=command, background=True)
         rid = structured(rb)["result_id"]
         await running_container(c, rid)
@@ -136,8 +136,10 @@ async def test_arguments_are_strict_and_the_refusal_says_what_to_send(serve, san
         msg = text(r)
         assert msg.startswith("Invalid arguments for execute_command: "), msg
         assert named in msg and "Ask again" in msg, msg
-        # Refused before anything: no run, nothing in the audit log.
-        assert not (sandbox_base / "state" / "audit.jsonl").read_text().strip()
+        # Refused before anything: no run; one refusal line in the audit log
+        # (the one refusal path, issue 15 item 3: it used to be none).
+        [entry] = [json.loads(x) for x in (sandbox_base / "state" / "audit.jsonl").read_text().splitlines()]
+        assert entry["decision"] == "denied" and "result_id" not in entry and entry["reason"] == msg
         ok = await run(c, command="echo ran", background=False, memory_mb=256, timeout_seconds=10)
         assert structured(ok)["stdout"] == "ran\n"
 

@@ -33,6 +33,12 @@ pytestmark = pytest.mark.runsc
 
 MiB = 1024 * 1024
 
+# The kernel's forced charges (allocations that may not fail, e.g. while the OOM
+# killer runs) can take a cgroup v1 leaf's max_usage_in_bytes a few pages past
+# its limit: seen twice at load 30+, 128 MiB + 4 KiB. The limit still held.
+FORCED = 16 * 4096
+
+
 FORK_COUNT = """python3 -c "
 import os, time
 n = 0
@@ -61,11 +67,11 @@ async def test_fork_bombs_stop_at_max_pids_and_memory_bombs_are_oom_killed(serve
 
         s = structured(await run(c, command="python3 -c 'x = bytearray(1 << 31)'", memory_mb=128))
         assert s["status"] == "oom_killed" and s["oom_killed"], s
-        assert s["peak_memory_bytes"] <= 128 * MiB
+        assert s["peak_memory_bytes"] <= 128 * MiB + FORCED
         # A memory bomb that grows slowly (never one big allocation) ends the same way.
         s = structured(await run(c, command="python3 -c 'l = []\nwhile True: l.append(bytearray(1 << 20))'",
                                  memory_mb=128, timeout_seconds=60))
-        assert s["status"] == "oom_killed" and s["peak_memory_bytes"] <= 128 * MiB, s
+        assert s["status"] == "oom_killed" and s["peak_memory_bytes"] <= 128 * MiB + FORCED, s
         await canary(c)
 
 
@@ -83,7 +89,7 @@ async def test_tmp_shm_and_the_root_overlay_are_bounded_by_the_sandbox_memory(se
         for target in ("/dev/shm/fill", "/fill"):
             s = structured(await run(c, command=f"dd if=/dev/zero of={target} bs=1M count=3072", memory_mb=256))
             assert s["status"] == "oom_killed" or "No space left on device" in s["stderr"], s
-            assert s["peak_memory_bytes"] <= 256 * MiB
+            assert s["peak_memory_bytes"] <= 256 * MiB + FORCED
         await canary(c)
 
         # While a big file sits in the root overlay, the host holds none of it:
@@ -147,7 +153,7 @@ while n < 1000000:
     n += 1
 " """, memory_mb=128, timeout_seconds=120))
         assert s["status"] in ("oom_killed", "timed_out") or s["exit_code"] != 0, s
-        assert s["peak_memory_bytes"] <= 128 * MiB
+        assert s["peak_memory_bytes"] <= 128 * MiB + FORCED
         await canary(c)
     # Far less than the gigabyte asked for reached the host's disk (others may
     # write to this disk meanwhile: the margin is generous, not tight).

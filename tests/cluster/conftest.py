@@ -9,6 +9,7 @@ and fails the run if a Ray process or any sandbox leftover survives.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import os
 
 import pytest
 
@@ -142,7 +141,6 @@ def cluster() -> Any:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    import ray
 
     from gvisor_mcp.cluster.frontend import connect
     from gvisor_mcp.cluster.local import LocalCluster, ray_processes

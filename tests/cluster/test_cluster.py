@@ -304,9 +304,9 @@ def ray_front_ends(cluster, n: int):
                 time.sleep(0.2)
 
         def client(i: int, tenant: str):
+            import httpx2
             from mcp import Client
             from mcp.client.streamable_http import streamable_http_client
-            import httpx2
 
             http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {tokens[tenant]}"}, timeout=120)
             return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http))

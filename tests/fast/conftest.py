@@ -23,6 +23,7 @@ import pytest
 from mcp import Client
 
 from gvisor_mcp.audit import AuditLog
+from gvisor_mcp.auth import TenantTokenVerifier, WatchedTokenFile
 from gvisor_mcp.config import HttpOptions, ServeConfig
 from gvisor_mcp.http import Gateway
 from gvisor_mcp.jobs import Jobs
@@ -30,7 +31,6 @@ from gvisor_mcp.metrics import Metrics
 from gvisor_mcp.results import ResultStore
 from gvisor_mcp.runtime import PolicyHolder, Runtime, TenantState
 from gvisor_mcp.server import build_server
-from gvisor_mcp.auth import TenantTokenVerifier, WatchedTokenFile
 from gvisor_mcp.tokens import METRICS_ROLE, TokenFile
 
 from .fakes import FakeManager

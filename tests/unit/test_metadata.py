@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gvisor_mcp.tools.metadata import annotations, instructions
+from gvisor_mcp.tools.metadata import instructions, tool_annotations
 from gvisor_mcp.version import package_version
 
 TOOLS = ["execute_command", "inspect_result", "list_active", "cancel_command",
@@ -33,9 +33,9 @@ def test_instructions_name_only_registered_tools_and_the_policy() -> None:
 
 def test_every_hint_is_explicit_and_egress_sets_open_world() -> None:
     for tool in [*TOOLS, "create_workspace", "delete_workspace"]:
-        a = annotations(tool, egress=False)
+        a = tool_annotations(tool, egress=False)
         assert None not in (a.read_only_hint, a.destructive_hint, a.idempotent_hint, a.open_world_hint), tool
         assert a.open_world_hint is False
-    assert annotations("execute_command", egress=True).open_world_hint is True
-    assert annotations("read_file", egress=True).open_world_hint is False
+    assert tool_annotations("execute_command", egress=True).open_world_hint is True
+    assert tool_annotations("read_file", egress=True).open_world_hint is False
     assert package_version() != ""

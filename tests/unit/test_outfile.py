@@ -79,7 +79,7 @@ def test_capture_from_a_file_is_the_capture_of_the_stream(tmp_path_factory, size
     # Every byte tells its position (mod 251), so a misplaced piece shows.
     stream = bytes(i % 251 for i in range(sum(sizes)))
     at = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    batches = [stream[a:b] for a, b in zip(at, at[1:])]
+    batches = [stream[a:b] for a, b in zip(at, at[1:], strict=False)]
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(outfile, "READ_ALL", 64)

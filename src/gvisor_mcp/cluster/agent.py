@@ -439,10 +439,9 @@ def start_agent(config: AgentConfig, *, timeout: float = 300.0) -> tuple[Any, di
     """Create the agent actor on `config.host`'s node and start it (needs
     `ray.init` done); (handle, health report)."""
     import ray
-
     from ray.exceptions import ActorAlreadyExistsError
 
-    cls = ray.remote(HostAgent)
+    cls: Any = ray.remote(HostAgent)  # an actor class: its methods gain .remote, which mypy cannot see
     deadline = time.monotonic() + min(timeout, 60.0)
     while True:
         try:
@@ -454,5 +453,5 @@ def start_agent(config: AgentConfig, *, timeout: float = 300.0) -> tuple[Any, di
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
-    report = ray.get(handle.start.remote(), timeout=timeout)
+    report: dict[str, Any] = ray.get(handle.start.remote(), timeout=timeout)
     return handle, report

@@ -20,8 +20,8 @@ log = structlog.get_logger("gvisor_mcp.cluster.agent")
 
 def agent_main(args: Any, manager_config: Any) -> int:
     from .agent import AgentConfig, start_agent
-    from .spec import ceilings
     from .frontend import connect
+    from .spec import ceilings
 
     try:
         config = AgentConfig(host=args.host_name, state_dir=Path(args.state_dir),

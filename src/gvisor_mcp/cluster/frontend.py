@@ -23,6 +23,7 @@ contract (at most once, never a lost result) and read best together.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sqlite3
@@ -73,7 +74,7 @@ def connect(address: str) -> None:
     # server's signal handling stays ours: put back what was there before.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as e:
         raise ConnectionError(
             f"could not join the Ray cluster at {address}: {type(e).__name__}: {str(e)[:300]}. "

@@ -173,7 +173,8 @@ def _reload_auth() -> None:
     imported before (Ray reads RAY_AUTH_MODE into its C++ config at import and
     caches the token): the same two calls Ray makes when it turns token
     auth on for a local cluster."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    # ray._raylet is a compiled module Ray ships without type information.
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import Refusal
 from ..network.egress import EgressError, EgressRules
 from ..policy.model import BUILTIN_IMAGE
 from ..policy.resolve import SAFE_COMPONENT
@@ -38,8 +39,11 @@ HASHED_COMPONENT = re.compile(r"^@[0-9a-f]{32}\Z")
 HOST_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-class SpecRefused(ValueError):
-    """The agent will not run this spec; the message says what and why."""
+class SpecRefused(Refusal, ValueError):
+    """The agent will not run this spec; the message says what and why
+    (the front end passes it on as runner.RunRefused)."""
+
+    kind = "arguments"
 
 
 class WorkspaceRef(BaseModel):

@@ -8,6 +8,7 @@ or was refused (the store is unchanged), 2 usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -15,13 +16,13 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from ..cli_args import Parser, UsageError
 from ..policy.cli import image_store
 from ..policy.units import UnitError, format_bytes, parse_bytes
 from .builders import Recipe, build, default_name, import_file, load_recipe, make_recipe, pull
 from .errors import ImageError
-from .store import ImageStore, StoredImage
+from .store import StoredImage
 from .unpack import DEFAULT_MAX_BYTES, UnpackLimits, human_size
-from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -215,8 +216,6 @@ def _file_name(path: str) -> str:
 
 
 def _os_error(e: OSError) -> str:
-    import errno
-
     if e.errno == errno.ENOSPC:
         return (f"the disk is full ({e.strerror}: {e.filename or ''}); nothing was added to the store. "
                 "Free space (or use a larger --state-dir) and try again")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigurationError
 
-class ImageError(Exception):
-    """An image operation that failed or was refused; the store is unchanged."""
+
+class ImageError(ConfigurationError):
+    """An image operation that failed or was refused; the store is unchanged.
+
+    The operator reads these (`gvisor-mcp image ...`, a policy naming a store
+    image). A run whose image left the store meanwhile is refused to the
+    agent as runtime.ImageUnavailable."""
 
 
 class ImageNotFound(ImageError, LookupError):

@@ -22,6 +22,7 @@ discipline (the flock on .lock) that is only checkable in one place.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as _dt
 import fcntl
@@ -276,7 +277,7 @@ class ImageStore:
             "digest": info.digest,
             "size": info.size,
             "entries": info.entries,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source": source,
             "packages": packages,
             "config": config,
@@ -337,9 +338,10 @@ class ImageStore:
         safe_rmtree(aside)
         return image, True
 
-    def prune(self) -> list[StoredImage]:
+    def prune(self) -> builtins.list[StoredImage]:  # builtins: `list` here is the method above
         """Remove every image no name points at and nothing uses."""
-        removed, aside = [], []
+        removed: builtins.list[StoredImage] = []
+        aside: builtins.list[Path] = []
         with self._locked(exclusive=True):
             for image in self.list():
                 if image.names or self._users(image.digest):
@@ -388,14 +390,14 @@ class ImageStore:
             pass
         os.close(hold.fd)
 
-    def users(self, ref: str) -> list[str]:
+    def users(self, ref: str) -> builtins.list[str]:
         with self._locked(exclusive=True):
             return self._users(self.get(ref).digest)
 
-    def _users(self, digest: str) -> list[str]:
+    def _users(self, digest: str) -> builtins.list[str]:
         """What live processes use the image for (stale lease files are removed)."""
         d = self.root / "leases" / self.image_dir(digest).name
-        out: list[str] = []
+        out: builtins.list[str] = []
         try:
             entries = sorted(os.listdir(d))
         except FileNotFoundError:
@@ -460,7 +462,7 @@ def _discard(root: Path, path: Path) -> Path:
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below `path` (from /proc/self/mountinfo)."""
     prefix = str(path.resolve())
-    out = []
+    out: list[str] = []
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+from ..errors import ConfigurationError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -42,8 +44,11 @@ RULE_EXPECTED = (
 )
 
 
-class EgressError(ValueError):
-    """A malformed rule, host or request; the text ends with '; expected ...'."""
+class EgressError(ConfigurationError, ValueError):
+    """A malformed rule, host or request; the text ends with '; expected ...'.
+
+    In a policy file it is the operator's; in a request, resolve() turns it
+    into a PolicyDenied for the agent."""
 
 
 def normalize_host(host: str) -> str:
@@ -164,7 +169,7 @@ class EgressRule(BaseModel):
         return (
             self.cidr is not None
             and other.cidr.version == self.cidr.version
-            and other.cidr.subnet_of(self.cidr)  # type: ignore[arg-type]
+            and other.cidr.subnet_of(self.cidr)  # type: ignore[arg-type]  # same IP version (line above); mypy cannot narrow the pair
         )
 
 

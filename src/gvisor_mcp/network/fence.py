@@ -13,14 +13,14 @@ the cluster that placed it. The single-host server has no fence.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .egress import IPAddress
 from .guard import unwrap
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Fence(BaseModel):

@@ -29,8 +29,11 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+
+from ..errors import InfrastructureError
 
 CLONE_NEWNET = 0x40000000
 SO_BINDTODEVICE = 25
@@ -45,7 +48,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 T = TypeVar("T")
 
 
-class NetnsError(RuntimeError):
+class NetnsError(InfrastructureError, RuntimeError):
     """A namespace, interface or listener could not be made."""
 
 

@@ -15,12 +15,13 @@ from typing import Any, TextIO
 
 import yaml
 
+from ..cli_args import Parser, UsageError
 from ..images.store import ImageStore
+from ..paths import default_state_dir
 from .errors import PolicyError, UnknownTenant
 from .fairness import DEFAULT_CAPACITY, capacity_warnings
 from .loader import Policy, load, load_default
 from .model import DEFAULT_TENANT, PolicyFile, Settings
-from ..cli_args import Parser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,8 +81,6 @@ def schema() -> dict[str, Any]:
 
 def image_store(state_dir: str | None) -> ImageStore:
     """The image store `serve --state-dir` would use."""
-    from ..paths import default_state_dir
-
     return ImageStore((Path(state_dir) if state_dir else default_state_dir()) / "images")
 
 
@@ -116,8 +115,8 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
             )
             for warning in policy.warnings:
                 err.write(f"{warning}\n")
-            for warning in capacity_warnings(policy, args.max_concurrent):
-                err.write(f"{name}: warning: {warning}\n")
+            for capacity in capacity_warnings(policy, args.max_concurrent):
+                err.write(f"{name}: warning: {capacity}\n")
         return status
 
     try:

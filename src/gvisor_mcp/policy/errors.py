@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from ..errors import ConfigurationError, Refusal
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -30,7 +34,7 @@ class Problem:
         return text
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigurationError, ValueError):
     """A policy file that cannot be used; `problems` lists every problem found.
 
     Loading never returns a half-valid policy: the server keeps its previous
@@ -44,7 +48,7 @@ class PolicyError(ValueError):
         super().__init__("\n".join([head, *(str(p) for p in self.problems)]))
 
 
-class UnknownTenant(LookupError):
+class UnknownTenant(ConfigurationError, LookupError):
     """A tenant name the policy does not define; a configuration error, not a denial.
 
     The agent cannot choose its tenant, so this is never shown as something
@@ -59,7 +63,7 @@ class UnknownTenant(LookupError):
         )
 
 
-class PolicyDenied(Exception):
+class PolicyDenied(Refusal):
     """A request the policy refuses; str() is written for the agent that asked.
 
     `field` is the request field (e.g. "memory_mb"), `requested` its value,
@@ -78,3 +82,10 @@ class PolicyDenied(Exception):
         super().__init__(
             f"Policy denied {field}={shown}: allowed is {allowed}. {hint}"
         )
+
+
+def denied_by(error: ValidationError, hint: str = "Fix this field and ask again.") -> PolicyDenied:
+    """A request model's validation error, said like the policy says a denial."""
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return PolicyDenied(where, first.get("input"), first["msg"].removeprefix("Value error, "), hint)

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..images.store import ImageStore
 from .effective import build_tenants
-from .images import check_store_images
 from .errors import PolicyError, Problem, UnknownTenant
+from .images import check_store_images
 from .model import DEFAULT_TENANT, PolicyFile, Settings, TenantSettings
 from .source import KeyPath, Source, format_path, parse
 

@@ -442,7 +442,7 @@ class CatalogImage(_Section):
 def _catalog_entry(value: Any) -> Any:
     if isinstance(value, str):
         return {"path": value}
-    if isinstance(value, dict) or isinstance(value, CatalogImage):
+    if isinstance(value, (dict, CatalogImage)):
         return value
     raise UnitError(
         f"got {type(value).__name__} {value!r}; expected an absolute directory path, "

@@ -12,7 +12,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import denied_by
 
 
 class ExecRequest(BaseModel):
@@ -35,6 +37,15 @@ class ExecRequest(BaseModel):
     """network=sandbox: narrow the policy's egress allowlist to these rules
     (each must lie within it); None keeps the whole allowlist."""
     image: str | None = None
+
+    @classmethod
+    def of(cls, **fields: Any) -> ExecRequest:
+        """The request, or PolicyDenied saying which field is wrong (never a raw
+        pydantic error: the agent reads it)."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise denied_by(e) from None
 
     @field_validator("network", mode="before")
     @classmethod

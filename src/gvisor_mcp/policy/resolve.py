@@ -23,6 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..images.errors import ImageError
+from ..images.store import ImageStore
+from ..network.egress import EgressError, EgressRules
 from ..sandbox.options import (
     ENV_KEY_RE,
     ContainerOptions,
@@ -32,10 +35,7 @@ from ..sandbox.options import (
     ResourceSpec,
     UserSpec,
 )
-from ..images.errors import ImageError
-from ..images.store import ImageStore
-from ..network.egress import EgressError, EgressRules
-from .errors import PolicyDenied
+from .errors import PolicyDenied, denied_by
 from .loader import Policy
 from .model import BUILTIN_IMAGE, Output, Quotas, TenantSettings
 from .receipt import LimitsReceipt, ReceiptEntry
@@ -440,9 +440,7 @@ def resolve(
     except InvalidOptionsError as e:
         raise PolicyDenied(e.field, e.value, e.allowed, "Fix this field and ask again.") from None
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise PolicyDenied(where, first.get("input"), first["msg"].removeprefix("Value error, "), "Fix this field and ask again.") from None
+        raise denied_by(e) from None
 
     receipt = LimitsReceipt(
         tenant=tenant,

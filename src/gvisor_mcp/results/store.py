@@ -26,14 +26,17 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 
+from ..errors import StateUnavailable
+from ..sandbox import ContainerStatus
 from ..sandbox.ownership import OwnerLock
 from ..text import clip_command
+from .record import RunOutcome, RunRecord
 
 log = structlog.get_logger("gvisor_mcp.results")
 
@@ -51,7 +54,7 @@ _COST = (
 """SQL: the bytes one row costs (the ? is ROW_OVERHEAD_BYTES)."""
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(StateUnavailable):
     """The result store could not write (e.g. the state disk is full)."""
 
 SCHEMA = """
@@ -86,35 +89,49 @@ CREATE INDEX IF NOT EXISTS results_status ON results (status);
 """
 
 
-class StoredResult(BaseModel):
-    """One row, as tools render it."""
+class StoredResult(RunRecord):
+    """One row, as tools render it: the run record plus the row's bookkeeping."""
 
-    model_config = ConfigDict(frozen=True)
-
-    result_id: str
     tenant: str
     session: str | None
-    container_id: str | None
     command: str
-    status: str
     created_at: float
     finished_at: float | None
-    exit_code: int | None
-    signal: int | None
-    duration_ms: int | None
-    boot_ms: int | None
-    oom_killed: bool
-    peak_memory_bytes: int | None
-    stdout_bytes: int
-    stderr_bytes: int
-    stdout_truncated: bool
-    stderr_truncated: bool
-    warm: bool = False
-    """Ran in a pre-booted sandbox from the warm pool."""
-    limits: dict[str, Any] | None
-    error: str | None
-    network: dict[str, Any] | None = None
-    """network=sandbox: per-destination egress accounting (see gvisor_mcp.network)."""
+
+
+OUTCOME_COLUMNS = tuple(RunOutcome.model_fields)
+"""The columns finish() writes: one per RunOutcome field."""
+
+
+class PartWriter:
+    """Appends a run's chunks to its live part file, up to `cap` bytes; `close()` when the run ends.
+
+    The part file only serves live paging: when the disk refuses a write,
+    the writer stops (logged once) and the run goes on; its final output
+    comes from the Manager's own capture, written by finish().
+    """
+
+    def __init__(self, path: Path, cap: int, result_id: str, stream: str) -> None:
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115  (open until close(), when the run ends)
+        self._cap = cap
+        self._written = 0
+        self._result_id = result_id
+        self._stream = stream
+
+    def __call__(self, chunk: bytes) -> None:
+        if self._file.closed or self._written >= self._cap:
+            return
+        piece = chunk[: self._cap - self._written]
+        try:
+            self._file.write(piece)
+        except OSError as e:
+            log.warning("live_output_not_stored", result_id=self._result_id, stream=self._stream, error=str(e))
+            self._written = self._cap  # stop trying; the final capture still comes
+            return
+        self._written += len(piece)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ResultStore:
@@ -264,57 +281,37 @@ class ResultStore:
                 self._path(result_id, stream, part=True).unlink(missing_ok=True)
             raise StoreUnavailable(_why(e)) from e
 
-    def part_writer(self, result_id: str, stream: str, cap: int):  # type: ignore[no-untyped-def]
-        """A chunk writer appending to the live part file, up to `cap` bytes.
-
-        The part file only serves live paging: when the disk refuses a write,
-        the writer stops (logged once) and the run goes on; its final output
-        comes from the Manager's own capture, written by finish().
-        """
-        path = self._path(result_id, stream, part=True)
-        f = open(path, "ab", buffering=0)
-        written = 0
-
-        def write(chunk: bytes) -> None:
-            nonlocal written
-            if f.closed or written >= cap:
-                return
-            piece = chunk[: cap - written]
-            try:
-                f.write(piece)
-            except OSError as e:
-                log.warning("live_output_not_stored", result_id=result_id, stream=stream, error=str(e))
-                written = cap  # stop trying; the final capture still comes
-                return
-            written += len(piece)
-
-        write.close = f.close  # type: ignore[attr-defined]
-        return write
+    def part_writer(self, result_id: str, stream: str, cap: int) -> PartWriter:
+        """A chunk writer appending to the live part file, up to `cap` bytes."""
+        return PartWriter(self._path(result_id, stream, part=True), cap, result_id, stream)
 
     def finish(
         self,
         result_id: str,
         *,
-        status: str,
+        status: ContainerStatus | str,
         stdout: bytes = b"",
         stderr: bytes = b"",
-        fields: dict[str, Any] | None = None,
+        fields: RunOutcome | dict[str, Any] | None = None,
     ) -> None:
         """Write the final streams and the outcome; idempotent per result.
 
-        Raises StoreUnavailable when the disk refuses; the streams written so
-        far stay (finish can be called again with less, see Jobs._finish).
+        `fields`: the run's outcome (a RunOutcome, or a dict of its fields);
+        only the fields it sets are written. Raises StoreUnavailable when the
+        disk refuses; the streams written so far stay (finish can be called
+        again with less, see Jobs._finish).
         """
+        outcome = fields if isinstance(fields, RunOutcome) else RunOutcome.model_validate(fields or {})
         try:
-            self._finish(result_id, status=status, stdout=stdout, stderr=stderr, fields=fields)
+            self._finish(result_id, status=ContainerStatus(status), stdout=stdout, stderr=stderr, outcome=outcome)
         except (OSError, sqlite3.Error) as e:
             for stream in STREAMS:
                 final = self._path(result_id, stream)
                 final.with_suffix(final.suffix + ".tmp").unlink(missing_ok=True)
             raise StoreUnavailable(_why(e)) from e
 
-    def _finish(self, result_id: str, *, status: str, stdout: bytes, stderr: bytes,
-                fields: dict[str, Any] | None) -> None:
+    def _finish(self, result_id: str, *, status: ContainerStatus, stdout: bytes, stderr: bytes,
+                outcome: RunOutcome) -> None:
         stored = 0
         for stream, data in (("stdout", stdout), ("stderr", stderr)):
             final = self._path(result_id, stream)
@@ -323,32 +320,19 @@ class ResultStore:
             tmp.replace(final)
             self._path(result_id, stream, part=True).unlink(missing_ok=True)
             stored += len(data)
-        f = dict(fields or {})
         cols = ["status=?", "finished_at=?", "stored_bytes=?"]
-        vals: list[Any] = [status, self._clock(), stored]
-        for key in (
-            "container_id",
-            "exit_code",
-            "signal",
-            "duration_ms",
-            "boot_ms",
-            "oom_killed",
-            "peak_memory_bytes",
-            "stdout_bytes",
-            "stderr_bytes",
-            "stdout_truncated",
-            "stderr_truncated",
-            "warm",
-            "error",
-        ):
-            if key in f:
-                cols.append(f"{key}=?")
-                v = f[key]
-                vals.append(int(v) if isinstance(v, bool) else v)
-        for key in ("limits", "network"):
-            if f.get(key) is not None:
-                cols.append(f"{key}=?")
-                vals.append(json.dumps(f[key]))
+        vals: list[Any] = [status.value, self._clock(), stored]
+        values = outcome.model_dump(mode="json", include=outcome.model_fields_set)
+        for key in OUTCOME_COLUMNS:
+            if key not in values:
+                continue
+            v = values[key]
+            if key == "network":
+                if v is None:
+                    continue
+                v = json.dumps(v)
+            cols.append(f"{key}=?")
+            vals.append(int(v) if isinstance(v, bool) else v)
         vals.append(result_id)
         self._db.execute(f"UPDATE results SET {', '.join(cols)} WHERE result_id=?", vals)
 
@@ -398,7 +382,7 @@ class ResultStore:
 
     def read(self, result: StoredResult, stream: str, offset: int, length: int) -> tuple[bytes, int]:
         """(bytes at [offset, offset+length), total bytes stored so far)."""
-        done = result.status != "running"
+        done = result.status != ContainerStatus.RUNNING
         path = self._path(result.result_id, stream, part=not done)
         if not path.exists():
             # Finished between our read of the row and of the file.

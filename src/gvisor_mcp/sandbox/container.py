@@ -323,6 +323,7 @@ class Container:
                     await proc.wait()
                 tg.cancel_scope.cancel()
                 return early
+            return None  # the task group absorbed its own cancellation before the return above
         except BaseException:
             # Cancelled from outside (or a writer raised): the container must
             # not outlive this call.
@@ -406,7 +407,8 @@ class Container:
             with anyio.move_on_after(self.host.config.kill_grace):
                 async with anyio.create_task_group() as tg:
                     for stream in (proc.stdout, proc.stderr):
-                        tg.start_soon(pump, stream, BoundedCapture(0))
+                        if not isinstance(stream, OutputFile):  # a file needs no draining
+                            tg.start_soon(pump, stream, BoundedCapture(0))
                 await proc.wait()
             if proc.returncode is None:
                 await self.host.runsc.kill(self.container_id)

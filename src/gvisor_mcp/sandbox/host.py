@@ -21,9 +21,9 @@ from .cgroups import Cgroup, detect_version
 from .config import ManagerConfig
 from .errors import SandboxError
 from .network import NetworkProvider
+from .outfile import can_punch
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
-from .outfile import can_punch
 from .runsc import Runsc, missing_launcher_tools
 from .spares import Spares
 

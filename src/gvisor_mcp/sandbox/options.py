@@ -321,7 +321,7 @@ class ContainerOptions(BaseModel):
             if m.type == "bind" and not Path(m.source).exists():
                 raise InvalidOptionsError("mount.source", m.source, "an existing host path")
 
-    def validate(self) -> None:  # type: ignore[override]
+    def validate(self) -> None:  # type: ignore[override]  # the seed's Validate(); pydantic's deprecated classmethod of that name is unused
         """The seed's Validate(): everything, including the filesystem checks."""
         validate_resources(self.resources)
         self.check_paths()

@@ -25,6 +25,9 @@ class ContainerStatus(enum.StrEnum):
         counter decides.
     killed: cancelled by the caller or by Manager.close().
     error: an infrastructure failure after the container existed.
+    host_lost: never produced by a Manager: with `serve --backend ray`, the
+        host running the command died or went silent mid-run; whether it ran
+        is unknown, and it is never run again (runner.HostLost).
     """
 
     RUNNING = "running"
@@ -33,6 +36,7 @@ class ContainerStatus(enum.StrEnum):
     OOM_KILLED = "oom_killed"
     KILLED = "killed"
     ERROR = "error"
+    HOST_LOST = "host_lost"
 
 
 class ContainerResult(BaseModel):

@@ -9,7 +9,7 @@ from .active import list_active, make_cancel_tool
 from .execute import make_execute_tool
 from .files import FileFacts, make_file_tools
 from .inspect import make_inspect_tool
-from .metadata import annotations, instructions
+from .metadata import instructions, tool_annotations
 from .resources import register_resources
 from .view import SchemaFacts
 from .workspaces import create_workspace, delete_workspace
@@ -23,7 +23,7 @@ def register_tools(server: Any, facts: SchemaFacts, file_facts: FileFacts) -> No
     def add(fn: Any, name: str, title: str) -> None:
         # Docstrings are the descriptions the model reads: no source indentation.
         server.add_tool(fn, name=name, title=title, description=cleandoc(fn.__doc__ or ""),
-                        annotations=annotations(name, egress=facts.egress))
+                        annotations=tool_annotations(name, egress=facts.egress))
         added.append(name)
 
     add(make_execute_tool(facts, file_facts.agent_workspaces), "execute_command",

@@ -1,13 +1,14 @@
 """list_active and cancel_command: the caller's own commands in flight."""
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
+from .context import ToolContext
 from .inspect import _not_found
 from .models import ActiveCommand, ActiveList, ExecResult
 from .view import compact_receipt, exec_result, render_text
@@ -26,7 +27,7 @@ async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]
                 result_id=j.result_id,
                 container_id=app.jobs.container_of(j) or "",
                 command=j.command,
-                started_at=dt.datetime.fromtimestamp(j.started_at, dt.timezone.utc).isoformat(),
+                started_at=dt.datetime.fromtimestamp(j.started_at, dt.UTC).isoformat(),
                 elapsed_ms=round(j.elapsed() * 1000),
                 limits=compact_receipt(j.limits),
             )
@@ -43,7 +44,7 @@ async def list_active(ctx: ToolContext) -> Annotated[CallToolResult, ActiveList]
     )
 
 
-def make_cancel_tool(head: int, tail: int):  # type: ignore[no-untyped-def]
+def make_cancel_tool(head: int, tail: int) -> Callable[..., Awaitable[CallToolResult]]:
     async def cancel_command(
         result_id: Annotated[str, Field(description="From execute_command or list_active.")],
         ctx: ToolContext,

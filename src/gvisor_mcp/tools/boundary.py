@@ -7,7 +7,9 @@ every tool registered on it, so a new tool gets them without asking:
   `memory_mb: "512"` is refused, not coerced), with an error that names the
   argument, what was sent, what is allowed and how to ask again;
 - whatever the call returns or raises passes through `text.render()`: every
-  text content, every string in the structured content, every error text.
+  text content, every string in the structured content, every error text;
+- argument errors and the package's own errors (gvisor_mcp.errors) go to
+  refuse.answer(), the one place that words, audits and counts them.
 
 Progress messages do not pass through a tool's return value: tools send
 them with `report_progress()` below, never with `ctx.report_progress`
@@ -16,21 +18,21 @@ directly (tests/unit/test_text.py checks the source for that).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import InfrastructureError, Refusal
+from ..errors import GvisorMcpError
 from ..runtime import TenantState
 from ..text import render
 from .context import ToolContext
 from .metadata import drop_unserved, server_options
+from .refuse import ArgumentRefused, answer, argument_error
 
-MAX_SHOWN_VALUE = 120
-"""Characters of a refused argument's value quoted back (like PolicyDenied)."""
+M = TypeVar("M", bound=BaseModel)
 
 
 def render_value(value: Any) -> Any:
@@ -62,39 +64,9 @@ async def report_progress(ctx: ToolContext, progress: float, total: float | None
     await ctx.report_progress(progress=progress, total=total, message=render(message))
 
 
-_EXPECTED = {
-    "bool_type": "a JSON boolean: true or false",
-    "int_type": "a whole number (a JSON integer, not a string)",
-    "float_type": "a number (not a string)",
-    "string_type": "a string",
-    "dict_type": "a JSON object",
-    "list_type": "a JSON array",
-    "missing": "a value: this argument is required",
-}
-
-
-def argument_error(tool: str, error: ValidationError) -> str:
-    """What was wrong with a call's arguments, written for the agent that sent them."""
-    lines = []
-    for err in error.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "arguments"
-        expected = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            lines.append(f"{where} is missing: it is required. Ask again with {where} set.")
-            continue
-        shown = repr(err.get("input"))
-        if len(shown) > MAX_SHOWN_VALUE:
-            shown = shown[: MAX_SHOWN_VALUE - 3] + "..."
-        lines.append(
-            f"{where}={shown} is not accepted: expected {expected}. "
-            f"Ask again with {where} fixed, or leave it out to get its default."
-        )
-    return f"Invalid arguments for {tool}: " + " ".join(lines)
-
-
-def _strict(model: type[BaseModel]) -> type[BaseModel]:
+def _strict(model: type[M]) -> type[M]:
     """The SDK's argument model of a tool, in strict mode (same fields, same schema)."""
-    return type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})})
+    return cast("type[M]", type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})}))
 
 
 class SafeServer(MCPServer[TenantState]):
@@ -117,19 +89,14 @@ class SafeServer(MCPServer[TenantState]):
         try:
             result = await super().call_tool(name, arguments, context)
         except UnexpectedToolError as e:
-            cause = e.__cause__
-            # The one place the package's errors become what the agent reads:
-            # a refusal says what was asked and allowed; an infrastructure
-            # failure says nothing ran. Anything else is a crash.
-            if isinstance(cause, Refusal):
-                raise ToolError(render(str(cause))) from cause
-            if isinstance(cause, InfrastructureError):
-                raise ToolError(render(cause.for_agent())) from cause
+            if isinstance(e.__cause__, GvisorMcpError):  # refused or failed on purpose
+                raise answer(e.__cause__, render(name), arguments, context) from e.__cause__
             # A crash: the SDK's generic text (rendered anyway); the log has the traceback.
             raise UnexpectedToolError(render(str(e))) from e.__cause__
         except ToolError as e:
-            if isinstance(e.__cause__, ValidationError):
-                raise ToolError(render(argument_error(render(name), e.__cause__))) from e.__cause__
+            if isinstance(e.__cause__, ValidationError):  # the arguments failed the tool's schema
+                refused = ArgumentRefused(render(name), e.__cause__)
+                raise answer(refused, render(name), arguments, context) from e.__cause__
             raise ToolError(render(str(e))) from e.__cause__
         return render_call_result(result)
 

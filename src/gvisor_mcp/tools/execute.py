@@ -6,24 +6,19 @@ enums, ceilings as maximums), and the SDK reads those annotations as objects.
 """
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio
-from .context import ToolContext
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, WithJsonSchema
 
-from ..images.errors import ImageError
-from ..audit import AuditUnavailable
-from ..jobs import Job, QuotaExceeded
-from ..policy import ExecRequest, PolicyDenied, resolve
-from ..results import StoreUnavailable
-from ..sandbox import InvalidOptionsError
-from ..roots import NoSuchWorkspace
-from .files import WorkspaceArg, workspace_param
+from ..jobs import Job, ResultNotStored
+from ..policy import ExecRequest, resolve
 from ..text import render_bytes
 from .boundary import report_progress
+from .context import ToolContext
+from .files import WorkspaceArg, workspace_param
 from .models import ExecResult
 from .view import SchemaFacts, exec_result, render_text
 
@@ -49,16 +44,16 @@ sandbox fail by design (the proxy resolves names); connections not through the p
 Denied destinations are listed in the result."""
 
 
-def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # type: ignore[no-untyped-def]
+def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False) -> Callable[..., Any]:
     """`agent_workspaces`: publish the `workspace` parameter (HTTP, scope session; see roots.py)."""
     # Always an `enum` (pydantic would publish a one-value Literal as `const`,
     # which some clients do not show as a choice).
     NetworkT = Annotated[
-        Literal[tuple(facts.networks)],  # type: ignore[valid-type]
+        Literal[tuple(facts.networks)],
         WithJsonSchema({"type": "string", "enum": list(facts.networks)}),
     ]
     ImageT = Annotated[
-        Literal[tuple(facts.images)],  # type: ignore[valid-type]
+        Literal[tuple(facts.images)],
         WithJsonSchema({"type": "string", "enum": list(facts.images)}),
     ]
 
@@ -68,7 +63,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         Published, not enforced here: the policy enforces it (reject or clamp,
         as the operator chose) and explains itself in the error or receipt.
         """
-        extra = {"maximum": ceiling} if ceiling is not None else None
+        extra: dict[str, Any] | None = {"maximum": ceiling} if ceiling is not None else None
         return Annotated[kind, Field(gt=0, json_schema_extra=extra)]
 
     async def execute_command(
@@ -103,69 +98,33 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         ] = False,
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, ExecResult]:
+        # Refusals and failures raise the package's errors; tools/refuse.py
+        # words, audits and counts them (SafeServer sends them there).
         app = ctx.request_context.lifespan_context
-        try:
-            caller = app.caller(ctx, workspace)
-        except NoSuchWorkspace as e:
-            raise ToolError(str(e)) from None
+        caller = app.caller(ctx, workspace)
         policy = app.policy.current
         request = dict(
             command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
             cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
             egress=egress,
         )
-        def refuse(decision: str, kind: str, e: Exception, *, throttle: bool = False) -> ToolError:
-            """Audit and count a call refused before it ran; the error the agent reads.
-
-            Refusals by the call rate are audited at most once a second per
-            tenant (the next line counts the ones left out)."""
-            write = app.audit.write_throttled if throttle else app.audit.write
-            write(**({"key": f"rate:{caller.tenant}"} if throttle else {}),
-                  tenant=caller.tenant, session=caller.session_id, command=command,
-                  policy_hash=policy.sha256, decision=decision, reason=str(e))
-            if app.metrics is not None:
-                app.metrics.denied(caller.tenant, kind)
-            return ToolError(str(e))
-
-        try:
-            # Every call counts against the tenant's rate, refused ones included.
-            app.jobs.rate.count(caller.tenant, policy.tenant(caller.tenant).runs_per_minute)
-        except QuotaExceeded as e:
-            raise refuse("quota", "rate", e, throttle=True) from e
-        except LookupError as e:  # the tenant left the policy on a reload
-            raise refuse("denied", "policy", e) from e
-        try:
-            resolved = resolve(
-                policy,
-                ExecRequest(**{k: v for k, v in request.items() if v is not None}),
-                caller.tenant,
-                **app.resolve_args(caller),
-            )
-        except (PolicyDenied, InvalidOptionsError, ValueError, LookupError) as e:
-            raise refuse("denied", "policy", e) from e
+        # Every call counts against the tenant's rate, refused ones included.
+        app.jobs.rate.count(caller.tenant, policy.tenant(caller.tenant).runs_per_minute)
+        resolved = resolve(
+            policy,
+            ExecRequest.of(**{k: v for k, v in request.items() if v is not None}),
+            caller.tenant,
+            **app.resolve_args(caller),
+        )
         settings = resolved.settings
-        try:
-            app.jobs.admit(caller.tenant, settings.max_concurrent)
-        except QuotaExceeded as e:
-            raise refuse("quota", "quota", e) from e
-        try:
-            app.audit.writable()  # no command runs unaudited
-        except AuditUnavailable as e:
-            raise ToolError(state_error(e)) from e
+        app.jobs.admit(caller.tenant, settings.max_concurrent)
+        app.audit.writable()  # no command runs unaudited
         app.prepare_workspace(resolved)
-        limits = resolved.receipt.model_dump(mode="json")
-        try:
-            job = app.jobs.start(
-                tenant=caller.tenant, session=caller.session_id, command=command,
-                options=resolved.options, limits=limits, policy_hash=policy.sha256,
-                hold=lambda rid: app.hold_image(resolved, rid),
-            )
-        except ImageError as e:  # removed from the store between resolve() and now
-            raise refuse("denied", "policy", e) from e
-        except StoreUnavailable as e:
-            app.audit.write(tenant=caller.tenant, session=caller.session_id, command=command,
-                            policy_hash=policy.sha256, decision="failed", reason=state_error(e))
-            raise ToolError(state_error(e)) from e
+        job = app.jobs.start(
+            tenant=caller.tenant, session=caller.session_id, command=command,
+            options=resolved.options, limits=resolved.receipt.model_dump(mode="json"),
+            policy_hash=policy.sha256, hold=lambda rid: app.hold_image(resolved, rid),
+        )
         wait = 0.0 if background else settings.foreground_limit
         try:
             await _wait_with_progress(ctx, job, wait)
@@ -176,7 +135,7 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
                 await app.jobs.cancel(job)
             raise
         if job.store_error:
-            raise ToolError(f"result_id {job.result_id}: {job.store_error}")
+            raise ResultNotStored(f"result_id {job.result_id}: {job.store_error}")
         stored = app.store.get(job.result_id, caller.tenant)
         result = exec_result(app, stored, settings.head_bytes, settings.tail_bytes)
         return CallToolResult(
@@ -194,14 +153,6 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False):  # ty
         limits=facts.limits_text,
     )
     return workspace_param(execute_command, agent_workspaces)
-
-
-def state_error(e: Exception) -> str:
-    """A refusal because the server cannot record the call (its disk is full)."""
-    return (
-        f"the server cannot record this call, so nothing was run: {e}. Its state disk is "
-        "probably full; earlier results are kept. Retry later, once the operator has freed space."
-    )
 
 
 async def _wait_with_progress(ctx: ToolContext, job: Job, wait: float) -> None:

@@ -19,20 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from .context import TenantState, ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
 from .. import files
+from ..errors import Refusal
 from ..policy import plan_workspace, project_mounts
 from ..policy.resolve import NO_SESSION_NOTE
 from ..policy.units import format_bytes
-from ..roots import NoSuchWorkspace, Root, locate, sandbox_path
+from ..roots import Root, locate, sandbox_path
 from ..sandbox.options import UserSpec
-from ..workspace import image_path
-from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
 from ..text import render_bytes
+from ..workspace import image_path
+from .context import RequestContext, TenantState, ToolContext
+from .models import FileDeleted, FileEntry, FileList, FileRead, FileWritten
 
 DEFAULT_PAGE = 64 * 1024
 MAX_DEPTH = 16
@@ -79,22 +80,20 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
 # --- where a call's paths lead ---------------------------------------------------------
 
 
-def caller_roots(app: TenantState, ctx: ToolContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
+def caller_roots(app: TenantState, ctx: ToolContext | RequestContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
     """(caller, settings, roots) for this call: its workspace (mounted; created if
     `create`) and the projects."""
-    try:
-        caller = app.caller(ctx, workspace)
-    except NoSuchWorkspace as e:
-        raise ToolError(str(e)) from None
+    caller = app.caller(ctx, workspace)  # NoSuchWorkspace: a refusal (tools/refuse.py)
     settings = app.policy.current.tenant(caller.tenant)
     args = app.resolve_args(caller)
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
     roots: list[Root] = []
-    if plan is not None:
-        if create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists():
-            user = UserSpec.parse(settings.defaults.user)
-            host = app.prepare_plan(plan, (user.uid, user.gid))
-            roots.append(Root("workspace", plan.mount, host, False, "workspace"))
+    if plan is not None and (
+        create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()
+    ):
+        user = UserSpec.parse(settings.defaults.user)
+        host = app.prepare_plan(plan, (user.uid, user.gid))
+        roots.append(Root("workspace", plan.mount, host, False, "workspace"))
     for name, project in sorted(project_mounts(settings, args["extra_projects"]).items()):
         # The operator's own path may go through symlinks (runsc's bind follows
         # them too); only what lies beneath it is never followed.
@@ -294,7 +293,7 @@ non-regular files at the path."""
             app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list))
         out = [
             FileEntry(
-                path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),  # type: ignore[arg-type]
+                path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),
                 mode=f"{e.mode:04o}", target=_show(e.target) if e.target is not None else None,
             )
             for e in entries
@@ -338,6 +337,10 @@ empty needs recursive=true. Reaches: {facts.reach}."""
     return [workspace_param(fn, facts.agent_workspaces) for fn in (read_file, write_file, list_files, delete_file)]
 
 
+class WriteTooLarge(Refusal):
+    """write_file content over the policy's files.max_write (a ceiling)."""
+
+
 def _decode(content: str, encoding: str, limit: int) -> bytes:
     """The bytes to write, or a ToolError naming the limit; checked before decoding."""
     over = (
@@ -347,7 +350,7 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
     )
     if encoding == "base64":
         if len(content) > -(-limit // 3) * 4 + 4:
-            raise ToolError(over)
+            raise WriteTooLarge(over)
         try:
             data = base64.b64decode(content.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError) as e:
@@ -357,7 +360,7 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
             ) from None
     else:
         if len(content) > limit:
-            raise ToolError(over)
+            raise WriteTooLarge(over)
         try:
             data = content.encode("utf-8")
         except UnicodeEncodeError:
@@ -366,5 +369,5 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
                 "Send binary data with encoding=\"base64\""
             ) from None
     if len(data) > limit:
-        raise ToolError(over.replace("content is", f"content is {len(data)} bytes:", 1))
+        raise WriteTooLarge(over.replace("content is", f"content is {len(data)} bytes:", 1))
     return data

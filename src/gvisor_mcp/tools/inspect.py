@@ -2,16 +2,18 @@
 
 import base64
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 import anyio
-from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
+from ..sandbox import ContainerStatus
 from ..text import render_bytes
 from .boundary import report_progress
+from .context import ToolContext
 from .models import InspectResult
 from .render import MAX_PAGE
 from .view import network_lines, receipt_lines, status_line
@@ -31,7 +33,7 @@ put together reproduce the captured stream byte for byte. With wait_seconds, wai
 Results of other callers are never visible ("not found")."""
 
 
-def make_inspect_tool():  # type: ignore[no-untyped-def]
+def make_inspect_tool() -> Callable[..., Awaitable[CallToolResult]]:
     async def inspect_result(
         result_id: Annotated[str, Field(description="From execute_command.")],
         ctx: ToolContext,
@@ -56,7 +58,7 @@ def make_inspect_tool():  # type: ignore[no-untyped-def]
             raise ToolError(_not_found(result_id))
         if (lost := app.jobs.unstored(result_id, caller.tenant)) is not None:
             raise ToolError(f"result_id {result_id}: {lost.store_error}")
-        if wait_seconds and stored.status == "running":
+        if wait_seconds and stored.status == ContainerStatus.RUNNING:
             job = app.jobs.get(result_id, caller.tenant)
             if job is not None:
                 deadline = time.monotonic() + wait_seconds
@@ -72,10 +74,10 @@ def make_inspect_tool():  # type: ignore[no-untyped-def]
             stored = app.store.get(result_id, caller.tenant) or stored
         data, total = app.store.read(stored, stream, offset, length)
         end = offset + len(data)
-        running = stored.status == "running"
+        running = stored.status == ContainerStatus.RUNNING
         result = InspectResult(
             result_id=stored.result_id,
-            status=stored.status,  # type: ignore[arg-type]
+            status=stored.status,
             exit_code=stored.exit_code,
             signal=stored.signal,
             duration_ms=stored.duration_ms,
@@ -99,8 +101,8 @@ def make_inspect_tool():  # type: ignore[no-untyped-def]
             lines += receipt_lines(stored.limits)
             if result.network is not None:
                 lines += network_lines(result.network)
-        elif stored.network and stored.network.get("denied"):
-            lines.append(f"network: {stored.network['denied']} connections denied; receipt=true lists them")
+        elif stored.network and stored.network.denied:
+            lines.append(f"network: {stored.network.denied} connections denied; receipt=true lists them")
         other = "stderr" if stream == "stdout" else "stdout"
         if not running and getattr(stored, f"{other}_bytes"):
             lines.append(f'{other}: {getattr(stored, f"{other}_bytes")} bytes (stream="{other}" reads them)')

@@ -28,13 +28,11 @@ added (tests/protocol/test_metadata.py checks both ways).
 
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Any
 
 from mcp.types import ToolAnnotations
 
 from ..version import package_version
-
 
 
 def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False,
@@ -45,7 +43,7 @@ def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bo
                            idempotent_hint=idempotent, open_world_hint=open_world)
 
 
-def annotations(tool: str, *, egress: bool) -> ToolAnnotations:
+def tool_annotations(tool: str, *, egress: bool) -> ToolAnnotations:
     """The four hints of `tool`; `egress`: the caller's policy lets a run leave this machine."""
     return {
         "execute_command": _hints(destructive=True, open_world=egress),

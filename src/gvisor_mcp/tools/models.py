@@ -1,4 +1,8 @@
-"""Structured outputs of the tools (published as their outputSchema)."""
+"""Structured outputs of the tools (published as their outputSchema).
+
+Class docstrings and field descriptions are published: they are written for
+the model. A run's fields come from the run record (results/record.py).
+"""
 
 from __future__ import annotations
 
@@ -6,67 +10,30 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Status = Literal["exited", "timed_out", "oom_killed", "killed", "error", "running", "host_lost"]
-"""host_lost: only with `serve --backend ray` — the host died mid-run; outcome unknown, never re-run."""
+from ..results.record import NetworkReport, RunRecord, RunStatus
 
 
-class EgressDestination(BaseModel):
-    destination: str = Field(description="host:port the sandbox asked the egress proxy for")
-    verdict: Literal["allowed", "denied", "failed"] = Field(
-        description="denied: the policy refused it; failed: allowed, but it could not be reached"
-    )
-    reason: str | None = None
-    connections: int
-    bytes_up: int
-    bytes_down: int
-
-
-class NetworkReport(BaseModel):
-    """network=sandbox: what the run did through its egress proxy."""
-
-    proxy: str = Field(description="the proxy address the sandbox was given (HTTP_PROXY/HTTPS_PROXY)")
-    connections: int
-    denied: int
-    bytes_up: int
-    bytes_down: int
-    destinations: list[EgressDestination] = Field(description="one row per destination and outcome (at most 64)")
-    other_connections: int = Field(0, description="connections to destinations beyond the first 64")
-
-
-class ExecResult(BaseModel):
+class ExecResult(RunRecord):
     """The outcome of one command (or its state so far, when status is running)."""
 
-    result_id: str = Field(description="Pass to inspect_result / cancel_command.")
-    container_id: str | None = None
-    status: Status
-    exit_code: int | None = Field(None, description="null while running or when it never ran")
-    signal: int | None = Field(None, description="signal number when the command died of one")
+    # The record's fields, plus the excerpts; here `stdout_truncated` says
+    # whether the excerpt is not the whole output (the store's: the capture).
     stdout: str = Field("", description="head and tail of stdout, as shown to the model")
     stderr: str = Field("", description="head and tail of stderr, as shown to the model")
     stdout_truncated: bool = Field(False, description="true when `stdout` above is not the whole output")
-    stderr_truncated: bool = False
-    stdout_bytes: int = Field(0, description="bytes the command wrote to stdout (all of them)")
-    stderr_bytes: int = 0
-    duration_ms: int | None = None
-    boot_ms: int | None = Field(None, description="time until the sandbox was running the command")
-    warm: bool = Field(False, description="ran in a pre-booted sandbox (boot_ms is then the claim time)")
-    oom_killed: bool = False
-    peak_memory_bytes: int | None = None
     limits: dict[str, Any] | None = Field(
         None,
         description="the limits receipt, compact: policy_sha256, the entries this call requested "
         "(granted as asked, or clamped) and notes; every field, granted and why: "
         "inspect_result(result_id, receipt=true)",
     )
-    error: str | None = None
-    network: NetworkReport | None = Field(None, description="network=sandbox: egress per destination")
 
 
 class InspectResult(BaseModel):
     """One page of a stream and the run's status: the head/tail excerpts are not sent again."""
 
     result_id: str
-    status: Status
+    status: RunStatus
     exit_code: int | None = Field(None, description="null while running or when it never ran")
     signal: int | None = None
     duration_ms: int | None = None

@@ -41,10 +41,11 @@ from mcp.types import (
 )
 
 from .. import files
-from ..roots import NoSuchWorkspace, Root
+from ..errors import GvisorMcpError, InfrastructureError
+from ..roots import Root
+from ..text import render_bytes
 from .context import RequestContext, TenantState
 from .files import caller_roots
-from ..text import render_bytes
 
 SCHEME = "workspace"
 LIST_DEPTH = 16
@@ -57,8 +58,9 @@ def uri_for(parts: tuple[str, ...], handle: str = "") -> str:
 def _workspace_root(app: TenantState, ctx: RequestContext, handle: str | None) -> tuple[Any, Root | None]:
     try:
         _caller, settings, roots = caller_roots(app, ctx, handle, create=False)
-    except (ToolError, NoSuchWorkspace) as e:
-        raise MCPError(code=INVALID_PARAMS, message=str(e)) from None
+    except (ToolError, GvisorMcpError) as e:
+        text = e.for_agent() if isinstance(e, InfrastructureError) else str(e)
+        raise MCPError(code=INVALID_PARAMS, message=text) from None
     return settings, next((r for r in roots if r.kind == "workspace"), None)
 
 

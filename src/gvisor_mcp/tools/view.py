@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..results import StoredResult
+from ..results.record import RunRecord
+from ..sandbox import ContainerStatus
 from ..text import render
 from .context import TenantState
 from .models import ExecResult
@@ -155,32 +157,23 @@ def exec_result(app: TenantState, stored: StoredResult | None, head: int, tail: 
         if stored_len > head + tail:
             first = first[:head]
             last, _ = app.store.read(stored, stream, stored_len - tail, tail)
-        written = getattr(stored, f"{stream}_bytes") if stored.status != "running" else stored_len
+        written = getattr(stored, f"{stream}_bytes") if stored.status != ContainerStatus.RUNNING else stored_len
         texts[stream] = excerpt(
             first, last, stored_len, result_id=stored.result_id, stream=stream, written=written
         )
         cut[stream] = stored_len > head + tail or written > stored_len
-    return ExecResult(
-        result_id=stored.result_id,
-        container_id=stored.container_id,
-        status=stored.status,  # type: ignore[arg-type]
-        exit_code=stored.exit_code,
-        signal=stored.signal,
-        stdout=texts["stdout"],
-        stderr=texts["stderr"],
-        stdout_truncated=cut["stdout"],
-        stderr_truncated=cut["stderr"],
-        stdout_bytes=stored.stdout_bytes if stored.status != "running" else 0,
-        stderr_bytes=stored.stderr_bytes if stored.status != "running" else 0,
-        duration_ms=stored.duration_ms,
-        boot_ms=stored.boot_ms,
-        warm=stored.warm,
-        oom_killed=stored.oom_killed,
-        peak_memory_bytes=stored.peak_memory_bytes,
-        limits=stored.limits if full_receipt else compact_receipt(stored.limits),
-        error=stored.error,
-        network=stored.network,
-    )
+    running = stored.status == ContainerStatus.RUNNING
+    return ExecResult.model_validate({
+        **stored.model_dump(include=set(RunRecord.model_fields)),
+        "stdout": texts["stdout"],
+        "stderr": texts["stderr"],
+        "stdout_truncated": cut["stdout"],
+        "stderr_truncated": cut["stderr"],
+        # While it runs, the totals are not known yet (the excerpt counts what is stored).
+        "stdout_bytes": 0 if running else stored.stdout_bytes,
+        "stderr_bytes": 0 if running else stored.stderr_bytes,
+        "limits": stored.limits if full_receipt else compact_receipt(stored.limits),
+    })
 
 
 def status_line(r: Any, result_id: str) -> str:
@@ -200,12 +193,12 @@ def status_line(r: Any, result_id: str) -> str:
         head.append("OOM: the memory limit was hit")
     head.append(f"result_id={result_id}")
     lines = [" ".join(head)]
-    if r.status == "running":
+    if r.status == ContainerStatus.RUNNING:
         lines.append(
             f'Still running. Wait for it with inspect_result(result_id="{result_id}", wait_seconds=30); '
             f'stop it with cancel_command(result_id="{result_id}").'
         )
-    if r.status == "timed_out":
+    if r.status == ContainerStatus.TIMED_OUT:
         lines.append("The command hit its time limit and was killed.")
     if r.error:
         lines.append(f"error: {render(r.error)}")
@@ -222,6 +215,6 @@ def render_text(r: ExecResult, result_id: str) -> str:
     for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):
         if text:
             lines.append(f"--- {name} ---\n{text}")
-    if not r.stdout and not r.stderr and r.status != "running":
+    if not r.stdout and not r.stderr and r.status != ContainerStatus.RUNNING:
         lines.append("(no output)")
     return "\n".join(lines)

@@ -10,15 +10,14 @@ the same tools give a session more than one workspace.
 
 from typing import Annotated
 
-from .context import ToolContext
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
 from ..policy import plan_workspace, workspace_host_path
 from ..policy.units import format_bytes
-from ..roots import NoSuchWorkspace
 from ..sandbox.options import UserSpec
+from .context import ToolContext
 from .models import WorkspaceCreated
 
 
@@ -33,10 +32,7 @@ async def create_workspace(ctx: ToolContext) -> Annotated[CallToolResult, Worksp
     app = ctx.request_context.lifespan_context
     caller = app.caller(ctx)
     settings = app.policy.current.tenant(caller.tenant)
-    try:
-        entry = app.created.create()
-    except NoSuchWorkspace as e:
-        raise ToolError(str(e)) from None
+    entry = app.created.create()  # NoSuchWorkspace past the cap: a refusal (tools/refuse.py)
     plan = plan_workspace(settings, caller.tenant, app.workspace_root, entry.handle)
     if plan is None:  # only registered where the policy has a session workspace
         app.created.forget(entry.handle)
@@ -67,10 +63,7 @@ async def delete_workspace(
 ) -> str:
     """Delete a workspace made with create_workspace, with all its files."""
     app = ctx.request_context.lifespan_context
-    try:
-        caller = app.caller(ctx, workspace)
-    except NoSuchWorkspace as e:
-        raise ToolError(str(e)) from None
+    caller = app.caller(ctx, workspace)
     if any(j.session == workspace for j in app.jobs.active(caller.tenant)):
         raise ToolError(
             f"a command is still running in workspace {workspace}; stop it with cancel_command "
