@@ -68,8 +68,13 @@ def draw(m: dict, machine: str, outdir: Path = DOCS) -> list[Path]:
             ax.barh(y, t.ratio, color=GOOD if t.met else BAD, height=0.6)
             ax.plot([t.bound, t.bound], [y - 0.4, y + 0.4], color="black", linewidth=2)
             sign = "<=" if t.upper else ">="
-            ax.text(max(t.ratio, t.bound) + 0.02, y, f"{t.ratio:.2f}x (target {sign} {t.bound:.2f}x)",
-                    va="center", fontsize=8)
+            ax.text(
+                max(t.ratio, t.bound) + 0.02,
+                y,
+                f"{t.ratio:.2f}x (target {sign} {t.bound:.2f}x)",
+                va="center",
+                fontsize=8,
+            )
         ax.set_yticks(ys, [t.label for t in ts], fontsize=8)
         ax.set_xlabel("ratio to raw `runsc run` measured in the same run (black tick: target)")
         ax.set_xlim(0, max(max(t.ratio for t in ts), max(t.bound for t in ts)) * 1.6)
@@ -79,12 +84,20 @@ def draw(m: dict, machine: str, outdir: Path = DOCS) -> list[Path]:
     panels = []
     if m.get("manager", {}).get("samples_ms"):
         s = m["manager"]["samples_ms"]
-        panels.append(("Manager.run([\"true\"])", [("raw runsc", s["raw"]), ("cold", s["cold"]), ("warm", s["warm"])]))
+        panels.append(('Manager.run(["true"])', [("raw runsc", s["raw"]), ("cold", s["cold"]), ("warm", s["warm"])]))
     if m.get("mcp", {}).get("samples_ms"):
         s = m["mcp"]["samples_ms"]
-        panels.append(("execute_command(\"true\") over MCP stdio", [
-            ("raw runsc", s["raw"]), ("cold", s["cold"]), ("warm, settled", s["warm"]), ("warm, back to back", s["b2b"]),
-        ]))
+        panels.append(
+            (
+                'execute_command("true") over MCP stdio',
+                [
+                    ("raw runsc", s["raw"]),
+                    ("cold", s["cold"]),
+                    ("warm, settled", s["warm"]),
+                    ("warm, back to back", s["b2b"]),
+                ],
+            )
+        )
     if panels:
         fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.3 * len(panels) + 0.8), squeeze=False)
         for ax, (title, series) in zip(axes[:, 0], panels, strict=True):

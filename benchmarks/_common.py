@@ -62,8 +62,11 @@ class Raw:
         )
         res = options.resources.merged_over(ManagerConfig().default_resources)
         spec = build_spec(
-            options, root_path=str(bundle / "rootfs"), etc_dir=str(self.etc),
-            cgroups_path=f"/{RAW_CGROUP}/{cid}", resources=res,
+            options,
+            root_path=str(bundle / "rootfs"),
+            etc_dir=str(self.etc),
+            cgroups_path=f"/{RAW_CGROUP}/{cid}",
+            resources=res,
         )
         (bundle / "config.json").write_text(json.dumps(spec))
         return bundle, cid
@@ -76,9 +79,11 @@ class Raw:
 
     def start(self, bundle: Path, cid: str, stdout: int | None = None) -> subprocess.Popen:
         return subprocess.Popen(
-            self.argv(bundle, cid), stdin=subprocess.DEVNULL,
+            self.argv(bundle, cid),
+            stdin=subprocess.DEVNULL,
             stdout=stdout if stdout is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=bundle,
+            stderr=subprocess.PIPE,
+            cwd=bundle,
         )
 
     def finish(self, proc: subprocess.Popen, bundle: Path) -> None:
@@ -138,10 +143,12 @@ def code_version() -> str:
     """The commit benchmarked, and whether src/ had uncommitted changes."""
     repo = SRC.parent
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "src"], capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "code: unknown"
     return f"code {head}" + (" + uncommitted changes in src/" if dirty else "")

@@ -35,8 +35,11 @@ os.environ.update(LOOPBACK_ENV)
 
 from gvisor_mcp.sandbox import ContainerOptions, Manager, ManagerConfig, ResourceSpec, UserSpec  # noqa: E402
 
-OPTS = ContainerOptions(command=("/bin/sh", "-c", "true"), user=UserSpec(uid=1000, gid=1000),
-                        resources=ResourceSpec(memory_mb=128, timeout=60))
+OPTS = ContainerOptions(
+    command=("/bin/sh", "-c", "true"),
+    user=UserSpec(uid=1000, gid=1000),
+    resources=ResourceSpec(memory_mb=128, timeout=60),
+)
 
 
 def rid() -> str:
@@ -86,18 +89,39 @@ async def measure(base: Path, calls: int, total: int, rounds: int) -> dict[str, 
     lc.start(hosts=("a", "b"))
     FACTS["cluster_start_s"] = time.monotonic() - t0
     agents = []
-    cfg = ManagerConfig(bundle_base_dir=str(base / "l" / "bundles"), runsc_root=str(base / "l" / "runsc"),
-                        cgroup_parent="gvisor-mcp-bench-local", max_concurrent_containers=8)
+    cfg = ManagerConfig(
+        bundle_base_dir=str(base / "l" / "bundles"),
+        runsc_root=str(base / "l" / "runsc"),
+        cgroup_parent="gvisor-mcp-bench-local",
+        max_concurrent_containers=8,
+    )
     try:
         connect(lc.address)
         for h in ("a", "b"):
-            agents.append(start_agent(AgentConfig(host=h, state_dir=base / h / "state", pool_size=2, manager=ManagerConfig(
-                bundle_base_dir=str(base / h / "bundles"), runsc_root=str(base / h / "runsc"),
-                cgroup_parent=f"gvisor-mcp-bench-{h}", max_concurrent_containers=4)))[0])
-        async with Manager(cfg) as m, RayRunner(
-            PolicyHolder(str(base / "policy.yaml")), base / "fe" / "workspaces", base / "fe",
-            expected_runsc_version=runsc_version("runsc"),
-        ) as runner:
+            agents.append(
+                start_agent(
+                    AgentConfig(
+                        host=h,
+                        state_dir=base / h / "state",
+                        pool_size=2,
+                        manager=ManagerConfig(
+                            bundle_base_dir=str(base / h / "bundles"),
+                            runsc_root=str(base / h / "runsc"),
+                            cgroup_parent=f"gvisor-mcp-bench-{h}",
+                            max_concurrent_containers=4,
+                        ),
+                    )
+                )[0]
+            )
+        async with (
+            Manager(cfg) as m,
+            RayRunner(
+                PolicyHolder(str(base / "policy.yaml")),
+                base / "fe" / "workspaces",
+                base / "fe",
+                expected_runsc_version=runsc_version("runsc"),
+            ) as runner,
+        ):
             m.warm(OPTS, 2)
             runner.warm(OPTS, 2)
             await runner.refresh()
@@ -183,18 +207,42 @@ async def frontend_cost(lc, base: Path, calls: int) -> None:  # type: ignore[no-
     policy = base / "policy.yaml"
     policy.write_text("version: 1\ntenants:\n  bench: {quotas: {max_concurrent: 8}}\n")
     binary = str(Path(sys.executable).with_name("gvisor-mcp"))
-    token = subprocess.run([binary, "token", "add", "bench", "--policy", str(policy), "--tokens",
-                            str(base / "tokens.yaml")], capture_output=True, text=True, check=True).stdout.strip()
+    token = subprocess.run(
+        [binary, "token", "add", "bench", "--policy", str(policy), "--tokens", str(base / "tokens.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     err = (base / "fe.err").open("wb")
     proc = subprocess.Popen(
-        [binary, "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
-         "--tokens", str(base / "tokens.yaml"), "--state-dir", str(base / "state"),
-         "--state-root", str(base / "sandboxes"), "--pool-size", "2", "--backend", "ray",
-         "--ray-address", lc.address],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        [
+            binary,
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--policy",
+            str(policy),
+            "--tokens",
+            str(base / "tokens.yaml"),
+            "--state-dir",
+            str(base / "state"),
+            "--state-root",
+            str(base / "sandboxes"),
+            "--pool-size",
+            "2",
+            "--backend",
+            "ray",
+            "--ray-address",
+            lc.address,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
         env={"PATH": os.environ["PATH"], **lc.env()},
     )
     try:
@@ -247,21 +295,33 @@ def main() -> None:
     def p90(xs: list[float]) -> float:
         return sorted(xs)[int(0.9 * len(xs))] * 1000
 
-    print(f"load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} cores; "
-          f"cluster (head + 2 workers) started in {FACTS['cluster_start_s']:.0f} s")
+    print(
+        f"load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} cores; "
+        f"cluster (head + 2 workers) started in {FACTS['cluster_start_s']:.0f} s"
+    )
     print("| measure | local Manager (one host) | Ray (front end + 2 agents) | ratio |")
     print("|---|---|---|---|")
-    print(f"| warm `true`, median of {a.calls} interleaved (p90) | {lm:.1f} ms ({p90(r['local_warm']):.0f}) | "
-          f"{rm:.1f} ms ({p90(r['ray_warm']):.0f}) | {rm / lm:.2f}x (target <= 1.15x) |")
-    print(f"| throughput, concurrency 8, {a.burst} runs, median of {a.rounds} rounds | {lr:.1f} runs/s | "
-          f"{rr:.1f} runs/s | {rr / lr:.2f}x |")
-    print(f"calls served warm in the sequential part: local {FACTS['local_warm_share']:.0%}, "
-          f"ray {FACTS['ray_warm_share']:.0%}")
-    print(f"front end (RayRunner, driver) CPU per run: {FACTS['driver_cpu_ms_per_run']:.1f} ms; "
-          f"coordinator: {FACTS['coordinator_leases_per_s']:.0f} lease+release pairs/s (concurrency 16)")
-    print(f"front end process (serve --backend ray) per MCP execute_command `true`: "
-          f"{FACTS['fe_cpu_ms_per_call']:.1f} ms CPU, {FACTS['fe_call_ms']:.0f} ms wall (median of {a.calls}); "
-          f"one front-end core places at most ~{1000 / FACTS['fe_cpu_ms_per_call']:.0f} calls/s")
+    print(
+        f"| warm `true`, median of {a.calls} interleaved (p90) | {lm:.1f} ms ({p90(r['local_warm']):.0f}) | "
+        f"{rm:.1f} ms ({p90(r['ray_warm']):.0f}) | {rm / lm:.2f}x (target <= 1.15x) |"
+    )
+    print(
+        f"| throughput, concurrency 8, {a.burst} runs, median of {a.rounds} rounds | {lr:.1f} runs/s | "
+        f"{rr:.1f} runs/s | {rr / lr:.2f}x |"
+    )
+    print(
+        f"calls served warm in the sequential part: local {FACTS['local_warm_share']:.0%}, "
+        f"ray {FACTS['ray_warm_share']:.0%}"
+    )
+    print(
+        f"front end (RayRunner, driver) CPU per run: {FACTS['driver_cpu_ms_per_run']:.1f} ms; "
+        f"coordinator: {FACTS['coordinator_leases_per_s']:.0f} lease+release pairs/s (concurrency 16)"
+    )
+    print(
+        f"front end process (serve --backend ray) per MCP execute_command `true`: "
+        f"{FACTS['fe_cpu_ms_per_call']:.1f} ms CPU, {FACTS['fe_call_ms']:.0f} ms wall (median of {a.calls}); "
+        f"one front-end core places at most ~{1000 / FACTS['fe_cpu_ms_per_call']:.0f} calls/s"
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,12 @@ def free_port() -> int:
 
 
 def token(base: Path, tenant: str, policy: Path) -> str:
-    r = subprocess.run([str(BIN), "token", "add", tenant, "--policy", str(policy), "--tokens",
-                        str(base / "tokens.yaml")], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(BIN), "token", "add", tenant, "--policy", str(policy), "--tokens", str(base / "tokens.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return r.stdout.strip()
 
 
@@ -103,10 +107,29 @@ async def bench(n: int) -> tuple[str, dict]:
     cgroup = f"{CGROUP_PREFIX}-fair"
     err = (base / "server.err").open("wb")
     server = subprocess.Popen(
-        [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
-         "--tokens", str(base / "tokens.yaml"), "--state-dir", str(base / "state"),
-         "--state-root", str(base), "--cgroup-parent", cgroup, "--max-concurrent", str(CAPACITY)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        [
+            str(BIN),
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--policy",
+            str(policy),
+            "--tokens",
+            str(base / "tokens.yaml"),
+            "--state-dir",
+            str(base / "state"),
+            "--state-root",
+            str(base),
+            "--cgroup-parent",
+            cgroup,
+            "--max-concurrent",
+            str(CAPACITY),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
     url = f"http://127.0.0.1:{port}/mcp"
@@ -143,8 +166,9 @@ async def bench(n: int) -> tuple[str, dict]:
                 dt, s = await call(b)
                 loaded.append(dt)
                 warm += bool(s.get("warm"))
-            a_running = sum(1 for c in (await a.call_tool("list_active", {})).structured_content["commands"]
-                            if c["container_id"])
+            a_running = sum(
+                1 for c in (await a.call_tool("list_active", {})).structured_content["commands"] if c["container_id"]
+            )
             for rid in started:
                 await a.call_tool("cancel_command", {"result_id": rid})
     finally:
@@ -174,9 +198,16 @@ async def bench(n: int) -> tuple[str, dict]:
         + "\n\nBefore the fix (issue 14, same set-up): B's p95 went from 282 ms idle to 45 s, "
         "and some calls waited minutes, until one of A's commands ended."
     )
-    metrics = {"cold_boot": cold_boot, "idle_p95": p95(idle), "loaded_p95": p95(loaded),
-               "idle_p50": med(idle), "loaded_p50": med(loaded), "target": target, "ok": ok,
-               "a_running": a_running}
+    metrics = {
+        "cold_boot": cold_boot,
+        "idle_p95": p95(idle),
+        "loaded_p95": p95(loaded),
+        "idle_p50": med(idle),
+        "loaded_p50": med(loaded),
+        "target": target,
+        "ok": ok,
+        "a_running": a_running,
+    }
     return body, metrics
 
 

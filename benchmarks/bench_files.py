@@ -52,8 +52,17 @@ def server_params(base: Path):  # type: ignore[no-untyped-def]
     root = base / "server"
     return StdioServerParameters(
         command=str(BIN),
-        args=["serve", "--state-root", str(root), "--cgroup-parent", f"{CGROUP_PREFIX}-files",
-              "--state-dir", str(root / "state"), "--pool-size", "0"],
+        args=[
+            "serve",
+            "--state-root",
+            str(root),
+            "--cgroup-parent",
+            f"{CGROUP_PREFIX}-files",
+            "--state-dir",
+            str(root / "state"),
+            "--pool-size",
+            "0",
+        ],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
 
@@ -101,8 +110,12 @@ async def bench(n: int) -> tuple[str, dict]:
                     rows["raw"].append(raw.run())
     finally:
         workspace.release(scratch, remove=True)
-        check_clean(TITLE, [(base / "server" / "runsc", base / "server" / "bundles"), (raw.root, None)],
-                    [f"{CGROUP_PREFIX}-files", RAW_CGROUP], base=base)
+        check_clean(
+            TITLE,
+            [(base / "server" / "runsc", base / "server" / "bundles"), (raw.root, None)],
+            [f"{CGROUP_PREFIX}-files", RAW_CGROUP],
+            base=base,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
     r = med(rows["raw"])
@@ -131,8 +144,15 @@ async def bench(n: int) -> tuple[str, dict]:
         f"the MCP floor on this machine, measured alongside, was {floor_ms:.1f} ms. "
         f"What the file tools add above that floor: write +{write_ms - floor_ms:.1f} ms, read +{read_ms - floor_ms:.1f} ms.",
     ]
-    metrics = {"n": n, "raw_ms": r * 1000, "write_ms": write_ms, "read_ms": read_ms, "floor_ms": floor_ms,
-               "fwrite_ms": med(rows["fwrite"]) * 1000, "fread_ms": med(rows["fread"]) * 1000}
+    metrics = {
+        "n": n,
+        "raw_ms": r * 1000,
+        "write_ms": write_ms,
+        "read_ms": read_ms,
+        "floor_ms": floor_ms,
+        "fwrite_ms": med(rows["fwrite"]) * 1000,
+        "fread_ms": med(rows["fread"]) * 1000,
+    }
     return "\n".join(lines), metrics
 
 

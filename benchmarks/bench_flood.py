@@ -95,16 +95,21 @@ async def bench(n: int) -> tuple[str, dict]:
     policy_file = base / "policy.yaml"
     policy_file.write_text(bench_policy())
     ws = base / "raw-workspace"
-    resolved = resolve(loads(policy_file.read_text()), ExecRequest(command=SHELL), TENANT,
-                       workspace_root=ws, session_id="bench")
+    resolved = resolve(
+        loads(policy_file.read_text()), ExecRequest(command=SHELL), TENANT, workspace_root=ws, session_id="bench"
+    )
     assert resolved.workspace_path is not None
     resolved.workspace_path.mkdir(parents=True)
     os.chown(resolved.workspace_path, 1000, 1000)
     equiv = resolved.options
 
-    manager = Manager(ManagerConfig(
-        bundle_base_dir=str(base / "bundles"), runsc_root=str(base / "runsc"), cgroup_parent=CGROUP,
-    ))
+    manager = Manager(
+        ManagerConfig(
+            bundle_base_dir=str(base / "bundles"),
+            runsc_root=str(base / "runsc"),
+            cgroup_parent=CGROUP,
+        )
+    )
     rows: dict[str, list[float]] = {k: [] for k in ("raw", "ours", "raw_sh", "server", "raw_pipe", "raw_file")}
     server_root = base / "server"
     try:
@@ -152,36 +157,46 @@ async def bench(n: int) -> tuple[str, dict]:
     fratio = med(rows["raw_file"]) / med(rows["ours"])  # against raw runsc writing a regular file
     sratio = med(rows["raw_sh"]) / med(rows["server"])
     server_mb = server_hwm / 1024
-    table = "\n".join([
-        f"{machine_line()}; n={n} each, interleaved; `{SHELL}`; Manager cap "
-        f"{DEFAULT_MAX_OUTPUT // 2**20} MiB per stream (default), server policy `max_output: 10MiB`.",
-        "",
-        "| what | median ms | p90 ms | MB/s | throughput vs raw |",
-        "|---|---:|---:|---:|---:|",
-        f"| raw `runsc run`, stdout to /dev/null (reference) | {ms(med(rows['raw']))} | {ms(p90(rows['raw']))} | {mbps(rows['raw'])} | 1.00 |",
-        f"| diagnostic: raw `runsc run`, stdout to a regular file | {ms(med(rows['raw_file']))} | {ms(p90(rows['raw_file']))} | {mbps(rows['raw_file'])} | {med(rows['raw']) / med(rows['raw_file']):.2f} |",
-        f"| diagnostic: raw `runsc run`, stdout to a pipe drained by a blocking 1 MiB `os.read` loop | {ms(med(rows['raw_pipe']))} | {ms(p90(rows['raw_pipe']))} | {mbps(rows['raw_pipe'])} | {med(rows['raw']) / med(rows['raw_pipe']):.2f} |",
-        f"| `Manager.run` (stdout captured, bounded) | {ms(med(rows['ours']))} | {ms(p90(rows['ours']))} | {mbps(rows['ours'])} | {ratio:.2f} |",
-        f"| raw `runsc run` of `/bin/sh -c '{SHELL}'` (policy-equivalent bundle), stdout to /dev/null | {ms(med(rows['raw_sh']))} | {ms(p90(rows['raw_sh']))} | {mbps(rows['raw_sh'])} | 1.00 |",
-        f"| `execute_command` through MCP stdio (output stored to the result store) | {ms(med(rows['server']))} | {ms(p90(rows['server']))} | {mbps(rows['server'])} | {sratio:.2f} |",
-        "",
-        "| peak RSS (VmHWM over all floods) | MiB | before the floods (VmRSS) |",
-        "|---|---:|---:|",
-        f"| this benchmark process (Manager.run) | {hwm / 1024:.1f} | {rss_before / 1024:.1f} |",
-        f"| the `gvisor-mcp serve` process (execute_command) | {server_mb:.1f} | {server_before / 1024:.1f} |",
-        "",
-        f"Targets: `Manager.run` >= 1.0x the throughput of raw runsc writing a regular file (the floor for "
-        f"anything that keeps the bytes): {verdict(fratio >= 1.0)} ({fratio:.2f}x); flood >= 0.8x raw to /dev/null: "
-        f"Manager.run {verdict(ratio >= 0.8)} ({ratio:.2f}x), "
-        f"execute_command {verdict(sratio >= 0.8)} ({sratio:.2f}x); server peak RSS < 150 MB: "
-        f"{verdict(server_hwm * 1024 < 150e6)} ({server_hwm * 1024 / 1e6:.0f} MB).",
-    ])
+    table = "\n".join(
+        [
+            f"{machine_line()}; n={n} each, interleaved; `{SHELL}`; Manager cap "
+            f"{DEFAULT_MAX_OUTPUT // 2**20} MiB per stream (default), server policy `max_output: 10MiB`.",
+            "",
+            "| what | median ms | p90 ms | MB/s | throughput vs raw |",
+            "|---|---:|---:|---:|---:|",
+            f"| raw `runsc run`, stdout to /dev/null (reference) | {ms(med(rows['raw']))} | {ms(p90(rows['raw']))} | {mbps(rows['raw'])} | 1.00 |",
+            f"| diagnostic: raw `runsc run`, stdout to a regular file | {ms(med(rows['raw_file']))} | {ms(p90(rows['raw_file']))} | {mbps(rows['raw_file'])} | {med(rows['raw']) / med(rows['raw_file']):.2f} |",
+            f"| diagnostic: raw `runsc run`, stdout to a pipe drained by a blocking 1 MiB `os.read` loop | {ms(med(rows['raw_pipe']))} | {ms(p90(rows['raw_pipe']))} | {mbps(rows['raw_pipe'])} | {med(rows['raw']) / med(rows['raw_pipe']):.2f} |",
+            f"| `Manager.run` (stdout captured, bounded) | {ms(med(rows['ours']))} | {ms(p90(rows['ours']))} | {mbps(rows['ours'])} | {ratio:.2f} |",
+            f"| raw `runsc run` of `/bin/sh -c '{SHELL}'` (policy-equivalent bundle), stdout to /dev/null | {ms(med(rows['raw_sh']))} | {ms(p90(rows['raw_sh']))} | {mbps(rows['raw_sh'])} | 1.00 |",
+            f"| `execute_command` through MCP stdio (output stored to the result store) | {ms(med(rows['server']))} | {ms(p90(rows['server']))} | {mbps(rows['server'])} | {sratio:.2f} |",
+            "",
+            "| peak RSS (VmHWM over all floods) | MiB | before the floods (VmRSS) |",
+            "|---|---:|---:|",
+            f"| this benchmark process (Manager.run) | {hwm / 1024:.1f} | {rss_before / 1024:.1f} |",
+            f"| the `gvisor-mcp serve` process (execute_command) | {server_mb:.1f} | {server_before / 1024:.1f} |",
+            "",
+            f"Targets: `Manager.run` >= 1.0x the throughput of raw runsc writing a regular file (the floor for "
+            f"anything that keeps the bytes): {verdict(fratio >= 1.0)} ({fratio:.2f}x); flood >= 0.8x raw to /dev/null: "
+            f"Manager.run {verdict(ratio >= 0.8)} ({ratio:.2f}x), "
+            f"execute_command {verdict(sratio >= 0.8)} ({sratio:.2f}x); server peak RSS < 150 MB: "
+            f"{verdict(server_hwm * 1024 < 150e6)} ({server_hwm * 1024 / 1e6:.0f} MB).",
+        ]
+    )
     metrics = {
-        "n": n, "raw_ms": med(rows["raw"]) * 1000, "ours_ms": med(rows["ours"]) * 1000,
-        "server_ms": med(rows["server"]) * 1000, "raw_pipe_ms": med(rows["raw_pipe"]) * 1000,
-        "raw_file_ms": med(rows["raw_file"]) * 1000, "raw_sh_ms": med(rows["raw_sh"]) * 1000,
-        "throughput_ratio": ratio, "server_throughput_ratio": sratio, "file_ratio": fratio,
-        "bench_hwm_mib": hwm / 1024, "server_hwm_mib": server_mb, "server_hwm_mb": server_hwm * 1024 / 1e6,
+        "n": n,
+        "raw_ms": med(rows["raw"]) * 1000,
+        "ours_ms": med(rows["ours"]) * 1000,
+        "server_ms": med(rows["server"]) * 1000,
+        "raw_pipe_ms": med(rows["raw_pipe"]) * 1000,
+        "raw_file_ms": med(rows["raw_file"]) * 1000,
+        "raw_sh_ms": med(rows["raw_sh"]) * 1000,
+        "throughput_ratio": ratio,
+        "server_throughput_ratio": sratio,
+        "file_ratio": fratio,
+        "bench_hwm_mib": hwm / 1024,
+        "server_hwm_mib": server_mb,
+        "server_hwm_mb": server_hwm * 1024 / 1e6,
     }
     return table, metrics
 

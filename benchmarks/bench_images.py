@@ -92,10 +92,16 @@ class Registry:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = base / "registry.yml"
-        cfg.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {base / 'data'}}}}}\n"
-                       f"http: {{addr: '127.0.0.1:{self.port}'}}\n")
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        cfg.write_text(
+            f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {base / 'data'}}}}}\n"
+            f"http: {{addr: '127.0.0.1:{self.port}'}}\n"
+        )
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -124,15 +130,17 @@ def pull_times(store: ImageStore, base: Path, count: int) -> tuple[list[float], 
     with tarfile.open(base / "layer.tar", "w") as tar:
         for p in sorted(Path(image.rootfs).iterdir()):
             tar.add(p, arcname=p.name)
-    subprocess.run(["umoci", "raw", "add-layer", "--image", f"{layout}:base", "--tag", "1", str(base / "layer.tar")],
-                   check=True)
+    subprocess.run(
+        ["umoci", "raw", "add-layer", "--image", f"{layout}:base", "--tag", "1", str(base / "layer.tar")], check=True
+    )
     (base / "layer.tar").unlink()
     gz = sum(f.stat().st_size for f in (layout / "blobs").rglob("*") if f.is_file())
     registry = Registry(base)
     try:
         ref = f"127.0.0.1:{registry.port}/bench/image:1"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{ref}"],
-                       check=True)
+        subprocess.run(
+            ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{ref}"], check=True
+        )
         times = []
         for i in range(count):
             state = base / f"pull-{i}"
@@ -149,8 +157,11 @@ async def runs(store: ImageStore, base: Path, n: int) -> dict:
     true = ContainerOptions(command=["true"], rootfs=image.rootfs, read_only_rootfs=True)
 
     def config(name: str) -> ManagerConfig:
-        return ManagerConfig(bundle_base_dir=str(base / name / "bundles"), runsc_root=str(base / name / "runsc"),
-                             cgroup_parent=f"{CGROUP}-{name}")
+        return ManagerConfig(
+            bundle_base_dir=str(base / name / "bundles"),
+            runsc_root=str(base / name / "runsc"),
+            cgroup_parent=f"{CGROUP}-{name}",
+        )
 
     raws, cold, warm, boots = [], [], [], []
     try:
@@ -191,35 +202,46 @@ def main() -> None:
     raws, cold, warm, image = r["raws"], r["cold"], r["warm"], r["image"]
     ratio, wratio = med(cold) / med(raws), med(warm) / med(raws)
     size_mib = image.size / 2**20
-    table = "\n".join([
-        f"{machine_line()}; n={args.n} runs each, interleaved; warm: pool of 1 kept on, refilled and settled "
-        f"({SETTLE * 1000:.0f} ms) before each iteration. Load: {load_before} at the start, {load_after} at the end "
-        "(a shared machine: other sessions were building and testing).",
-        "",
-        f"Image: `image build bench --packages jq` (Essential + apt + jq, {size_mib:.0f} MiB, {image.entries} entries, "
-        f"{image.digest[:19]}...), read-only root, as a policy `{{store: bench}}` entry gives it.",
-        "",
-        "| what | median ms | p90 ms | ratio to raw |",
-        "|---|---:|---:|---:|",
-        f"| raw `runsc run` of `true`, root = the image directory (reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
-        f"| `Manager.run([\"true\"])` in the store image (cold) | {ms(med(cold))} | {ms(p90(cold))} | {ratio:.2f} |",
-        f"| of which boot (`boot_duration`) | {ms(med(r['boots']))} | {ms(p90(r['boots']))} | |",
-        f"| `Manager.run([\"true\"])` in the store image (warm pool hit) | {ms(med(warm))} | {ms(p90(warm))} | {wratio:.2f} |",
-        "",
-        f"Targets: cold <= 1.10x raw: {verdict(ratio <= 1.10)} ({ratio:.2f}x); "
-        f"warm <= 0.35x raw: {verdict(wratio <= 0.35)} ({wratio:.2f}x).",
-        "",
-        "| operation | seconds | |",
-        "|---|---:|---|",
-        (f"| `image build` (mmdebstrap, host apt sources; download + install + unpack + digest) | {build_s:.0f} | one build |"
-         if build_s is not None else "| `image build` | (reused a previous build: --reuse-build) | |"),
-        f"| `image pull` from 127.0.0.1 ({gz / 2**20:.0f} MiB gzip, one layer; download + unpack + digest) | "
-        f"{med(pulls):.1f} | median of {len(pulls)} (p90 {p90(pulls):.1f}) |",
-    ])
+    table = "\n".join(
+        [
+            f"{machine_line()}; n={args.n} runs each, interleaved; warm: pool of 1 kept on, refilled and settled "
+            f"({SETTLE * 1000:.0f} ms) before each iteration. Load: {load_before} at the start, {load_after} at the end "
+            "(a shared machine: other sessions were building and testing).",
+            "",
+            f"Image: `image build bench --packages jq` (Essential + apt + jq, {size_mib:.0f} MiB, {image.entries} entries, "
+            f"{image.digest[:19]}...), read-only root, as a policy `{{store: bench}}` entry gives it.",
+            "",
+            "| what | median ms | p90 ms | ratio to raw |",
+            "|---|---:|---:|---:|",
+            f"| raw `runsc run` of `true`, root = the image directory (reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
+            f'| `Manager.run(["true"])` in the store image (cold) | {ms(med(cold))} | {ms(p90(cold))} | {ratio:.2f} |',
+            f"| of which boot (`boot_duration`) | {ms(med(r['boots']))} | {ms(p90(r['boots']))} | |",
+            f'| `Manager.run(["true"])` in the store image (warm pool hit) | {ms(med(warm))} | {ms(p90(warm))} | {wratio:.2f} |',
+            "",
+            f"Targets: cold <= 1.10x raw: {verdict(ratio <= 1.10)} ({ratio:.2f}x); "
+            f"warm <= 0.35x raw: {verdict(wratio <= 0.35)} ({wratio:.2f}x).",
+            "",
+            "| operation | seconds | |",
+            "|---|---:|---|",
+            (
+                f"| `image build` (mmdebstrap, host apt sources; download + install + unpack + digest) | {build_s:.0f} | one build |"
+                if build_s is not None
+                else "| `image build` | (reused a previous build: --reuse-build) | |"
+            ),
+            f"| `image pull` from 127.0.0.1 ({gz / 2**20:.0f} MiB gzip, one layer; download + unpack + digest) | "
+            f"{med(pulls):.1f} | median of {len(pulls)} (p90 {p90(pulls):.1f}) |",
+        ]
+    )
     metrics = {
-        "raw_ms": med(raws) * 1000, "cold_ms": med(cold) * 1000, "warm_ms": med(warm) * 1000,
-        "cold_ratio": ratio, "warm_ratio": wratio, "n": args.n, "build_s": build_s,
-        "pull_s": med(pulls), "image_mib": size_mib,
+        "raw_ms": med(raws) * 1000,
+        "cold_ms": med(cold) * 1000,
+        "warm_ms": med(warm) * 1000,
+        "cold_ratio": ratio,
+        "warm_ratio": wratio,
+        "n": args.n,
+        "build_s": build_s,
+        "pull_s": med(pulls),
+        "image_mib": size_mib,
     }
     emit(args, TITLE, table, metrics)
 

@@ -63,9 +63,12 @@ async def bench(n: int) -> tuple[str, dict]:
         # memory limit in /proc/meminfo, through a mount namespace per run;
         # runsc joining the cgroup itself, as before issue 18), one keeps a
         # pool of 1 all along, as the server does.
-        async with Manager(config("cold")) as cold_m, Manager(config("warm")) as warm_m, \
-                Manager(config("plain").model_copy(update={"report_memory_limit": True})) as plain_m, \
-                Manager(config("old").model_copy(update={"cgroup_prejoin": False})) as old_m:
+        async with (
+            Manager(config("cold")) as cold_m,
+            Manager(config("warm")) as warm_m,
+            Manager(config("plain").model_copy(update={"report_memory_limit": True})) as plain_m,
+            Manager(config("old").model_copy(update={"cgroup_prejoin": False})) as old_m,
+        ):
             warm_m.warm(true, 1)
             # Warm caches (page cache for runsc and /usr) before measuring.
             raw.run()
@@ -112,13 +115,13 @@ async def bench(n: int) -> tuple[str, dict]:
             "| what | median ms | p90 ms | ratio to raw |",
             "|---|---:|---:|---:|",
             f"| raw `runsc run` of `true` (equivalent bundle, reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
-            f"| `Manager.run([\"true\"])` (cold) | {ms(med(cold))} | {ms(p90(cold))} | {ratio:.2f} |",
+            f'| `Manager.run(["true"])` (cold) | {ms(med(cold))} | {ms(p90(cold))} | {ratio:.2f} |',
             f"| of which boot (`boot_duration`) | {ms(med(boots))} | {ms(p90(boots))} | |",
-            f"| `Manager.run([\"true\"])` (cold, `report_memory_limit=True`: MemTotal = limit, a mount namespace per run) "
+            f'| `Manager.run(["true"])` (cold, `report_memory_limit=True`: MemTotal = limit, a mount namespace per run) '
             f"| {ms(med(plain))} | {ms(p90(plain))} | {pratio:.2f} |",
-            f"| `Manager.run([\"true\"])` (cold, `cgroup_prejoin=False`: runsc joins the leaf itself, as before "
+            f'| `Manager.run(["true"])` (cold, `cgroup_prejoin=False`: runsc joins the leaf itself, as before '
             f"issue 18) | {ms(med(old))} | {ms(p90(old))} | {oratio:.2f} |",
-            f"| `Manager.run([\"true\"])` (warm pool hit) | {ms(med(warm))} | {ms(p90(warm))} | {wratio:.2f} |",
+            f'| `Manager.run(["true"])` (warm pool hit) | {ms(med(warm))} | {ms(p90(warm))} | {wratio:.2f} |',
             f"| of which claim (`boot_duration`) | {ms(med(claims))} | {ms(p90(claims))} | |",
             "",
             f"Targets: cold <= {COLD_TARGET:.2f}x raw: {verdict(ratio <= COLD_TARGET)} ({ratio:.2f}x); "
@@ -126,10 +129,21 @@ async def bench(n: int) -> tuple[str, dict]:
         ]
     )
     metrics = {
-        "raw_ms": med(raws) * 1000, "cold_ms": med(cold) * 1000, "warm_ms": med(warm) * 1000,
-        "plain_ms": med(plain) * 1000, "cold_ratio": ratio, "plain_ratio": pratio, "old_ms": med(old) * 1000, "old_ratio": oratio, "warm_ratio": wratio, "n": n,
-        "samples_ms": {"raw": [x * 1000 for x in raws], "cold": [x * 1000 for x in cold],
-                       "warm": [x * 1000 for x in warm]},
+        "raw_ms": med(raws) * 1000,
+        "cold_ms": med(cold) * 1000,
+        "warm_ms": med(warm) * 1000,
+        "plain_ms": med(plain) * 1000,
+        "cold_ratio": ratio,
+        "plain_ratio": pratio,
+        "old_ms": med(old) * 1000,
+        "old_ratio": oratio,
+        "warm_ratio": wratio,
+        "n": n,
+        "samples_ms": {
+            "raw": [x * 1000 for x in raws],
+            "cold": [x * 1000 for x in cold],
+            "warm": [x * 1000 for x in warm],
+        },
     }
     return table, metrics
 

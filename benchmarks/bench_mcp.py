@@ -79,8 +79,17 @@ def server_params(base: Path, name: str, policy: Path, pool: int):  # type: igno
     return StdioServerParameters(
         command=str(BIN),
         args=[
-            "serve", "--state-root", str(root), "--cgroup-parent", f"{CGROUP_PREFIX}-{name}",
-            "--state-dir", str(root / "state"), "--policy", str(policy), "--pool-size", str(pool),
+            "serve",
+            "--state-root",
+            str(root),
+            "--cgroup-parent",
+            f"{CGROUP_PREFIX}-{name}",
+            "--state-dir",
+            str(root / "state"),
+            "--policy",
+            str(policy),
+            "--pool-size",
+            str(pool),
         ],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
@@ -155,8 +164,11 @@ def memory_of(pids: list[int]) -> dict:
     kinds: dict[str, int] = {}
     for p in pids:
         args = cmdline(p)
-        kind = "runsc-sandbox" if args and "sandbox" in args[0] else (
-            "gofer" if "gofer" in args else ("run (client)" if "run" in args else "other"))
+        kind = (
+            "runsc-sandbox"
+            if args and "sandbox" in args[0]
+            else ("gofer" if "gofer" in args else ("run (client)" if "run" in args else "other"))
+        )
         kinds[kind] = kinds.get(kind, 0) + 1
     return {
         "rss_kib": sum(status_kib(p, "VmRSS") for p in pids),
@@ -193,17 +205,32 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
     raw = Raw(base, write_etc(base / "etc"))
     # The raw reference: what the policy makes of `true` (uid 1000, workspace bind).
     ws = base / "raw-workspace"
-    resolved = resolve(loads(policy_file.read_text()), ExecRequest(command="true"), TENANT,
-                       workspace_root=ws, session_id="bench")
+    resolved = resolve(
+        loads(policy_file.read_text()), ExecRequest(command="true"), TENANT, workspace_root=ws, session_id="bench"
+    )
     assert resolved.workspace_path is not None
     resolved.workspace_path.mkdir(parents=True)
     os.chown(resolved.workspace_path, 1000, 1000)
     equiv = resolved.options
 
     binding_problem = binding_status()
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "raw", "cold", "cold_dur", "cold_boot", "warm", "warm_dur", "warm_boot",
-        "b_total", "b_create", "b_exec", "b_close", "b2b")}
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "raw",
+            "cold",
+            "cold_dur",
+            "cold_boot",
+            "warm",
+            "warm_dur",
+            "warm_boot",
+            "b_total",
+            "b_create",
+            "b_exec",
+            "b_close",
+            "b2b",
+        )
+    }
     warm_hits = 0
     b2b_hits = 0
     mem: dict = {}
@@ -269,8 +296,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
     finally:
         check_clean(
             TITLE,
-            [(cold_root / "runsc", cold_root / "bundles"), (warm_root / "runsc", warm_root / "bundles"),
-             (raw.root, None)],
+            [
+                (cold_root / "runsc", cold_root / "bundles"),
+                (warm_root / "runsc", warm_root / "bundles"),
+                (raw.root, None),
+            ],
             [f"{CGROUP_PREFIX}-cold", f"{CGROUP_PREFIX}-warm", RAW_CGROUP],
             base=base,
         )
@@ -283,8 +313,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
 
     def row(label: str, key: str, ratio: bool = True) -> str:
         xs = rows[key]
-        return f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | {med(xs) / r:.2f} |" if ratio else \
-            f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | |"
+        return (
+            f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | {med(xs) / r:.2f} |"
+            if ratio
+            else f"| {label} | {ms(med(xs))} | {ms(p90(xs))} | |"
+        )
 
     lines = [
         f"{machine_line()}; n={n} each, interleaved (raw, cold call, warm call, binding); "
@@ -294,19 +327,19 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "| what | median ms | p90 ms | ratio to raw |",
         "|---|---:|---:|---:|",
         row("raw `runsc run` of `/bin/sh -c true` (uid 1000, workspace bind; reference)", "raw"),
-        row("`execute_command(\"true\")` cold (`--pool-size 0`), call_tool round trip", "cold"),
+        row('`execute_command("true")` cold (`--pool-size 0`), call_tool round trip', "cold"),
         row("of which the server's `duration_ms` (run, excl. teardown)", "cold_dur", False),
         row("of which `boot_ms`", "cold_boot", False),
-        row(f"`execute_command(\"true\")` warm, pool refilled between calls ({warm_hits}/{n} warm)", "warm"),
+        row(f'`execute_command("true")` warm, pool refilled between calls ({warm_hits}/{n} warm)', "warm"),
         row("of which the server's `duration_ms`", "warm_dur", False),
         row("of which `boot_ms` (claim)", "warm_boot", False),
-        row(f"`execute_command(\"true\")` warm, back to back ({b2b_hits}/{n} warm)", "b2b"),
+        row(f'`execute_command("true")` warm, back to back ({b2b_hits}/{n} warm)', "b2b"),
     ]
     if binding_problem is None:
         lines += [
-            row("gVisor binding `gvisor.Sandbox()` + `exec(\"true\")` + `close()`", "b_total"),
+            row('gVisor binding `gvisor.Sandbox()` + `exec("true")` + `close()`', "b_total"),
             row("of which `Sandbox()` (runsc run --detach)", "b_create", False),
-            row("of which `exec(\"true\")` (runsc exec)", "b_exec", False),
+            row('of which `exec("true")` (runsc exec)', "b_exec", False),
             row("of which `close()` (runsc kill + delete --force)", "b_close", False),
         ]
     else:
@@ -319,8 +352,9 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
     speedup = None
     if binding_problem is None:
         speedup = med(rows["b_total"]) / med(rows["warm"])
-        targets.append(f"warm MCP call >= 10x faster than the binding's fresh sandbox: "
-                       f"{verdict(speedup >= 10)} ({speedup:.1f}x)")
+        targets.append(
+            f"warm MCP call >= 10x faster than the binding's fresh sandbox: {verdict(speedup >= 10)} ({speedup:.1f}x)"
+        )
     lines += ["", "Targets: " + "; ".join(targets) + "."]
 
     per_sb = mem["pool"]["rss_kib"] / pool_size / 1024
@@ -344,16 +378,23 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "PSS is what each extra pooled sandbox really adds.",
     ]
     metrics = {
-        "n": n, "raw_ms": r * 1000,
-        "cold_ms": med(rows["cold"]) * 1000, "warm_ms": med(rows["warm"]) * 1000,
+        "n": n,
+        "raw_ms": r * 1000,
+        "cold_ms": med(rows["cold"]) * 1000,
+        "warm_ms": med(rows["warm"]) * 1000,
         "b2b_ms": med(rows["b2b"]) * 1000,
-        "cold_ratio": cold_ratio, "warm_ratio": warm_ratio, "b2b_ratio": b2b_ratio,
-        "warm_hits": warm_hits, "b2b_hits": b2b_hits,
+        "cold_ratio": cold_ratio,
+        "warm_ratio": warm_ratio,
+        "b2b_ratio": b2b_ratio,
+        "warm_hits": warm_hits,
+        "b2b_hits": b2b_hits,
         "binding_ms": med(rows["b_total"]) * 1000 if rows["b_total"] else None,
-        "binding_problem": binding_problem, "binding_speedup": speedup,
+        "binding_problem": binding_problem,
+        "binding_speedup": speedup,
         "idle_server_rss_mib": mem["idle_server_rss_kib"] / 1024,
         "pool_server_rss_mib": mem["pool_server_rss_kib"] / 1024,
-        "per_pooled_sandbox_rss_mib": per_sb, "per_pooled_sandbox_pss_mib": per_sb_pss,
+        "per_pooled_sandbox_rss_mib": per_sb,
+        "per_pooled_sandbox_pss_mib": per_sb_pss,
         "pool_size": pool_size,
         "samples_ms": {k: [x * 1000 for x in rows[k]] for k in ("raw", "cold", "warm", "b2b")},
     }

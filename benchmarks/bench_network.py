@@ -91,9 +91,18 @@ class DirectProvider:
         ns = await anyio.to_thread.run_sync(create, self.slots.take())
         ns.take_listener().close()
         server = subprocess.Popen(
-            ["nsenter", f"--net=/proc/{os.getpid()}/fd/{ns.e_fd}", sys.executable,
-             str(test_internet.SERVER), ns.slot.edge, str(self.cert), str(self.key)],
-            pass_fds=(ns.e_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "nsenter",
+                f"--net=/proc/{os.getpid()}/fd/{ns.e_fd}",
+                sys.executable,
+                str(test_internet.SERVER),
+                ns.slot.edge,
+                str(self.cert),
+                str(self.key),
+            ],
+            pass_fds=(ns.e_fd,),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         # E has no lo (nothing in E ever talks to itself), so wait for the
         # listening socket in the server's /proc/PID/net/tcp instead of connecting.
@@ -124,7 +133,8 @@ async def bench(n: int) -> tuple[str, dict]:
 
     def config(name: str) -> ManagerConfig:
         return ManagerConfig(
-            bundle_base_dir=str(base / name / "bundles"), runsc_root=str(base / name / "runsc"),
+            bundle_base_dir=str(base / name / "bundles"),
+            runsc_root=str(base / name / "runsc"),
             cgroup_parent=f"{CGROUP}-{name}",
         )
 
@@ -134,11 +144,15 @@ async def bench(n: int) -> tuple[str, dict]:
     raws, none_cold, sb_cold, sb_warm, ns_cycle, proxied, direct = [], [], [], [], [], [], []
     slots = SlotAllocator("198.19.64.0/18")
     try:
-        async with NetworkService(NetworkConfig(hosts=internet.hosts, system_dns=False)) as net, \
-                Manager(config("cold")) as none_m, Manager(config("sandbox"), network=net) as sb_m, \
-                Manager(config("warm"), network=net) as warm_m, \
-                Manager(config("direct"), network=DirectProvider(internet.workdir / "web.pem",
-                                                                 internet.workdir / "web.key")) as direct_m:
+        async with (
+            NetworkService(NetworkConfig(hosts=internet.hosts, system_dns=False)) as net,
+            Manager(config("cold")) as none_m,
+            Manager(config("sandbox"), network=net) as sb_m,
+            Manager(config("warm"), network=net) as warm_m,
+            Manager(
+                config("direct"), network=DirectProvider(internet.workdir / "web.pem", internet.workdir / "web.key")
+            ) as direct_m,
+        ):
             warm_m.warm(sb_true, 1)
             raw.run()
             await none_m.run(none_true)
@@ -167,8 +181,9 @@ async def bench(n: int) -> tuple[str, dict]:
                     (sb_m, CURL.format(url="http://web.test", size=SIZE), proxied),
                     (direct_m, "curl --noproxy '*' " + CURL.format(url="$DIRECT_URL", size=SIZE)[5:], direct),
                 ):
-                    opts = ContainerOptions(command=["/bin/sh", "-c", cmd], network=NetworkMode.SANDBOX,
-                                            egress=rules, resources=big)
+                    opts = ContainerOptions(
+                        command=["/bin/sh", "-c", cmd], network=NetworkMode.SANDBOX, egress=rules, resources=big
+                    )
                     r = await m.run(opts)
                     size, secs = r.stdout.decode().split()
                     assert r.exit_code == 0 and int(size) == SIZE, (r.summary(), r.stdout, r.stderr)
@@ -177,7 +192,8 @@ async def bench(n: int) -> tuple[str, dict]:
         internet.stop()
         check_clean(
             TITLE,
-            [(base / m / "runsc", base / m / "bundles") for m in ("cold", "sandbox", "warm", "direct")] + [(raw.root, None)],
+            [(base / m / "runsc", base / m / "bundles") for m in ("cold", "sandbox", "warm", "direct")]
+            + [(raw.root, None)],
             [f"{CGROUP}-{m}" for m in ("cold", "sandbox", "warm", "direct")] + [f"{CGROUP_PREFIX}-raw"],
             base=base,
         )
@@ -185,32 +201,42 @@ async def bench(n: int) -> tuple[str, dict]:
     warm_ratio = med(sb_warm) / med(raws)
     mbps_p, mbps_d = SIZE / med(proxied) / 1e6, SIZE / med(direct) / 1e6
     dl_ratio = mbps_p / mbps_d
-    table = "\n".join([
-        f"{machine_line()}; n={n} each, interleaved; downloads n={len(proxied)} each. "
-        f"Load average (1/5/15 min) before: {load_before}; after: {_load()} (a shared machine: other "
-        "sessions ran test suites at the same time).",
-        "",
-        "| what | median ms | p90 ms | ratio |",
-        "|---|---:|---:|---:|",
-        f"| raw `runsc run` of `true`, network none (reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
-        f"| cold `Manager.run([\"true\"])`, network none | {ms(med(none_cold))} | {ms(p90(none_cold))} | {med(none_cold) / med(raws):.2f} |",
-        f"| cold, network sandbox (namespaces, veth, proxy; torn down on the clock) | {ms(med(sb_cold))} | {ms(p90(sb_cold))} | {med(sb_cold) / med(raws):.2f} |",
-        f"| warm sandbox-mode claim (pool of 1) | {ms(med(sb_warm))} | {ms(p90(sb_warm))} | {warm_ratio:.2f} |",
-        f"| namespace setup + teardown alone (S, E, veth, addresses, listener) | {ms(med(ns_cycle))} | {ms(p90(ns_cycle))} | |",
-        "",
-        "| 100 MB download inside the sandbox (curl's time) | median s | MB/s |",
-        "|---|---:|---:|",
-        f"| through the egress proxy (`http://web.test/...`) | {med(proxied):.2f} | {mbps_p:.0f} |",
-        f"| direct: same server in the run's edge namespace, no proxy | {med(direct):.2f} | {mbps_d:.0f} |",
-        "",
-        f"Targets: cold sandbox <= 1.20x cold none: {verdict(cold_ratio <= 1.20)} ({cold_ratio:.2f}x); "
-        f"warm sandbox <= 0.5x raw: {verdict(warm_ratio <= 0.5)} ({warm_ratio:.2f}x); "
-        f"proxied download >= 0.5x direct: {verdict(dl_ratio >= 0.5)} ({dl_ratio:.2f}x).",
-    ])
+    table = "\n".join(
+        [
+            f"{machine_line()}; n={n} each, interleaved; downloads n={len(proxied)} each. "
+            f"Load average (1/5/15 min) before: {load_before}; after: {_load()} (a shared machine: other "
+            "sessions ran test suites at the same time).",
+            "",
+            "| what | median ms | p90 ms | ratio |",
+            "|---|---:|---:|---:|",
+            f"| raw `runsc run` of `true`, network none (reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
+            f'| cold `Manager.run(["true"])`, network none | {ms(med(none_cold))} | {ms(p90(none_cold))} | {med(none_cold) / med(raws):.2f} |',
+            f"| cold, network sandbox (namespaces, veth, proxy; torn down on the clock) | {ms(med(sb_cold))} | {ms(p90(sb_cold))} | {med(sb_cold) / med(raws):.2f} |",
+            f"| warm sandbox-mode claim (pool of 1) | {ms(med(sb_warm))} | {ms(p90(sb_warm))} | {warm_ratio:.2f} |",
+            f"| namespace setup + teardown alone (S, E, veth, addresses, listener) | {ms(med(ns_cycle))} | {ms(p90(ns_cycle))} | |",
+            "",
+            "| 100 MB download inside the sandbox (curl's time) | median s | MB/s |",
+            "|---|---:|---:|",
+            f"| through the egress proxy (`http://web.test/...`) | {med(proxied):.2f} | {mbps_p:.0f} |",
+            f"| direct: same server in the run's edge namespace, no proxy | {med(direct):.2f} | {mbps_d:.0f} |",
+            "",
+            f"Targets: cold sandbox <= 1.20x cold none: {verdict(cold_ratio <= 1.20)} ({cold_ratio:.2f}x); "
+            f"warm sandbox <= 0.5x raw: {verdict(warm_ratio <= 0.5)} ({warm_ratio:.2f}x); "
+            f"proxied download >= 0.5x direct: {verdict(dl_ratio >= 0.5)} ({dl_ratio:.2f}x).",
+        ]
+    )
     metrics = {
-        "raw_ms": med(raws) * 1000, "none_ms": med(none_cold) * 1000, "sandbox_ms": med(sb_cold) * 1000,
-        "warm_ms": med(sb_warm) * 1000, "netns_ms": med(ns_cycle) * 1000, "cold_ratio": cold_ratio,
-        "warm_ratio": warm_ratio, "proxied_mbps": mbps_p, "direct_mbps": mbps_d, "download_ratio": dl_ratio, "n": n,
+        "raw_ms": med(raws) * 1000,
+        "none_ms": med(none_cold) * 1000,
+        "sandbox_ms": med(sb_cold) * 1000,
+        "warm_ms": med(sb_warm) * 1000,
+        "netns_ms": med(ns_cycle) * 1000,
+        "cold_ratio": cold_ratio,
+        "warm_ratio": warm_ratio,
+        "proxied_mbps": mbps_p,
+        "direct_mbps": mbps_d,
+        "download_ratio": dl_ratio,
+        "n": n,
     }
     return table, metrics
 

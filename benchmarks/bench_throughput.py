@@ -60,10 +60,13 @@ async def round_of(manager: Manager, c: int) -> float:
 async def bench(n: int) -> tuple[str, dict]:
     base = fresh_base("throughput")
     raw = Raw(base, write_etc(base / "etc"))
+
     def config(name: str) -> ManagerConfig:
         return ManagerConfig(
-            bundle_base_dir=str(base / name / "bundles"), runsc_root=str(base / name / "runsc"),
-            cgroup_parent=f"{CGROUP}-{name}", max_concurrent_containers=8,
+            bundle_base_dir=str(base / name / "bundles"),
+            runsc_root=str(base / name / "runsc"),
+            cgroup_parent=f"{CGROUP}-{name}",
+            max_concurrent_containers=8,
         )
 
     true = ContainerOptions(command=["true"])

@@ -64,6 +64,7 @@ EVENTS: list[tuple[str, float, float]] = []
 
 def _timed(name: str, fn, is_async: bool):  # type: ignore[no-untyped-def]
     if is_async:
+
         async def wrapper(*a, **kw):  # type: ignore[no-untyped-def]
             t = time.monotonic()
             try:
@@ -71,12 +72,14 @@ def _timed(name: str, fn, is_async: bool):  # type: ignore[no-untyped-def]
             finally:
                 EVENTS.append((name, t, time.monotonic()))
     else:
+
         def wrapper(*a, **kw):  # type: ignore[no-untyped-def]
             t = time.monotonic()
             try:
                 return fn(*a, **kw)
             finally:
                 EVENTS.append((name, t, time.monotonic()))
+
     return wrapper
 
 
@@ -154,7 +157,8 @@ def phases_of(
     out["teardown: cgroup remove"] = in_td["cgroup_remove"]
     out["teardown: bundle rmtree"] = in_td["rmtree"]
     out["teardown: rest (close pipes, state check)"] = (td_b - td_a) - sum(
-        in_td[k] for k in ("inotify_close", "runsc_delete", "cgroup_remove", "rmtree"))
+        in_td[k] for k in ("inotify_close", "runsc_delete", "cgroup_remove", "rmtree")
+    )
     out["after teardown (return)"] = t1 - td_b
     return out
 
@@ -164,15 +168,35 @@ def phases_of(
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     # Frames are tried from the innermost outwards; for one frame, the first bucket listed wins.
     ("inotify fd close (BootWatch.close; the kernel waits out an SRCU grace period)", ("BootWatch.close",)),
-    ("output handling (pipe reads, pump, bounded capture, result stream files)", (
-        "_read_ready (asyncio/unix_events", "_pipe_data_received", "streams.py", "StreamReaderWrapper",
-        "pump (", "output.py", "Job.seen", "jobs.py:seen", "write_chunk", "spill")),
+    (
+        "output handling (pipe reads, pump, bounded capture, result stream files)",
+        (
+            "_read_ready (asyncio/unix_events",
+            "_pipe_data_received",
+            "streams.py",
+            "StreamReaderWrapper",
+            "pump (",
+            "output.py",
+            "Job.seen",
+            "jobs.py:seen",
+            "write_chunk",
+            "spill",
+        ),
+    ),
     ("bundle writing (root dir, spec, config.json)", ("rootfs.py", "spec.py")),
     ("cgroups (create, limits, stats, remove)", ("cgroups.py",)),
     ("teardown (close pipes, runsc delete, rmtree)", ("teardown (", "rmtree")),
-    ("process spawn (fork/exec of runsc)", (
-        "_posixsubprocess", "subprocess.py", "open_process", "_make_subprocess_transport",
-        "subprocess_exec", "base_subprocess.py")),
+    (
+        "process spawn (fork/exec of runsc)",
+        (
+            "_posixsubprocess",
+            "subprocess.py",
+            "open_process",
+            "_make_subprocess_transport",
+            "subprocess_exec",
+            "base_subprocess.py",
+        ),
+    ),
     ("boot watch (inotify, state file)", ("BootWatch", "_is_running")),
     ("result store / audit (SQLite, files)", ("sqlite", "audit.py", "gvisor_mcp/results")),
     ("policy resolution", ("gvisor_mcp/policy/",)),
@@ -184,8 +208,15 @@ GENERIC = ("pydantic", "json/")
 
 
 POOL_FRAMES = ("_boot (", "maintain (", "destroy (", "wait_warm")
-IDLE_LEAVES = ("select (selectors.py", "_run_once (", "_do_waitpid (", "Condition.wait (", "Queue.get (",
-               "wait (threading.py", "poll (")
+IDLE_LEAVES = (
+    "select (selectors.py",
+    "_run_once (",
+    "_do_waitpid (",
+    "Condition.wait (",
+    "Queue.get (",
+    "wait (threading.py",
+    "poll (",
+)
 
 
 def classify(stack: str) -> str | None:
@@ -220,9 +251,22 @@ class Spy:
 
     def __enter__(self) -> Spy:
         self.proc = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(self.pid), "--rate", "500", "--idle", "--nonblocking",
-             "--format", "raw", "--output", str(self.out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                str(PY_SPY),
+                "record",
+                "--pid",
+                str(self.pid),
+                "--rate",
+                "500",
+                "--idle",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(self.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         time.sleep(0.5)  # let it attach
         return self
@@ -252,8 +296,10 @@ SHUTDOWN = "command + sandbox shutdown (until `runsc run` exits)"
 EXEC_VARIANTS = [
     ("`/bin/sh -c true` (a shell builtin)", ["/bin/sh", "-c", "true"]),
     ("`/bin/sh -c 'exec /usr/bin/true'`", ["/bin/sh", "-c", "exec /usr/bin/true"]),
-    ("`/bin/sh -c 'exec /usr/bin/env -i /usr/bin/true'` (two execs, as warm claims once did)",
-     ["/bin/sh", "-c", "exec /usr/bin/env -i /usr/bin/true"]),
+    (
+        "`/bin/sh -c 'exec /usr/bin/env -i /usr/bin/true'` (two execs, as warm claims once did)",
+        ["/bin/sh", "-c", "exec /usr/bin/env -i /usr/bin/true"],
+    ),
 ]
 
 # --- the loops ----------------------------------------------------------------
@@ -298,9 +344,13 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         raise SystemExit(f"--keep {keep}: choose a directory outside {base}")
     spy_dir = keep or base / "spy"
     spy_dir.mkdir(parents=True, exist_ok=True)
-    manager = Manager(ManagerConfig(
-        bundle_base_dir=str(base / "bundles"), runsc_root=str(base / "runsc"), cgroup_parent=CGROUP,
-    ))
+    manager = Manager(
+        ManagerConfig(
+            bundle_base_dir=str(base / "bundles"),
+            runsc_root=str(base / "runsc"),
+            cgroup_parent=CGROUP,
+        )
+    )
     true = ContainerOptions(command=["true"])
     flood = ContainerOptions(command=["head", "-c", "100000000", "/dev/zero"])
     flood_n = max(5, n // 4)
@@ -314,7 +364,9 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         async with manager:
             await manager.run(true)
             for name, opts, warm, count in (
-                ("cold", true, False, n), ("warm", true, True, n), ("flood", flood, False, flood_n),
+                ("cold", true, False, n),
+                ("warm", true, True, n),
+                ("flood", flood, False, flood_n),
             ):
                 spy = Spy(os.getpid(), spy_dir / f"{name}.txt")
                 with spy:
@@ -327,8 +379,12 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
                 execs[label] = r["phases"][SHUTDOWN]
         server_spy, server_rt = await server_profile(base, n, spy_dir)
     finally:
-        check_clean(TITLE, [(base / "runsc", base / "bundles"), (base / "server" / "runsc", base / "server" / "bundles")],
-                    [CGROUP, f"{CGROUP_PREFIX}-server"], base=base)
+        check_clean(
+            TITLE,
+            [(base / "runsc", base / "bundles"), (base / "server" / "runsc", base / "server" / "bundles")],
+            [CGROUP, f"{CGROUP_PREFIX}-server"],
+            base=base,
+        )
         shutil.rmtree(base, ignore_errors=True)  # --keep DIR must be outside it
 
     lines = [
@@ -350,12 +406,21 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
             v = results[name]["phases"].get(k)
             cells.append(f"{v * 1000:.1f}" if v is not None else "")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines.append("| **whole `Manager.run`** | " + " | ".join(
-        f"**{med(results[x]['wall']) * 1000:.1f}**" for x in ("cold", "warm", "flood")) + " |")
-    lines.append("| CPU of this Python process per run | " + " | ".join(
-        f"{results[x]['cpu_self'] * 1000:.1f}" for x in ("cold", "warm", "flood")) + " |")
-    lines.append("| CPU of runsc (client + sandbox + gofer) per run | " + " | ".join(
-        f"{results[x]['cpu_children'] * 1000:.1f}" for x in ("cold", "warm", "flood")) + " |")
+    lines.append(
+        "| **whole `Manager.run`** | "
+        + " | ".join(f"**{med(results[x]['wall']) * 1000:.1f}**" for x in ("cold", "warm", "flood"))
+        + " |"
+    )
+    lines.append(
+        "| CPU of this Python process per run | "
+        + " | ".join(f"{results[x]['cpu_self'] * 1000:.1f}" for x in ("cold", "warm", "flood"))
+        + " |"
+    )
+    lines.append(
+        "| CPU of runsc (client + sandbox + gofer) per run | "
+        + " | ".join(f"{results[x]['cpu_children'] * 1000:.1f}" for x in ("cold", "warm", "flood"))
+        + " |"
+    )
     lines += [
         "",
         "py-spy: where the Python process is busy (samples at 500 Hz that are not the event "
@@ -377,28 +442,46 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         for (c, runs), tot in zip(columns, busy, strict=True):
             cells.append(f"{c.get(b, 0) * 2 / runs:.1f} ({100 * c.get(b, 0) / tot:.0f}%)")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines.append("| **busy, all buckets** | " + " | ".join(
-        f"**{tot * 2 / runs:.1f}**" for (_, runs), tot in zip(columns, busy, strict=True)) + " |")
-    lines.append("| idle (event loop waiting), share of the main thread's samples | " + " | ".join(
-        f"{100 * sum(v for k, v in c.items() if k.startswith('idle')) / (sum(c.values()) or 1):.0f}%"
-        for c, _ in columns) + " |")
+    lines.append(
+        "| **busy, all buckets** | "
+        + " | ".join(f"**{tot * 2 / runs:.1f}**" for (_, runs), tot in zip(columns, busy, strict=True))
+        + " |"
+    )
+    lines.append(
+        "| idle (event loop waiting), share of the main thread's samples | "
+        + " | ".join(
+            f"{100 * sum(v for k, v in c.items() if k.startswith('idle')) / (sum(c.values()) or 1):.0f}%"
+            for c, _ in columns
+        )
+        + " |"
+    )
     if server_rt:
-        lines += ["", f"Server column: {len(server_rt)} warm `execute_command(\"true\")` calls (median round trip "
-                  f"{med(server_rt) * 1000:.1f} ms), samples of the `gvisor-mcp serve` process, including the "
-                  "pool refill that each call starts."]
+        lines += [
+            "",
+            f'Server column: {len(server_rt)} warm `execute_command("true")` calls (median round trip '
+            f"{med(server_rt) * 1000:.1f} ms), samples of the `gvisor-mcp serve` process, including the "
+            "pool refill that each call starts.",
+        ]
     lines += [
         "",
         f"Exec cost inside the sandbox: cold runs (n={exec_n} each) of commands that differ only in how many "
-        "programs they exec; the phase from \"running\" until `runsc run` exits:",
+        'programs they exec; the phase from "running" until `runsc run` exits:',
         "",
         "| command | execs after start | command + sandbox shutdown, median ms |",
         "|---|---:|---:|",
     ]
     for (label, _argv), count in zip(EXEC_VARIANTS, (0, 1, 2), strict=True):
         lines.append(f"| {label} | {count} | {execs[label] * 1000:.1f} |")
-    metrics = {name: {"wall_ms": med(r["wall"]) * 1000, "phases_ms": {k: v * 1000 for k, v in r["phases"].items()},
-                      "cpu_self_ms": r["cpu_self"] * 1000, "cpu_children_ms": r["cpu_children"] * 1000,
-                      "spy": dict(spies[name])} for name, r in results.items()}
+    metrics = {
+        name: {
+            "wall_ms": med(r["wall"]) * 1000,
+            "phases_ms": {k: v * 1000 for k, v in r["phases"].items()},
+            "cpu_self_ms": r["cpu_self"] * 1000,
+            "cpu_children_ms": r["cpu_children"] * 1000,
+            "spy": dict(spies[name]),
+        }
+        for name, r in results.items()
+    }
     metrics["server_spy"] = dict(server_spy)
     metrics["exec_ms"] = {k: v * 1000 for k, v in execs.items()}
     return "\n".join(lines), metrics

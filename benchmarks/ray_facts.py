@@ -64,6 +64,7 @@ def main() -> None:
     facts.append(("+ 2 worker nodes", f"{lc.timings['workers_s']:.1f} s"))
     facts.append(("head + 2 workers + driver connected", f"{time.monotonic() - t0:.1f} s"))
     try:
+
         @ray.remote(num_cpus=0)
         def noop() -> int:
             return 1
@@ -88,9 +89,16 @@ def main() -> None:
         a = Probe.options(resources={f"{HOST_RESOURCE_PREFIX}a": 0.01}).remote()
         b = Probe.options(resources={f"{HOST_RESOURCE_PREFIX}b": 0.01}).remote()
         ray.get([a.ping.remote(), b.ping.remote()])
-        facts.append(("async actor call round trip (median of 200)", f"{per_call_ms(lambda: ray.get(a.ping.remote()), 200):.2f} ms"))
+        facts.append(
+            (
+                "async actor call round trip (median of 200)",
+                f"{per_call_ms(lambda: ray.get(a.ping.remote()), 200):.2f} ms",
+            )
+        )
         for n in (65536, 262144, 4 << 20):
-            facts.append((f"actor call returning {n} bytes", f"{per_call_ms(lambda n=n: ray.get(a.page.remote(n)), 30):.2f} ms"))
+            facts.append(
+                (f"actor call returning {n} bytes", f"{per_call_ms(lambda n=n: ray.get(a.page.remote(n)), 30):.2f} ms")
+            )
 
         # A node killed mid-call (every Ray process of it SIGKILLed).
         ref = a.sleep.remote(120)
@@ -102,7 +110,9 @@ def main() -> None:
             facts.append(("node killed mid-call", "call returned (unexpected)"))
         except Exception as e:
             facts.append(("node killed mid-call", f"{type(e).__name__} after {time.monotonic() - t:.1f} s"))
-        facts.append(("other host after the loss", f"answers in {per_call_ms(lambda: ray.get(b.ping.remote()), 5):.1f} ms"))
+        facts.append(
+            ("other host after the loss", f"answers in {per_call_ms(lambda: ray.get(b.ping.remote()), 5):.1f} ms")
+        )
 
         # A node frozen mid-call (SIGSTOP: no RST, no FIN, like a hung machine).
         lc.add_host("c")
@@ -134,8 +144,13 @@ def main() -> None:
             ("client in token mode with no token", {"RAY_AUTH_MODE": "token", "HOME": str(base / "nohome")}),
         ):
             try:
-                r = subprocess.run([sys.executable, "-c", CLIENT, lc.address], env={**clean, **extra},
-                                   capture_output=True, text=True, timeout=120)
+                r = subprocess.run(
+                    [sys.executable, "-c", CLIENT, lc.address],
+                    env={**clean, **extra},
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 lines = [x for x in r.stdout.splitlines() if x.startswith(("CONNECTED", "REFUSED", "AFTER"))]
                 facts.append((name, " / ".join(lines)))
             except subprocess.TimeoutExpired:

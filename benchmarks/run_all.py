@@ -47,65 +47,136 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
 
     man, mcp, tp, fl, fi = (m.get(k) for k in ("manager", "mcp", "throughput", "flood", "files"))
     if man:
-        target("cold `Manager.run` <= 0.90x raw runsc (issue 18)",
-               f"{man['cold_ratio']:.2f}x ({man['cold_ms']:.0f} vs {man['raw_ms']:.0f} ms; with the MemTotal "
-               f"namespace {man['plain_ratio']:.2f}x; runsc joining the cgroup itself {man['old_ratio']:.2f}x)",
-               man["cold_ratio"] <= 0.90, "Manager.run")
-        target("warm `Manager.run` <= 0.25x raw", f"{man['warm_ratio']:.2f}x ({man['warm_ms']:.0f} ms)",
-               man["warm_ratio"] <= 0.25, "Manager.run")
+        target(
+            "cold `Manager.run` <= 0.90x raw runsc (issue 18)",
+            f"{man['cold_ratio']:.2f}x ({man['cold_ms']:.0f} vs {man['raw_ms']:.0f} ms; with the MemTotal "
+            f"namespace {man['plain_ratio']:.2f}x; runsc joining the cgroup itself {man['old_ratio']:.2f}x)",
+            man["cold_ratio"] <= 0.90,
+            "Manager.run",
+        )
+        target(
+            "warm `Manager.run` <= 0.25x raw",
+            f"{man['warm_ratio']:.2f}x ({man['warm_ms']:.0f} ms)",
+            man["warm_ratio"] <= 0.25,
+            "Manager.run",
+        )
     if mcp:
-        target("cold MCP `execute_command` <= 1.25x raw", f"{mcp['cold_ratio']:.2f}x ({mcp['cold_ms']:.0f} vs {mcp['raw_ms']:.0f} ms)",
-               mcp["cold_ratio"] <= 1.25, "execute_command over MCP")
-        target("warm MCP call p50 <= 0.25x raw, settled pool (issue 18)",
-               f"{mcp['warm_ratio']:.2f}x ({mcp['warm_ms']:.0f} ms)", mcp["warm_ratio"] <= 0.25, "execute_command over MCP")
-        target("warm MCP call p50 <= 0.25x raw, back to back (issue 18)",
-               f"{mcp['b2b_ratio']:.2f}x ({mcp['b2b_ms']:.0f} ms, {mcp['b2b_hits']}/{mcp['n']} warm)",
-               mcp["b2b_ratio"] <= 0.25, "execute_command over MCP")
+        target(
+            "cold MCP `execute_command` <= 1.25x raw",
+            f"{mcp['cold_ratio']:.2f}x ({mcp['cold_ms']:.0f} vs {mcp['raw_ms']:.0f} ms)",
+            mcp["cold_ratio"] <= 1.25,
+            "execute_command over MCP",
+        )
+        target(
+            "warm MCP call p50 <= 0.25x raw, settled pool (issue 18)",
+            f"{mcp['warm_ratio']:.2f}x ({mcp['warm_ms']:.0f} ms)",
+            mcp["warm_ratio"] <= 0.25,
+            "execute_command over MCP",
+        )
+        target(
+            "warm MCP call p50 <= 0.25x raw, back to back (issue 18)",
+            f"{mcp['b2b_ratio']:.2f}x ({mcp['b2b_ms']:.0f} ms, {mcp['b2b_hits']}/{mcp['n']} warm)",
+            mcp["b2b_ratio"] <= 0.25,
+            "execute_command over MCP",
+        )
         if mcp.get("binding_speedup") is not None:
-            target("warm MCP call >= 10x faster than the gVisor binding's fresh sandbox",
-                   f"{mcp['binding_speedup']:.1f}x ({mcp['binding_ms']:.0f} vs {mcp['warm_ms']:.0f} ms)",
-                   mcp["binding_speedup"] >= 10, "execute_command over MCP")
+            target(
+                "warm MCP call >= 10x faster than the gVisor binding's fresh sandbox",
+                f"{mcp['binding_speedup']:.1f}x ({mcp['binding_ms']:.0f} vs {mcp['warm_ms']:.0f} ms)",
+                mcp["binding_speedup"] >= 10,
+                "execute_command over MCP",
+            )
         else:
-            target("warm MCP call >= 10x faster than the gVisor binding", mcp.get("binding_problem") or "?", None,
-                   "execute_command over MCP")
+            target(
+                "warm MCP call >= 10x faster than the gVisor binding",
+                mcp.get("binding_problem") or "?",
+                None,
+                "execute_command over MCP",
+            )
     if tp:
         c8 = tp["levels"]["8"]
-        target("throughput at concurrency 8 >= raw runsc's",
-               f"{tp['c8_ratio']:.2f}x cold ({c8['cold']:.1f} vs {c8['raw']:.1f} calls/s); {tp['c8_warm_ratio']:.2f}x with a pool of 2",
-               tp["c8_ratio"] >= 1.0, "Throughput")
+        target(
+            "throughput at concurrency 8 >= raw runsc's",
+            f"{tp['c8_ratio']:.2f}x cold ({c8['cold']:.1f} vs {c8['raw']:.1f} calls/s); {tp['c8_warm_ratio']:.2f}x with a pool of 2",
+            tp["c8_ratio"] >= 1.0,
+            "Throughput",
+        )
     if fl:
-        target("100 MB flood >= 1.0x raw runsc writing a regular file (issue 18)", f"{fl['file_ratio']:.2f}x "
-               f"({fl['ours_ms']:.0f} vs {fl['raw_file_ms']:.0f} ms)", fl["file_ratio"] >= 1.0, "100 MB stdout flood")
-        target("100 MB flood >= 0.8x raw throughput (Manager.run)", f"{fl['throughput_ratio']:.2f}x "
-               f"({fl['ours_ms']:.0f} vs {fl['raw_ms']:.0f} ms)", fl["throughput_ratio"] >= 0.8, "100 MB stdout flood")
-        target("100 MB flood >= 0.8x raw throughput (execute_command)", f"{fl['server_throughput_ratio']:.2f}x "
-               f"({fl['server_ms']:.0f} vs {fl['raw_sh_ms']:.0f} ms)", fl["server_throughput_ratio"] >= 0.8, "100 MB stdout flood")
-        target("server peak RSS < 150 MB during the flood", f"{fl['server_hwm_mb']:.0f} MB", fl["server_hwm_mb"] < 150,
-               "100 MB stdout flood")
+        target(
+            "100 MB flood >= 1.0x raw runsc writing a regular file (issue 18)",
+            f"{fl['file_ratio']:.2f}x ({fl['ours_ms']:.0f} vs {fl['raw_file_ms']:.0f} ms)",
+            fl["file_ratio"] >= 1.0,
+            "100 MB stdout flood",
+        )
+        target(
+            "100 MB flood >= 0.8x raw throughput (Manager.run)",
+            f"{fl['throughput_ratio']:.2f}x ({fl['ours_ms']:.0f} vs {fl['raw_ms']:.0f} ms)",
+            fl["throughput_ratio"] >= 0.8,
+            "100 MB stdout flood",
+        )
+        target(
+            "100 MB flood >= 0.8x raw throughput (execute_command)",
+            f"{fl['server_throughput_ratio']:.2f}x ({fl['server_ms']:.0f} vs {fl['raw_sh_ms']:.0f} ms)",
+            fl["server_throughput_ratio"] >= 0.8,
+            "100 MB stdout flood",
+        )
+        target(
+            "server peak RSS < 150 MB during the flood",
+            f"{fl['server_hwm_mb']:.0f} MB",
+            fl["server_hwm_mb"] < 150,
+            "100 MB stdout flood",
+        )
     if fi:
-        target("4 KiB write_file / read_file p50 < 5 ms over MCP stdio",
-               f"{fi['write_ms']:.1f} / {fi['read_ms']:.1f} ms (MCP floor {fi['floor_ms']:.1f} ms)",
-               fi["write_ms"] < 5 and fi["read_ms"] < 5, "File tools over MCP stdio")
+        target(
+            "4 KiB write_file / read_file p50 < 5 ms over MCP stdio",
+            f"{fi['write_ms']:.1f} / {fi['read_ms']:.1f} ms (MCP floor {fi['floor_ms']:.1f} ms)",
+            fi["write_ms"] < 5 and fi["read_ms"] < 5,
+            "File tools over MCP stdio",
+        )
     im = m.get("images")
     if im:
-        target("cold run in a store image <= 1.10x raw runsc (same rootfs)",
-               f"{im['cold_ratio']:.2f}x ({im['cold_ms']:.0f} vs {im['raw_ms']:.0f} ms)", im["cold_ratio"] <= 1.10, "Store images")
-        target("warm run in a store image <= 0.35x raw", f"{im['warm_ratio']:.2f}x ({im['warm_ms']:.0f} ms)",
-               im["warm_ratio"] <= 0.35, "Store images")
+        target(
+            "cold run in a store image <= 1.10x raw runsc (same rootfs)",
+            f"{im['cold_ratio']:.2f}x ({im['cold_ms']:.0f} vs {im['raw_ms']:.0f} ms)",
+            im["cold_ratio"] <= 1.10,
+            "Store images",
+        )
+        target(
+            "warm run in a store image <= 0.35x raw",
+            f"{im['warm_ratio']:.2f}x ({im['warm_ms']:.0f} ms)",
+            im["warm_ratio"] <= 0.35,
+            "Store images",
+        )
         build = f"{im['build_s']:.0f} s" if im.get("build_s") is not None else "reused"
-        rows.append(f"| (no target) image build; pull from 127.0.0.1 | {build}; {im['pull_s']:.1f} s "
-                    f"({im['image_mib']:.0f} MiB image) | | Store images |")
+        rows.append(
+            f"| (no target) image build; pull from 127.0.0.1 | {build}; {im['pull_s']:.1f} s "
+            f"({im['image_mib']:.0f} MiB image) | | Store images |"
+        )
     net = m.get("network")
     if net:
-        target("cold network=sandbox <= 1.20x cold none", f"{net['cold_ratio']:.2f}x ({net['sandbox_ms']:.0f} vs "
-               f"{net['none_ms']:.0f} ms)", net["cold_ratio"] <= 1.20, "network=sandbox")
-        target("warm network=sandbox <= 0.5x raw", f"{net['warm_ratio']:.2f}x ({net['warm_ms']:.0f} ms)",
-               net["warm_ratio"] <= 0.5, "network=sandbox")
-        target("100 MB through the proxy >= 0.5x direct", f"{net['download_ratio']:.2f}x ({net['proxied_mbps']:.0f} "
-               f"vs {net['direct_mbps']:.0f} MB/s)", net["download_ratio"] >= 0.5, "network=sandbox")
+        target(
+            "cold network=sandbox <= 1.20x cold none",
+            f"{net['cold_ratio']:.2f}x ({net['sandbox_ms']:.0f} vs {net['none_ms']:.0f} ms)",
+            net["cold_ratio"] <= 1.20,
+            "network=sandbox",
+        )
+        target(
+            "warm network=sandbox <= 0.5x raw",
+            f"{net['warm_ratio']:.2f}x ({net['warm_ms']:.0f} ms)",
+            net["warm_ratio"] <= 0.5,
+            "network=sandbox",
+        )
+        target(
+            "100 MB through the proxy >= 0.5x direct",
+            f"{net['download_ratio']:.2f}x ({net['proxied_mbps']:.0f} vs {net['direct_mbps']:.0f} MB/s)",
+            net["download_ratio"] >= 0.5,
+            "network=sandbox",
+        )
     if mcp:
-        rows.append(f"| (no target) server RSS idle; per idle pooled sandbox | {mcp['idle_server_rss_mib']:.0f} MiB; "
-                    f"{mcp['per_pooled_sandbox_rss_mib']:.0f} MiB RSS, {mcp['per_pooled_sandbox_pss_mib']:.0f} MiB PSS | | Server memory |")
+        rows.append(
+            f"| (no target) server RSS idle; per idle pooled sandbox | {mcp['idle_server_rss_mib']:.0f} MiB; "
+            f"{mcp['per_pooled_sandbox_rss_mib']:.0f} MiB RSS, {mcp['per_pooled_sandbox_pss_mib']:.0f} MiB PSS | | Server memory |"
+        )
     lines = [
         f"{machine_line()}; n={n} per row; whole run {took / 60:.1f} min "
         "(`.venv/bin/python benchmarks/run_all.py`). Ratios are to a raw `runsc run` of an "
@@ -154,11 +225,19 @@ def charts(metrics: dict) -> str:
     names = {p.name for p in written}
     lines = ["Drawn by `benchmarks/run_all.py` (`benchmarks/_charts.py`) from the same run as the Summary above."]
     if TARGETS_PNG in names:
-        lines += ["", "Every target as a ratio to raw `runsc run` (black tick: the target; green met, red not):",
-                  "", f"![targets]({TARGETS_PNG})"]
+        lines += [
+            "",
+            "Every target as a ratio to raw `runsc run` (black tick: the target; green met, red not):",
+            "",
+            f"![targets]({TARGETS_PNG})",
+        ]
     if LATENCY_PNG in names:
-        lines += ["", "Latency of every call, raw runsc against cold and warm (log scale):",
-                  "", f"![latency]({LATENCY_PNG})"]
+        lines += [
+            "",
+            "Latency of every call, raw runsc against cold and warm (log scale):",
+            "",
+            f"![latency]({LATENCY_PNG})",
+        ]
     return "\n".join(lines)
 
 
@@ -182,8 +261,11 @@ def main() -> int:
             print(f"=== {script} ===", flush=True)
             t = time.perf_counter()
             r = subprocess.run(cmd)
-            print(f"=== {script}: {'ok' if r.returncode == 0 else f'FAILED ({r.returncode})'} "
-                  f"in {time.perf_counter() - t:.0f} s ===\n", flush=True)
+            print(
+                f"=== {script}: {'ok' if r.returncode == 0 else f'FAILED ({r.returncode})'} "
+                f"in {time.perf_counter() - t:.0f} s ===\n",
+                flush=True,
+            )
             if r.returncode == 0 and out.exists():
                 metrics[name] = json.loads(out.read_text())
             else:
@@ -196,8 +278,10 @@ def main() -> int:
         failed.append("cleanup")
         text += "\n\nLEFT BEHIND after the run: " + "; ".join(left)
     else:
-        text += (f"\n\nCleanup checked after every benchmark and again at the end: no runsc process with a "
-                 f"root under {BASE}, no container in any of its `runsc list`, no bundle, no cgroup leaf.")
+        text += (
+            f"\n\nCleanup checked after every benchmark and again at the end: no runsc process with a "
+            f"root under {BASE}, no container in any of its `runsc list`, no bundle, no cgroup leaf."
+        )
     print(f"## Summary\n\n{text}\n")
     if not args.no_write and not args.only:
         write_section("Summary", text)

@@ -86,8 +86,11 @@ async def one(client, kind: str) -> dict:  # type: ignore[no-untyped-def]
     s = r.structured_content
     if kind == "cancel":
         c = await client.call_tool("cancel_command", {"result_id": s["result_id"]})
-        s = c.structured_content if not c.is_error else {"status": "tool_error", "exit_code": None,
-                                                          "error": c.content[0].text}
+        s = (
+            c.structured_content
+            if not c.is_error
+            else {"status": "tool_error", "exit_code": None, "error": c.content[0].text}
+        )
     return s
 
 
@@ -100,8 +103,17 @@ async def soak(calls: int, concurrency: int) -> dict:
     cgroup = f"{CGROUP_PREFIX}-soak"
     params = StdioServerParameters(
         command=str(BIN),
-        args=["serve", "--state-root", str(base), "--cgroup-parent", cgroup,
-              "--state-dir", str(base / "state"), "--policy", str(policy)],
+        args=[
+            "serve",
+            "--state-root",
+            str(base),
+            "--cgroup-parent",
+            cgroup,
+            "--state-dir",
+            str(base / "state"),
+            "--policy",
+            str(policy),
+        ],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "WARNING"},
     )
     load_before = os.getloadavg()
@@ -130,9 +142,12 @@ async def soak(calls: int, concurrency: int) -> dict:
                         unexpected.append(why)
                     rss_at[done] = status_kib(pid, "VmRSS")
                     if done % 500 == 0:  # a long run's progress, for whoever watches its log
-                        print(f"{time.strftime('%H:%M:%S')} {done}/{calls} calls, {len(unexpected)} unexpected, "
-                              f"server RSS {rss_at[done]} KiB, load {os.getloadavg()[0]:.1f}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"{time.strftime('%H:%M:%S')} {done}/{calls} calls, {len(unexpected)} unexpected, "
+                            f"server RSS {rss_at[done]} KiB, load {os.getloadavg()[0]:.1f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
 
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
@@ -145,6 +160,7 @@ async def soak(calls: int, concurrency: int) -> dict:
         peak = status_kib(pid, "VmHWM")
         during = leftovers(base / "runsc", base / "bundles", [])
     after = leftovers(base / "runsc", base / "bundles", [cgroup])
+
     def mean_rss(lo: int, hi: int) -> float:
         """Mean RSS over calls lo..hi (1-based, inclusive, clipped to the run)."""
         return statistics.mean(rss_at[i] for i in range(max(1, lo), min(calls, hi) + 1))
@@ -189,7 +205,8 @@ def report(m: dict) -> str:
     lines = [
         f"{machine_line()}.",
         "Load average (1/5/15 min) before -> after: "
-        + " / ".join(f"{x:.2f}" for x in m["load_before"]) + " -> "
+        + " / ".join(f"{x:.2f}" for x in m["load_before"])
+        + " -> "
         + " / ".join(f"{x:.2f}" for x in m["load_after"])
         + " on 2 CPUs shared with other agents' test runs: latencies are the machine's, not the server's.",
         f"{m['calls']} calls through `gvisor-mcp serve` (stdio, SDK client) at concurrency {m['concurrency']}, "
@@ -210,7 +227,8 @@ def report(m: dict) -> str:
         f"| server peak RSS | {m['peak_rss_kib'] / 1024:.1f} MiB | |",
         "",
         f"Server RSS, mean per block of {m['rss_block']} calls (MiB): "
-        + ", ".join(f"{x:.1f}" for x in m["rss_blocks_mib"]) + ".",
+        + ", ".join(f"{x:.1f}" for x in m["rss_blocks_mib"])
+        + ".",
         "",
         "| kind | calls | p50 | p95 |",
         "|---|---|---|---|",
@@ -226,14 +244,17 @@ def report(m: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=1000,
-                   help="how many calls (default 1000; 10000 for the long soak, about an hour)")
+    p.add_argument(
+        "--calls", type=int, default=1000, help="how many calls (default 1000; 10000 for the long soak, about an hour)"
+    )
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if args.calls < 3 * WARMUP:
-        p.error(f"--calls {args.calls}: at least {3 * WARMUP}, so the RSS after warm-up "
-                f"(calls {WARMUP + 1}-{2 * WARMUP}) and the last {WARMUP} calls do not overlap")
+        p.error(
+            f"--calls {args.calls}: at least {3 * WARMUP}, so the RSS after warm-up "
+            f"(calls {WARMUP + 1}-{2 * WARMUP}) and the last {WARMUP} calls do not overlap"
+        )
     m = anyio.run(soak, args.calls, args.concurrency)
     text = report(m)
     print(text)

@@ -79,7 +79,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     raise pytest.UsageError(
         f"{len(needing)} of the selected tests need runsc and root, and here: {reason}. "
         "Run the suite as root after scripts/setup.sh (which installs runsc); run only the "
-        "tests that need neither with `pytest -m \"not runsc\"`, or set "
+        'tests that need neither with `pytest -m "not runsc"`, or set '
         f"{OPT_OUT}=1 to skip the others (neither is a full test run)."
     )
 
@@ -89,9 +89,7 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
     root = base / "runsc"
     out: dict[str, list[str]] = {}
     if root.exists():
-        r = subprocess.run(
-            ["runsc", f"--root={root}", "list", "-quiet"], capture_output=True, text=True
-        )
+        r = subprocess.run(["runsc", f"--root={root}", "list", "-quiet"], capture_output=True, text=True)
         ids = [x for x in r.stdout.split() if x]
         if ids:
             out["runsc list"] = ids

@@ -90,11 +90,17 @@ def oci_layout(
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     cdesc = {"mediaType": "application/vnd.oci.image.config.v1+json", **_blob(layout, json.dumps(config).encode())}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": cdesc, "layers": descs}
-    mdesc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-             **_blob(layout, json.dumps(manifest).encode()),
-             "annotations": {"org.opencontainers.image.ref.name": ref}}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cdesc,
+        "layers": descs,
+    }
+    mdesc = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        **_blob(layout, json.dumps(manifest).encode()),
+        "annotations": {"org.opencontainers.image.ref.name": ref},
+    }
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
     return layout
 

@@ -130,9 +130,13 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gvisor-mcp test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -140,8 +144,11 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web.test")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("web.test")]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -173,8 +180,14 @@ def start(workdir: Path) -> Internet:
     tag = f"{os.getpid() % 100000}{random.randint(0, 99):02d}"
     netns, root_if = f"gvmcp-ti-{tag}", f"gvti{tag}"[:15]
     net = Internet(
-        netns=netns, root_ifname=root_if, subnet=f"198.18.{x}.0/29", gateway=f"198.18.{x}.1",
-        web=f"198.18.{x}.2", pypi=f"198.18.{x}.3", ca_pem=workdir / "ca.pem", workdir=workdir,
+        netns=netns,
+        root_ifname=root_if,
+        subnet=f"198.18.{x}.0/29",
+        gateway=f"198.18.{x}.1",
+        web=f"198.18.{x}.2",
+        pypi=f"198.18.{x}.3",
+        ca_pem=workdir / "ca.pem",
+        workdir=workdir,
     )
     try:
         _run("ip", "netns", "add", netns)
@@ -182,8 +195,10 @@ def start(workdir: Path) -> Internet:
         _run("ip", "addr", "add", f"{net.gateway}/29", "dev", root_if)
         _run("ip", "link", "set", root_if, "up")
         for cmd in (
-            f"addr add {net.web}/29 dev i0", f"addr add {net.pypi}/29 dev i0",
-            "link set i0 up", "link set lo up",
+            f"addr add {net.web}/29 dev i0",
+            f"addr add {net.pypi}/29 dev i0",
+            "link set i0 up",
+            "link set lo up",
         ):
             _run("ip", "-n", netns, *cmd.split())
         ca, cert, key = make_ca(workdir)
@@ -193,15 +208,33 @@ def start(workdir: Path) -> Internet:
         with open(workdir / "web.log", "wb") as web_log:  # the child keeps its own copy of the fd
             web = subprocess.Popen(
                 ["ip", "netns", "exec", netns, sys.executable, str(SERVER), net.web, str(cert), str(key)],
-                stdout=subprocess.DEVNULL, stderr=web_log,
+                stdout=subprocess.DEVNULL,
+                stderr=web_log,
             )
         net.procs.append(web)
         pypi_bin = Path(sys.executable).with_name("pypi-server")
         with open(workdir / "pypi.log", "wb") as pypi_log:
             pypi = subprocess.Popen(
-                ["ip", "netns", "exec", netns, str(pypi_bin), "run", "-i", net.pypi, "-p", "80",
-                 "--disable-fallback", "-a", ".", "-P", ".", str(packages)],
-                stdout=subprocess.DEVNULL, stderr=pypi_log,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    str(pypi_bin),
+                    "run",
+                    "-i",
+                    net.pypi,
+                    "-p",
+                    "80",
+                    "--disable-fallback",
+                    "-a",
+                    ".",
+                    "-P",
+                    ".",
+                    str(packages),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=pypi_log,
             )
         net.procs.append(pypi)
         _wait_port(netns, net.web, 80, web)

@@ -39,8 +39,14 @@ MAX_CONNECTIONS = 512
 
 
 async def serve_asgi(
-    app: Any, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS, tls_cert: str | None = None, tls_key: str | None = None,
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     """Serve `app` with Granian, embedded in this event loop, until cancelled.
 

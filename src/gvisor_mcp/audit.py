@@ -107,8 +107,11 @@ class AuditLog:
     def _flush(self) -> bool:
         try:
             if self._dropped and not self._partial:
-                note = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "decision": "audit_lines_lost", "lost": self._dropped}
+                note = {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "decision": "audit_lines_lost",
+                    "lost": self._dropped,
+                }
                 self._append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
                 self._dropped = 0
             while self._backlog:

@@ -101,17 +101,26 @@ class TenantTokenVerifier:
                 _refusal.set("this server could not check the access token; try again, or tell the operator")
                 return None
             return AccessToken(
-                token=token, client_id=tenant, scopes=scopes_of(claims), expires_at=_int(claims.get("exp")),
-                resource=self.oauth.resource if self.oauth else None, subject=_str(claims.get("sub")),
+                token=token,
+                client_id=tenant,
+                scopes=scopes_of(claims),
+                expires_at=_int(claims.get("exp")),
+                resource=self.oauth.resource if self.oauth else None,
+                subject=_str(claims.get("sub")),
                 claims={"iss": claims.get("iss"), "tenant": tenant},
             )
         entry = self.tokens.get().entry_for(token)
         if entry is None:
             _refusal.set("this bearer token is not valid here (unknown, or revoked)")
             return None
-        return AccessToken(token=token, client_id=entry.tenant, scopes=[], subject=f"token:{entry.fingerprint}",
-                           resource=self.oauth.resource if self.oauth else None,
-                           claims={"tenant": entry.tenant})
+        return AccessToken(
+            token=token,
+            client_id=entry.tenant,
+            scopes=[],
+            subject=f"token:{entry.fingerprint}",
+            resource=self.oauth.resource if self.oauth else None,
+            claims={"tenant": entry.tenant},
+        )
 
 
 async def authenticate(verifier: TenantTokenVerifier, scope: dict[str, Any]) -> AuthenticatedUser | str:

@@ -59,9 +59,7 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
         default="gvisor-mcp",
         help="cgroup directory that holds one leaf per run (default: gvisor-mcp)",
     )
-    p.add_argument(
-        "--max-concurrent", type=int, default=8, help="sandboxes running at once, all callers (default 8)"
-    )
+    p.add_argument("--max-concurrent", type=int, default=8, help="sandboxes running at once, all callers (default 8)")
 
 
 def manager_config(args: argparse.Namespace, **kw: object) -> ManagerConfig:
@@ -90,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
-        "--log-level", metavar="LEVEL",
+        "--log-level",
+        metavar="LEVEL",
         help=f"{', '.join(logs.LEVELS)} (default: ${LOG_LEVEL_ENV}, else INFO for serve, WARNING otherwise); "
         "also accepted after the command",
     )
@@ -103,21 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="seconds (default 120)")
     p.add_argument("--max-pids", type=int, default=0, help="processes (default 1024)")
     p.add_argument("--network", default="none", help="none | host | sandbox (default none)")
-    p.add_argument("--user", default=None,
-                   help="UID[:GID] inside the sandbox (default: the policy's defaults.user, 1000:1000 in the built-in policy)")
-    p.add_argument("--policy", default=None,
-                   help="take the default --user from this policy file (default: the built-in policy); "
-                        "its other settings do not apply to run")
+    p.add_argument(
+        "--user",
+        default=None,
+        help="UID[:GID] inside the sandbox (default: the policy's defaults.user, 1000:1000 in the built-in policy)",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="take the default --user from this policy file (default: the built-in policy); "
+        "its other settings do not apply to run",
+    )
     p.add_argument("--tenant", default="default", help="with --policy: the tenant whose defaults.user applies")
     p.add_argument("--workdir", default="/", help="working directory inside the sandbox")
     p.add_argument("--rootfs", default=None, help="host directory to use as root (default: built-in image)")
     p.add_argument("--read-only", action="store_true", help="make the root filesystem read-only")
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--egress", action="append", default=[], metavar="RULE",
-                   help="network sandbox: allow this destination through the egress proxy (repeatable; "
-                        "pypi.org, *.pythonhosted.org, host:PORT, a CIDR); default: nothing")
-    p.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
-                   help="network sandbox: the proxy resolves NAME to ADDRESS itself (repeatable)")
+    p.add_argument(
+        "--egress",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="network sandbox: allow this destination through the egress proxy (repeatable; "
+        "pypi.org, *.pythonhosted.org, host:PORT, a CIDR); default: nothing",
+    )
+    p.add_argument(
+        "--egress-host",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="network sandbox: the proxy resolves NAME to ADDRESS itself (repeatable)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     p = sub.add_parser("doctor", help="check that this host can run sandboxes")
@@ -132,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default=None, help="stdio: the policy tenant this process serves")
     p.add_argument("--state-dir", default=None, help="results, audit log, workspaces, tokens")
     p.add_argument(
-        "--pool-size", type=int, default=2, metavar="N",
+        "--pool-size",
+        type=int,
+        default=2,
+        metavar="N",
         help="sandboxes kept booted for the default request shape (default 2; 0 disables the warm pool)",
     )
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
@@ -142,50 +160,123 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="http: TLS certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="http: TLS private key (PEM)")
     p.add_argument(
-        "--behind-tls-proxy", action="store_true",
+        "--behind-tls-proxy",
+        action="store_true",
         help="http: allow a non-loopback bind without --tls-cert because a proxy in front terminates TLS",
     )
-    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST:PORT",
-                   help="http: extra Host header value to accept (the bind address is always accepted)")
-    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
-                   help="http: extra Origin to accept, e.g. https://app.example")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="http: extra Host header value to accept (the bind address is always accepted)",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="http: extra Origin to accept, e.g. https://app.example",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="http: request body limit")
-    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="http: a request body must arrive within this (default 30)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="http: a request head must arrive within this; also the idle limit of a kept-alive "
-                   "connection (default 10)")
-    p.add_argument("--max-connections", type=int, default=512,
-                   help="http: connections open at once; more wait in the listen backlog (default 512)")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="http: a request body must arrive within this (default 30)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="http: a request head must arrive within this; also the idle limit of a kept-alive "
+        "connection (default 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="http: connections open at once; more wait in the listen backlog (default 512)",
+    )
     p.add_argument("--max-sessions", type=int, default=256, help="http: open MCP sessions, all tenants (default 256)")
-    p.add_argument("--max-sessions-per-tenant", type=int, default=16,
-                   help="http: open MCP sessions of one tenant (default 16)")
-    p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="http: a session with no request for this long ends; its workspace is freed (default 1800)")
-    p.add_argument("--max-workspaces", type=_positive_int, default=128,
-                   help="workspace images mounted at once, all tenants (default 128)")
-    p.add_argument("--max-workspaces-per-tenant", type=_positive_int, default=16,
-                   help="workspace images mounted at once for one tenant (default 16)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT")
-    p.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
-                   help="network=sandbox: the egress proxy resolves NAME to ADDRESS itself (repeatable)")
-    p.add_argument("--no-system-dns", action="store_true",
-                   help="network=sandbox: the egress proxy resolves only --egress-host names and the "
-                        "policy's network.egress.hosts, never through DNS")
-    p.add_argument("--workspace", default=None, metavar="NAME",
-                   help="stdio: the named workspace to use (default 'default'); kept across restarts")
-    p.add_argument("--project", default=None, metavar="DIR",
-                   help="stdio: mount DIR read-write at /project in every sandbox (and the file tools)")
-    p.add_argument("--audit-max-mb", type=int, default=64, metavar="MB",
-                   help="rotate <state-dir>/audit.jsonl past this size (default 64)")
-    p.add_argument("--audit-keep", type=int, default=4, metavar="N",
-                   help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)")
-    p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="where commands run: this host (default) or HostAgents on a Ray cluster (docs/scale-out.md)")
+    p.add_argument(
+        "--max-sessions-per-tenant", type=int, default=16, help="http: open MCP sessions of one tenant (default 16)"
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="http: a session with no request for this long ends; its workspace is freed (default 1800)",
+    )
+    p.add_argument(
+        "--max-workspaces",
+        type=_positive_int,
+        default=128,
+        help="workspace images mounted at once, all tenants (default 128)",
+    )
+    p.add_argument(
+        "--max-workspaces-per-tenant",
+        type=_positive_int,
+        default=16,
+        help="workspace images mounted at once for one tenant (default 16)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="stdio: also serve Prometheus /metrics on 127.0.0.1:PORT"
+    )
+    p.add_argument(
+        "--egress-host",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="network=sandbox: the egress proxy resolves NAME to ADDRESS itself (repeatable)",
+    )
+    p.add_argument(
+        "--no-system-dns",
+        action="store_true",
+        help="network=sandbox: the egress proxy resolves only --egress-host names and the "
+        "policy's network.egress.hosts, never through DNS",
+    )
+    p.add_argument(
+        "--workspace",
+        default=None,
+        metavar="NAME",
+        help="stdio: the named workspace to use (default 'default'); kept across restarts",
+    )
+    p.add_argument(
+        "--project",
+        default=None,
+        metavar="DIR",
+        help="stdio: mount DIR read-write at /project in every sandbox (and the file tools)",
+    )
+    p.add_argument(
+        "--audit-max-mb",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="rotate <state-dir>/audit.jsonl past this size (default 64)",
+    )
+    p.add_argument(
+        "--audit-keep",
+        type=int,
+        default=4,
+        metavar="N",
+        help="rotated audit files kept: audit.jsonl.1 .. .N (default 4)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="where commands run: this host (default) or HostAgents on a Ray cluster (docs/scale-out.md)",
+    )
     p.add_argument("--ray-address", default=None, help="ray: the head node's GCS address HOST:PORT")
-    p.add_argument("--expect-runsc-version", default=None,
-                   help="ray: agents must report this `runsc --version` line (default: this host's runsc)")
+    p.add_argument(
+        "--expect-runsc-version",
+        default=None,
+        help="ray: agents must report this `runsc --version` line (default: this host's runsc)",
+    )
 
     from .oauth import add_arguments as add_oauth_arguments
 
@@ -197,23 +288,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-name", required=True, help="this host's name: its node has resource gvisor_mcp_host_<name>")
     p.add_argument("--state-dir", default="/var/lib/gvisor-mcp-agent", help="output of runs and workspaces")
     p.add_argument("--pool-size", type=int, default=2, help="warm sandboxes per front-end template (0: none)")
-    p.add_argument("--image", action="append", default=[], metavar="NAME=DIR|NAME=store:REF",
-                   help="an image this host runs by name (repeatable; the built-in 'host' always)")
-    p.add_argument("--sandbox-network", action="store_true",
-                   help="also run network=sandbox (per-run namespace and egress proxy; Ray's nodes and "
-                        "ports are always refused)")
-    p.add_argument("--egress", action="append", default=[], metavar="RULE",
-                   help="network=sandbox: the widest egress allowlist this host grants (repeatable; none by default)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="NAME=DIR|NAME=store:REF",
+        help="an image this host runs by name (repeatable; the built-in 'host' always)",
+    )
+    p.add_argument(
+        "--sandbox-network",
+        action="store_true",
+        help="also run network=sandbox (per-run namespace and egress proxy; Ray's nodes and ports are always refused)",
+    )
+    p.add_argument(
+        "--egress",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="network=sandbox: the widest egress allowlist this host grants (repeatable; none by default)",
+    )
 
     add_workspace_parser(sub)
 
     add_token_parser(sub)
 
-    p = sub.add_parser("connect", help="stdio MCP server for a user's client, forwarding to a gvisor-mcp HTTP server "
-                       "(no root needed; see README)")
+    p = sub.add_parser(
+        "connect",
+        help="stdio MCP server for a user's client, forwarding to a gvisor-mcp HTTP server "
+        "(no root needed; see README)",
+    )
     p.add_argument("url", metavar="URL", help="the server's MCP endpoint, like http://127.0.0.1:8765/mcp")
-    p.add_argument("--token-file", required=True, metavar="FILE",
-                   help="file holding the bearer token `gvisor-mcp token add TENANT` printed (chmod 600)")
+    p.add_argument(
+        "--token-file",
+        required=True,
+        metavar="FILE",
+        help="file holding the bearer token `gvisor-mcp token add TENANT` printed (chmod 600)",
+    )
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
@@ -245,9 +355,16 @@ def _main(argv: list[str]) -> int:
         logs.configure(choose_level(getattr(args, "log_level", None) or leading.log_level, args.cmd), json=True)
     except UsageError as e:
         return fail_usage(e)
-    handler = {"run": cmd_run, "doctor": cmd_doctor, "cleanup": cmd_cleanup, "serve": cmd_serve, "token": cmd_token,
-               "workspace": cmd_workspace, "connect": cmd_connect,
-               "agent": cmd_agent}
+    handler = {
+        "run": cmd_run,
+        "doctor": cmd_doctor,
+        "cleanup": cmd_cleanup,
+        "serve": cmd_serve,
+        "token": cmd_token,
+        "workspace": cmd_workspace,
+        "connect": cmd_connect,
+        "agent": cmd_agent,
+    }
     return handler[args.cmd](args)
 
 
@@ -321,8 +438,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 125
         print(f"gvisor-mcp: {result.summary()}", file=sys.stderr)
         for d in (result.network or {}).get("destinations", []):
-            print(f"gvisor-mcp: network: {d['verdict']} {d['destination']}"
-                  + (f" ({d['reason']})" if d.get("reason") else ""), file=sys.stderr)
+            print(
+                f"gvisor-mcp: network: {d['verdict']} {d['destination']}"
+                + (f" ({d['reason']})" if d.get("reason") else ""),
+                file=sys.stderr,
+            )
         return result.exit_code if 0 <= result.exit_code < 256 else 125
 
     try:

@@ -64,7 +64,9 @@ class HttpOptions(BaseModel):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.tokens_path:
-            raise ValueError("--tokens FILE is required with --transport http (create it with `gvisor-mcp token add TENANT`)")
+            raise ValueError(
+                "--tokens FILE is required with --transport http (create it with `gvisor-mcp token add TENANT`)"
+            )
 
 
 def is_loopback(host: str) -> bool:

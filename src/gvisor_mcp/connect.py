@@ -97,8 +97,7 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConnectError(
-            f"URL {url!r} is not an http(s) URL; expected the server's MCP endpoint, "
-            "like http://127.0.0.1:8765/mcp"
+            f"URL {url!r} is not an http(s) URL; expected the server's MCP endpoint, like http://127.0.0.1:8765/mcp"
         )
     host = parts.hostname
     if parts.scheme == "http" and not (host == "localhost" or host == "::1" or host.startswith("127.")):
@@ -134,10 +133,15 @@ class Explain(httpx2.AsyncBaseTransport):
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as e:
             why = _reason(e)
-            return self._fail(request, 502, UNREACHABLE, (
-                f"gvisor-mcp connect: cannot reach the gvisor-mcp server at {self.url} ({why}). Is it running? "
-                "On the server machine: `systemctl status gvisor-mcp` (docs/desktop.md)"
-            ))
+            return self._fail(
+                request,
+                502,
+                UNREACHABLE,
+                (
+                    f"gvisor-mcp connect: cannot reach the gvisor-mcp server at {self.url} ({why}). Is it running? "
+                    "On the server machine: `systemctl status gvisor-mcp` (docs/desktop.md)"
+                ),
+            )
         if response.status_code in (401, 403):
             body = await response.aread()
             await response.aclose()
@@ -146,18 +150,28 @@ class Explain(httpx2.AsyncBaseTransport):
             except (ValueError, AttributeError):
                 detail = body[:200].decode("utf-8", "replace")
             what = "refused the token in" if response.status_code == 401 else "does not let the token in"
-            return self._fail(request, response.status_code, REFUSED, (
-                f"gvisor-mcp connect: the server at {self.url} {what} {self.token_file} "
-                f"(HTTP {response.status_code}: {detail}). Ask the operator for a new token "
-                "(`gvisor-mcp token add TENANT`) and put it in that file"
-            ))
+            return self._fail(
+                request,
+                response.status_code,
+                REFUSED,
+                (
+                    f"gvisor-mcp connect: the server at {self.url} {what} {self.token_file} "
+                    f"(HTTP {response.status_code}: {detail}). Ask the operator for a new token "
+                    "(`gvisor-mcp token add TENANT`) and put it in that file"
+                ),
+            )
         if response.status_code == 404 and request.method == "POST" and "mcp-session-id" in request.headers:
             await response.aclose()
-            return self._fail(request, 404, SESSION_LOST, (
-                f"gvisor-mcp connect: the server at {self.url} no longer knows this session (it restarted, or "
-                "ended the session); its session workspace is gone. Restart the MCP client (in Claude Code: /mcp, "
-                "reconnect) to open a new session"
-            ))
+            return self._fail(
+                request,
+                404,
+                SESSION_LOST,
+                (
+                    f"gvisor-mcp connect: the server at {self.url} no longer knows this session (it restarted, or "
+                    "ended the session); its session workspace is gone. Restart the MCP client (in Claude Code: /mcp, "
+                    "reconnect) to open a new session"
+                ),
+            )
         return response
 
     def _fail(self, request: httpx2.Request, status: int, code: int, message: str) -> httpx2.Response:
@@ -165,7 +179,9 @@ class Explain(httpx2.AsyncBaseTransport):
             self.said.add(message)
             print(message, file=sys.stderr, flush=True)
         return httpx2.Response(
-            status, headers={"content-type": "application/json"}, content=_jsonrpc_error(code, message),
+            status,
+            headers={"content-type": "application/json"},
+            content=_jsonrpc_error(code, message),
             request=request,
         )
 

@@ -140,8 +140,11 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
         _libc.syscall.restype = ctypes.c_long
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, RESOLVE)
     fd = _libc.syscall(
-        ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(path.encode("utf-8")),
-        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+        ctypes.c_long(SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(path.encode("utf-8")),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
     )
     if fd < 0:
         err = ctypes.get_errno()
@@ -236,14 +239,19 @@ def _explain(e: OSError, parts: tuple[str, ...], doing: str) -> FileError:
     if code == errno.ENAMETOOLONG:
         return FileError("invalid", f"a name in {shown} is too long (at most 255 bytes each)")
     if code == errno.ENOTEMPTY:
-        return FileError("not_empty", f"{shown} is a directory that is not empty; pass recursive=true to delete it with its contents")
+        return FileError(
+            "not_empty", f"{shown} is a directory that is not empty; pass recursive=true to delete it with its contents"
+        )
     if code == errno.EEXIST:
         return FileError("exists", f"{shown} already exists")
     return FileError("io", f"{doing} {shown} failed: {os.strerror(code or 0)}")
 
 
 def _require_regular(
-    st: os.stat_result, parts: tuple[str, ...], *, directory: str = "list it with list_files",
+    st: os.stat_result,
+    parts: tuple[str, ...],
+    *,
+    directory: str = "list it with list_files",
     other: str = "only regular files are read or written by the file tools",
 ) -> None:
     if stat.S_ISDIR(st.st_mode):
@@ -372,8 +380,9 @@ def write(
                     f"{display(parts)} is a symbolic link; the file tools never follow links. "
                     "Write to the path it points to, or delete the link first",
                 )
-            _require_regular(old, parts, directory="give a file name",
-                             other="delete it first to replace it with a file")
+            _require_regular(
+                old, parts, directory="give a file name", other="delete it first to replace it with a file"
+            )
         perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) & 0o777 if old else DEFAULT_FILE_MODE)
         owner = (old.st_uid, old.st_gid) if old is not None else (uid, gid)
         try:
@@ -382,7 +391,7 @@ def write(
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fchown(fd, *owner)
                 os.fchmod(fd, perm)
             finally:
@@ -413,14 +422,14 @@ def _quiet(fn: Callable[[], object]) -> None:
 
 
 def parse_mode(text: str | None) -> int | None:
-    """"644", "0755" -> permission bits; setuid/setgid/sticky are not offered."""
+    """ "644", "0755" -> permission bits; setuid/setgid/sticky are not offered."""
     if text is None:
         return None
     s = text.strip()
     if s.startswith("0o"):
         s = s[2:]
     if not (3 <= len(s) <= 4) or any(c not in "01234567" for c in s) or (len(s) == 4 and s[0] != "0"):
-        raise FileError("invalid", f"mode {text!r} is not a permission mode; expected octal like \"644\" or \"0755\"")
+        raise FileError("invalid", f'mode {text!r} is not a permission mode; expected octal like "644" or "0755"')
     return int(s, 8)
 
 

@@ -150,8 +150,14 @@ class Gateway:
         scope = {**scope, "user": user}
         if path == "/metrics":
             if tenant != METRICS_ROLE:
-                await respond(send, 403, {"error": "forbidden", "message": "/metrics needs a metrics token "
-                                           "(`gvisor-mcp token add --metrics`)"})
+                await respond(
+                    send,
+                    403,
+                    {
+                        "error": "forbidden",
+                        "message": "/metrics needs a metrics token (`gvisor-mcp token add --metrics`)",
+                    },
+                )
                 return
             await respond_bytes(send, 200, self.rt.metrics.exposition(), CONTENT_TYPE_LATEST.encode())
             return
@@ -164,8 +170,14 @@ class Gateway:
         try:
             self.rt.policy.current.tenant(tenant)
         except UnknownTenant:
-            await respond(send, 403, {"error": "forbidden", "message": f"tenant {tenant!r} of this token is "
-                                       "not in the policy; ask the operator"})
+            await respond(
+                send,
+                403,
+                {
+                    "error": "forbidden",
+                    "message": f"tenant {tenant!r} of this token is not in the policy; ask the operator",
+                },
+            )
             return
         await self._mcp(tenant, scope, receive, send)
 
@@ -181,36 +193,60 @@ class Gateway:
             return
         external = _header(scope, SESSION_HEADER)
         if external is None and scope["method"] != "POST":
-            await respond(send, 400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
-                f"a {scope['method']} request needs an mcp-session-id header; open a session with an "
-                "initialize request (POST) first, then send its mcp-session-id"
-            )}})
+            await respond(
+                send,
+                400,
+                {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {
+                        "code": -32600,
+                        "message": (
+                            f"a {scope['method']} request needs an mcp-session-id header; open a session with an "
+                            "initialize request (POST) first, then send its mcp-session-id"
+                        ),
+                    },
+                },
+            )
             return
         receive = _bounded(receive, self.options.body_timeout)
         if scope["method"] == "POST":
             body, receive = await _buffered(receive, self.options.max_body_bytes)
             problem = _progress_problem(body)
             if problem is not None:
-                await respond(send, 200, {"jsonrpc": "2.0", "id": problem[0],
-                                           "error": {"code": -32602, "message": problem[1]}})
+                await respond(
+                    send, 200, {"jsonrpc": "2.0", "id": problem[0], "error": {"code": -32602, "message": problem[1]}}
+                )
                 return
         host = await self._host(tenant)
         if external is not None:
             session = self.sessions.get(external)
             if session is None or session.tenant != tenant:
-                await respond(send, 404, {"jsonrpc": "2.0", "id": None,
-                                           "error": {"code": -32001, "message": "Session not found"}})
+                await respond(
+                    send, 404, {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": "Session not found"}}
+                )
                 return
             last_event = _header(scope, b"last-event-id")
             if last_event is not None:
                 with events.partition(session.partition):
                     held = self.event_store.holds(last_event)
                 if not held:
-                    await respond(send, 400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
-                        "Last-Event-ID names an event this server no longer holds (events are kept in memory, "
-                        f"at most {self.event_store.max_session_bytes} bytes per session); the call itself goes on: "
-                        "poll it with list_active and inspect_result"
-                    )}})
+                    await respond(
+                        send,
+                        400,
+                        {
+                            "jsonrpc": "2.0",
+                            "id": None,
+                            "error": {
+                                "code": -32600,
+                                "message": (
+                                    "Last-Event-ID names an event this server no longer holds (events are kept in memory, "
+                                    f"at most {self.event_store.max_session_bytes} bytes per session); the call itself goes on: "
+                                    "poll it with list_active and inspect_result"
+                                ),
+                            },
+                        },
+                    )
                     return
             scope = _with_header(scope, SESSION_HEADER, session.internal)
             session.in_flight += 1
@@ -222,9 +258,12 @@ class Gateway:
                 self._admit(tenant)
             except SessionLimit as e:
                 log.warning("http_session_refused", tenant=tenant, reason=e.message)
-                await respond(send, e.status, {"jsonrpc": "2.0", "id": None,
-                                                "error": {"code": -32000, "message": e.message}},
-                               extra=[(b"retry-after", b"60")])
+                await respond(
+                    send,
+                    e.status,
+                    {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": e.message}},
+                    extra=[(b"retry-after", b"60")],
+                )
                 return
             self.opening[tenant] = self.opening.get(tenant, 0) + 1
         status = 0
@@ -239,8 +278,10 @@ class Gateway:
                     ext = self._external(tenant, internal, key, scope["user"])
                     message = _with_header(message, SESSION_HEADER, ext)
                 elif internal is not None:
-                    message = {**message, "headers": [(k, v) for k, v in message["headers"]
-                                                      if k.lower() != SESSION_HEADER]}
+                    message = {
+                        **message,
+                        "headers": [(k, v) for k, v in message["headers"] if k.lower() != SESSION_HEADER],
+                    }
             await send(message)
 
         try:
@@ -271,10 +312,22 @@ class Gateway:
                     received += len(message.get("body", b""))
                     if message["type"] != "http.request" or not message.get("more_body"):
                         break
-        await respond(send, 413, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": (
-            f"request body of {declared} bytes is larger than this server accepts "
-            f"(--max-body-bytes {self.options.max_body_bytes}); send less"
-        )}}, extra=[(b"connection", b"close")])
+        await respond(
+            send,
+            413,
+            {
+                "jsonrpc": "2.0",
+                "id": None,
+                "error": {
+                    "code": -32600,
+                    "message": (
+                        f"request body of {declared} bytes is larger than this server accepts "
+                        f"(--max-body-bytes {self.options.max_body_bytes}); send less"
+                    ),
+                },
+            },
+            extra=[(b"connection", b"close")],
+        )
 
     def _admit(self, tenant: str) -> None:
         """Raise SessionLimit when a new session of `tenant` would exceed a cap.
@@ -285,19 +338,25 @@ class Gateway:
         o = self.options
         mine = sum(1 for s in self.sessions.values() if s.tenant == tenant) + self.opening.get(tenant, 0)
         if mine >= o.max_sessions_per_tenant:
-            raise SessionLimit(429, (
-                f"tenant {tenant!r} already has {mine} open MCP sessions, the most this server allows per "
-                f"tenant (--max-sessions-per-tenant {o.max_sessions_per_tenant}). End one (HTTP DELETE with "
-                f"its mcp-session-id) or wait until an idle one expires ({o.session_idle_timeout:g} s without "
-                "a request), then open a new session"
-            ))
+            raise SessionLimit(
+                429,
+                (
+                    f"tenant {tenant!r} already has {mine} open MCP sessions, the most this server allows per "
+                    f"tenant (--max-sessions-per-tenant {o.max_sessions_per_tenant}). End one (HTTP DELETE with "
+                    f"its mcp-session-id) or wait until an idle one expires ({o.session_idle_timeout:g} s without "
+                    "a request), then open a new session"
+                ),
+            )
         total = len(self.sessions) + sum(self.opening.values())
         if total >= o.max_sessions:
-            raise SessionLimit(503, (
-                f"this server already has {total} open MCP sessions, its limit (--max-sessions "
-                f"{o.max_sessions}). Try again later, when sessions have ended or expired "
-                f"({o.session_idle_timeout:g} s without a request)"
-            ))
+            raise SessionLimit(
+                503,
+                (
+                    f"this server already has {total} open MCP sessions, its limit (--max-sessions "
+                    f"{o.max_sessions}). Try again later, when sessions have ended or expired "
+                    f"({o.session_idle_timeout:g} s without a request)"
+                ),
+            )
 
     def _external(self, tenant: str, internal: str, partition: str, user: Any) -> str:
         ext = self.external_ids.get((tenant, internal))
@@ -390,10 +449,19 @@ async def _delete_session(asgi: Any, session: Session, options: HttpOptions) -> 
     internal = session.internal
     host = f"127.0.0.1:{options.port}".encode()
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "DELETE",
-        "scheme": "http", "path": "/mcp", "raw_path": b"/mcp", "root_path": "", "query_string": b"",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "DELETE",
+        "scheme": "http",
+        "path": "/mcp",
+        "raw_path": b"/mcp",
+        "root_path": "",
+        "query_string": b"",
         "headers": [(b"host", host), (SESSION_HEADER, internal.encode("latin-1"))],
-        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", options.port), "user": session.user,
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", options.port),
+        "user": session.user,
     }
     sent = False
 
@@ -529,13 +597,24 @@ async def serve_http(config: ServeConfig, policy: PolicyHolder, signals: Signals
             verifier = TenantTokenVerifier(WatchedTokenFile(options.tokens_path), options.oauth)
             gateway = Gateway(rt, verifier, options, tg)
             tg.start_soon(gateway.expire_idle_sessions)
-            log.info("http_listening", host=options.host, port=options.port, tls=bool(options.tls_cert),
-                     oauth_issuer=options.oauth.issuer if options.oauth else None,
-                     header_timeout=options.header_timeout, max_connections=options.max_connections)
+            log.info(
+                "http_listening",
+                host=options.host,
+                port=options.port,
+                tls=bool(options.tls_cert),
+                oauth_issuer=options.oauth.issuer if options.oauth else None,
+                header_timeout=options.header_timeout,
+                max_connections=options.max_connections,
+            )
             # Stops taking requests first; then runtime() kills and records commands.
             await serve_asgi(
-                gateway, options.host, options.port, header_timeout=options.header_timeout,
-                max_connections=options.max_connections, tls_cert=options.tls_cert, tls_key=options.tls_key,
+                gateway,
+                options.host,
+                options.port,
+                header_timeout=options.header_timeout,
+                max_connections=options.max_connections,
+                tls_cert=options.tls_cert,
+                tls_key=options.tls_key,
             )
 
     def reload() -> None:

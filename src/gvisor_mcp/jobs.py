@@ -321,16 +321,15 @@ class Jobs:
             holding=holding,
         )
         try:
-            self.store.start(
-                rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits
-            )
+            self.store.start(rid, tenant=tenant, session=session, command=command, container_id=None, limits=limits)
             try:
                 out_w = self.store.part_writer(rid, "stdout", cap)
                 err_w = self.store.part_writer(rid, "stderr", cap)
             except OSError as e:
                 with contextlib.suppress(StoreUnavailable):
-                    self.store.finish(rid, status=ContainerStatus.ERROR,
-                                      fields=RunOutcome(error=f"not started: {e.strerror or e}"))
+                    self.store.finish(
+                        rid, status=ContainerStatus.ERROR, fields=RunOutcome(error=f"not started: {e.strerror or e}")
+                    )
                 raise StoreUnavailable(e.strerror or str(e)) from e
         except StoreUnavailable:
             if holding is not None:
@@ -353,9 +352,7 @@ class Jobs:
         if isinstance(options.egress, EgressRules):
             # Every connection attempt of this run goes to the audit log and
             # the metrics, with the tenant and result id the proxy never sees.
-            update["egress"] = EgressGrant(
-                options.egress, on_event=lambda ev: self._egress_event(job, ev, policy_hash)
-            )
+            update["egress"] = EgressGrant(options.egress, on_event=lambda ev: self._egress_event(job, ev, policy_hash))
         opts = options.model_copy(update=update)
         self._jobs[rid] = job
         self._tg.start_soon(self._run, job, opts, (out_w, err_w), policy_hash)
@@ -369,8 +366,9 @@ class Jobs:
             with anyio.CancelScope() as job.scope:
                 await self.gate.acquire(job.tenant)
                 try:
-                    result = await self.runner.run_job(options, run_id=job.result_id, tenant=job.tenant,
-                                                       session=job.session)
+                    result = await self.runner.run_job(
+                        options, run_id=job.result_id, tenant=job.tenant, session=job.session
+                    )
                 finally:
                     self.gate.release(job.tenant)
             if result is not None:
@@ -418,8 +416,15 @@ class Jobs:
         if self.metrics is not None:
             self.metrics.egress(job.tenant, ev.verdict, ev.bytes_up, ev.bytes_down)
 
-    def _finish(self, job: Job, result: ContainerResult | None, status: ContainerStatus, error: str | None,
-                writers: tuple[Any, ...], policy_hash: str | None) -> None:
+    def _finish(
+        self,
+        job: Job,
+        result: ContainerResult | None,
+        status: ContainerStatus,
+        error: str | None,
+        writers: tuple[Any, ...],
+        policy_hash: str | None,
+    ) -> None:
         """Record the outcome (store, audit, metrics) and wake the waiters.
 
         Never raises: it runs in the job's task, inside the server's task
@@ -435,8 +440,15 @@ class Jobs:
             self._jobs.pop(job.result_id, None)
             job.done.set()
 
-    def _record(self, job: Job, result: ContainerResult | None, status: ContainerStatus, error: str | None,
-                writers: tuple[Any, ...], policy_hash: str | None) -> None:
+    def _record(
+        self,
+        job: Job,
+        result: ContainerResult | None,
+        status: ContainerStatus,
+        error: str | None,
+        writers: tuple[Any, ...],
+        policy_hash: str | None,
+    ) -> None:
         for w in writers:
             with contextlib.suppress(OSError):
                 w.close()
@@ -456,8 +468,9 @@ class Jobs:
             container_id=job.container_id,
             command=job.command,
             # of the whole command (job.command is cut); known when start() made the job
-            **({"command_bytes": job.command_bytes, "command_sha256": job.command_sha256}
-               if job.command_sha256 else {}),
+            **(
+                {"command_bytes": job.command_bytes, "command_sha256": job.command_sha256} if job.command_sha256 else {}
+            ),
             policy_hash=policy_hash,
             decision="allowed",
             status=status,
@@ -468,14 +481,16 @@ class Jobs:
         )
         if self.metrics is not None:
             self.metrics.finished(
-                job.tenant, status,
+                job.tenant,
+                status,
                 warm=result.warm if result else None,
                 boot=result.boot_duration if result else None,
                 duration=result.duration if result else None,
             )
 
-    def _store_final(self, job: Job, result: ContainerResult | None, status: ContainerStatus,
-                     outcome: RunOutcome) -> None:
+    def _store_final(
+        self, job: Job, result: ContainerResult | None, status: ContainerStatus, outcome: RunOutcome
+    ) -> None:
         """Store the outcome; on a full disk, keep what can be kept and say so.
 
         First the whole result; failing that, the row without the output

@@ -25,11 +25,7 @@ def configure(level: str = "INFO", json: bool = True) -> None:
     global _configured
     level = parse_level(level)
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

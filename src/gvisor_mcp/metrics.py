@@ -23,23 +23,36 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.calls = Counter(
-            "gvisor_mcp_calls", "execute_command calls that ran, by tenant and final status",
-            ["tenant", "status"], registry=r,
+            "gvisor_mcp_calls",
+            "execute_command calls that ran, by tenant and final status",
+            ["tenant", "status"],
+            registry=r,
         )
         self.denials = Counter(
-            "gvisor_mcp_denials", "tool calls refused before running, by tenant and kind (tools/refuse.py)",
-            ["tenant", "kind"], registry=r,
+            "gvisor_mcp_denials",
+            "tool calls refused before running, by tenant and kind (tools/refuse.py)",
+            ["tenant", "kind"],
+            registry=r,
         )
         self.boot_seconds = Histogram(
-            "gvisor_mcp_boot_seconds", "time until the sandbox ran the command (claim time when warm)",
-            ["warm"], buckets=DURATION_BUCKETS, registry=r,
+            "gvisor_mcp_boot_seconds",
+            "time until the sandbox ran the command (claim time when warm)",
+            ["warm"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.run_seconds = Histogram(
-            "gvisor_mcp_run_seconds", "wall time of a run, sandbox creation to teardown",
-            ["tenant"], buckets=DURATION_BUCKETS, registry=r,
+            "gvisor_mcp_run_seconds",
+            "wall time of a run, sandbox creation to teardown",
+            ["tenant"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.pool = Counter(
-            "gvisor_mcp_pool_claims", "runs by whether they claimed a warm sandbox", ["result"], registry=r,
+            "gvisor_mcp_pool_claims",
+            "runs by whether they claimed a warm sandbox",
+            ["result"],
+            registry=r,
         )
         self.ooms = Counter("gvisor_mcp_oom_kills", "runs ended by their memory limit", ["tenant"], registry=r)
         self.timeouts = Counter("gvisor_mcp_timeouts", "runs ended by their time limit", ["tenant"], registry=r)
@@ -48,11 +61,14 @@ class Metrics:
         self.egress_connections = Counter(
             "gvisor_mcp_egress_connections",
             "connection attempts through the egress proxy, by tenant and verdict (allowed, denied, failed)",
-            ["tenant", "verdict"], registry=r,
+            ["tenant", "verdict"],
+            registry=r,
         )
         self.egress_bytes = Counter(
-            "gvisor_mcp_egress_bytes", "bytes through the egress proxy, by tenant and direction (up, down)",
-            ["tenant", "direction"], registry=r,
+            "gvisor_mcp_egress_bytes",
+            "bytes through the egress proxy, by tenant and direction (up, down)",
+            ["tenant", "direction"],
+            registry=r,
         )
 
     def watch(self, active: Callable[[], float], pool_idle: Callable[[], float]) -> None:

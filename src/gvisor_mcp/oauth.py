@@ -94,8 +94,12 @@ class OAuthOptions:
         `aud` may be an operator-chosen name rather than this URL."""
         from mcp.server.auth.settings import AuthSettings
 
-        return AuthSettings(issuer_url=self.issuer, resource_server_url=self.resource,
-                            required_scopes=list(self.scopes) or None, validate_token_resource=False)
+        return AuthSettings(
+            issuer_url=self.issuer,
+            resource_server_url=self.resource,
+            required_scopes=list(self.scopes) or None,
+            validate_token_resource=False,
+        )
 
     def metadata_url(self) -> str:
         from mcp.server.auth.routes import build_resource_metadata_url
@@ -119,20 +123,41 @@ class OAuthOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`serve --transport http` flags for OAuth resource-server mode."""
-    p.add_argument("--oauth-issuer", default=None, metavar="URL",
-                   help="http: accept JWT access tokens from this OAuth issuer (exact `iss`); static tokens "
-                   "keep working")
-    p.add_argument("--oauth-jwks-url", default=None, metavar="URL",
-                   help="http: the issuer's JWKS (its `jwks_uri`); required with --oauth-issuer")
-    p.add_argument("--oauth-resource", default=None, metavar="URL",
-                   help="http: this server's MCP URL as clients reach it, e.g. https://mcp.example/mcp "
-                   "(default on loopback: http://127.0.0.1:PORT/mcp)")
-    p.add_argument("--oauth-audience", default=None,
-                   help="http: the `aud` tokens must carry (default: --oauth-resource)")
-    p.add_argument("--oauth-tenant-claim", default="tenant", metavar="CLAIM",
-                   help="http: the claim that names the policy tenant (default `tenant`)")
-    p.add_argument("--oauth-scope", action="append", default=[], metavar="SCOPE",
-                   help="http: a scope every token must carry (repeatable)")
+    p.add_argument(
+        "--oauth-issuer",
+        default=None,
+        metavar="URL",
+        help="http: accept JWT access tokens from this OAuth issuer (exact `iss`); static tokens keep working",
+    )
+    p.add_argument(
+        "--oauth-jwks-url",
+        default=None,
+        metavar="URL",
+        help="http: the issuer's JWKS (its `jwks_uri`); required with --oauth-issuer",
+    )
+    p.add_argument(
+        "--oauth-resource",
+        default=None,
+        metavar="URL",
+        help="http: this server's MCP URL as clients reach it, e.g. https://mcp.example/mcp "
+        "(default on loopback: http://127.0.0.1:PORT/mcp)",
+    )
+    p.add_argument(
+        "--oauth-audience", default=None, help="http: the `aud` tokens must carry (default: --oauth-resource)"
+    )
+    p.add_argument(
+        "--oauth-tenant-claim",
+        default="tenant",
+        metavar="CLAIM",
+        help="http: the claim that names the policy tenant (default `tenant`)",
+    )
+    p.add_argument(
+        "--oauth-scope",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="http: a scope every token must carry (repeatable)",
+    )
 
 
 def options_from_args(args: Any, *, scheme: str, host: str, port: int) -> OAuthOptions | None:
@@ -148,12 +173,17 @@ def options_from_args(args: Any, *, scheme: str, host: str, port: int) -> OAuthO
     resource = args.oauth_resource
     if not resource:
         if not _loopback(host):
-            raise ValueError("--oauth-issuer needs --oauth-resource URL (this server's public MCP URL) "
-                             "when not bound to loopback")
+            raise ValueError(
+                "--oauth-issuer needs --oauth-resource URL (this server's public MCP URL) when not bound to loopback"
+            )
         resource = f"{scheme}://127.0.0.1:{port}/mcp"
     options = OAuthOptions(
-        issuer=issuer, jwks_url=args.oauth_jwks_url, resource=resource, audience=args.oauth_audience or "",
-        tenant_claim=args.oauth_tenant_claim, scopes=tuple(args.oauth_scope),
+        issuer=issuer,
+        jwks_url=args.oauth_jwks_url,
+        resource=resource,
+        audience=args.oauth_audience or "",
+        tenant_claim=args.oauth_tenant_claim,
+        scopes=tuple(args.oauth_scope),
     )
     options.check()
     return options
@@ -198,18 +228,28 @@ class JwtVerifier:
         o = self.options
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg], audience=o.expected_audience, issuer=o.issuer, leeway=LEEWAY,
+                token,
+                key,
+                algorithms=[alg],
+                audience=o.expected_audience,
+                issuer=o.issuer,
+                leeway=LEEWAY,
                 options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise TokenRefused(f"the access token expired at {_when(_claim(token, 'exp'))}; "
-                               f"get a new one from {o.issuer}") from None
+            raise TokenRefused(
+                f"the access token expired at {_when(_claim(token, 'exp'))}; get a new one from {o.issuer}"
+            ) from None
         except jwt.InvalidAudienceError:
-            raise TokenRefused(f"the access token is for audience {_claim(token, 'aud')!r}, not this server "
-                               f"({o.expected_audience!r}); request a token for that resource") from None
+            raise TokenRefused(
+                f"the access token is for audience {_claim(token, 'aud')!r}, not this server "
+                f"({o.expected_audience!r}); request a token for that resource"
+            ) from None
         except jwt.InvalidIssuerError:
-            raise TokenRefused(f"the access token was issued by {_claim(token, 'iss')!r}; this server accepts "
-                               f"tokens from {o.issuer!r} only") from None
+            raise TokenRefused(
+                f"the access token was issued by {_claim(token, 'iss')!r}; this server accepts "
+                f"tokens from {o.issuer!r} only"
+            ) from None
         except jwt.MissingRequiredClaimError as e:
             raise TokenRefused(f"the access token has no `{e.claim}` claim; it must have exp, iss and aud") from None
         except jwt.InvalidSignatureError:
@@ -217,12 +257,16 @@ class JwtVerifier:
         except jwt.PyJWTError as e:
             raise TokenRefused(f"the access token is not valid: {_short(e)}") from None
         except (TypeError, ValueError):  # PyJWT: the header's alg does not fit the key's type
-            raise TokenRefused(f"the access token's algorithm {alg} does not match its key "
-                               f"({header.get('kid')!r}) in {o.issuer}'s JWKS") from None
+            raise TokenRefused(
+                f"the access token's algorithm {alg} does not match its key "
+                f"({header.get('kid')!r}) in {o.issuer}'s JWKS"
+            ) from None
         tenant = claims.get(o.tenant_claim)
         if not isinstance(tenant, str) or not tenant or tenant.startswith("@"):
-            raise TokenRefused(f"the access token has no `{o.tenant_claim}` claim naming a tenant; ask the "
-                               f"operator of {o.issuer} to add it")
+            raise TokenRefused(
+                f"the access token has no `{o.tenant_claim}` claim naming a tenant; ask the "
+                f"operator of {o.issuer} to add it"
+            )
         granted = scopes_of(claims)
         missing = [s for s in o.scopes if s not in granted]
         if missing:
@@ -282,8 +326,9 @@ async def _fetch_jwks(url: str) -> dict[str, Any]:
         keyset = jwt.PyJWKSet.from_dict(json.loads(r.content))
     except (httpx2.HTTPError, ValueError, jwt.PyJWTError) as e:
         log.error("jwks_fetch_failed", url=url, error=_short(e))
-        raise TokenRefused(f"this server cannot fetch its issuer's keys right now ({_short(e)}); try again "
-                           "later, or tell the operator") from None
+        raise TokenRefused(
+            f"this server cannot fetch its issuer's keys right now ({_short(e)}); try again later, or tell the operator"
+        ) from None
     keys: dict[str, Any] = {}
     for i, k in enumerate(keyset.keys):
         if k.algorithm_name in ALGORITHMS or k.key_type in ("RSA", "EC", "OKP"):

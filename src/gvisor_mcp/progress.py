@@ -32,4 +32,3 @@ def progress_token_problem(params: Any) -> str | None:
             "notification. Send the request again with a shorter token"
         )
     return None
-

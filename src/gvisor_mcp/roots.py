@@ -117,7 +117,9 @@ def locate(roots: list[Root], path: str, no_workspace_hint: str) -> tuple[Root, 
     refused before anything is looked up.
     """
     if not isinstance(path, str) or not path.strip():
-        raise files.FileError("invalid", "the path is empty; give a path relative to the workspace, or an absolute one under it")
+        raise files.FileError(
+            "invalid", "the path is empty; give a path relative to the workspace, or an absolute one under it"
+        )
     if "\x00" in path:
         raise files.FileError("invalid", "the path contains a NUL character")
     if ".." in path.split("/"):
@@ -142,7 +144,7 @@ def locate(roots: list[Root], path: str, no_workspace_hint: str) -> tuple[Root, 
             "workspace, or an absolute one under one of those; other paths are only inside a sandbox "
             "(use execute_command)",
         )
-    return best, files.parse(norm[len(best.mount):].lstrip("/"))
+    return best, files.parse(norm[len(best.mount) :].lstrip("/"))
 
 
 def sandbox_path(root: Root, parts: tuple[str, ...]) -> str:
@@ -171,8 +173,9 @@ def stdio_places(config: Any, effective: Any) -> dict[str, Any]:
         if effective.workspace.scope == "tenant" or not effective.workspace.enabled:
             raise ValueError(
                 f"--workspace {name!r} names a workspace, but the policy's workspace for tenant "
-                f"{effective.name!r} is " + ("disabled" if not effective.workspace.enabled else
-                "shared by the tenant (workspace.scope: tenant)") + "; leave --workspace out"
+                f"{effective.name!r} is "
+                + ("disabled" if not effective.workspace.enabled else "shared by the tenant (workspace.scope: tenant)")
+                + "; leave --workspace out"
             )
     project = config.project_dir
     if project is not None:
@@ -182,7 +185,9 @@ def stdio_places(config: Any, effective: Any) -> dict[str, Any]:
         if not os.path.isdir(path):
             raise ValueError(f"--project {project!r} is not a directory; expected the project directory to mount")
         if path == "/" or path.split("/")[1] in ("proc", "sys", "dev"):
-            raise ValueError(f"--project {project!r} cannot be mounted; expected a directory outside /, /proc, /sys, /dev")
+            raise ValueError(
+                f"--project {project!r} cannot be mounted; expected a directory outside /, /proc, /sys, /dev"
+            )
         if PROJECT_NAME in effective.projects:
             raise ValueError(f"the policy already names a project {PROJECT_NAME!r}; leave --project out or rename it")
         extra = {PROJECT_NAME: Project(path=path, mount=PROJECT_MOUNT, read_only=False)}

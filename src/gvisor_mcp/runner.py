@@ -62,8 +62,9 @@ class JobRunner(Protocol):
 
     def active_run(self, run_id: str) -> RunView | None: ...
 
-    async def run_job(self, options: ContainerOptions, *, run_id: str, tenant: str,
-                      session: str | None) -> ContainerResult: ...
+    async def run_job(
+        self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None
+    ) -> ContainerResult: ...
 
     async def kill_job(self, run_id: str) -> bool: ...
 
@@ -100,8 +101,9 @@ class LocalRunner:
     def active_run(self, run_id: str) -> RunView | None:
         return self.manager.active_run(run_id)
 
-    async def run_job(self, options: ContainerOptions, *, run_id: str, tenant: str,
-                      session: str | None) -> ContainerResult:
+    async def run_job(
+        self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None
+    ) -> ContainerResult:
         return await self.manager.run(options, run_id=run_id)
 
     async def kill_job(self, run_id: str) -> bool:

@@ -190,8 +190,10 @@ class TenantState:
     def resolve_args(self, caller: Caller) -> dict[str, Any]:
         """resolve()'s server-given arguments for `caller`."""
         return dict(
-            workspace_root=self.workspace_root, session_id=caller.session_id,
-            workspace_name=caller.workspace_name, extra_projects=self.config.projects,
+            workspace_root=self.workspace_root,
+            session_id=caller.session_id,
+            workspace_name=caller.workspace_name,
+            extra_projects=self.config.projects,
             images=self.images,
         )
 
@@ -200,9 +202,7 @@ class TenantState:
         busy = {j.session for j in self.jobs.active_all() if j.tenant == self.tenant and j.session}
         for handle in self.created.idle(busy):
             self.created.forget(handle)
-            self.remove_workspace(
-                workspace_host_path(self.workspace_root, self.tenant, "session", handle).resolve()
-            )
+            self.remove_workspace(workspace_host_path(self.workspace_root, self.tenant, "session", handle).resolve())
 
     def prepare_workspace(self, resolved: Resolved) -> None:
         """Mount the run's workspace, if the policy gives it one: a size-limited
@@ -280,7 +280,9 @@ class TenantState:
         cold path. Memory, CPU, timeout, env and workdir are applied at claim.
         """
         resolved = resolve(
-            self.policy.current, ExecRequest(command="true"), self.tenant,
+            self.policy.current,
+            ExecRequest(command="true"),
+            self.tenant,
             **self.resolve_args(Caller(self.tenant, self.session_id, self.workspace_name)),
         )
         self.prepare_workspace(resolved)
@@ -331,8 +333,7 @@ class TenantState:
         if digest is None or self.images is None:
             return None
         image = resolved.receipt.get("image")
-        if (self.warmed is not None and digest != self.pool_digest
-                and image.granted == resolved.settings.defaults.image):
+        if self.warmed is not None and digest != self.pool_digest and image.granted == resolved.settings.defaults.image:
             self.warm_pool()
         try:
             return self.images.hold(digest, f"run {result_id} (tenant {self.tenant}) of server pid {os.getpid()}")
@@ -389,9 +390,15 @@ async def start_runtime(config: ServeConfig, policy: PolicyHolder) -> AsyncItera
             if config.backend == "local":
                 _workspace.cleanup_stale(state_dir / "workspaces")  # mounts of dead servers
             recovered = store.recover()
-            log.info("server_start", tenant=config.tenant, state_dir=str(state_dir),
-                     reaped=reaped, recovered=recovered, policy_hash=policy.current.sha256,
-                     pool_size=config.pool_size)
+            log.info(
+                "server_start",
+                tenant=config.tenant,
+                state_dir=str(state_dir),
+                reaped=reaped,
+                recovered=recovered,
+                policy_hash=policy.current.sha256,
+                pool_size=config.pool_size,
+            )
             metrics = Metrics()
             metrics.watch(manager.active_containers, manager.idle_pooled)
             jobs = Jobs(manager, store, audit, tg, metrics, shared=config.multi_tenant)
@@ -427,8 +434,9 @@ def _result_store(config: ServeConfig) -> ResultStore:
 
 
 @asynccontextmanager
-async def _where_jobs_run(config: ServeConfig, policy: PolicyHolder,
-                          store: ResultStore) -> AsyncIterator[ManagerAPI | JobRunner]:
+async def _where_jobs_run(
+    config: ServeConfig, policy: PolicyHolder, store: ResultStore
+) -> AsyncIterator[ManagerAPI | JobRunner]:
     """This host's Manager (with the egress side of network=sandbox), or for
     `--backend ray` the cluster's RayRunner: nothing runs on this host then,
     so no network service and no workspaces here (each agent has its own)."""
@@ -439,9 +447,13 @@ async def _where_jobs_run(config: ServeConfig, policy: PolicyHolder,
     # Lazy: ray is an optional extra, and only `serve --backend ray` needs it.
     from .cluster.frontend import ClusterResultStore, RayRunner
 
-    runner = RayRunner(policy, config.workspace_root, config.state_dir / "cluster",
-                       expected_runsc_version=config.expect_runsc_version,
-                       kill_grace=config.manager.kill_grace)
+    runner = RayRunner(
+        policy,
+        config.workspace_root,
+        config.state_dir / "cluster",
+        expected_runsc_version=config.expect_runsc_version,
+        kill_grace=config.manager.kill_grace,
+    )
     if isinstance(store, ClusterResultStore):
         store.runner = runner
     async with runner:
@@ -476,4 +488,3 @@ def _drop_session_workspaces(app: TenantState) -> None:
         if session:
             app.made_workspaces.discard(path)
     _workspace.release_all()  # anything this process still holds
-

@@ -79,8 +79,9 @@ class RunView:
 
     def line(self) -> bytes:
         elapsed = time.monotonic() - self.started
-        return (f"gvisor-mcp: running {elapsed:.1f}s, stdout {human(self.out_bytes)}, "
-                f"stderr {human(self.err_bytes)}").encode()
+        return (
+            f"gvisor-mcp: running {elapsed:.1f}s, stdout {human(self.out_bytes)}, stderr {human(self.err_bytes)}"
+        ).encode()
 
     def draw(self) -> None:
         if not self.shown or not self.at_line_start:

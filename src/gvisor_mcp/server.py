@@ -28,7 +28,12 @@ Lifespan = Callable[[MCPServer[TenantState]], AbstractAsyncContextManager[Tenant
 
 
 def build_server(
-    config: ServeConfig, policy: PolicyHolder, tenant: str, lifespan: Lifespan, *, over_http: bool = False,
+    config: ServeConfig,
+    policy: PolicyHolder,
+    tenant: str,
+    lifespan: Lifespan,
+    *,
+    over_http: bool = False,
 ) -> SafeServer:
     """An MCPServer whose tools publish `tenant`'s policy in their schemas.
 

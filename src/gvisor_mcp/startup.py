@@ -93,8 +93,10 @@ def _serve(config: ServeConfig, loop: ServeLoop) -> int:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
         return 2
     for capacity in capacity_warnings(
-        policy.current, config.manager.max_concurrent_containers,
-        None if config.multi_tenant else [config.tenant], shared=config.multi_tenant,
+        policy.current,
+        config.manager.max_concurrent_containers,
+        None if config.multi_tenant else [config.tenant],
+        shared=config.multi_tenant,
     ):
         log.warning("capacity_warning", warning=capacity)
     if config.http is not None:

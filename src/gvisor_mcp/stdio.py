@@ -129,8 +129,11 @@ class LineReader:
                 continue
             if len(self._buf) > self._max:
                 if not self._skipping:
-                    await self._refuse(head_id(bytes(self._buf[:4096])), INVALID_REQUEST,
-                                       f"message longer than {self._max} bytes; send less")
+                    await self._refuse(
+                        head_id(bytes(self._buf[:4096])),
+                        INVALID_REQUEST,
+                        f"message longer than {self._max} bytes; send less",
+                    )
                 self._skipping = True
                 self._buf = bytearray()
                 self._scanned = 0
@@ -154,8 +157,9 @@ class LineReader:
         try:
             message = _message_adapter().validate_json(line, by_name=False)
         except ValueError as e:
-            await self._refuse(head_id(bytes(line[:4096])), PARSE_ERROR,
-                               f"not a valid JSON-RPC message: {str(e)[:300]}")
+            await self._refuse(
+                head_id(bytes(line[:4096])), PARSE_ERROR, f"not a valid JSON-RPC message: {str(e)[:300]}"
+            )
             return None
         if isinstance(message, mcp_types.JSONRPCNotification) and b'"id"' in line:
             # A request whose id is not a string or an integer (an object, a
@@ -180,8 +184,13 @@ def _bad_id(line: bytearray) -> str | None:
         return None
     if not isinstance(raw, dict) or "id" not in raw:
         return None
-    kind = {dict: "an object", list: "a list", float: "a number with a fraction", bool: "a boolean",
-            type(None): "null"}.get(type(raw["id"]), type(raw["id"]).__name__)
+    kind = {
+        dict: "an object",
+        list: "a list",
+        float: "a number with a fraction",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(raw["id"]), type(raw["id"]).__name__)
     return (
         f'invalid request: "id" is {kind}; JSON-RPC request ids here must be a string or an integer. '
         "Send the request again with such an id (or without one, as a notification)"

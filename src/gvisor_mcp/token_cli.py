@@ -47,8 +47,10 @@ def token_main(args: argparse.Namespace) -> int:
             gone = tokens.revoke(fingerprint=args.fingerprint, tenant=args.tenant)
             for e in gone:
                 print(f"revoked {e.fingerprint} ({e.tenant}, created {e.created or '?'})")
-            print(f"{len(gone)} token(s) removed from {path}; a running server refuses them from its next request",
-                  file=sys.stderr)
+            print(
+                f"{len(gone)} token(s) removed from {path}; a running server refuses them from its next request",
+                file=sys.stderr,
+            )
             return 0
         return _add(args, tokens, path)
     except TokenFileError as e:
@@ -66,8 +68,10 @@ def tokens_path(args: argparse.Namespace) -> Path:
 def _list(tokens: object) -> int:
     entries = tokens.entries  # type: ignore[attr-defined]
     if not entries:
-        print(f"no tokens in {tokens.path}; create one with `gvisor-mcp token add TENANT`",  # type: ignore[attr-defined]
-              file=sys.stderr)
+        print(
+            f"no tokens in {tokens.path}; create one with `gvisor-mcp token add TENANT`",  # type: ignore[attr-defined]
+            file=sys.stderr,
+        )
         return 0
     width = max(len("TENANT"), *(len(e.tenant) for e in entries))
     print(f"{'TENANT':<{width}}  {'CREATED':<25}  FINGERPRINT")
@@ -90,8 +94,10 @@ def _add(args: argparse.Namespace, tokens: object, path: Path) -> int:
     token = tokens.add(METRICS_ROLE if args.metrics else args.tenant)  # type: ignore[attr-defined]
     entry = tokens.entries[-1]  # type: ignore[attr-defined]
     print(token)
-    print(f"stored its SHA-256 in {path} (fingerprint {entry.fingerprint}); this token is not shown again",
-          file=sys.stderr)
+    print(
+        f"stored its SHA-256 in {path} (fingerprint {entry.fingerprint}); this token is not shown again",
+        file=sys.stderr,
+    )
     return 0
 
 

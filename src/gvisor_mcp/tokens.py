@@ -93,9 +93,7 @@ class TokenFile:
                 or len(row["sha256"]) != 64
                 or not isinstance(row.get("tenant"), str)
             ):
-                raise TokenFileError(
-                    f"{path}: tokens[{i}] must have `sha256` (64 hex digits) and `tenant` (a name)"
-                )
+                raise TokenFileError(f"{path}: tokens[{i}] must have `sha256` (64 hex digits) and `tenant` (a name)")
             entries.append(Entry(row["sha256"].lower(), row["tenant"], str(row.get("created", ""))))
         return cls(path, tuple(entries))
 
@@ -153,9 +151,7 @@ class TokenFile:
             gone = tuple(e for e in self.entries if e.tenant == tenant)
             what = f"tenant {tenant!r}"
         if not gone:
-            raise TokenFileError(
-                f"no token in {self.path} has {what}; `gvisor-mcp token list` shows the tokens there"
-            )
+            raise TokenFileError(f"no token in {self.path} has {what}; `gvisor-mcp token list` shows the tokens there")
         self.entries = tuple(e for e in self.entries if e not in gone)
         self._write()
         return gone

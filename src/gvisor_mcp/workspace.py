@@ -100,8 +100,7 @@ def support_problem() -> str | None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         return (
-            f"{', '.join(missing)} not found on PATH (Debian: apt-get install e2fsprogs mount; "
-            "scripts/setup.sh does)"
+            f"{', '.join(missing)} not found on PATH (Debian: apt-get install e2fsprogs mount; scripts/setup.sh does)"
         )
     if os.geteuid() != 0:
         return "mounting workspace images needs root"
@@ -117,7 +116,9 @@ def support_problem() -> str | None:
 
 def _ext4_available() -> bool:
     try:
-        if any(line.split()[-1] == "ext4" for line in Path("/proc/filesystems").read_text().splitlines() if line.strip()):
+        if any(
+            line.split()[-1] == "ext4" for line in Path("/proc/filesystems").read_text().splitlines() if line.strip()
+        ):
             return True
     except OSError:
         return False
@@ -298,8 +299,17 @@ def _make_image(image: Path, size_mb: int, uid: int, gid: int, populate: Path | 
         argv = [
             # -i: one inode per 8 KiB, whatever the host's mke2fs.conf says
             # (file-heavy trees like node_modules run out of inodes first).
-            "mkfs.ext4", "-q", "-F", "-m", "0", "-i", str(INODE_RATIO), "-L", "gvisor-mcp-ws",
-            "-E", f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1",
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-i",
+            str(INODE_RATIO),
+            "-L",
+            "gvisor-mcp-ws",
+            "-E",
+            f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1",
         ]
         if populate is not None:
             argv += ["-d", str(populate)]
@@ -346,8 +356,7 @@ def ensure(root: Path, mountpoint: Path, size_mb: int, uid: int, gid: int, scope
         mounted = _mounted_image(mountpoint)
         if mounted is not None and mounted != image:
             raise WorkspaceError(
-                f"workspace {mountpoint} has another filesystem mounted on it ({mounted}); "
-                "refusing to use it"
+                f"workspace {mountpoint} has another filesystem mounted on it ({mounted}); refusing to use it"
             )
         if not mountpoint.is_dir():
             mountpoint.mkdir(parents=True, mode=0o700)
@@ -360,16 +369,17 @@ def ensure(root: Path, mountpoint: Path, size_mb: int, uid: int, gid: int, scope
             try:
                 _make_image(image, size_mb, uid, gid, populate)
             except WorkspaceError as e:
-                raise WorkspaceError(
-                    f"could not create the {size_mb} MiB workspace image for {mountpoint}: {e}"
-                ) from e
+                raise WorkspaceError(f"could not create the {size_mb} MiB workspace image for {mountpoint}: {e}") from e
             created = True
             if populate is not None:
                 _clear(mountpoint)  # its files are in the image now
         elif image.stat().st_size != size_mb * 1024 * 1024:
             log.warning(
-                "workspace_size_differs", image=str(image), size_mb=image.stat().st_size // (1024 * 1024),
-                policy_size_mb=size_mb, note="the policy's size applies to new workspaces",
+                "workspace_size_differs",
+                image=str(image),
+                size_mb=image.stat().st_size // (1024 * 1024),
+                policy_size_mb=size_mb,
+                note="the policy's size applies to new workspaces",
             )
         if mounted is None:
             device = _held_elsewhere(image)
@@ -388,8 +398,9 @@ def ensure(root: Path, mountpoint: Path, size_mb: int, uid: int, gid: int, scope
                     except OSError:
                         pass
                 os.chmod(mountpoint, 0o700)
-            log.info("workspace_mounted", mountpoint=str(mountpoint), image=str(image), size_mb=size_mb,
-                     created=created)
+            log.info(
+                "workspace_mounted", mountpoint=str(mountpoint), image=str(image), size_mb=size_mb, created=created
+            )
         if held is None:
             fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_SH)

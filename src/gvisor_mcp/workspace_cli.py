@@ -51,8 +51,9 @@ def find(root: Path) -> list[Found]:
         if is_mounted:
             vfs = os.statvfs(mountpoint)
             used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
-        out.append(Found(ident, mountpoint, image, st.st_size, st.st_blocks * 512, is_mounted,
-                         _workspace.in_use(image), used))
+        out.append(
+            Found(ident, mountpoint, image, st.st_size, st.st_blocks * 512, is_mounted, _workspace.in_use(image), used)
+        )
     return out
 
 
@@ -88,13 +89,18 @@ def workspace_main(args: argparse.Namespace) -> int:
     for ident in args.ids:
         entry = known.get(ident.strip("/"))
         if entry is None:
-            print(f"gvisor-mcp: no workspace {ident!r} under {root}; `gvisor-mcp workspace list` shows "
-                  "them (e.g. default/named/default)", file=sys.stderr)
+            print(
+                f"gvisor-mcp: no workspace {ident!r} under {root}; `gvisor-mcp workspace list` shows "
+                "them (e.g. default/named/default)",
+                file=sys.stderr,
+            )
             status = 1
             continue
         if not _workspace.remove_unused(root, entry.mountpoint):
-            print(f"gvisor-mcp: workspace {entry.id} is in use by a running server; stop it and try again",
-                  file=sys.stderr)
+            print(
+                f"gvisor-mcp: workspace {entry.id} is in use by a running server; stop it and try again",
+                file=sys.stderr,
+            )
             status = 1
             continue
         print(f"removed {entry.id} ({format_bytes(entry.on_disk)} freed)")
@@ -104,8 +110,10 @@ def workspace_main(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("workspace", help="list, measure or remove workspaces (kept across restarts)")
     wsub = p.add_subparsers(dest="workspace_command", required=True)
-    for name, text in (("list", "every workspace: size limit and whether a server uses it"),
-                       ("du", "host disk space each workspace image takes, and what is used inside")):
+    for name, text in (
+        ("list", "every workspace: size limit and whether a server uses it"),
+        ("du", "host disk space each workspace image takes, and what is used inside"),
+    ):
         w = wsub.add_parser(name, help=text)
         w.add_argument("--state-dir", default=None)
     w = wsub.add_parser("rm", help="delete workspaces and their files (refused while a server uses one)")

@@ -58,9 +58,7 @@ def mounts_under(*directories: Path, pid: int | str = "self") -> list[str]:
     `directories`, in the mount namespace of `pid` (a server's: its
     workspaces are mounted in a namespace of its own, see mountns.py)."""
     dirs = [d.resolve() for d in directories if d.exists()]
-    return sorted(
-        str(mp) for mp, _ in workspace.loop_mounts(pid) if any(d == mp or d in mp.parents for d in dirs)
-    )
+    return sorted(str(mp) for mp, _ in workspace.loop_mounts(pid) if any(d == mp or d in mp.parents for d in dirs))
 
 
 def server_pids(base: Path) -> list[int]:
@@ -137,8 +135,9 @@ def serve(sandbox_base):
     state_dirs: list[Path] = []
 
     @contextlib.asynccontextmanager
-    async def start(*extra: str, state_dir: Path | None = None, env: dict | None = None,
-                    log: Path | None = None, mode: str = "auto"):
+    async def start(
+        *extra: str, state_dir: Path | None = None, env: dict | None = None, log: Path | None = None, mode: str = "auto"
+    ):
         sd = state_dir or sandbox_base / "state"
         state_dirs.append(sd)
         params = server_params(sandbox_base, *extra, state_dir=sd, env=env)
@@ -161,7 +160,21 @@ def fresh_name(prefix: str) -> str:
 
 
 __all__ = [
-    "BIN", "CANARY_SECONDS", "audit", "canary", "cgroup_file", "fresh_name", "kib", "mounts_under", "ok",
-    "output_until", "proc_status", "run", "running_container", "server_pids", "structured", "text",
+    "BIN",
+    "CANARY_SECONDS",
+    "audit",
+    "canary",
+    "cgroup_file",
+    "fresh_name",
+    "kib",
+    "mounts_under",
+    "ok",
+    "output_until",
+    "proc_status",
+    "run",
+    "running_container",
+    "server_pids",
+    "structured",
+    "text",
     "write_policy",
 ]

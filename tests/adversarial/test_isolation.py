@@ -109,8 +109,14 @@ async def test_network_none_reaches_no_public_address_no_host_listener_and_not_t
                 while listener.accepted < 1:
                     await anyio.sleep(0.05)
             seen_by_host = listener.accepted
-            targets = [("1.1.1.1", 53), ("8.8.8.8", 443), ("127.0.0.1", listener.port),
-                       ("127.0.0.1", metrics_port), ("10.0.2.2", 80), ("169.254.169.254", 80)]
+            targets = [
+                ("1.1.1.1", 53),
+                ("8.8.8.8", 443),
+                ("127.0.0.1", listener.port),
+                ("127.0.0.1", metrics_port),
+                ("10.0.2.2", 80),
+                ("169.254.169.254", 80),
+            ]
             probe = PROBE.replace("TARGETS", repr(targets))
             s = await ok(c, f"python3 - <<'EOF'\n{probe}\nEOF")
             got = json.loads(s["stdout"])
@@ -163,9 +169,12 @@ def _environ(pid: str) -> bytes:
 
 async def test_proc_sys_and_uname_reveal_no_host_path_or_host_kernel(serve, sandbox_base):
     async with serve("--pool-size", "0") as c:
-        s = await ok(c, "hostname; uname -a; cat /proc/version /proc/cmdline /proc/self/mountinfo /proc/mounts "
-                        "/proc/self/cgroup /proc/self/status /proc/1/cmdline; ls -R /sys 2>/dev/null | head -2000; "
-                        "cat /etc/hostname /etc/hosts /etc/resolv.conf; pwd; echo $HOME")
+        s = await ok(
+            c,
+            "hostname; uname -a; cat /proc/version /proc/cmdline /proc/self/mountinfo /proc/mounts "
+            "/proc/self/cgroup /proc/self/status /proc/1/cmdline; ls -R /sys 2>/dev/null | head -2000; "
+            "cat /etc/hostname /etc/hosts /etc/resolv.conf; pwd; echo $HOME",
+        )
         seen = s["stdout"] + s["stderr"]
         host_facts = {
             "host kernel release": platform.release(),
@@ -232,7 +241,9 @@ async def test_root_inside_cannot_change_a_read_only_mount_on_the_host(serve, sa
             etc = sandbox_base / "bundles" / ".image" / "etc"
             etc_before = snapshot(etc)
             for d in (str(victim_dir), "/etc"):
-                s = structured(await run(c, command=ATTACKS.format(d=d).replace("victim", "victim" if d != "/etc" else "passwd")))
+                s = structured(
+                    await run(c, command=ATTACKS.format(d=d).replace("victim", "victim" if d != "/etc" else "passwd"))
+                )
                 assert s["stdout"] == "done\n", s
                 assert "Read-only file system" in s["stderr"], s
             assert snapshot(victim_dir) == before
@@ -260,8 +271,12 @@ async def test_setuid_gives_nothing(serve, sandbox_base, tmp_path):
         os.chmod(ws / "suid-id", 0o4755)
         s = await ok(c, "ls -l /workspace/suid-id; /workspace/suid-id -u; /workspace/suid-id -un")
         assert s["stdout"].startswith("-rwsr-xr-x") and s["stdout"].endswith("\n1000\nsandbox\n"), s
-        s = structured(await run(c, command="find /usr/bin -perm -4000 | head -3; echo | su -c 'id -u' root; "
-                                            "newgrp root </dev/null; id -u"))
+        s = structured(
+            await run(
+                c,
+                command="find /usr/bin -perm -4000 | head -3; echo | su -c 'id -u' root; newgrp root </dev/null; id -u",
+            )
+        )
         assert "/usr/bin/" in s["stdout"] and s["stdout"].endswith("1000\n"), s
         assert "\n0\n" not in "\n" + s["stdout"]
         await canary(c)
@@ -318,8 +333,10 @@ async def test_every_call_gets_a_fresh_sandbox_even_from_the_warm_pool(serve, tm
     call writes to /tmp and to / (root inside, so / is writable) and looks for
     what the call before it wrote; it must find nothing, in another container."""
     policy = write_policy(tmp_path, 'version: 1\ndefaults: {user: "0:0"}\nworkspace: {enabled: false}\n')
-    probe = ("for f in /tmp/mark /mark; do [ -e $f ] && echo FOUND $f $(cat $f); done; "
-             "echo $MY > /tmp/mark && echo $MY > /mark && echo wrote; ls -A /tmp")
+    probe = (
+        "for f in /tmp/mark /mark; do [ -e $f ] && echo FOUND $f $(cat $f); done; "
+        "echo $MY > /tmp/mark && echo $MY > /mark && echo wrote; ls -A /tmp"
+    )
     async with serve("--policy", str(policy), "--pool-size", "2") as c:
         results = []
         with anyio.fail_after(300):

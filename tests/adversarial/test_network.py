@@ -53,8 +53,9 @@ async def test_agent_sees_what_was_allowed_and_denied(serve, internet, sandbox_b
     metrics_port = free_port()
     policy = policy_for(internet, tmp_path)
     state = sandbox_base / "state"
-    async with serve(*flags(internet, policy, "--pool-size", "0", "--metrics-port", str(metrics_port)),
-                     state_dir=state) as c:
+    async with serve(
+        *flags(internet, policy, "--pool-size", "0", "--metrics-port", str(metrics_port)), state_dir=state
+    ) as c:
         (pid,) = server_pids(sandbox_base)
 
         r = await run(c, command="curl -sS http://web.test/hello", network="sandbox")
@@ -67,9 +68,10 @@ async def test_agent_sees_what_was_allowed_and_denied(serve, internet, sandbox_b
         r = await run(
             c,
             command="python3 -m pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/s "
-                    "--index-url http://pypi.test/simple/ --trusted-host pypi.test gvmcp-hello && "
-                    "PYTHONPATH=/tmp/s python3 -c 'import gvmcp_hello as g; print(g.GREETING)'",
-            network="sandbox", memory_mb=512,
+            "--index-url http://pypi.test/simple/ --trusted-host pypi.test gvmcp-hello && "
+            "PYTHONPATH=/tmp/s python3 -c 'import gvmcp_hello as g; print(g.GREETING)'",
+            network="sandbox",
+            memory_mb=512,
         )
         assert structured(r)["exit_code"] == 0, text(r)
         assert structured(r)["stdout"].endswith("hello from a test wheel\n")
@@ -98,8 +100,9 @@ async def test_agent_sees_what_was_allowed_and_denied(serve, internet, sandbox_b
         # Another run's proxy: its address is not even routable from here.
         bg = structured(await run(c, command="echo $HTTP_PROXY; sleep 120", network="sandbox", background=True))
         with anyio.fail_after(60):
-            while not (other := structured(await c.call_tool(
-                    "inspect_result", {"result_id": bg["result_id"]}))["data"].strip()):
+            while not (
+                other := structured(await c.call_tool("inspect_result", {"result_id": bg["result_id"]}))["data"].strip()
+            ):
                 await anyio.sleep(0.1)
         r = await run(c, command=f"curl -sS -m 10 -x {other} http://web.test/hello; echo rc=$?", network="sandbox")
         s = structured(r)
@@ -125,7 +128,8 @@ async def test_agent_sees_what_was_allowed_and_denied(serve, internet, sandbox_b
 
     samples = {
         (m.name, tuple(sorted(m.labels.items()))): m.value
-        for f in text_string_to_metric_families(metrics) for m in f.samples
+        for f in text_string_to_metric_families(metrics)
+        for m in f.samples
     }
     assert samples[("gvisor_mcp_egress_connections_total", (("tenant", "default"), ("verdict", "denied")))] == 6
     assert samples[("gvisor_mcp_egress_connections_total", (("tenant", "default"), ("verdict", "allowed")))] >= 2
@@ -152,7 +156,9 @@ async def test_pooled_sandbox_mode_and_server_sigkill_leave_no_namespace(serve, 
 
         bg = structured(await run(c, command="curl -sS http://web.test/hello; sleep 600", background=True))
         with anyio.fail_after(60):
-            while "hello" not in structured(await c.call_tool("inspect_result", {"result_id": bg["result_id"]}))["data"]:
+            while (
+                "hello" not in structured(await c.call_tool("inspect_result", {"result_id": bg["result_id"]}))["data"]
+            ):
                 await anyio.sleep(0.1)
         held = netns_fds(pid)
         assert len(held) >= 2

@@ -28,8 +28,20 @@ from .conftest import (
 
 pytestmark = pytest.mark.runsc
 
-TOOL_FIELDS = {"command", "workdir", "env", "stdin", "timeout_seconds", "cpus", "memory_mb",
-               "max_pids", "network", "egress", "image", "background"}
+TOOL_FIELDS = {
+    "command",
+    "workdir",
+    "env",
+    "stdin",
+    "timeout_seconds",
+    "cpus",
+    "memory_mb",
+    "max_pids",
+    "network",
+    "egress",
+    "image",
+    "background",
+}
 
 
 def refused(r) -> str:
@@ -46,18 +58,26 @@ def etc_listing(base: Path) -> list[str]:
 
 
 async def test_hostile_workdirs_are_refused_or_stay_inside(serve, sandbox_base):
-    odd = "/workspace/\u202eevil\u0301 \U0001F600\ttab"
+    odd = "/workspace/\u202eevil\u0301 \U0001f600\ttab"
     async with serve("--pool-size", "0") as c:
         etc_before = etc_listing(sandbox_base)
-        for workdir in ("/proc/self/fd/3", "/proc/1/cwd", "../../etc", "/workspace/../../etc", "/tmp/\x00x",
-                        "/" + "a" * 5000, "/dev/shm/../../etc", "/nonexistent"):
+        for workdir in (
+            "/proc/self/fd/3",
+            "/proc/1/cwd",
+            "../../etc",
+            "/workspace/../../etc",
+            "/tmp/\x00x",
+            "/" + "a" * 5000,
+            "/dev/shm/../../etc",
+            "/nonexistent",
+        ):
             msg = refused(await run(c, command="pwd", workdir=workdir))
             assert "workdir" in msg, msg
         # Odd but valid Unicode is just a name: the command runs exactly there.
         await ok(c, f"mkdir -p '{odd}'")
         s = await ok(c, "pwd", workdir=odd)
         # Shown rendered (the bidi override escaped; text.render), exact in base64.
-        assert s["stdout"] == "/workspace/\\u202eevil\u0301 \U0001F600\ttab\n"
+        assert s["stdout"] == "/workspace/\\u202eevil\u0301 \U0001f600\ttab\n"
         raw = await c.call_tool("inspect_result", {"result_id": s["result_id"], "encoding": "base64"})
         assert base64.b64decode(structured(raw)["data"]) == (odd + "\n").encode()
         assert etc_listing(sandbox_base) == etc_before
@@ -102,10 +122,16 @@ async def test_a_workdir_swapped_for_a_symlink_while_it_is_checked_creates_nothi
     victim.mkdir(parents=True)
     try:
         async with serve("--pool-size", "0") as c:
-            flipper = structured(await run(c, background=True, command=f"""
+            flipper = structured(
+                await run(
+                    c,
+                    background=True,
+                    command=f"""
 cd /workspace && mkdir -p real/newdir && ln -s real flip && echo flipping
 while :; do ln -sfn {victim} flip; ln -sfn real flip; done
-"""))["result_id"]
+""",
+                )
+            )["result_id"]
             await output_until(c, flipper, "flipping")
             outcomes = set()
             for _ in range(40):
@@ -177,18 +203,35 @@ async def test_shell_metacharacters_run_only_inside_the_sandbox(serve, tmp_path)
 
 async def test_no_request_field_chooses_a_container_id_runsc_flag_annotation_device_or_capability(serve, sandbox_base):
     hostile = {
-        "container_id": "mine", "id": "../../x", "runsc_flags": ["--network=host", "--root=/"],
-        "flags": "--debug", "annotations": {"dev.gvisor.spec.mount": "/"}, "devices": ["/dev/kvm", "/dev/vda"],
-        "capabilities": ["CAP_SYS_ADMIN"], "privileged": True, "user": "0:0", "uid": 0, "tenant": "other",
-        "session_id": "x", "rootfs": "/", "mounts": [{"source": "/", "destination": "/host"}],
-        "platform": "kvm", "cgroup_parent": "/", "hostname": "host", "readonly": False,
+        "container_id": "mine",
+        "id": "../../x",
+        "runsc_flags": ["--network=host", "--root=/"],
+        "flags": "--debug",
+        "annotations": {"dev.gvisor.spec.mount": "/"},
+        "devices": ["/dev/kvm", "/dev/vda"],
+        "capabilities": ["CAP_SYS_ADMIN"],
+        "privileged": True,
+        "user": "0:0",
+        "uid": 0,
+        "tenant": "other",
+        "session_id": "x",
+        "rootfs": "/",
+        "mounts": [{"source": "/", "destination": "/host"}],
+        "platform": "kvm",
+        "cgroup_parent": "/",
+        "hostname": "host",
+        "readonly": False,
     }
     async with serve("--pool-size", "0") as c:
         tools = {t.name: t for t in (await c.list_tools()).tools}
         props = set(tools["execute_command"].input_schema["properties"])
         assert props == TOOL_FIELDS  # nothing else can even be named
-        r = await run(c, command="id -u; hostname; grep CapEff /proc/self/status; ls /dev; ls / ; sleep 300",
-                      background=True, **hostile)
+        r = await run(
+            c,
+            command="id -u; hostname; grep CapEff /proc/self/status; ls /dev; ls / ; sleep 300",
+            background=True,
+            **hostile,
+        )
         # Extra fields are ignored: the call runs (were it refused, none of the
         # checks below would mean anything, so a refusal fails the test)...
         assert not r.is_error, text(r)
@@ -206,8 +249,20 @@ async def test_no_request_field_chooses_a_container_id_runsc_flag_annotation_dev
         assert all(caps == [] for caps in spec["process"]["capabilities"].values())
         assert spec["hostname"] == "sandbox"
         assert {m["destination"] for m in spec["mounts"]} <= {
-            "/proc", "/dev", "/sys", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-            "/etc", "/tmp", "/workspace"}
+            "/proc",
+            "/dev",
+            "/sys",
+            "/usr",
+            "/bin",
+            "/sbin",
+            "/lib",
+            "/lib32",
+            "/lib64",
+            "/libx32",
+            "/etc",
+            "/tmp",
+            "/workspace",
+        }
         await c.call_tool("cancel_command", {"result_id": rid})
         for args in ({"image": "/"}, {"image": "../etc"}, {"network": "host"}, {"network": "--network=host"}):
             r = await run(c, command="true", **args)
@@ -227,8 +282,10 @@ HOSTILE_LINES = {
 
 async def _send_raw(server, arguments: str) -> int:
     server._next += 1
-    line = (f'{{"jsonrpc":"2.0","id":{server._next},"method":"tools/call",'
-            f'"params":{{"name":"execute_command","arguments":{arguments}}}}}\n')
+    line = (
+        f'{{"jsonrpc":"2.0","id":{server._next},"method":"tools/call",'
+        f'"params":{{"name":"execute_command","arguments":{arguments}}}}}\n'
+    )
     await server.process.stdin.send(line.encode())
     return server._next
 
@@ -280,7 +337,8 @@ async def test_undecodable_and_oversized_requests_get_an_error_answer(sandbox_ba
         ids = {await _send_raw(server, arguments): case for case, arguments in HOSTILE_LINES.items()}
         got = await _answers(server, list(ids), 10)  # errors take milliseconds; 10 s is generous
         assert sorted(ids[i] for i in got) == sorted(ids.values()), "no answer for: " + ", ".join(
-            case for i, case in ids.items() if i not in got)
+            case for i, case in ids.items() if i not in got
+        )
         for answer in got.values():
             assert "error" in answer or answer["result"].get("isError"), answer
     finally:

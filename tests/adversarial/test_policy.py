@@ -41,14 +41,18 @@ async def test_requests_above_every_ceiling_and_negative_or_absurd_values_are_re
     policy = write_policy(tmp_path, CEILINGS)
     state = sandbox_base / "state"
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
-        over = {"cpus": (2, "1 CPUs"), "memory_mb": (512, "256 MiB"), "max_pids": (65, "64"),
-                "timeout_seconds": (31, "30 s")}
+        over = {
+            "cpus": (2, "1 CPUs"),
+            "memory_mb": (512, "256 MiB"),
+            "max_pids": (65, "64"),
+            "timeout_seconds": (31, "30 s"),
+        }
         for field, (value, ceiling) in over.items():
             r = await run(c, command="true", **{field: value})
             assert r.is_error and field in text(r) and ceiling in text(r), text(r)
         for field in over:
             # (Numbers sent as strings are read as numbers, like "2": then the ceilings apply.)
-            for value in (0, -1, -10**9, 10**30, 1e308, "1e999", "inf", "-inf", "nan", "abc", [1], {"a": 1}):
+            for value in (0, -1, -(10**9), 10**30, 1e308, "1e999", "inf", "-inf", "nan", "abc", [1], {"a": 1}):
                 r = await run(c, command="true", **{field: value})
                 assert r.is_error, (field, value, structured(r))
         r = await run(c, command="true", network="none", memory_mb=16 * 1024 * 1024)
@@ -93,7 +97,10 @@ async def test_network_host_is_refused_and_network_sandbox_allows_nothing_by_def
         # any name is resolved), and nothing else is reachable.
         r = await run(c, command="curl -fsS -m 10 https://example.com/; echo rc=$?", network="sandbox")
         s = structured(r)
-        assert s["status"] == "exited" and "rc=" in s["stdout"] and "rc=0" not in s["stdout"], (s["stdout"], s["stderr"])
+        assert s["status"] == "exited" and "rc=" in s["stdout"] and "rc=0" not in s["stdout"], (
+            s["stdout"],
+            s["stderr"],
+        )
         assert "network: denied example.com:443 (not in the egress allowlist)" in text(r)
         await canary(c)
 
@@ -104,9 +111,20 @@ async def test_an_unknown_tenant_is_refused_at_start(sandbox_base, tmp_path, ten
     policy = write_policy(tmp_path, "version: 1\ntenants:\n  a: {}\n  b: {}\n")
     state = tmp_path / "state"
     r = await anyio.run_process(
-        [str(BIN), "serve", "--policy", str(policy), "--tenant", tenant, "--state-dir", str(state),
-         "--state-root", str(sandbox_base)],
-        check=False, env={"PATH": os.environ["PATH"]},
+        [
+            str(BIN),
+            "serve",
+            "--policy",
+            str(policy),
+            "--tenant",
+            tenant,
+            "--state-dir",
+            str(state),
+            "--state-root",
+            str(sandbox_base),
+        ],
+        check=False,
+        env={"PATH": os.environ["PATH"]},
     )
     assert r.returncode != 0 and r.stdout == b""
     err = r.stderr.decode()
@@ -129,12 +147,20 @@ def alias_bomb(path: Path) -> Path:
 def hostile_files(tmp_path: Path, marker: Path) -> dict[str, tuple[Path, str]]:
     return {
         "alias bomb": (alias_bomb(tmp_path / "bomb.yaml"), "aliases"),
-        "python tag": (write_policy(tmp_path, f'version: 1\ndefaults: !!python/object/apply:os.system ["touch {marker}"]\n',
-                                    "tag.yaml"), "tag"),
-        "python tag at top": (write_policy(tmp_path, f'!!python/object/apply:os.system ["touch {marker}"]\n',
-                                           "tag2.yaml"), "tag"),
-        "deep nesting": (write_policy(tmp_path, "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml"),
-                         "nested"),
+        "python tag": (
+            write_policy(
+                tmp_path, f'version: 1\ndefaults: !!python/object/apply:os.system ["touch {marker}"]\n', "tag.yaml"
+            ),
+            "tag",
+        ),
+        "python tag at top": (
+            write_policy(tmp_path, f'!!python/object/apply:os.system ["touch {marker}"]\n', "tag2.yaml"),
+            "tag",
+        ),
+        "deep nesting": (
+            write_policy(tmp_path, "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml"),
+            "nested",
+        ),
         "huge file": (write_policy(tmp_path, "version: 1\n# " + "x" * (300 * 1024) + "\n", "big.yaml"), "bytes"),
         "merge key": (write_policy(tmp_path, "version: 1\n<<: {defaults: {memory: 1TiB}}\n", "merge.yaml"), "<<"),
     }
@@ -148,9 +174,18 @@ async def test_hostile_policy_files_are_refused_quickly(sandbox_base, tmp_path):
         assert r.returncode == 1 and expected in r.stderr.decode(), (name, r.stderr.decode())
         with anyio.fail_after(CANARY_SECONDS):
             r = await anyio.run_process(
-                [str(BIN), "serve", "--policy", str(path), "--state-dir", str(tmp_path / "state"),
-                 "--state-root", str(sandbox_base)],
-                check=False, env={"PATH": os.environ["PATH"]},
+                [
+                    str(BIN),
+                    "serve",
+                    "--policy",
+                    str(path),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                    "--state-root",
+                    str(sandbox_base),
+                ],
+                check=False,
+                env={"PATH": os.environ["PATH"]},
             )
         assert r.returncode != 0 and r.stdout == b"" and expected in r.stderr.decode(), (name, r.stderr.decode())
     assert not marker.exists()
@@ -169,9 +204,12 @@ async def test_a_reload_with_a_broken_or_hostile_file_keeps_the_old_policy(serve
     hostile = hostile_files(tmp_path, marker)
     async with serve("--policy", str(policy), "--pool-size", "0", log=log) as c:
         [pid] = server_pids(sandbox_base)
-        bad = [hostile["alias bomb"][0].read_text(), hostile["python tag"][0].read_text(),
-               "version: 1\nceilings: {memory: [oops\n",
-               "version: 1\ndefaults: {memory: 1GiB}\nceilings: {memory: 512MiB}\n"]  # default above ceiling
+        bad = [
+            hostile["alias bomb"][0].read_text(),
+            hostile["python tag"][0].read_text(),
+            "version: 1\nceilings: {memory: [oops\n",
+            "version: 1\ndefaults: {memory: 1GiB}\nceilings: {memory: 512MiB}\n",
+        ]  # default above ceiling
         for n, body in enumerate(bad, start=1):
             policy.write_text(body)
             os.kill(pid, signal.SIGHUP)

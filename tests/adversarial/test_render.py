@@ -27,11 +27,19 @@ pytestmark = pytest.mark.runsc
 # BOM, a Unicode tag character (ASCII smuggling) and a word joiner.
 HOSTILE_PRINTF = (
     r"\033[31mRED\033[0m \033]0;PWNED-TITLE\007 \033]8;;https://evil.example\033\\LINK\033]8;;\033\\ "
-    r"\302\233" r"2J \342\200\256RLO \342\200\213ZW \357\273\277BOM \363\240\201\201TAG \342\201\240WJ"
+    r"\302\233"
+    r"2J \342\200\256RLO \342\200\213ZW \357\273\277BOM \363\240\201\201TAG \342\201\240WJ"
 )
 SHOWN = [
-    "\\x1b[31mRED\\x1b[0m", "\\x1b]0;PWNED-TITLE\\x07", "\\x1b]8;;https://evil.example\\x1b\\LINK",
-    "\\x9b2J", "\\u202eRLO", "\\u200bZW", "\\ufeffBOM", "\\U000e0041TAG", "\\u2060WJ",
+    "\\x1b[31mRED\\x1b[0m",
+    "\\x1b]0;PWNED-TITLE\\x07",
+    "\\x1b]8;;https://evil.example\\x1b\\LINK",
+    "\\x9b2J",
+    "\\u202eRLO",
+    "\\u200bZW",
+    "\\ufeffBOM",
+    "\\U000e0041TAG",
+    "\\u2060WJ",
 ]
 
 
@@ -92,9 +100,7 @@ async def test_results_pages_progress_and_cancel_are_rendered(serve):
         listing = await c.call_tool("list_active", {})
         listed = assert_inert(listing)
         (entry,) = [e for e in structured(listing)["commands"] if e["result_id"] == rid]
-        assert entry["command"] == (
-            "sleep 300 # \\x1b]0;T\\x07 \\u202eevil\\u202c \\u200b \\U000e0041 \\x9b"
-        )
+        assert entry["command"] == ("sleep 300 # \\x1b]0;T\\x07 \\u202eevil\\u202c \\u200b \\U000e0041 \\x9b")
         assert "\\u202eevil" in listed
         cancelled = await c.call_tool("cancel_command", {"result_id": rid})
         assert structured(cancelled)["status"] == "killed"
@@ -120,15 +126,21 @@ async def test_error_texts_quote_request_values_rendered(serve):
         await canary(c)
 
 
-@pytest.mark.parametrize("args, named", [
-    ({"background": "yes"}, "background='yes' is not accepted: expected a JSON boolean: true or false"),
-    ({"background": "true"}, "background='true' is not accepted: expected a JSON boolean"),
-    ({"background": 1}, "background=1 is not accepted: expected a JSON boolean"),
-    ({"memory_mb": "512"}, "memory_mb='512' is not accepted: expected a whole number (a JSON integer, not a string)"),
-    ({"memory_mb": 512.0}, "memory_mb=512.0 is not accepted"),
-    ({"timeout_seconds": "10"}, "timeout_seconds='10' is not accepted: expected a number (not a string)"),
-    ({"env": {"A": 1}}, "env.A=1 is not accepted: expected a string"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        ({"background": "yes"}, "background='yes' is not accepted: expected a JSON boolean: true or false"),
+        ({"background": "true"}, "background='true' is not accepted: expected a JSON boolean"),
+        ({"background": 1}, "background=1 is not accepted: expected a JSON boolean"),
+        (
+            {"memory_mb": "512"},
+            "memory_mb='512' is not accepted: expected a whole number (a JSON integer, not a string)",
+        ),
+        ({"memory_mb": 512.0}, "memory_mb=512.0 is not accepted"),
+        ({"timeout_seconds": "10"}, "timeout_seconds='10' is not accepted: expected a number (not a string)"),
+        ({"env": {"A": 1}}, "env.A=1 is not accepted: expected a string"),
+    ],
+)
 async def test_arguments_are_strict_and_the_refusal_says_what_to_send(serve, sandbox_base, args, named):
     async with serve("--pool-size", "0") as c:
         r = await run(c, command="echo ran", **args)
@@ -163,7 +175,10 @@ async def test_file_tools_show_hostile_names_and_contents_rendered(serve):
     """Names and bytes a command wrote reach the client through the file tools
     (list_files, read_file, delete_file) rendered like command output."""
     async with serve("--pool-size", "0") as c:
-        made = await run(c, command=f"cd /workspace && printf '{HOSTILE_PRINTF}\\n' > \"$(printf 'n\\033]0;T\\007\\342\\200\\256x')\"")
+        made = await run(
+            c,
+            command=f"cd /workspace && printf '{HOSTILE_PRINTF}\\n' > \"$(printf 'n\\033]0;T\\007\\342\\200\\256x')\"",
+        )
         assert structured(made)["exit_code"] == 0, text(made)
         listing = await c.call_tool("list_files", {"path": "/workspace"})
         listed = assert_inert(listing)

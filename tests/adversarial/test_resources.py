@@ -69,8 +69,14 @@ async def test_fork_bombs_stop_at_max_pids_and_memory_bombs_are_oom_killed(serve
         assert s["status"] == "oom_killed" and s["oom_killed"], s
         assert s["peak_memory_bytes"] <= 128 * MiB + FORCED
         # A memory bomb that grows slowly (never one big allocation) ends the same way.
-        s = structured(await run(c, command="python3 -c 'l = []\nwhile True: l.append(bytearray(1 << 20))'",
-                                 memory_mb=128, timeout_seconds=60))
+        s = structured(
+            await run(
+                c,
+                command="python3 -c 'l = []\nwhile True: l.append(bytearray(1 << 20))'",
+                memory_mb=128,
+                timeout_seconds=60,
+            )
+        )
         assert s["status"] == "oom_killed" and s["peak_memory_bytes"] <= 128 * MiB + FORCED, s
         await canary(c)
 
@@ -81,8 +87,9 @@ async def test_tmp_shm_and_the_root_overlay_are_bounded_by_the_sandbox_memory(se
     policy = write_policy(tmp_path, 'version: 1\ndefaults: {user: "0:0"}\n')
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
         # /tmp is a 256 MiB tmpfs: ENOSPC there, well within the memory limit.
-        s = structured(await run(c, command="dd if=/dev/zero of=/tmp/fill bs=1M count=1024; stat -c %s /tmp/fill",
-                                 memory_mb=512))
+        s = structured(
+            await run(c, command="dd if=/dev/zero of=/tmp/fill bs=1M count=1024; stat -c %s /tmp/fill", memory_mb=512)
+        )
         assert s["status"] == "exited" and "No space left on device" in s["stderr"], s
         assert int(s["stdout"].split()[-1]) <= 256 * MiB
         # /dev/shm and / have no size of their own: the memory limit stops them.
@@ -95,16 +102,24 @@ async def test_tmp_shm_and_the_root_overlay_are_bounded_by_the_sandbox_memory(se
         # While a big file sits in the root overlay, the host holds none of it:
         # the writes are in sandbox memory (charged to its cgroup), not in a
         # file under the run's bundle directory (runsc's default, root:self).
-        rid = structured(await run(c, command="dd if=/dev/zero of=/big bs=1M count=400 2>&1 && echo written; sleep 300",
-                                   memory_mb=1024, background=True))["result_id"]
+        rid = structured(
+            await run(
+                c,
+                command="dd if=/dev/zero of=/big bs=1M count=400 2>&1 && echo written; sleep 300",
+                memory_mb=1024,
+                background=True,
+            )
+        )["result_id"]
         cid = await running_container(c, rid)
         await output_until(c, rid, "written")
         bundle = sandbox_base / "bundles" / cid
         on_disk = sum(f.stat().st_blocks * 512 for f in bundle.rglob("*") if f.is_file() and not f.is_symlink())
         assert on_disk < 16 * MiB, f"{on_disk} bytes of the run on the host disk"
-        usage = int(cgroup_file(cid, "memory", "memory.usage_in_bytes").read_text()) \
-            if cgroup_file(cid, "memory", "memory.usage_in_bytes").exists() \
+        usage = (
+            int(cgroup_file(cid, "memory", "memory.usage_in_bytes").read_text())
+            if cgroup_file(cid, "memory", "memory.usage_in_bytes").exists()
             else int(cgroup_file(cid, "memory", "memory.current").read_text())
+        )
         assert usage >= 400 * MiB  # ... it is all in the sandbox's memory
         s = structured(await c.call_tool("cancel_command", {"result_id": rid}))
         assert s["status"] == "killed"
@@ -122,14 +137,19 @@ async def test_a_huge_file_and_a_million_files_in_the_workspace_are_bounded_by_i
     image = state / "workspaces" / ".images" / "default" / "shared.img"
     free_before = shutil.disk_usage(state.parent).free
     async with serve("--policy", str(policy), "--pool-size", "0") as c:
-        s = structured(await run(c, command="dd if=/dev/zero of=/workspace/big bs=1M count=1024; stat -c %s /workspace/big"))
+        s = structured(
+            await run(c, command="dd if=/dev/zero of=/workspace/big bs=1M count=1024; stat -c %s /workspace/big")
+        )
         assert "No space left on device" in s["stderr"], s
         assert int(s["stdout"].split()[-1]) <= 16 * MiB
         assert image.stat().st_size == 16 * MiB
         assert image.stat().st_blocks * 512 <= 16 * MiB  # the host holds at most the image
         await ok(c, "rm /workspace/big")
 
-        s = structured(await run(c, command="""cd /workspace && python3 -c "
+        s = structured(
+            await run(
+                c,
+                command="""cd /workspace && python3 -c "
 import os
 n = 0
 try:
@@ -138,20 +158,30 @@ try:
         n += 1
 except OSError as e:
     print(n, e.errno)
-" """, timeout_seconds=120))
+" """,
+                timeout_seconds=120,
+            )
+        )
         made, err = (int(x) for x in s["stdout"].split())
         assert s["status"] == "exited" and err == 28, s  # ENOSPC: no inode left
         assert made <= 2048
         assert image.stat().st_blocks * 512 <= 16 * MiB
         await ok(c, "cd /workspace && find . -type f -delete")
 
-        s = structured(await run(c, command="""cd /tmp && python3 -c "
+        s = structured(
+            await run(
+                c,
+                command="""cd /tmp && python3 -c "
 import os
 n = 0
 while n < 1000000:
     open(str(n), 'w').close()
     n += 1
-" """, memory_mb=128, timeout_seconds=120))
+" """,
+                memory_mb=128,
+                timeout_seconds=120,
+            )
+        )
         assert s["status"] in ("oom_killed", "timed_out") or s["exit_code"] != 0, s
         assert s["peak_memory_bytes"] <= 128 * MiB + FORCED
         await canary(c)
@@ -165,8 +195,15 @@ async def test_busy_loops_in_many_processes_hold_the_cpu_quota_and_a_canary_stil
     is being enforced (the kernel throttles the sandbox), while a call on the
     same server still completes."""
     async with serve("--pool-size", "0") as c:
-        rid = structured(await run(c, command="for i in 1 2 3 4 5 6 7 8; do (while :; do :; done) & done; wait",
-                                   cpus=0.5, timeout_seconds=120, background=True))["result_id"]
+        rid = structured(
+            await run(
+                c,
+                command="for i in 1 2 3 4 5 6 7 8; do (while :; do :; done) & done; wait",
+                cpus=0.5,
+                timeout_seconds=120,
+                background=True,
+            )
+        )["result_id"]
         cid = await running_container(c, rid)
         v2 = cgroup_file(cid, "cpu", "cpu.max")
         if v2.name == "cpu.max" and v2.exists():
@@ -206,8 +243,11 @@ async def test_output_floods_are_capped_and_the_server_memory_stays_bounded(serv
             assert s["status"] == status, s
             assert s["stdout_truncated"] and s["stdout_bytes"] > 1 * MiB
             assert len(text(r)) < 40_000  # the model's context is not flooded
-            page = structured(await c.call_tool("inspect_result", {
-                "result_id": s["result_id"], "offset": 0, "length": 16, "encoding": "base64"}))
+            page = structured(
+                await c.call_tool(
+                    "inspect_result", {"result_id": s["result_id"], "offset": 0, "length": 16, "encoding": "base64"}
+                )
+            )
             assert page["total_bytes"] <= 1 * MiB  # what is stored is capped too
         assert s["stdout_bytes"] == 100_000_000  # every byte counted
         hwm_after = kib(proc_status(pid)["VmHWM"])

@@ -45,8 +45,9 @@ async def test_a_full_state_disk_fails_calls_clearly_and_the_server_keeps_servin
             first = await ok(c, "echo stored-before")
             outcomes = []
             for _ in range(2):  # the reproduction failed on the second try
-                r = await run(c, command="dd if=/dev/zero of=/workspace/big bs=1M count=100 2>&1; echo dd=$?",
-                              timeout_seconds=120)
+                r = await run(
+                    c, command="dd if=/dev/zero of=/workspace/big bs=1M count=100 2>&1; echo dd=$?", timeout_seconds=120
+                )
                 outcomes.append(clear_error_or_result(r))
             # The disk is full now: calls (with output to store) fail clearly or work.
             for command in ("echo after", "head -c 3000000 /dev/zero | tr '\\0' x", "true"):

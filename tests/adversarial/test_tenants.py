@@ -55,9 +55,15 @@ async def test_tenant_a_cannot_see_touch_or_reach_anything_of_tenant_b(serve, sa
             assert listing["commands"] == []
             # B's workspace: not there, not by any path, not by its host path.
             host_b = state / "workspaces" / "b" / "shared"
-            s = structured(await run(a, command=(
-                f"ls -A /workspace; cat /workspace/{secret} /workspace/../b/shared/{secret} {host_b}/{secret}; "
-                f"find / -path /proc -prune -o -path /usr -prune -o -name '{secret}*' -print")))
+            s = structured(
+                await run(
+                    a,
+                    command=(
+                        f"ls -A /workspace; cat /workspace/{secret} /workspace/../b/shared/{secret} {host_b}/{secret}; "
+                        f"find / -path /proc -prune -o -path /usr -prune -o -name '{secret}*' -print"
+                    ),
+                )
+            )
             assert secret not in s["stdout"], s
             r = await run(a, command="pwd", workdir=str(host_b))
             assert r.is_error or structured(r)["status"] == "error"
@@ -84,8 +90,20 @@ async def test_not_found_answers_do_not_depend_on_the_id_shape(serve, sandbox_ba
         real = (await ok(b, "echo x"))["result_id"]
     async with serve("--policy", str(policy), "--tenant", "a", "--pool-size", "0") as a:
         shapes = set()
-        for rid in (real, real.upper(), real + " ", real[:-1], "res_" + "0" * 32, "../b/" + real,
-                    "' OR 1=1 --", "%", "*", "res_%", "\\x00", "a" * 10_000):
+        for rid in (
+            real,
+            real.upper(),
+            real + " ",
+            real[:-1],
+            "res_" + "0" * 32,
+            "../b/" + real,
+            "' OR 1=1 --",
+            "%",
+            "*",
+            "res_%",
+            "\\x00",
+            "a" * 10_000,
+        ):
             r = await a.call_tool("inspect_result", {"result_id": rid})
             assert r.is_error, rid
             shapes.add(re.sub(r"result_id (['\"]).*\1 not found", "result_id <ID> not found", text(r), flags=re.S))

@@ -55,8 +55,10 @@ async def test_a_sigkilled_servers_workspace_mount_goes_with_it_and_the_next_sta
         # the named workspace (`--workspace`, default `default`): the files survive the crash.
         assert r["stdout"] == "kept\nnote\n"
         kept = "shared" if scope == "tenant" else "named/default"
-        assert [str(p.relative_to(workspaces / ".images" / "default")) for p in
-                (workspaces / ".images" / "default").rglob("*.img")] == [kept + ".img"]
+        assert [
+            str(p.relative_to(workspaces / ".images" / "default"))
+            for p in (workspaces / ".images" / "default").rglob("*.img")
+        ] == [kept + ".img"]
     finally:
         await stop(server)
     assert workspace_leftovers(workspaces) == []
@@ -95,7 +97,9 @@ async def test_serve_refuses_a_workspace_it_cannot_bound(sandbox_base, tmp_path)
     if any(os.access(os.path.join(d, "mkfs.ext4"), os.X_OK) for d in path.split(":")):
         pytest.skip("mkfs.ext4 is in /usr/bin here: cannot hide it")
     r = await anyio.run_process(
-        serve_argv(sandbox_base, tmp_path / "state"), check=False, env={"PATH": path},
+        serve_argv(sandbox_base, tmp_path / "state"),
+        check=False,
+        env={"PATH": path},
     )
     assert r.returncode != 0 and r.stdout == b""
     err = r.stderr.decode()

@@ -74,17 +74,22 @@ class Harness:
             from gvisor_mcp.cluster.spec import default_ceilings
             from gvisor_mcp.network.egress import EgressRules
 
-            extra["ceilings"] = default_ceilings().model_copy(update={
-                "networks": ("none", "sandbox"),
-                "egress": EgressRules(allow=[{"cidr": "127.0.0.0/8", "ports": [self.gcs_port, 80]}]),
-            })
+            extra["ceilings"] = default_ceilings().model_copy(
+                update={
+                    "networks": ("none", "sandbox"),
+                    "egress": EgressRules(allow=[{"cidr": "127.0.0.0/8", "ports": [self.gcs_port, 80]}]),
+                }
+            )
         return AgentConfig(
             host=host,
             **extra,
             state_dir=hb / "state",
             manager=ManagerConfig(
-                bundle_base_dir=str(hb / "bundles"), runsc_root=str(hb / "runsc"),
-                cgroup_parent=f"{CGROUP_PARENT}-{host}", max_concurrent_containers=4, **manager,
+                bundle_base_dir=str(hb / "bundles"),
+                runsc_root=str(hb / "runsc"),
+                cgroup_parent=f"{CGROUP_PARENT}-{host}",
+                max_concurrent_containers=4,
+                **manager,
             ),
         )
 
@@ -115,8 +120,13 @@ class Harness:
         from gvisor_mcp.cluster.agent import runsc_version
         from gvisor_mcp.cluster.frontend import RayRunner
 
-        return RayRunner(self.policy, self.base / "fe" / "workspaces", self.base / "fe",
-                         expected_runsc_version=runsc_version("runsc"), **kw)
+        return RayRunner(
+            self.policy,
+            self.base / "fe" / "workspaces",
+            self.base / "fe",
+            expected_runsc_version=runsc_version("runsc"),
+            **kw,
+        )
 
     def leftovers(self, host: str) -> dict:
         """What is left on `host` but the spare roots its running agent's Manager
@@ -168,9 +178,18 @@ def cluster() -> Any:
         left = {host: h.leftovers(host) for host in ("a", "b", "c")}
         for host, what in left.items():  # keep the machine clean even after a failure
             if what:
-                subprocess.run([str(Path(sys.executable).parent / "gvisor-mcp"), "cleanup", "--state-root",
-                                str(h.host_base(host)), "--cgroup-parent", f"{CGROUP_PARENT}-{host}"],
-                               check=False, capture_output=True)
+                subprocess.run(
+                    [
+                        str(Path(sys.executable).parent / "gvisor-mcp"),
+                        "cleanup",
+                        "--state-root",
+                        str(h.host_base(host)),
+                        "--cgroup-parent",
+                        f"{CGROUP_PARENT}-{host}",
+                    ],
+                    check=False,
+                    capture_output=True,
+                )
         _unmount_all(base)
         shutil.rmtree(base, ignore_errors=True)
         for host in ("a", "b", "c"):

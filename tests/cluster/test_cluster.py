@@ -41,7 +41,8 @@ def opts(command: str, *, workspace=None, timeout: float = 60) -> ContainerOptio
     if workspace is not None:
         mounts = (Mount(destination="/workspace", source=str(workspace), type="bind", read_only=False),)
     return ContainerOptions(
-        command=("/bin/sh", "-c", command), user=UserSpec(uid=1000, gid=1000),
+        command=("/bin/sh", "-c", command),
+        user=UserSpec(uid=1000, gid=1000),
         resources=ResourceSpec(memory_mb=128, timeout=timeout, max_output_bytes=1 << 20),
         extra_mounts=mounts,
     )
@@ -136,10 +137,23 @@ def test_forged_spec_is_refused_by_the_agent(cluster):
         ({**good, "resources": {"timeout": 7 * 24 * 3600}}, "timeout=604800 s is above"),
         ({**good, "tenant": "../../etc"}, "tenant="),
         ({**good, "image": "/"}, "not in this host's catalog"),
-        ({**good, "workspace": {"tenant": "bob", "scope": "session", "session": "../x",
-                                "mount": "/workspace", "size_mb": 1}}, "scope='session'"),
-        ({**good, "workspace": {"tenant": "bob", "scope": "tenant", "mount": "/workspace",
-                                "size_mb": 1 << 30}}, "workspace.size_mb"),
+        (
+            {
+                **good,
+                "workspace": {
+                    "tenant": "bob",
+                    "scope": "session",
+                    "session": "../x",
+                    "mount": "/workspace",
+                    "size_mb": 1,
+                },
+            },
+            "scope='session'",
+        ),
+        (
+            {**good, "workspace": {"tenant": "bob", "scope": "tenant", "mount": "/workspace", "size_mb": 1 << 30}},
+            "workspace.size_mb",
+        ),
     ]
     before = ray.get(agent.health.remote())["runs"]
     for spec, why in forged:
@@ -167,17 +181,25 @@ def test_sandboxes_never_reach_the_cluster(cluster):
     fence = ray.get(agent.health.remote())["fence"]
     assert "127.0.0.1/32" in fence["networks"] and cluster.gcs_port in fence["ports"], fence
     gcs = cluster.gcs_port
-    probe = (f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {gcs}), timeout=5)\" "
-             "&& echo CONNECTED || echo REFUSED")
+    probe = (
+        f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {gcs}), timeout=5)\" "
+        "&& echo CONNECTED || echo REFUSED"
+    )
     none = RunSpec(result_id=rid(), tenant="bob", command=("/bin/sh", "-c", probe))
     proxied = RunSpec(
-        result_id=rid(), tenant="bob", network="sandbox",
+        result_id=rid(),
+        tenant="bob",
+        network="sandbox",
         egress=EgressRules(allow=[{"cidr": "127.0.0.0/8", "ports": [gcs, 80]}]),
         # --noproxy '': 127.0.0.1 is in the sandbox's NO_PROXY; force the proxy to be asked.
-        command=("/bin/sh", "-c", f"curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -o - -w ' %{{http_code}}' "
-                 f"http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -p -o /dev/null "
-                 f"-w ' %{{http_connect}}' http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" "
-                 "--noproxy '' -o - -w ' %{http_code}' http://127.0.0.1:80/; true"),
+        command=(
+            "/bin/sh",
+            "-c",
+            f"curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -o - -w ' %{{http_code}}' "
+            f"http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" --noproxy '' -p -o /dev/null "
+            f"-w ' %{{http_connect}}' http://127.0.0.1:{gcs}/; curl -sS -m 20 -x \"$HTTP_PROXY\" "
+            "--noproxy '' -o - -w ' %{http_code}' http://127.0.0.1:80/; true",
+        ),
     )
     for spec in (none, proxied):
         r = ray.get(agent.run.remote(spec.model_dump()), timeout=120)
@@ -199,8 +221,9 @@ def test_a_client_without_the_token_is_refused(cluster):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     wrong = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    r = subprocess.run([sys.executable, "-c", code, cluster.lc.address], env=wrong,
-                       capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-c", code, cluster.lc.address], env=wrong, capture_output=True, text=True, timeout=180
+    )
     assert "REFUSED" in r.stdout and "CONNECTED" not in r.stdout, r.stdout + r.stderr[-2000:]
     assert "Unauthenticated" in r.stderr or "InvalidAuthToken" in r.stderr
 
@@ -213,9 +236,13 @@ async def test_agents_with_another_runsc_or_a_failing_canary_get_no_runs(cluster
     real = subprocess.run(["sh", "-c", "command -v runsc"], capture_output=True, text=True).stdout.strip()
     # Real runsc underneath; only what the agent checks differs.
     other = shims / "runsc-other-version"
-    other.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "runsc version 0.0~20990101.0"; exit 0; }}\nexec {real} "$@"\n')
+    other.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "runsc version 0.0~20990101.0"; exit 0; }}\nexec {real} "$@"\n'
+    )
     broken = shims / "runsc-broken-run"
-    broken.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = run ] && {{ echo "no sandbox here" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    broken.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = run ] && {{ echo "no sandbox here" >&2; exit 1; }}; done\nexec {real} "$@"\n'
+    )
     for p in (other, broken):
         p.chmod(0o755)
     cluster.lc.add_host("c", "d")
@@ -248,15 +275,27 @@ async def test_the_server_runtime_runs_jobs_on_agents(cluster):
     from gvisor_mcp.policy import ExecRequest, resolve
     from gvisor_mcp.runtime import start_runtime
 
-    settings = ServeConfig(tenant="bob", state_dir=cluster.base / "fe2", pool_size=0, backend="ray",
-                           ray_address=cluster.lc.address, expect_runsc_version=runsc_version("runsc"))
+    settings = ServeConfig(
+        tenant="bob",
+        state_dir=cluster.base / "fe2",
+        pool_size=0,
+        backend="ray",
+        ray_address=cluster.lc.address,
+        expect_runsc_version=runsc_version("runsc"),
+    )
     assert preflight(settings)[0]
     async with start_runtime(settings, cluster.policy) as rt:
         assert rt.jobs.runner is rt.manager and rt.jobs.runner.capacity() > 0  # the agents' capacity
-        resolved = resolve(cluster.policy.current, ExecRequest(command="seq 1 3000; echo err >&2"), "bob",
-                           workspace_root=settings.state_dir / "workspaces", session_id="s1")
-        job = rt.jobs.start(tenant="bob", session="s1", command="seq", options=resolved.options,
-                            limits={}, policy_hash=None)
+        resolved = resolve(
+            cluster.policy.current,
+            ExecRequest(command="seq 1 3000; echo err >&2"),
+            "bob",
+            workspace_root=settings.state_dir / "workspaces",
+            session_id="s1",
+        )
+        job = rt.jobs.start(
+            tenant="bob", session="s1", command="seq", options=resolved.options, limits={}, policy_hash=None
+        )
         with anyio.fail_after(120):
             await job.done.wait()
         stored = rt.store.get(job.result_id, "bob")
@@ -275,9 +314,15 @@ def ray_front_ends(cluster, n: int):
     base = cluster.base / f"http-{uuid.uuid4().hex[:6]}"
     base.mkdir()
     policy = cluster.base / "policy.yaml"
-    tokens = {t: subprocess.run([str(BIN), "token", "add", t, "--policy", str(policy), "--tokens",
-                                 str(base / "tokens.yaml")], capture_output=True, text=True, check=True).stdout.strip()
-              for t in ("bob", "carol")}
+    tokens = {
+        t: subprocess.run(
+            [str(BIN), "token", "add", t, "--policy", str(policy), "--tokens", str(base / "tokens.yaml")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for t in ("bob", "carol")
+    }
     env = {"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO", **cluster.lc.env()}
     servers = []
     try:
@@ -287,11 +332,32 @@ def ray_front_ends(cluster, n: int):
                 port = s.getsockname()[1]
             err = base / f"fe{i}.err"
             proc = subprocess.Popen(
-                [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
-                 "--tokens", str(base / "tokens.yaml"), "--state-dir", str(base / f"fe{i}"),
-                 "--state-root", str(base / f"fe{i}-sandboxes"), "--pool-size", "0",
-                 "--backend", "ray", "--ray-address", cluster.lc.address],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err.open("wb"), env=env,
+                [
+                    str(BIN),
+                    "serve",
+                    "--transport",
+                    "http",
+                    "--port",
+                    str(port),
+                    "--policy",
+                    str(policy),
+                    "--tokens",
+                    str(base / "tokens.yaml"),
+                    "--state-dir",
+                    str(base / f"fe{i}"),
+                    "--state-root",
+                    str(base / f"fe{i}-sandboxes"),
+                    "--pool-size",
+                    "0",
+                    "--backend",
+                    "ray",
+                    "--ray-address",
+                    cluster.lc.address,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err.open("wb"),
+                env=env,
             )
             servers.append((proc, port, err))
         for proc, port, err in servers:
@@ -333,17 +399,21 @@ async def test_serve_http_on_ray_with_a_real_mcp_client(cluster):
             assert r["stdout_truncated"] and r["stdout_bytes"] == len(SEQ_40000)
             got, offset = b"", 0
             while offset is not None:  # pages come from the agent's host, through Ray
-                page = (await b0.call_tool("inspect_result", {
-                    "result_id": r["result_id"], "offset": offset, "length": 65536, "encoding": "base64"}
-                )).structured_content
+                page = (
+                    await b0.call_tool(
+                        "inspect_result",
+                        {"result_id": r["result_id"], "offset": offset, "length": 65536, "encoding": "base64"},
+                    )
+                ).structured_content
                 got += base64.b64decode(page["data"])
                 offset = page["next_offset"]
             assert got == SEQ_40000
             here = list(cluster.base.glob(f"http-*/fe0/**/{r['result_id']}*"))
             assert here and all(p.stat().st_size == 0 for p in here), here  # the bytes stayed on the agent
 
-            bg = (await b0.call_tool("execute_command", {"command": "echo started; sleep 60",
-                                                         "background": True})).structured_content
+            bg = (
+                await b0.call_tool("execute_command", {"command": "echo started; sleep 60", "background": True})
+            ).structured_content
             with anyio.fail_after(60):
                 while True:
                     active = (await b0.call_tool("list_active", {})).structured_content["commands"]
@@ -356,11 +426,13 @@ async def test_serve_http_on_ray_with_a_real_mcp_client(cluster):
             assert (await b0.call_tool("list_active", {})).structured_content["commands"] == []
 
             # carol may run one command at a time, whichever front end she calls.
-            hold = (await c0.call_tool("execute_command", {"command": "echo held; sleep 60", "background": True})
-                    ).structured_content
+            hold = (
+                await c0.call_tool("execute_command", {"command": "echo held; sleep 60", "background": True})
+            ).structured_content
             with anyio.fail_after(60):  # running on an agent, so its lease is held (listed is not enough)
-                while (await c0.call_tool("inspect_result", {"result_id": hold["result_id"]})
-                       ).structured_content["data"] != "held\n":
+                while (await c0.call_tool("inspect_result", {"result_id": hold["result_id"]})).structured_content[
+                    "data"
+                ] != "held\n":
                     await anyio.sleep(0.3)
             over = await c1.call_tool("execute_command", {"command": "echo second"})
             text = str(over.structured_content or over.content)

@@ -112,8 +112,9 @@ class FastServer:
         async with anyio.create_task_group() as tg:
             gateway = Gateway(self.rt, TenantTokenVerifier(WatchedTokenFile(path)), opts, tg)
             transport = httpx2.ASGITransport(app=gateway)
-            async with httpx2.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{opts.port}",
-                                          timeout=30) as http:
+            async with httpx2.AsyncClient(
+                transport=transport, base_url=f"http://127.0.0.1:{opts.port}", timeout=30
+            ) as http:
                 yield HttpGateway(gateway, http, tokens, f"http://127.0.0.1:{opts.port}/mcp")
             tg.cancel_scope.cancel()
 
@@ -141,8 +142,11 @@ class HttpGateway:
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
 
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.gateway),
-                                  headers={"Authorization": f"Bearer {self.tokens[who]}"}, timeout=30)
+        http = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=self.gateway),
+            headers={"Authorization": f"Bearer {self.tokens[who]}"},
+            timeout=30,
+        )
         return Client(streamable_http_client(self.url, http_client=http), **kw)
 
 
@@ -154,8 +158,9 @@ def fast(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager
     Jobs admit like the HTTP server (several tenants, a reserved slot)."""
 
     @contextlib.asynccontextmanager
-    async def start(*, policy_extra: str = "", shared: bool = False, capacity: int = 4,
-                    pool_size: int = 2) -> AsyncIterator[FastServer]:
+    async def start(
+        *, policy_extra: str = "", shared: bool = False, capacity: int = 4, pool_size: int = 2
+    ) -> AsyncIterator[FastServer]:
         project = tmp_path / "project"
         project.mkdir(exist_ok=True)
         policy_path = tmp_path / "policy.yaml"
@@ -164,8 +169,9 @@ def fast(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager
         state.mkdir(exist_ok=True)
         fake = FakeManager()
         fake.config = fake.config.model_copy(update={"max_concurrent_containers": capacity})
-        config = ServeConfig(state_dir=state, manager=fake.config, pool_size=pool_size,
-                             transport="http" if shared else "stdio")
+        config = ServeConfig(
+            state_dir=state, manager=fake.config, pool_size=pool_size, transport="http" if shared else "stdio"
+        )
         policy = PolicyHolder(str(policy_path))
         store = ResultStore(state)
         audit = AuditLog(state / "audit.jsonl")

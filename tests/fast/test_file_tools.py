@@ -22,8 +22,10 @@ async def test_text_and_binary_round_trips_are_exact_and_audited(fast):
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())  # the policy's sandbox user
         r = structured(await client.call_tool("read_file", {"path": "/project/src/a.txt"}))
         assert (r["data"], r["escaped"], r["next_offset"], r["total_bytes"]) == ("héllo\n", False, None, 7)
-        await client.call_tool("write_file", {"path": "/project/bin", "content": base64.b64encode(blob).decode(),
-                                              "encoding": "base64", "mode": "755"})
+        await client.call_tool(
+            "write_file",
+            {"path": "/project/bin", "content": base64.b64encode(blob).decode(), "encoding": "base64", "mode": "755"},
+        )
         assert (srv.project / "bin").read_bytes() == blob and (srv.project / "bin").stat().st_mode & 0o777 == 0o755
         exact = structured(await client.call_tool("read_file", {"path": "/project/bin", "encoding": "base64"}))
         assert base64.b64decode(exact["data"]) == blob
@@ -39,8 +41,9 @@ async def test_a_file_larger_than_max_read_pages_back(fast):
         (srv.project / "big").write_bytes(data)
         got, offset, pages = b"", 0, 0
         while offset is not None:
-            r = await client.call_tool("read_file", {"path": "/project/big", "offset": offset,
-                                                     "length": 65536, "encoding": "base64"})
+            r = await client.call_tool(
+                "read_file", {"path": "/project/big", "offset": offset, "length": 65536, "encoding": "base64"}
+            )
             page = structured(r)
             got += base64.b64decode(page["data"])
             offset, pages = page["next_offset"], pages + 1
@@ -56,8 +59,11 @@ async def test_list_files_shows_types_and_stops_at_max_list(fast):
         os.symlink("/etc/passwd", srv.project / "link")
         listing = structured(await client.call_tool("list_files", {"path": "/project", "depth": 2}))
         entries = {e["path"]: (e["type"], e.get("target")) for e in listing["entries"]}
-        assert entries == {"/project/d": ("directory", None), "/project/d/f": ("file", None),
-                           "/project/link": ("symlink", "/etc/passwd")}
+        assert entries == {
+            "/project/d": ("directory", None),
+            "/project/d/f": ("file", None),
+            "/project/link": ("symlink", "/etc/passwd"),
+        }
         assert listing["truncated"] is False
         for i in range(60):
             (srv.project / "d" / f"n{i:02d}").write_text("")
@@ -69,9 +75,11 @@ async def test_list_files_shows_types_and_stops_at_max_list(fast):
 async def test_paths_never_lead_out_of_the_project(fast):
     async with fast() as srv, srv.client() as client:
         os.symlink("/etc", srv.project / "etc")
-        for path, why in (("/project/../etc/passwd", "contains '..'"),
-                          ("/etc/passwd", "outside what the file tools reach: /project"),
-                          ("/project/etc/passwd", "goes through a symbolic link")):
+        for path, why in (
+            ("/project/../etc/passwd", "contains '..'"),
+            ("/etc/passwd", "outside what the file tools reach: /project"),
+            ("/project/etc/passwd", "goes through a symbolic link"),
+        ):
             r = await client.call_tool("read_file", {"path": path})
             assert r.is_error and why in text(r), path
             assert "root:" not in text(r)
@@ -99,8 +107,9 @@ async def test_bad_writes_name_the_limit_and_leave_everything_as_it_was(fast):
         (srv.project / "keep").write_text("old")
         too_big = await client.call_tool("write_file", {"path": "/project/keep", "content": "x" * 65537})
         assert too_big.is_error and "files.max_write" in text(too_big)
-        bad64 = await client.call_tool("write_file", {"path": "/project/keep", "content": "not base64!",
-                                                      "encoding": "base64"})
+        bad64 = await client.call_tool(
+            "write_file", {"path": "/project/keep", "content": "not base64!", "encoding": "base64"}
+        )
         assert bad64.is_error and "base64" in text(bad64)
         bad_mode = await client.call_tool("write_file", {"path": "/project/keep", "content": "x", "mode": "999"})
         assert bad_mode.is_error
@@ -118,12 +127,10 @@ async def test_a_read_only_project_refuses_writes(fast):
     extra = "  reader:\n    projects:\n      app: {path: PROJECT, mount: /project, read_only: true}\n"
     async with fast() as srv:
         pass
-    async with fast(policy_extra=extra.replace("PROJECT", str(srv.project))) as srv, \
-            srv.client("reader") as client:
+    async with fast(policy_extra=extra.replace("PROJECT", str(srv.project))) as srv, srv.client("reader") as client:
         (srv.project / "f").write_text("mine")
         assert structured(await client.call_tool("read_file", {"path": "/project/f"}))["data"] == "mine"
-        for call in (("write_file", {"path": "/project/f", "content": "x"}),
-                     ("delete_file", {"path": "/project/f"})):
+        for call in (("write_file", {"path": "/project/f", "content": "x"}), ("delete_file", {"path": "/project/f"})):
             r = await client.call_tool(*call)
             assert r.is_error and "read-only" in text(r)
         assert (srv.project / "f").read_text() == "mine"

@@ -8,7 +8,9 @@ import pytest
 from .conftest import structured, text
 
 INIT = {
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
 }
 LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
@@ -48,8 +50,12 @@ async def test_host_origin_and_body_size_are_checked(fast):
         assert r.status_code == 421
         r = await gw.http.post(gw.url, json=INIT, headers=gw.headers("alice", Origin="https://evil.example"))
         assert r.status_code == 403
-        big = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-               "params": {"name": "execute_command", "arguments": {"command": "x" * 100_000}}}
+        big = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "execute_command", "arguments": {"command": "x" * 100_000}},
+        }
         r = await gw.http.post(gw.url, json=big, headers=gw.headers("alice"))
         assert r.status_code == 413 and "--max-body-bytes 65536" in r.json()["error"]["message"]
         r = await gw.http.post(gw.url, json=INIT, headers=gw.headers("alice", Origin="http://127.0.0.1:8765"))
@@ -68,10 +74,10 @@ async def test_sessions_are_long_random_and_bound_to_their_tenant(fast):
         ok = await gw.http.post(gw.url, json=LIST, headers=gw.headers("alice", **{"mcp-session-id": sid}, **V))
         assert ok.status_code == 200 and "execute_command" in ok.text
         stolen = await gw.http.post(gw.url, json=LIST, headers=gw.headers("bob", **{"mcp-session-id": sid}, **V))
-        unknown = await gw.http.post(gw.url, json=LIST,
-                                     headers=gw.headers("bob", **{"mcp-session-id": "ab" * 32}, **V))
-        internal = await gw.http.post(gw.url, json=LIST, headers=gw.headers(
-            "alice", **{"mcp-session-id": session.internal}, **V))
+        unknown = await gw.http.post(gw.url, json=LIST, headers=gw.headers("bob", **{"mcp-session-id": "ab" * 32}, **V))
+        internal = await gw.http.post(
+            gw.url, json=LIST, headers=gw.headers("alice", **{"mcp-session-id": session.internal}, **V)
+        )
         assert stolen.status_code == unknown.status_code == internal.status_code == 404
         assert stolen.json() == unknown.json() == internal.json()
         assert "execute_command" not in stolen.text
@@ -96,8 +102,12 @@ async def test_session_caps_give_clear_errors(fast):
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_two_tenants_see_only_their_own(fast, mode):
-    async with fast(shared=True) as srv, srv.gateway() as gw, gw.client("alice", mode=mode) as a, \
-            gw.client("bob", mode=mode) as b:
+    async with (
+        fast(shared=True) as srv,
+        srv.gateway() as gw,
+        gw.client("alice", mode=mode) as a,
+        gw.client("bob", mode=mode) as b,
+    ):
         srv.fake.script("sleep 60", block=True)
         mine = structured(await a.call_tool("execute_command", {"command": "echo alice"}))
         rid = mine["result_id"]
@@ -108,8 +118,9 @@ async def test_two_tenants_see_only_their_own(fast, mode):
         assert theirs.is_error and unknown.is_error
         assert text(theirs).replace(rid, "X") == text(unknown).replace("res_" + "0" * 32, "X")
         bg = structured(await a.call_tool("execute_command", {"command": "sleep 60", "background": True}))
-        assert [c["result_id"] for c in structured(await a.call_tool("list_active", {}))["commands"]] \
-            == [bg["result_id"]]
+        assert [c["result_id"] for c in structured(await a.call_tool("list_active", {}))["commands"]] == [
+            bg["result_id"]
+        ]
         assert structured(await b.call_tool("list_active", {}))["commands"] == []
         assert (await b.call_tool("cancel_command", {"result_id": bg["result_id"]})).is_error
         done = structured(await a.call_tool("cancel_command", {"result_id": bg["result_id"]}))

@@ -11,8 +11,13 @@ from gvisor_mcp.text import command_sha256
 
 
 def start(srv, command: str, tenant: str = "alice"):  # type: ignore[no-untyped-def]
-    return srv.rt.jobs.start(tenant=tenant, session=None, command=command,
-                             options=ContainerOptions(command=("/bin/sh", "-c", command)), limits={"x": 1})
+    return srv.rt.jobs.start(
+        tenant=tenant,
+        session=None,
+        command=command,
+        options=ContainerOptions(command=("/bin/sh", "-c", command)),
+        limits={"x": 1},
+    )
 
 
 async def finished(job):  # type: ignore[no-untyped-def]
@@ -59,10 +64,13 @@ async def test_cancel_while_waiting_for_a_slot(fast):
         assert first.status == "killed" and srv.rt.jobs.active_all() == []
 
 
-@pytest.mark.parametrize(("raises", "status", "error"), [
-    (InvalidOptionsError("memory_mb", 1, "at least 16"), "error", "memory_mb"),
-    (RuntimeError("a bug"), "error", "internal error: RuntimeError"),
-])
+@pytest.mark.parametrize(
+    ("raises", "status", "error"),
+    [
+        (InvalidOptionsError("memory_mb", 1, "at least 16"), "error", "memory_mb"),
+        (RuntimeError("a bug"), "error", "internal error: RuntimeError"),
+    ],
+)
 async def test_a_run_that_raises_still_ends_in_a_stored_result(fast, raises, status, error):
     async with fast() as srv:
         srv.fake.script("x", raises=raises)

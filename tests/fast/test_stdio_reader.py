@@ -40,7 +40,7 @@ async def read_all(chunks: list[bytes], max_line: int = 1 << 20) -> tuple[list, 
             view = memoryview(chunk)
             while view:
                 try:
-                    view = view[os.write(w, view):]
+                    view = view[os.write(w, view) :]
                 except BlockingIOError:
                     await anyio.wait_writable(w)
             await anyio.sleep(0)  # let the reader see each chunk on its own
@@ -59,12 +59,19 @@ async def read_all(chunks: list[bytes], max_line: int = 1 << 20) -> tuple[list, 
 
 async def test_lines_split_joined_blank_and_unterminated():
     notify = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
-    messages, refused = await read_all([
-        PING[:10], PING[10:] + b"\n\n   \n" + notify, b"\n" + PING.replace(b"1", b"2"),  # no final newline
-    ])
+    messages, refused = await read_all(
+        [
+            PING[:10],
+            PING[10:] + b"\n\n   \n" + notify,
+            b"\n" + PING.replace(b"1", b"2"),  # no final newline
+        ]
+    )
     assert refused == []
-    assert [type(m) for m in messages] == [mcp_types.JSONRPCRequest, mcp_types.JSONRPCNotification,
-                                           mcp_types.JSONRPCRequest]
+    assert [type(m) for m in messages] == [
+        mcp_types.JSONRPCRequest,
+        mcp_types.JSONRPCNotification,
+        mcp_types.JSONRPCRequest,
+    ]
     assert [getattr(m, "id", None) for m in messages] == [1, None, 2]
 
 
@@ -87,7 +94,7 @@ async def test_a_request_id_that_is_not_a_string_or_integer_is_refused(bad_id):
 
 async def test_an_oversize_line_is_refused_as_it_arrives_and_the_next_one_read():
     big = b'{"jsonrpc":"2.0","id":"big","method":"tools/call","params":{"x":"' + b"a" * 300_000 + b'"}}\n'
-    chunks = [big[i:i + 65536] for i in range(0, len(big), 65536)] + [PING + b"\n"]
+    chunks = [big[i : i + 65536] for i in range(0, len(big), 65536)] + [PING + b"\n"]
     messages, refused = await read_all(chunks, max_line=100_000)
     assert [m.id for m in messages] == [1]
     [(rid, code, message)] = refused
@@ -96,13 +103,22 @@ async def test_an_oversize_line_is_refused_as_it_arrives_and_the_next_one_read()
 
 async def test_progress_tokens_are_bounded():
     def call(token: object) -> bytes:
-        return json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                           "params": {"name": "list_active", "arguments": {}, "_meta": {"progressToken": token}}
-                           }).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 3,
+                    "method": "tools/call",
+                    "params": {"name": "list_active", "arguments": {}, "_meta": {"progressToken": token}},
+                }
+            ).encode()
+            + b"\n"
+        )
 
     ok = "t" * MAX_PROGRESS_TOKEN
-    messages, refused = await read_all([call(ok), call("t" * (MAX_PROGRESS_TOKEN + 1)), call(2**60),
-                                        call({"x": 1}), call(True)])
+    messages, refused = await read_all(
+        [call(ok), call("t" * (MAX_PROGRESS_TOKEN + 1)), call(2**60), call({"x": 1}), call(True)]
+    )
     assert len(messages) == 1 and messages[0].params["_meta"]["progressToken"] == ok
     assert [(rid, code) for rid, code, _ in refused] == [(3, INVALID_PARAMS)] * 4
     assert f"at most {MAX_PROGRESS_TOKEN}" in refused[0][2] and "2^53" in refused[1][2]
@@ -125,7 +141,8 @@ async def test_the_error_answer_is_one_json_rpc_line():
 
     await LockedWriter(Out()).error(9, INVALID_REQUEST, "why")
     assert [json.loads(x) for x in lines] == [
-        {"jsonrpc": "2.0", "id": 9, "error": {"code": INVALID_REQUEST, "message": "why"}}]
+        {"jsonrpc": "2.0", "id": 9, "error": {"code": INVALID_REQUEST, "message": "why"}}
+    ]
     assert lines[0].endswith("\n") and lines[0].count("\n") == 1
 
 

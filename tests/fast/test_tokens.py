@@ -35,14 +35,17 @@ def test_hashes_are_matched_case_insensitively(tmp_path):
     assert TokenFile.load(path).tenant_for("gmcp_t") == "bob"
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ("tokens: [", "not valid YAML"),
-    ("- a\n- b\n", "expected a mapping with a `tokens:` list"),
-    ("tokens: {alice: x}\n", "expected a mapping with a `tokens:` list"),
-    ("tokens:\n  - {sha256: abc, tenant: alice}\n", "tokens[0] must have `sha256` (64 hex digits)"),
-    ("tokens:\n  - {sha256: %s}\n" % ("a" * 64), "tokens[0] must have `sha256` (64 hex digits) and `tenant`"),
-    ("tokens:\n  - {sha256: %s, tenant: a}\n  - just a string\n" % ("a" * 64), "tokens[1]"),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("tokens: [", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping with a `tokens:` list"),
+        ("tokens: {alice: x}\n", "expected a mapping with a `tokens:` list"),
+        ("tokens:\n  - {sha256: abc, tenant: alice}\n", "tokens[0] must have `sha256` (64 hex digits)"),
+        ("tokens:\n  - {sha256: %s}\n" % ("a" * 64), "tokens[0] must have `sha256` (64 hex digits) and `tenant`"),
+        ("tokens:\n  - {sha256: %s, tenant: a}\n  - just a string\n" % ("a" * 64), "tokens[1]"),
+    ],
+)
 def test_bad_files_are_refused_naming_the_file_and_the_entry(tmp_path, body, expected):
     path = tmp_path / "tokens.yaml"
     path.write_text(body)

@@ -12,16 +12,33 @@ from gvisor_mcp.sandbox import ContainerStatus, SandboxError
 from .conftest import structured, text, wire
 
 EXEC_FIELDS = {
-    "result_id", "container_id", "status", "exit_code", "signal", "stdout", "stderr", "stdout_truncated",
-    "stderr_truncated", "stdout_bytes", "stderr_bytes", "duration_ms", "boot_ms", "warm", "oom_killed",
-    "peak_memory_bytes", "limits", "error", "network",
+    "result_id",
+    "container_id",
+    "status",
+    "exit_code",
+    "signal",
+    "stdout",
+    "stderr",
+    "stdout_truncated",
+    "stderr_truncated",
+    "stdout_bytes",
+    "stderr_bytes",
+    "duration_ms",
+    "boot_ms",
+    "warm",
+    "oom_killed",
+    "peak_memory_bytes",
+    "limits",
+    "error",
+    "network",
 }
 
 
 async def test_a_command_is_resolved_by_the_policy_run_and_reported(fast):
     async with fast() as srv, srv.client() as client:
-        r = await client.call_tool("execute_command", {"command": "echo hi", "memory_mb": 256,
-                                                       "env": {"GREETING": "hello"}})
+        r = await client.call_tool(
+            "execute_command", {"command": "echo hi", "memory_mb": 256, "env": {"GREETING": "hello"}}
+        )
         out = wire(r)
         assert out["isError"] is False
         s = out["structuredContent"]
@@ -44,7 +61,11 @@ async def test_a_command_is_resolved_by_the_policy_run_and_reported(fast):
         assert [size for _, size in srv.fake.warmed] == [2]
     [line] = srv.audit()
     assert (line["decision"], line["status"], line["command"], line["result_id"]) == (
-        "allowed", "exited", "echo hi", s["result_id"])
+        "allowed",
+        "exited",
+        "echo hi",
+        s["result_id"],
+    )
 
 
 async def test_failing_commands_are_normal_results_with_their_status(fast):
@@ -59,8 +80,9 @@ async def test_failing_commands_are_normal_results_with_their_status(fast):
             got[command] = structured(r)
         assert (got["false"]["status"], got["false"]["exit_code"]) == ("exited", 1)
         assert got["sleep 99"]["status"] == "timed_out"
-        assert "hit its time limit" in text(await client.call_tool(
-            "inspect_result", {"result_id": got["sleep 99"]["result_id"]}))
+        assert "hit its time limit" in text(
+            await client.call_tool("inspect_result", {"result_id": got["sleep 99"]["result_id"]})
+        )
         assert got["hog"]["status"] == "oom_killed" and got["hog"]["oom_killed"] is True
         assert got["nothing-scripted"]["exit_code"] == 127
         assert "fake: no script" in got["nothing-scripted"]["stderr"]
@@ -81,8 +103,16 @@ async def test_a_policy_refusal_is_an_actionable_error_and_runs_nothing(fast):
 async def test_schemas_publish_the_callers_policy(fast):
     async with fast() as srv, srv.client() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"execute_command", "inspect_result", "list_active", "cancel_command",
-                          "read_file", "write_file", "list_files", "delete_file"}
+    assert set(tools) == {
+        "execute_command",
+        "inspect_result",
+        "list_active",
+        "cancel_command",
+        "read_file",
+        "write_file",
+        "list_files",
+        "delete_file",
+    }
     props = tools["execute_command"].input_schema["properties"]
     memory = [s for s in props["memory_mb"]["anyOf"] if s.get("type") == "integer"][0]
     assert memory["maximum"] == 1024
@@ -101,8 +131,11 @@ async def test_long_output_is_cut_and_pages_back_byte_for_byte(fast):
         assert "inspect_result" in r["stdout"]  # the marker says how to read the rest
         rid, got, offset = r["result_id"], b"", 0
         while offset is not None:
-            page = structured(await client.call_tool("inspect_result", {
-                "result_id": rid, "offset": offset, "length": 100_000, "encoding": "base64"}))
+            page = structured(
+                await client.call_tool(
+                    "inspect_result", {"result_id": rid, "offset": offset, "length": 100_000, "encoding": "base64"}
+                )
+            )
             assert page["total_bytes"] == len(data)
             got += base64.b64decode(page["data"])
             offset = page["next_offset"]
@@ -158,16 +191,22 @@ async def test_unknown_and_other_tenants_results_are_not_found_alike(fast):
             assert "secret" not in text(theirs)
         bg = structured(await alice.call_tool("execute_command", {"command": "echo bg", "background": True}))
         with anyio.fail_after(5):
-            while structured(await alice.call_tool("inspect_result", {"result_id": bg["result_id"]}))[
-                    "status"] == "running":
+            while (
+                structured(await alice.call_tool("inspect_result", {"result_id": bg["result_id"]}))["status"]
+                == "running"
+            ):
                 await anyio.sleep(0.01)
         assert structured(await bob.call_tool("list_active", {}))["commands"] == []
 
 
 async def test_quotas_are_clear_errors_and_hold_up_no_other_tenant(fast):
     extra = "  carol:\n    quotas: {runs_per_minute: 2}\n"
-    async with fast(policy_extra=extra) as srv, srv.client("alice") as alice, srv.client("bob") as bob, \
-            srv.client("carol") as carol:
+    async with (
+        fast(policy_extra=extra) as srv,
+        srv.client("alice") as alice,
+        srv.client("bob") as bob,
+        srv.client("carol") as carol,
+    ):
         srv.fake.script("sleep 60", block=True)
         first = structured(await alice.call_tool("execute_command", {"command": "sleep 60", "background": True}))
         over = await alice.call_tool("execute_command", {"command": "echo second"})
@@ -197,8 +236,9 @@ async def test_shutdown_kills_running_commands_and_records_them(fast):
     async with fast() as srv:
         async with srv.client() as client:
             srv.fake.script("serve forever", block=True)
-            rid = structured(await client.call_tool(
-                "execute_command", {"command": "serve forever", "background": True}))["result_id"]
+            rid = structured(
+                await client.call_tool("execute_command", {"command": "serve forever", "background": True})
+            )["result_id"]
         store = srv.rt.store
     stored = store.__class__(srv.state).get(rid, "default")
     assert stored is not None and stored.status == "killed"

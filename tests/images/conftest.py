@@ -42,8 +42,13 @@ RECIPE = {"packages": ["jq"], "variant": "apt"}
 
 def cli(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
     """`gvisor-mcp ARGS...` as an operator runs it."""
-    r = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout,
-                       env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")})
+    r = subprocess.run(
+        [str(BIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")},
+    )
     if check:
         assert r.returncode == 0, f"gvisor-mcp {' '.join(args)} failed ({r.returncode}):\n{r.stderr}"
     return r
@@ -85,8 +90,17 @@ def built() -> tuple[ImageStore, StoredImage]:
             recipe_file = CACHE / f"recipe-{key[:16]}.yaml"
             recipe_file.write_text(json.dumps(recipe.model_dump()))
             started = time.monotonic()
-            cli("image", "build", "built", "--recipe", str(recipe_file), "--state-dir", str(state),
-                timeout=1800, check=True)
+            cli(
+                "image",
+                "build",
+                "built",
+                "--recipe",
+                str(recipe_file),
+                "--state-dir",
+                str(state),
+                timeout=1800,
+                check=True,
+            )
             print(f"\nbuilt the test image with mmdebstrap in {time.monotonic() - started:.0f} s", file=sys.stderr)
             image = store.get("built")
     return store, image
@@ -122,8 +136,12 @@ def mini_layers() -> list[bytes]:
     entries += [Entry(d + "/", "dir") for d in dirs if d != "usr"]
     for rel, src in sorted(files.items()):
         entries.append(Entry(rel, data=Path(src).read_bytes(), mode=0o755))
-    entries += [Entry("usr/bin/sh", "sym", link="dash"), Entry("bin", "sym", link="usr/bin"),
-                Entry("lib", "sym", link="usr/lib"), Entry("lib64", "sym", link="usr/lib64")]
+    entries += [
+        Entry("usr/bin/sh", "sym", link="dash"),
+        Entry("bin", "sym", link="usr/bin"),
+        Entry("lib", "sym", link="usr/lib"),
+        Entry("lib64", "sym", link="usr/lib64"),
+    ]
     upper = [Entry("etc/marker", data=b"mini image\n"), Entry("etc/.wh.removed-later")]
     return [layer_tar(*entries), layer_tar(*upper)]
 
@@ -139,10 +157,13 @@ def mini_archives(mini_layout, tmp_path_factory) -> dict[str, Path]:
     need_tools("skopeo")
     d = tmp_path_factory.mktemp("archives")
     out = {"docker-archive": d / "mini-docker.tar", "oci-archive": d / "mini-oci.tar"}
-    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{mini_layout}:1",
-                    f"docker-archive:{out['docker-archive']}:test/mini:1"], check=True)
-    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{mini_layout}:1",
-                    f"oci-archive:{out['oci-archive']}:1"], check=True)
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", f"oci:{mini_layout}:1", f"docker-archive:{out['docker-archive']}:test/mini:1"],
+        check=True,
+    )
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", f"oci:{mini_layout}:1", f"oci-archive:{out['oci-archive']}:1"], check=True
+    )
     return out
 
 
@@ -171,14 +192,29 @@ def built_oci(built) -> Path:
             with tarfile.open(work / "v1.tar", "w") as tar:
                 for p in sorted(Path(image.rootfs).iterdir()):
                     tar.add(p, arcname=p.name)
-            subprocess.run(["umoci", "raw", "add-layer", "--image", f"{work / 'layout'}:base", "--tag", "v1",
-                            str(work / "v1.tar")], check=True)
-            (work / "v2.tar").write_bytes(layer_tar(
-                Entry("etc/pulled-marker", data=b"second layer\n"),
-                Entry("usr/share/doc/jq/.wh.copyright"),
-            ))
-            subprocess.run(["umoci", "raw", "add-layer", "--image", f"{work / 'layout'}:v1", "--tag", "v2",
-                            str(work / "v2.tar")], check=True)
+            subprocess.run(
+                [
+                    "umoci",
+                    "raw",
+                    "add-layer",
+                    "--image",
+                    f"{work / 'layout'}:base",
+                    "--tag",
+                    "v1",
+                    str(work / "v1.tar"),
+                ],
+                check=True,
+            )
+            (work / "v2.tar").write_bytes(
+                layer_tar(
+                    Entry("etc/pulled-marker", data=b"second layer\n"),
+                    Entry("usr/share/doc/jq/.wh.copyright"),
+                )
+            )
+            subprocess.run(
+                ["umoci", "raw", "add-layer", "--image", f"{work / 'layout'}:v1", "--tag", "v2", str(work / "v2.tar")],
+                check=True,
+            )
             os.rename(work / "layout", layout)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -205,8 +241,9 @@ def registry(tmp_path_factory) -> Iterator[str]:
         f"http: {{addr: '127.0.0.1:{port}'}}\n"
     )
     with open(d / "registry.log", "wb") as log:
-        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(config)], stdout=log, stderr=log, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -231,8 +268,9 @@ def registry(tmp_path_factory) -> Iterator[str]:
 
 def push(layout: Path, tag: str, registry: str, repo: str) -> str:
     ref = f"{registry}/{repo}:{tag}"
-    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
-                    f"docker://{ref}"], check=True)
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}"], check=True
+    )
     return ref
 
 

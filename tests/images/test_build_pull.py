@@ -81,8 +81,9 @@ def test_a_failed_build_says_why_and_leaves_the_store_as_it_was(tmp_path, built)
     with store.work():
         pass
     before = store_state(store)
-    r = cli("image", "build", "broken", "--packages", "gvisor-mcp-no-such-package", "--state-dir", str(state),
-            timeout=900)
+    r = cli(
+        "image", "build", "broken", "--packages", "gvisor-mcp-no-such-package", "--state-dir", str(state), timeout=900
+    )
     assert r.returncode == 1
     assert "mmdebstrap failed" in r.stderr and "gvisor-mcp-no-such-package" in r.stderr, r.stderr
     assert "nothing was added to the store" in r.stderr
@@ -116,8 +117,12 @@ def test_a_terminated_build_stops_mmdebstrap_and_changes_nothing(tmp_path, built
     with store.work():
         pass
     before = store_state(store)
-    proc = subprocess.Popen([str(BIN), "image", "build", "stopped", "--packages", "jq", "--state-dir", str(state)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN), "image", "build", "stopped", "--packages", "jq", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def ours() -> list[int]:
         pids = []
@@ -189,8 +194,9 @@ def test_pull_from_a_local_registry(tmp_path, built_oci, registry, built):
     assert image["digest"] != built_image.digest  # different content, different digest
     assert image["packages"] == built_image.packages
     # Pulling again changes nothing: same content, same digest, one image.
-    again = json.loads(cli("image", "pull", ref, "--insecure", "--name", "again", "--state-dir", str(state),
-                           timeout=900).stdout)
+    again = json.loads(
+        cli("image", "pull", ref, "--insecure", "--name", "again", "--state-dir", str(state), timeout=900).stdout
+    )
     assert again["digest"] == image["digest"] and sorted(again["names"]) == ["again", "small"]
     assert len(os.listdir(state / "images" / "sha256")) == 1
 

@@ -42,8 +42,9 @@ def images_state(tmp_path_factory, built, mini_archives, built_oci, registry) ->
     state = tmp_path_factory.mktemp("images-state") / "state"
     cached, image = built
     seed(state, cached, image, "built")
-    cli("image", "import", str(mini_archives["docker-archive"]), "--name", "mini", "--state-dir", str(state),
-        check=True)
+    cli(
+        "image", "import", str(mini_archives["docker-archive"]), "--name", "mini", "--state-dir", str(state), check=True
+    )
     ref = push(built_oci, "v2", registry, "test/small")
     cli("image", "pull", ref, "--insecure", "--state-dir", str(state), timeout=900, check=True)
     store = ImageStore(state / "images")
@@ -160,7 +161,7 @@ def test_policy_check_names_missing_store_images_and_how_to_get_them(tmp_path, i
     policy = tmp_path / "p.yaml"
     policy.write_text(
         "version: 1\nimages:\n  catalog:\n    agent: {store: agent}\n    built: {store: built}\n"
-        f"    old: {{store: \"built@sha256:{'0' * 64}\"}}\n  allowed: [host, agent, built, old]\n"
+        f'    old: {{store: "built@sha256:{"0" * 64}"}}\n  allowed: [host, agent, built, old]\n'
     )
     r = cli("policy", "check", str(policy), "--state-dir", str(state))
     assert r.returncode == 1
@@ -179,9 +180,20 @@ def test_serve_refuses_a_policy_whose_store_images_are_missing(tmp_path, sandbox
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nimages:\n  catalog:\n    agent: {store: agent}\n  allowed: [host, agent]\n")
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("gvisor-mcp")), "serve", "--policy", str(policy),
-         "--state-dir", str(tmp_path / "state"), "--state-root", str(sandbox_base)],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).with_name("gvisor-mcp")),
+            "serve",
+            "--policy",
+            str(policy),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--state-root",
+            str(sandbox_base),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 2
     assert "image 'agent' is not in the image store" in r.stderr and "image build agent" in r.stderr
@@ -190,8 +202,9 @@ def test_serve_refuses_a_policy_whose_store_images_are_missing(tmp_path, sandbox
 def test_a_store_image_without_the_workspace_mount_point_is_refused_by_policy_check(tmp_path, images_state):
     state, _ = images_state
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\nworkspace: {mount: /data}\n"
-                      "images:\n  catalog:\n    mini: {store: mini}\n  allowed: [host, mini]\n")
+    policy.write_text(
+        "version: 1\nworkspace: {mount: /data}\nimages:\n  catalog:\n    mini: {store: mini}\n  allowed: [host, mini]\n"
+    )
     r = cli("policy", "check", str(policy), "--state-dir", str(state))
     assert r.returncode == 1 and "has no directory /data for the workspace mount" in r.stderr, r.stderr
 

@@ -132,17 +132,24 @@ HOSTILE = {
     "absolute path": ([layer_tar(Entry("/etc/evil", data=b"x"))], "absolute path"),
     "dotdot": ([layer_tar(Entry("../../../evil", data=b"x"))], "'..' components"),
     "symlink then write through it": (
-        [layer_tar(Entry("d", "sym", link="/tmp"), Entry("d/gvisor-mcp-evil", data=b"x"))], "'d' is a symlink"),
+        [layer_tar(Entry("d", "sym", link="/tmp"), Entry("d/gvisor-mcp-evil", data=b"x"))],
+        "'d' is a symlink",
+    ),
     "symlink in a lower layer": (
         [layer_tar(Entry("etc", "sym", link="/etc")), layer_tar(Entry("etc/gvisor-mcp-evil", data=b"x"))],
-        "'etc' is a symlink"),
+        "'etc' is a symlink",
+    ),
     "hardlink outside": ([layer_tar(Entry("h", "hard", link="/etc/shadow"))], "hardlink target"),
     "hardlink dotdot": ([layer_tar(Entry("h", "hard", link="../../../etc/shadow"))], "hardlink target"),
     "whiteout dotdot": ([layer_tar(Entry("a/", "dir")), layer_tar(Entry("a/.wh..."))], "whiteout must name"),
     "whiteout through symlink": (
-        [layer_tar(Entry("l", "sym", link="/etc")), layer_tar(Entry("l/.wh.passwd"))], "'l' is a symlink"),
+        [layer_tar(Entry("l", "sym", link="/etc")), layer_tar(Entry("l/.wh.passwd"))],
+        "'l' is a symlink",
+    ),
     "opaque through symlink": (
-        [layer_tar(Entry("l", "sym", link="/etc")), layer_tar(Entry("l/.wh..wh..opq"))], "'l' is a symlink"),
+        [layer_tar(Entry("l", "sym", link="/etc")), layer_tar(Entry("l/.wh..wh..opq"))],
+        "'l' is a symlink",
+    ),
 }
 
 
@@ -157,10 +164,17 @@ def test_hostile_archives_are_refused_by_import_naming_the_entry(state, store_wi
 
 
 def test_devices_and_setuid_in_an_import_are_dropped_and_noted(state, tmp_path):
-    layout = oci_layout(tmp_path / "l", [*mini_layers(), layer_tar(
-        Entry("dev/kmsg", "chr", devmajor=1, devminor=11), Entry("usr/bin/su", data=b"x", mode=0o4755),
-        Entry("usr/bin/ping", data=b"x", mode=0o755, pax={"SCHILY.xattr.security.capability": "\x01"}),
-    )])
+    layout = oci_layout(
+        tmp_path / "l",
+        [
+            *mini_layers(),
+            layer_tar(
+                Entry("dev/kmsg", "chr", devmajor=1, devminor=11),
+                Entry("usr/bin/su", data=b"x", mode=0o4755),
+                Entry("usr/bin/ping", data=b"x", mode=0o755, pax={"SCHILY.xattr.security.capability": "\x01"}),
+            ),
+        ],
+    )
     image = imported(state, layout, "odd")
     rootfs = Path(image["rootfs"])
     assert not (rootfs / "dev" / "kmsg").exists()
@@ -224,14 +238,18 @@ def test_corrupt_or_unsupported_archives_are_refused(state, store_with_one, tmp_
                 data = json.dumps(manifest).encode()
             else:
                 only = {**index["manifests"][0], "platform": {"os": "linux", "architecture": "arm64"}}
-                data = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                                   "manifests": [only]}).encode()
+                data = json.dumps(
+                    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [only]}
+                ).encode()
             import hashlib
 
             digest = hashlib.sha256(data).hexdigest()
             (layout / "blobs" / "sha256" / digest).write_bytes(data)
-            media = ("application/vnd.oci.image.manifest.v1+json" if what == "zstd"
-                     else "application/vnd.oci.image.index.v1+json")
+            media = (
+                "application/vnd.oci.image.manifest.v1+json"
+                if what == "zstd"
+                else "application/vnd.oci.image.index.v1+json"
+            )
             index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data), mediaType=media)
             (layout / "index.json").write_text(json.dumps(index))
         path = layout

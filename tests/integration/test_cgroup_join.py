@@ -97,8 +97,11 @@ async def test_every_runsc_process_of_a_run_lives_in_its_own_leaf(manager):
             else:
                 assert all(cgs[c] == want for c in OWNED), (kinds[pid], cgs)
         if detect_version() == 1:
-            others = [c.name for c in Path("/sys/fs/cgroup").iterdir()
-                      if c.name not in OWNED and not c.is_symlink() and (c / CGROUP_PARENT / cid).exists()]
+            others = [
+                c.name
+                for c in Path("/sys/fs/cgroup").iterdir()
+                if c.name not in OWNED and not c.is_symlink() and (c / CGROUP_PARENT / cid).exists()
+            ]
             assert others == [], f"runsc made cgroups in {others}"
         # The host pids limit (the safety net) is ours, and counts runsc's threads.
         cg = Cgroup(want, detect_version())
@@ -109,8 +112,9 @@ async def test_every_runsc_process_of_a_run_lives_in_its_own_leaf(manager):
     assert results["leaf-check"].status is ContainerStatus.KILLED
 
 
-HOST_MEMTOTAL = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemTotal:"))
+HOST_MEMTOTAL = next(
+    line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+)
 
 
 async def test_meminfo_shows_the_hosts_memory_and_nproc_the_hosts_cpus(manager):
@@ -160,25 +164,37 @@ async def test_peak_memory_is_the_commands_plus_the_sandboxs_own(manager):
     allocation still reads as ~100 MiB plus the sandbox's own overhead."""
     idle = await manager.run(ContainerOptions(command=["true"], resources=ResourceSpec(memory_mb=256)))
     assert 0 < idle.peak_memory_bytes < 64 * MiB, idle.peak_memory_bytes
-    r = await manager.run(ContainerOptions(
-        command=["python3", "-c", "x = bytearray(100 << 20)"], resources=ResourceSpec(memory_mb=256, timeout=60),
-    ))
+    r = await manager.run(
+        ContainerOptions(
+            command=["python3", "-c", "x = bytearray(100 << 20)"],
+            resources=ResourceSpec(memory_mb=256, timeout=60),
+        )
+    )
     assert (r.status, r.exit_code) == (ContainerStatus.EXITED, 0), r.summary()
     assert 100 * MiB < r.peak_memory_bytes < 100 * MiB + 96 * MiB, r.peak_memory_bytes
 
 
 async def test_oom_and_a_kill_of_a_memory_heavy_run_are_told_apart(manager):
-    r = await manager.run(ContainerOptions(
-        command=["python3", "-c", "x = bytearray(1 << 30)"], resources=ResourceSpec(memory_mb=96, timeout=60),
-    ))
+    r = await manager.run(
+        ContainerOptions(
+            command=["python3", "-c", "x = bytearray(1 << 30)"],
+            resources=ResourceSpec(memory_mb=96, timeout=60),
+        )
+    )
     assert r.status is ContainerStatus.OOM_KILLED and r.oom_killed, r.summary()
     assert r.peak_memory_bytes <= 96 * MiB * 1.01
     results: dict = {}
     async with anyio.create_task_group() as tg:
-        cid = await started(manager, ContainerOptions(
-            command=["python3", "-c", "import time; x = bytearray(60 << 20); time.sleep(60)"],
-            resources=ResourceSpec(memory_mb=96, timeout=120),
-        ), "heavy", tg, results)
+        cid = await started(
+            manager,
+            ContainerOptions(
+                command=["python3", "-c", "import time; x = bytearray(60 << 20); time.sleep(60)"],
+                resources=ResourceSpec(memory_mb=96, timeout=120),
+            ),
+            "heavy",
+            tg,
+            results,
+        )
         cg = Cgroup(f"/{CGROUP_PARENT}/{cid}", detect_version())
         with anyio.fail_after(60):
             while cg.stats().peak_memory_bytes < 60 * MiB:
@@ -194,8 +210,13 @@ async def test_cpu_quota_throttles_the_whole_sandbox(manager):
     sandbox (the process that runs them) is in it and the quota holds."""
     results: dict = {}
     async with anyio.create_task_group() as tg:
-        cid = await started(manager, sh("for i in 1 2 3 4; do (while :; do :; done) & done; wait",
-                                        cpus=0.25, timeout=120), "busy", tg, results)
+        cid = await started(
+            manager,
+            sh("for i in 1 2 3 4; do (while :; do :; done) & done; wait", cpus=0.25, timeout=120),
+            "busy",
+            tg,
+            results,
+        )
         cg = Cgroup(f"/{CGROUP_PARENT}/{cid}", detect_version())
         with anyio.fail_after(60):
             while True:

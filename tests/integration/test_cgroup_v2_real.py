@@ -56,8 +56,12 @@ def test_the_launcher_joins_a_real_v2_leaf_and_its_children_stay_in_it(leaf, tmp
     (procs,) = leaf.procs_files()
     argv = launcher_argv(Launch(join_cgroups=(procs,)), str(tmp_path / "log"))
     # What execs after the join (runsc in production) and a child it starts.
-    r = subprocess.run([*argv, "/bin/sh", "-c", "cat /proc/self/cgroup; sh -c 'cat /proc/self/cgroup'"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [*argv, "/bin/sh", "-c", "cat /proc/self/cgroup; sh -c 'cat /proc/self/cgroup'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     want = f"0::{leaf.rel}"
     v2_lines = [line for line in r.stdout.splitlines() if line.startswith("0::")]
     assert v2_lines == [want, want], r.stdout

@@ -47,7 +47,9 @@ def _start_child(base) -> subprocess.Popen:
     cfg = make_config(base).model_dump(mode="json")
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
 
 

@@ -31,16 +31,23 @@ EVERYDAY: list[tuple[str, str, str]] = [
     ("tar", "echo t > t && tar cf t.tar t && tar tf t.tar", "t\n"),
     ("gzip", "echo zz > z && gzip z && gzip -dc z.gz", "zz\n"),
     ("python3", "python3 -c 'import json, ssl, sqlite3; print(json.dumps([1]))'", "[1]\n"),
-    ("cc", "printf '#include <stdio.h>\\nint main(void){puts(\"built\");return 0;}\\n' > h.c"
-           " && cc -o h h.c && ./h", "built\n"),
+    (
+        "cc",
+        "printf '#include <stdio.h>\\nint main(void){puts(\"built\");return 0;}\\n' > h.c && cc -o h h.c && ./h",
+        "built\n",
+    ),
     ("make", "printf 'all:\\n\\t@echo made\\n' > Makefile && make", "made\n"),
-    ("git", "git init -q r && cd r && git -c user.name=a -c user.email=a@b commit -q --allow-empty -m m"
-            " && git log --format=%s", "m\n"),
+    (
+        "git",
+        "git init -q r && cd r && git -c user.name=a -c user.email=a@b commit -q --allow-empty -m m"
+        " && git log --format=%s",
+        "m\n",
+    ),
     ("curl", "echo local > f && curl -s file:///tmp/f", "local\n"),
     ("jq", "echo '{\"a\": 7}' | jq .a", "7\n"),
     ("node", "node -e 'console.log(6*7)'", "42\n"),
     ("vi", "vi --version | head -1", "VIM"),
-    ("editor", "command -v editor && test -x \"$(readlink -f \"$(command -v editor)\")\" && echo ok", "ok\n"),
+    ("editor", 'command -v editor && test -x "$(readlink -f "$(command -v editor)")" && echo ok', "ok\n"),
 ]
 
 
@@ -49,9 +56,7 @@ def host_has(program: str) -> bool:
 
 
 def sh(script: str, **kw) -> ContainerOptions:
-    return ContainerOptions(
-        command=["/bin/sh", "-c", script], user=UserSpec(uid=1000, gid=1000), workdir="/tmp", **kw
-    )
+    return ContainerOptions(command=["/bin/sh", "-c", script], user=UserSpec(uid=1000, gid=1000), workdir="/tmp", **kw)
 
 
 async def test_everyday_commands_the_host_has_run_inside(manager):
@@ -63,8 +68,10 @@ async def test_everyday_commands_the_host_has_run_inside(manager):
         r = await manager.run(sh(script))
         out = r.stdout.decode(errors="replace")
         if r.status is not ContainerStatus.EXITED or r.exit_code != 0 or expected not in out:
-            failures.append(f"{program}: exit {r.exit_code} {r.status.value} stdout={out!r} "
-                            f"stderr={r.stderr.decode(errors='replace')[:300]!r}")
+            failures.append(
+                f"{program}: exit {r.exit_code} {r.status.value} stdout={out!r} "
+                f"stderr={r.stderr.decode(errors='replace')[:300]!r}"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -94,7 +101,12 @@ getent services ssh | cut -c1-3
 
 
 async def test_none_of_the_hosts_secrets_and_nothing_writable_reaches_the_host(manager, sandbox_base):
-    r = await manager.run(ContainerOptions(command=["/bin/sh", "-c", r"""
+    r = await manager.run(
+        ContainerOptions(
+            command=[
+                "/bin/sh",
+                "-c",
+                r"""
 for p in /etc/shadow /etc/gshadow /etc/ssh /etc/ssl/private /etc/sudoers /etc/pip.conf /etc/npmrc \
          /etc/gitconfig /etc/environment /etc/machine-id /etc/apt /root/.bashrc /home/* /var/lib /var/log; do
   test -e "$p" && echo "PRESENT $p"
@@ -107,7 +119,10 @@ echo x > /usr/local/gvisor-mcp-probe 2>/dev/null || echo usr-ro
 echo x > /var/tmp/scratch && echo var-tmp-ok
 echo x > /newfile && echo root-mem-ok
 id -u
-"""]))  # root inside: the strongest reader
+""",
+            ]
+        )
+    )  # root inside: the strongest reader
     out = r.stdout.decode()
     assert "PRESENT" not in out, out
     assert out.splitlines()[:1] == ["tmp"], out  # /var holds only tmp, which is empty

@@ -54,9 +54,15 @@ async def test_nonzero_exit_is_a_result(manager):
 
 
 async def test_stdin_env_workdir_and_user(manager):
-    r = await manager.run(sh("cat; echo; echo $FOO; pwd; id -u; id -g", stdin=b"from stdin",
-                             env={"FOO": "bar baz"}, workdir="/tmp",
-                             user=UserSpec(uid=1000, gid=1000)))
+    r = await manager.run(
+        sh(
+            "cat; echo; echo $FOO; pwd; id -u; id -g",
+            stdin=b"from stdin",
+            env={"FOO": "bar baz"},
+            workdir="/tmp",
+            user=UserSpec(uid=1000, gid=1000),
+        )
+    )
     assert r.exit_code == 0, r.stderr
     assert r.stdout.decode().splitlines() == ["from stdin", "bar baz", "/tmp", "1000", "1000"]
 
@@ -94,10 +100,12 @@ async def test_custom_rootfs_read_only_leaves_host_unchanged(manager, tmp_path):
     (root / "data" / "f").write_text("original")
     opts = dict(
         rootfs=str(root),
-        extra_mounts=[Mount(destination="/usr", source="/usr"),
-                      Mount(destination="/lib", source="/lib"),
-                      Mount(destination="/lib64", source="/lib64"),
-                      Mount(destination="/bin", source="/bin")],
+        extra_mounts=[
+            Mount(destination="/usr", source="/usr"),
+            Mount(destination="/lib", source="/lib"),
+            Mount(destination="/lib64", source="/lib64"),
+            Mount(destination="/bin", source="/bin"),
+        ],
     )
     for d in ("usr", "lib", "lib64", "bin", "proc", "dev", "sys"):
         (root / d).mkdir(exist_ok=True)
@@ -113,12 +121,16 @@ async def test_extra_mounts_ro_and_rw(manager, tmp_path):
     ro, rw = tmp_path / "ro", tmp_path / "rw"
     ro.mkdir(), rw.mkdir()
     (ro / "in").write_text("input")
-    r = await manager.run(sh(
-        "cat /in/in; echo x > /in/new 2>/dev/null && echo RO-WRITABLE; echo result > /out/file",
-        extra_mounts=[Mount(destination="/in", source=str(ro)),
-                      Mount(destination="/out", source=str(rw), read_only=False),
-                      Mount(destination="/scratch", type="tmpfs", read_only=False, size_mb=8)],
-    ))
+    r = await manager.run(
+        sh(
+            "cat /in/in; echo x > /in/new 2>/dev/null && echo RO-WRITABLE; echo result > /out/file",
+            extra_mounts=[
+                Mount(destination="/in", source=str(ro)),
+                Mount(destination="/out", source=str(rw), read_only=False),
+                Mount(destination="/scratch", type="tmpfs", read_only=False, size_mb=8),
+            ],
+        )
+    )
     assert r.stdout == b"input", r.stderr
     assert (rw / "file").read_text() == "result\n"
     assert not (ro / "new").exists()
@@ -134,10 +146,12 @@ async def test_timeout(manager):
 
 
 async def test_oom(manager):
-    r = await manager.run(ContainerOptions(
-        command=["python3", "-c", "x = bytearray(1 << 30); print('survived')"],
-        resources=ResourceSpec(memory_mb=128, timeout=60),
-    ))
+    r = await manager.run(
+        ContainerOptions(
+            command=["python3", "-c", "x = bytearray(1 << 30); print('survived')"],
+            resources=ResourceSpec(memory_mb=128, timeout=60),
+        )
+    )
     assert r.status is ContainerStatus.OOM_KILLED, r.summary()
     assert r.oom_killed
     assert b"survived" not in r.stdout
@@ -145,14 +159,17 @@ async def test_oom(manager):
     assert 0.5 * limit < r.peak_memory_bytes <= limit * 1.01
 
 
-@pytest.mark.parametrize("script, code, sig", [
-    # exit 137 of its own accord, after taking most of its memory limit
-    ("python3 -c 'import sys; x = bytearray(100 << 20); sys.exit(137)'", 137, 9),
-    # a child dies of SIGKILL / SIGSEGV sent by the command itself: no OOM anywhere
-    ("python3 -c 'import os; x = bytearray(100 << 20); os.kill(os.getpid(), 9)'; exit $?", 137, 9),
-    ("python3 -c 'import os; os.kill(os.getpid(), 11)'; exit $?", 139, 11),
-    ("sleep 60 & kill -KILL $!; wait $!", 137, 9),
-])
+@pytest.mark.parametrize(
+    "script, code, sig",
+    [
+        # exit 137 of its own accord, after taking most of its memory limit
+        ("python3 -c 'import sys; x = bytearray(100 << 20); sys.exit(137)'", 137, 9),
+        # a child dies of SIGKILL / SIGSEGV sent by the command itself: no OOM anywhere
+        ("python3 -c 'import os; x = bytearray(100 << 20); os.kill(os.getpid(), 9)'; exit $?", 137, 9),
+        ("python3 -c 'import os; os.kill(os.getpid(), 11)'; exit $?", 139, 11),
+        ("sleep 60 & kill -KILL $!; wait $!", 137, 9),
+    ],
+)
 async def test_exit_137_or_death_by_a_signal_is_not_an_oom_kill(manager, script, code, sig):
     """Code that called every exit status 137 an OOM kill passed all the other
     tests of this file (cold and warm): 137 is also `exit 137` and SIGKILL."""
@@ -162,18 +179,19 @@ async def test_exit_137_or_death_by_a_signal_is_not_an_oom_kill(manager, script,
 
 
 async def test_timed_out_memory_heavy_is_not_oom(manager):
-    r = await manager.run(ContainerOptions(
-        command=["python3", "-c", "import time; x = bytearray(60 << 20); time.sleep(30)"],
-        resources=ResourceSpec(memory_mb=256, timeout=2),
-    ))
+    r = await manager.run(
+        ContainerOptions(
+            command=["python3", "-c", "import time; x = bytearray(60 << 20); time.sleep(30)"],
+            resources=ResourceSpec(memory_mb=256, timeout=2),
+        )
+    )
     assert r.status is ContainerStatus.TIMED_OUT, r.summary()
     assert not r.oom_killed
     assert r.peak_memory_bytes > 60 << 20
 
 
 async def test_fork_bomb_is_contained(manager):
-    r = await manager.run(sh("b(){ b|b& }; b; sleep 2; echo done",
-                             resources=ResourceSpec(max_pids=64, timeout=20)))
+    r = await manager.run(sh("b(){ b|b& }; b; sleep 2; echo done", resources=ResourceSpec(max_pids=64, timeout=20)))
     assert r.status in (ContainerStatus.EXITED, ContainerStatus.TIMED_OUT), r.summary()
     # The host is fine: a normal run works right after.
     r = await manager.run(ContainerOptions(command=["true"]))
@@ -197,8 +215,13 @@ async def test_flood_is_truncated_head_and_tail(manager):
     chunks: list[int] = []
     _peak_rss_reset()
     before = _peak_rss()
-    r = await manager.run(sh(script, resources=ResourceSpec(max_output_bytes=cap, timeout=120),
-                             stdout_writer=lambda c: chunks.append(len(c))))
+    r = await manager.run(
+        sh(
+            script,
+            resources=ResourceSpec(max_output_bytes=cap, timeout=120),
+            stdout_writer=lambda c: chunks.append(len(c)),
+        )
+    )
     assert r.exit_code == 0, r.summary()
     assert r.stdout_bytes == 200_000_008
     assert r.stdout_truncated

@@ -81,10 +81,7 @@ def rows(result) -> dict[str, dict]:
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["cold", "warm"])
 async def test_allowed_http_and_https_through_the_proxy(sandbox_base, internet, rules, ca_mount, pooled):
-    cmd = (
-        "curl -sS -m 20 http://web.test/hello && "
-        "curl -sS -m 20 --cacert /ca/ca.pem https://web.test/hello"
-    )
+    cmd = "curl -sS -m 20 http://web.test/hello && curl -sS -m 20 --cacert /ca/ca.pem https://web.test/hello"
     async with network_manager(sandbox_base, internet) as (m, net):
         runner = WarmManager(m) if pooled else m
         r = await runner.run(opts(cmd, rules, extra_mounts=(ca_mount,)))

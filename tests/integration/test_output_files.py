@@ -54,8 +54,9 @@ async def test_a_flood_keeps_the_exact_head_and_tail_and_counts_every_byte(sandb
     expected = b"".join(b"%d\n" % i for i in range(1, n + 1))
     w = Writer()
     async with Manager(make_config(sandbox_base)) as m:
-        r = await m.run(sh(f"seq 1 {n}; echo done >&2", resources=ResourceSpec(max_output_bytes=cap, timeout=120),
-                           stdout_writer=w))
+        r = await m.run(
+            sh(f"seq 1 {n}; echo done >&2", resources=ResourceSpec(max_output_bytes=cap, timeout=120), stdout_writer=w)
+        )
     assert r.exit_code == 0, r.summary()
     assert r.stdout_bytes == len(expected) and r.stdout_truncated
     assert r.stdout == expected[: cap // 2] + expected[-(cap - cap // 2) :]
@@ -70,8 +71,13 @@ async def test_a_flood_keeps_the_exact_head_and_tail_and_counts_every_byte(sandb
 async def test_a_writer_that_wants_every_byte_gets_them_all(sandbox_base):
     got: list[int] = []
     async with Manager(make_config(sandbox_base)) as m:
-        r = await m.run(sh("head -c 30000000 /dev/zero", resources=ResourceSpec(max_output_bytes=4096),
-                           stdout_writer=lambda c: got.append(len(c))))
+        r = await m.run(
+            sh(
+                "head -c 30000000 /dev/zero",
+                resources=ResourceSpec(max_output_bytes=4096),
+                stdout_writer=lambda c: got.append(len(c)),
+            )
+        )
     assert r.stdout_bytes == 30_000_000 and len(r.stdout) == 4096
     assert sum(got) == 30_000_000
 

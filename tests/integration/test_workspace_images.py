@@ -137,7 +137,9 @@ HOLDER = textwrap.dedent(
 def start_holder(root: Path, mp: Path, scope: str, mode: str = "hold") -> subprocess.Popen:
     p = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(root), str(mp), scope, mode],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -215,9 +217,17 @@ def test_an_image_mounted_in_another_mount_namespace_is_never_mounted_again(root
     workspace.release(mp, remove=False)  # unmounted, image kept
     image = workspace.image_path(root.resolve(), mp.resolve())
     other = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -o loop,nosuid,nodev {image} {mp} && echo mounted && exec sleep 600"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -o loop,nosuid,nodev {image} {mp} && echo mounted && exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert other.stdout.readline().strip() == "mounted"

@@ -36,14 +36,19 @@ async def full_receipt(client, result_id: str) -> dict:
     return structured(await client.call_tool("inspect_result", {"result_id": result_id, "receipt": True}))["limits"]
 
 
-def server_params(base: Path, *extra: str, state_dir: Path | None = None, env: dict | None = None) -> StdioServerParameters:
+def server_params(
+    base: Path, *extra: str, state_dir: Path | None = None, env: dict | None = None
+) -> StdioServerParameters:
     return StdioServerParameters(
         command=str(BIN),
         args=[
             "serve",
-            "--state-root", str(base),
-            "--cgroup-parent", CGROUP_PARENT,
-            "--state-dir", str(state_dir or base / "state"),
+            "--state-root",
+            str(base),
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            "--state-dir",
+            str(state_dir or base / "state"),
             *extra,
         ],
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO", **(env or {})},

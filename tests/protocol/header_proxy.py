@@ -13,8 +13,17 @@ from typing import Any
 
 import httpx2
 
-HOP = {b"host", b"authorization", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te",
-       b"upgrade", b"proxy-connection"}
+HOP = {
+    b"host",
+    b"authorization",
+    b"connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"content-length",
+    b"te",
+    b"upgrade",
+    b"proxy-connection",
+}
 
 
 class HeaderProxy:
@@ -25,8 +34,9 @@ class HeaderProxy:
         self.http = httpx2.AsyncClient(timeout=httpx2.Timeout(300, connect=10), follow_redirects=False)
 
     def _map(self, value: bytes) -> bytes:
-        return value.replace(f"127.0.0.1:{self.proxy_port}".encode(), f"127.0.0.1:{self.server_port}".encode()) \
-            .replace(f"localhost:{self.proxy_port}".encode(), f"localhost:{self.server_port}".encode())
+        return value.replace(f"127.0.0.1:{self.proxy_port}".encode(), f"127.0.0.1:{self.server_port}".encode()).replace(
+            f"localhost:{self.proxy_port}".encode(), f"localhost:{self.server_port}".encode()
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

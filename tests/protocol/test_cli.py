@@ -26,14 +26,28 @@ def cli(base, *argv: str, stdin: bytes | None = None, timeout: float = 120) -> s
     cmd, rest = argv[0], argv[1:]
     return subprocess.run(
         [str(BIN), cmd, "--state-root", str(base), "--cgroup-parent", CGROUP_PARENT, *rest],
-        input=stdin, capture_output=True, timeout=timeout, env=ENV,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=ENV,
         stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
 
 def test_run_streams_output_and_returns_the_commands_exit_code(sandbox_base):
-    r = cli(sandbox_base, "run", "--memory-mb", "128", "-e", "WHO=cli", "--",
-            "/bin/sh", "-c", "cat; echo out $WHO; echo err >&2; exit 3", stdin=b"from stdin\n")
+    r = cli(
+        sandbox_base,
+        "run",
+        "--memory-mb",
+        "128",
+        "-e",
+        "WHO=cli",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat; echo out $WHO; echo err >&2; exit 3",
+        stdin=b"from stdin\n",
+    )
     assert r.returncode == 3, r.stderr
     assert r.stdout == b"from stdin\nout cli\n"
     err = r.stderr.decode()
@@ -68,7 +82,10 @@ def test_doctor_passes_here_and_fails_clearly_without_runsc(sandbox_base):
 def test_cleanup_removes_what_a_killed_run_left(sandbox_base):
     proc = subprocess.Popen(
         [str(BIN), "run", "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--", "sleep", "300"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
     )
     try:
         deadline = time.monotonic() + 120

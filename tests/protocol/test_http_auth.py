@@ -41,12 +41,24 @@ INIT_NEW = {**INIT, "params": {**INIT["params"], "protocolVersion": "2025-11-25"
 def jwks_server(tmp_path, *keys):
     d = tmp_path / "jwks"
     d.mkdir()
-    jwks = {"keys": [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())), "kid": f"k{i}",
-                      "use": "sig", "alg": "RS256"} for i, k in enumerate(keys)]}
+    jwks = {
+        "keys": [
+            {
+                **json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())),
+                "kid": f"k{i}",
+                "use": "sig",
+                "alg": "RS256",
+            }
+            for i, k in enumerate(keys)
+        ]
+    }
     (d / "jwks.json").write_text(json.dumps(jwks))
     port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
-                          "--directory", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -69,10 +81,20 @@ async def test_oauth_resource_server_mode(sandbox_base, tmp_path):
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     port = _free_port()
     resource = f"http://127.0.0.1:{port}/mcp"
-    with jwks_server(tmp_path, key) as jwks_url, running_http_server(
-        sandbox_base, tmp_path, "--oauth-issuer", ISSUER, "--oauth-jwks-url", jwks_url,
-        "--oauth-tenant-claim", "org", port=port,
-    ) as server:
+    with (
+        jwks_server(tmp_path, key) as jwks_url,
+        running_http_server(
+            sandbox_base,
+            tmp_path,
+            "--oauth-issuer",
+            ISSUER,
+            "--oauth-jwks-url",
+            jwks_url,
+            "--oauth-tenant-claim",
+            "org",
+            port=port,
+        ) as server,
+    ):
         async with httpx2.AsyncClient(timeout=60) as http:
             # RFC 9728 metadata: public, names the issuer; every 401 points to it.
             meta = await http.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp")
@@ -80,11 +102,15 @@ async def test_oauth_resource_server_mode(sandbox_base, tmp_path):
             assert meta.json()["resource"] == resource and meta.json()["authorization_servers"] == [ISSUER]
             r = await http.post(server.url, json=INIT, headers=server.headers(None))
             assert r.status_code == 401
-            assert f'resource_metadata="http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"' \
+            assert (
+                f'resource_metadata="http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"'
                 in r.headers["www-authenticate"]
+            )
 
             async def refused(token: str, status: int = 401) -> str:
-                r = await http.post(server.url, json=INIT, headers=server.headers(None, Authorization=f"Bearer {token}"))
+                r = await http.post(
+                    server.url, json=INIT, headers=server.headers(None, Authorization=f"Bearer {token}")
+                )
                 assert r.status_code == status, r.text
                 if status == 401:
                     assert 'error="invalid_token"' in r.headers["www-authenticate"]
@@ -99,12 +125,21 @@ async def test_oauth_resource_server_mode(sandbox_base, tmp_path):
             assert "issued by" in await refused(_jwt(key, iss="https://evil.example", aud=resource))
             assert "signature" in await refused(_jwt(stranger, aud=resource))
             assert "not a well-formed JWT" in await refused("abc.def.ghi")
-            es = jwt.encode({"iss": ISSUER, "aud": resource, "exp": now + 600, "org": "alice"},
-                            ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "k0"})
+            es = jwt.encode(
+                {"iss": ISSUER, "aud": resource, "exp": now + 600, "org": "alice"},
+                ec.generate_private_key(ec.SECP256R1()),
+                algorithm="ES256",
+                headers={"kid": "k0"},
+            )
             assert "does not match its key" in await refused(es)
             assert "algorithm 'HS256' is not accepted" in await refused(
-                jwt.encode({"iss": ISSUER, "aud": resource, "exp": now + 600, "org": "alice"}, "k" * 32,
-                           algorithm="HS256", headers={"kid": "k0"}))
+                jwt.encode(
+                    {"iss": ISSUER, "aud": resource, "exp": now + 600, "org": "alice"},
+                    "k" * 32,
+                    algorithm="HS256",
+                    headers={"kid": "k0"},
+                )
+            )
             assert "org" in await refused(_jwt(key, aud=resource, org=None))
             assert "not in the policy" in await refused(_jwt(key, aud=resource, org="mallory"), status=403)
 
@@ -116,8 +151,9 @@ async def test_oauth_resource_server_mode(sandbox_base, tmp_path):
             assert r.structured_content["stdout"] == "via-oauth\n"
         # Static tokens keep working next to OAuth.
         async with server.client("bob", "legacy") as c:
-            assert (await c.call_tool("execute_command", {"command": "echo static"})).structured_content["stdout"] \
-                == "static\n"
+            assert (await c.call_tool("execute_command", {"command": "echo static"})).structured_content[
+                "stdout"
+            ] == "static\n"
     assert "Traceback" not in server.stderr.read_text()
 
 
@@ -141,8 +177,11 @@ async def test_token_list_revoke_sessions_and_progress_token(sandbox_base, tmp_p
                 assert "mcp-session-id" not in g.headers
                 d = await http.delete(server.url, headers=server.headers("alice", **V))
                 assert d.status_code == 400
-                p = await http.post(server.url, json={"jsonrpc": "2.0", "id": 5, "method": "tools/list"},
-                                    headers=server.headers("alice", **V))
+                p = await http.post(
+                    server.url,
+                    json={"jsonrpc": "2.0", "id": 5, "method": "tools/list"},
+                    headers=server.headers("alice", **V),
+                )
                 assert p.status_code >= 400 and "mcp-session-id" not in p.headers
             sids = []
             for _ in range(2):
@@ -150,8 +189,16 @@ async def test_token_list_revoke_sessions_and_progress_token(sandbox_base, tmp_p
                 assert r.status_code == 200
                 sids.append(r.headers["mcp-session-id"])
             # The progressToken bound of stdio holds over HTTP too.
-            call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
-                "name": "execute_command", "arguments": {"command": "true"}, "_meta": {"progressToken": "p" * 300}}}
+            call = {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {
+                    "name": "execute_command",
+                    "arguments": {"command": "true"},
+                    "_meta": {"progressToken": "p" * 300},
+                },
+            }
             h = server.headers("alice", **V, **{"mcp-session-id": sids[0]})
             r = await http.post(server.url, json=call, headers=h)
             assert r.json()["error"]["code"] == -32602 and "256" in r.json()["error"]["message"]
@@ -213,12 +260,13 @@ class CuttingProxy:
 async def test_a_client_whose_stream_drops_mid_call_resumes_with_last_event_id(sandbox_base, tmp_path):
     with running_http_server(sandbox_base, tmp_path) as server:
         proxy = CuttingProxy(server.port)
-        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-                anyio.create_task_group() as tg:
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, anyio.create_task_group() as tg:
             tg.start_soon(proxy.serve, listener)
             proxy_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {server.tokens['alice']}",
-                                               "Host": f"127.0.0.1:{server.port}"}, timeout=120)
+            http = httpx2.AsyncClient(
+                headers={"Authorization": f"Bearer {server.tokens['alice']}", "Host": f"127.0.0.1:{server.port}"},
+                timeout=120,
+            )
             url = f"http://127.0.0.1:{proxy_port}/mcp"
             async with Client(streamable_http_client(url, http_client=http), mode="legacy") as c:
                 r = await c.call_tool("execute_command", {"command": "sleep 3; echo finished"})

@@ -42,11 +42,31 @@ def fair_server(sandbox_base, tmp_path):
     port = _free_port()
     stderr = tmp_path / "server.err"
     process = subprocess.Popen(
-        [str(BIN), "serve", "--transport", "http", "--port", str(port), "--policy", str(policy),
-         "--tokens", str(tmp_path / "tokens.yaml"), "--state-dir", str(tmp_path / "state"),
-         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--max-concurrent", "4",
-         "--pool-size", "0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
+        [
+            str(BIN),
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--policy",
+            str(policy),
+            "--tokens",
+            str(tmp_path / "tokens.yaml"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--state-root",
+            str(sandbox_base),
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            "--max-concurrent",
+            "4",
+            "--pool-size",
+            "0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr.open("wb"),
         env={"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO"},
     )
     try:

@@ -69,7 +69,7 @@ async def test_slow_header_senders_are_dropped_and_fds_return_while_a_normal_cli
         async with httpx2.AsyncClient(timeout=60) as http:
             assert (await open_session(http, server, "alice")).status_code == 200
         baseline = await settled_fds(pid, 10**6)
-        head = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + b"x" * 900 + b"\r\n\r\n")
+        head = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + b"x" * 900 + b"\r\n\r\n"
         slow = [raw_connect(server.port) for _ in range(200)]
         closed: set[int] = set()
 
@@ -106,8 +106,9 @@ async def test_slow_header_senders_are_dropped_and_fds_return_while_a_normal_cli
 
 
 async def test_connections_past_the_cap_wait_outside_the_server_and_idle_ones_are_closed(sandbox_base, tmp_path):
-    with running_http_server(sandbox_base, tmp_path, "--max-connections", "10", "--header-timeout", "2",
-                             "--pool-size", "0") as server:
+    with running_http_server(
+        sandbox_base, tmp_path, "--max-connections", "10", "--header-timeout", "2", "--pool-size", "0"
+    ) as server:
         pid = server.process.pid
         async with httpx2.AsyncClient(timeout=60) as http:
             assert (await open_session(http, server, "alice")).status_code == 200
@@ -139,8 +140,9 @@ async def test_connections_past_the_cap_wait_outside_the_server_and_idle_ones_ar
 
 
 async def test_session_caps_per_tenant_and_per_server_give_clear_errors(sandbox_base, tmp_path):
-    with running_http_server(sandbox_base, tmp_path, "--max-sessions-per-tenant", "2", "--max-sessions", "3",
-                             "--pool-size", "0") as server:
+    with running_http_server(
+        sandbox_base, tmp_path, "--max-sessions-per-tenant", "2", "--max-sessions", "3", "--pool-size", "0"
+    ) as server:
         async with httpx2.AsyncClient(timeout=60) as http:
             a1, a2 = [await open_session(http, server, "alice") for _ in range(2)]
             assert a1.status_code == a2.status_code == 200
@@ -165,8 +167,16 @@ async def test_an_idle_session_expires_and_its_workspace_is_freed(sandbox_base, 
             sid = (await open_session(http, server, "alice")).headers["mcp-session-id"]
             h = server.headers("alice", **{"mcp-session-id": sid}, **PROTOCOL)
             await http.post(server.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h)
-            r = await http.post(server.url, headers=h, json={"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                                "params": {"name": "execute_command", "arguments": {"command": "echo x > /workspace/f"}}})
+            r = await http.post(
+                server.url,
+                headers=h,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tools/call",
+                    "params": {"name": "execute_command", "arguments": {"command": "echo x > /workspace/f"}},
+                },
+            )
             assert r.status_code == 200 and '"exit_code":0' in r.text.replace(" ", "")
             assert [p for p in sessions.iterdir()]  # its workspace exists
             assert workspace_leftovers(server.state, wait=0)  # mounted: one loop device
@@ -202,10 +212,24 @@ async def test_the_tokens_file_is_reread_when_it_changes_and_kept_when_broken(sa
     with running_http_server(sandbox_base, tmp_path, "--pool-size", "0") as server:
         tokens_file = tmp_path / "tokens.yaml"
         old_alice = server.tokens["alice"]
-        r = subprocess.run([str(BIN), "token", "add", "alice", "--policy", str(tmp_path / "policy.yaml"),
-                            "--tokens", str(tokens_file)], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [
+                str(BIN),
+                "token",
+                "add",
+                "alice",
+                "--policy",
+                str(tmp_path / "policy.yaml"),
+                "--tokens",
+                str(tokens_file),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         new_alice = r.stdout.strip()
         async with httpx2.AsyncClient(timeout=60) as http:
+
             def with_token(token: str) -> dict:
                 return {**server.headers(None), "Authorization": f"Bearer {token}"}
 
@@ -223,18 +247,28 @@ async def test_the_tokens_file_is_reread_when_it_changes_and_kept_when_broken(sa
 
 
 async def test_allowed_host_and_allowed_origin_extend_the_defaults_and_nothing_else(sandbox_base, tmp_path):
-    with running_http_server(sandbox_base, tmp_path, "--allowed-host", "gw.example:8443",
-                             "--allowed-origin", "https://app.example", "--pool-size", "0") as server:
+    with running_http_server(
+        sandbox_base,
+        tmp_path,
+        "--allowed-host",
+        "gw.example:8443",
+        "--allowed-origin",
+        "https://app.example",
+        "--pool-size",
+        "0",
+    ) as server:
         async with httpx2.AsyncClient(timeout=60) as http:
             ok_host = await http.post(server.url, json=INIT, headers=server.headers("alice", Host="gw.example:8443"))
             assert ok_host.status_code == 200
             bad_host = await http.post(server.url, json=INIT, headers=server.headers("alice", Host="gw.example:9999"))
             assert bad_host.status_code == 421
-            ok_origin = await http.post(server.url, json=INIT,
-                                        headers=server.headers("alice", Origin="https://app.example"))
+            ok_origin = await http.post(
+                server.url, json=INIT, headers=server.headers("alice", Origin="https://app.example")
+            )
             assert ok_origin.status_code == 200
-            bad_origin = await http.post(server.url, json=INIT,
-                                         headers=server.headers("alice", Origin="https://evil.example"))
+            bad_origin = await http.post(
+                server.url, json=INIT, headers=server.headers("alice", Origin="https://evil.example")
+            )
             assert bad_origin.status_code == 403
 
 
@@ -244,10 +278,14 @@ async def test_a_body_that_does_not_arrive_in_time_is_dropped(sandbox_base, tmp_
     with running_http_server(sandbox_base, tmp_path, "--body-timeout", "2", "--pool-size", "0") as server:
         s = raw_connect(server.port)
         token = server.tokens["alice"].encode()
-        s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:" + str(server.port).encode()
-                  + b"\r\nAuthorization: Bearer " + token
-                  + b"\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json"
-                  + b"\r\nContent-Length: 1000\r\n\r\n{")
+        s.sendall(
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:"
+            + str(server.port).encode()
+            + b"\r\nAuthorization: Bearer "
+            + token
+            + b"\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json"
+            + b"\r\nContent-Length: 1000\r\n\r\n{"
+        )
         dropped = False
         try:
             for _ in range(300):  # one byte every 0.2 s: the body would take 200 s

@@ -66,8 +66,11 @@ async def test_scope_session_with_classic_sessions_keeps_clients_apart(session_s
 
 async def test_scope_session_without_sessions_is_never_shared(session_server, sandbox_base):
     """Protocol 2026-07-28: no session, so no workspace, unless created."""
-    async with session_server.client("alice") as a, session_server.client("alice") as b, \
-            session_server.client("bob") as bob:
+    async with (
+        session_server.client("alice") as a,
+        session_server.client("alice") as b,
+        session_server.client("bob") as bob,
+    ):
         r = await a.call_tool("execute_command", {"command": "pwd; ls /workspace"})
         s = r.structured_content
         assert s["stdout"] == "/tmp\n" and s["exit_code"] != 0  # no /workspace at all
@@ -106,8 +109,11 @@ async def test_scope_session_without_sessions_is_never_shared(session_server, sa
 
 async def test_scope_tenant_is_shared_by_the_tenants_clients(tenant_server):
     for mode in ("legacy", "auto"):
-        async with tenant_server.client("alice", mode) as a, tenant_server.client("alice", mode) as b, \
-                tenant_server.client("bob", mode) as bob:
+        async with (
+            tenant_server.client("alice", mode) as a,
+            tenant_server.client("alice", mode) as b,
+            tenant_server.client("bob", mode) as bob,
+        ):
             tools = {t.name: t for t in (await a.list_tools()).tools}
             assert "create_workspace" not in tools
             assert "workspace" not in tools["execute_command"].input_schema["properties"]

@@ -58,17 +58,35 @@ async def test_a_request_whose_id_is_not_a_string_or_integer_gets_an_error(serve
 
 async def test_a_huge_progress_token_is_refused_and_never_echoed(server):
     token = "t" * (1024 * 1024)
-    await server.send({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
-        "name": "execute_command", "arguments": {"command": "sleep 2; echo done"},
-        "_meta": {"progressToken": token}}})
+    await server.send(
+        {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {
+                "name": "execute_command",
+                "arguments": {"command": "sleep 2; echo done"},
+                "_meta": {"progressToken": token},
+            },
+        }
+    )
     got = await answer_for(server, 5)
     assert got["error"]["code"] == -32602
     assert "progressToken" in got["error"]["message"] and "256" in got["error"]["message"]
     assert token not in json.dumps(got)
     # A short token gets its progress notifications (the command runs > 1 s).
-    await server.send({"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {
-        "name": "execute_command", "arguments": {"command": "sleep 2.5; echo done"},
-        "_meta": {"progressToken": "p-6"}}})
+    await server.send(
+        {
+            "jsonrpc": "2.0",
+            "id": 6,
+            "method": "tools/call",
+            "params": {
+                "name": "execute_command",
+                "arguments": {"command": "sleep 2.5; echo done"},
+                "_meta": {"progressToken": "p-6"},
+            },
+        }
+    )
     seen = []
     with anyio.fail_after(60):
         while True:
@@ -89,8 +107,14 @@ async def test_a_huge_message_does_not_swell_the_server(server, megabytes):
     pid = server.process.pid
     await ping(server, 1)
     before = rss(pid)
-    line = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-        "name": "execute_command", "arguments": {"command": "echo " + "x" * (megabytes * 1000 * 1000)}}})
+    line = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "execute_command", "arguments": {"command": "echo " + "x" * (megabytes * 1000 * 1000)}},
+        }
+    )
     await server.process.stdin.send(line.encode() + b"\n")  # type: ignore[union-attr]
     got = await answer_for(server, 2)
     assert "error" in got or got["result"].get("isError"), str(got)[:500]

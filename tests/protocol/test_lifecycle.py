@@ -53,11 +53,14 @@ class RawServer:
                 return msg["result"]
 
     async def initialize(self) -> None:
-        await self.request("initialize", {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "lifecycle-test", "version": "0"},
-        })
+        await self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "lifecycle-test", "version": "0"},
+            },
+        )
         await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     async def call(self, name: str, arguments: dict) -> dict:
@@ -70,8 +73,15 @@ class RawServer:
 
 def serve_argv(base: Path, state: Path, *extra: str) -> list[str]:
     return [
-        str(BIN), "serve", "--state-root", str(base), "--cgroup-parent", CGROUP_PARENT,
-        "--state-dir", str(state), *extra,
+        str(BIN),
+        "serve",
+        "--state-root",
+        str(base),
+        "--cgroup-parent",
+        CGROUP_PARENT,
+        "--state-dir",
+        str(state),
+        *extra,
     ]
 
 
@@ -194,7 +204,9 @@ async def test_sighup_reloads_the_policy_for_new_calls_and_keeps_it_when_the_fil
         policy.write_text("version: 1\nceilings: {memory: 256MiB}\ndefaults: {memory: 128MiB}\n")
         server.process.send_signal(signal.SIGHUP)
         with anyio.fail_after(30):
-            while not (r := await server.call_raw("execute_command", {"command": "true", "memory_mb": 1024})).get("isError"):
+            while not (r := await server.call_raw("execute_command", {"command": "true", "memory_mb": 1024})).get(
+                "isError"
+            ):
                 await anyio.sleep(0.1)
         assert "256" in r["content"][0]["text"]  # the new ceiling, named in the denial
         policy.write_text("version: 1\nceilings: {memory: [oops\n")

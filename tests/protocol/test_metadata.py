@@ -101,8 +101,7 @@ async def test_stdio_server_info_capabilities_instructions_and_annotations(serve
     assert "create_workspace" not in {t.name for t in tools}
 
 
-async def test_http_gives_each_tenant_its_hints_and_the_same_capabilities_as_stdio(
-        serve, sandbox_base, tmp_path):
+async def test_http_gives_each_tenant_its_hints_and_the_same_capabilities_as_stdio(serve, sandbox_base, tmp_path):
     async with serve() as c:
         stdio_caps = {"auto": capabilities(c)}
     async with serve(mode="legacy") as c:

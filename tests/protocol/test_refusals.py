@@ -52,7 +52,8 @@ async def denials(port: int) -> dict[str, float]:
                     await anyio.sleep(0.1)
     return {
         dict(s.labels)["kind"]: s.value
-        for f in text_string_to_metric_families(r.text) for s in f.samples
+        for f in text_string_to_metric_families(r.text)
+        for s in f.samples
         if s.name == "gvisor_mcp_denials_total" and dict(s.labels).get("tenant") == "default"
     }
 
@@ -72,12 +73,15 @@ def policy(tmp_path):
     return write
 
 
-@pytest.mark.parametrize("args, asked, allowed", [
-    ({"network": "host"}, "network='host'", "allowed is one of 'none', 'sandbox'"),
-    ({"image": "debian:sid"}, "image='debian:sid'", "allowed is one of"),
-    ({"memory_mb": 100000}, "memory_mb=100000", "allowed is"),
-    ({"network": "sandbox", "egress": ["evil.example"]}, "egress=['evil.example']", "allowed is"),
-])
+@pytest.mark.parametrize(
+    "args, asked, allowed",
+    [
+        ({"network": "host"}, "network='host'", "allowed is one of 'none', 'sandbox'"),
+        ({"image": "debian:sid"}, "image='debian:sid'", "allowed is one of"),
+        ({"memory_mb": 100000}, "memory_mb=100000", "allowed is"),
+        ({"network": "sandbox", "egress": ["evil.example"]}, "egress=['evil.example']", "allowed is"),
+    ],
+)
 async def test_a_refused_value_reads_like_the_policy_and_is_audited_and_counted(
     serve, sandbox_base, policy, args, asked, allowed
 ):

@@ -44,7 +44,9 @@ async def test_echo_hi_is_compact_and_its_text_unchanged(serve):
         # The text is what it was: one status line, then the output.
         assert re.fullmatch(
             r"status=exited exit_code=0 duration=\d+ms boot=\d+ms( \(warm\))? (peak_memory=\d+MiB )?"
-            r"result_id=res_\w+\n--- stdout ---\nhi\n", text(r)), text(r)
+            r"result_id=res_\w+\n--- stdout ---\nhi\n",
+            text(r),
+        ), text(r)
         # Nothing was requested: the receipt is the policy's hash alone.
         assert s["limits"] == {"policy_sha256": s["limits"]["policy_sha256"]}
         assert len(s["limits"]["policy_sha256"]) == 64
@@ -52,7 +54,9 @@ async def test_echo_hi_is_compact_and_its_text_unchanged(serve):
         # What the call asked for is shown, and how it was granted.
         s = structured(await run(c, command="true", memory_mb=128, timeout_seconds=20))
         assert {e["field"]: (e["requested"], e["granted"], e["rule"]) for e in s["limits"]["entries"]} == {
-            "memory_mb": (128, 128, "requested"), "timeout_seconds": (20, 20, "requested")}
+            "memory_mb": (128, 128, "requested"),
+            "timeout_seconds": (20, 20, "requested"),
+        }
 
         # The full receipt on request: every field, the tenant, the policy's source.
         full = await c.call_tool("inspect_result", {"result_id": s["result_id"], "receipt": True})
@@ -83,7 +87,7 @@ async def test_the_marker_call_works_verbatim_and_pages_carry_only_the_page(serv
         assert not page.is_error, text(page)
         p = structured(page)
         assert p["data_bytes"] == args["length"] and p["next_offset"] == start + args["length"]
-        assert p["data"].encode() == expected[start:start + args["length"]]
+        assert p["data"].encode() == expected[start : start + args["length"]]
         # ... and the marker says how to go on: from next_offset, up to where the tail begins.
         assert "offset=next_offset" in t
         assert int(re.search(r"until next_offset reaches (\d+)", t).group(1)) == end
@@ -91,7 +95,7 @@ async def test_the_marker_call_works_verbatim_and_pages_carry_only_the_page(serv
         while p["next_offset"] is not None and p["next_offset"] < end:
             p = structured(await c.call_tool("inspect_result", {**args, "offset": p["next_offset"]}))
             got += p["data"].encode()
-        assert bytes(got[:end - start]) == expected[start:end]
+        assert bytes(got[: end - start]) == expected[start:end]
 
         # A page is the page and a short status, not the head/tail excerpt again.
         small = await c.call_tool("inspect_result", {"result_id": s["result_id"], "offset": 1000, "length": 200})

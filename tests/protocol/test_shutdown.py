@@ -104,8 +104,14 @@ async def test_sigint_then_sigterm_100ms_later_leaves_nothing_at_any_moment(sand
         if moment == "mid-call":
             await server.call("execute_command", {"command": "sleep 600", "background": True})
             await until_running(server, 1)
-            await server.send({"jsonrpc": "2.0", "id": 99, "method": "tools/call",
-                               "params": {"name": "execute_command", "arguments": {"command": "sleep 30"}}})
+            await server.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 99,
+                    "method": "tools/call",
+                    "params": {"name": "execute_command", "arguments": {"command": "sleep 30"}},
+                }
+            )
             await anyio.sleep(0.5)
         elif moment == "mid-shutdown":
             await server.process.stdin.aclose()  # type: ignore[union-attr]
@@ -117,11 +123,14 @@ async def test_sigint_then_sigterm_100ms_later_leaves_nothing_at_any_moment(sand
     await assert_nothing_left(server, sandbox_base, state, log)
 
 
-@pytest.mark.parametrize("signals", [
-    ["SIGTERM", "SIGTERM", "SIGINT"],
-    ["SIGHUP", "SIGINT", "SIGHUP", "SIGTERM"],
-    ["SIGINT", "stdin closed", "SIGTERM"],
-])
+@pytest.mark.parametrize(
+    "signals",
+    [
+        ["SIGTERM", "SIGTERM", "SIGINT"],
+        ["SIGHUP", "SIGINT", "SIGHUP", "SIGTERM"],
+        ["SIGINT", "stdin closed", "SIGTERM"],
+    ],
+)
 async def test_a_burst_of_mixed_signals_right_after_initialize_leaves_nothing(sandbox_base, tmp_path, signals):
     state = tmp_path / "state"
     log = tmp_path / "server.log"
@@ -162,10 +171,28 @@ async def test_claude_mcp_list_leaves_nothing_behind(sandbox_base, tmp_path):
     policy.write_text(POLICY)
     env = claude_env(home)
     add = await anyio.run_process(
-        [str(CLAUDE), "mcp", "add", "--scope", "user", "gvisor", "--", str(BIN), "serve",
-         "--state-root", str(sandbox_base), "--cgroup-parent", CGROUP_PARENT, "--state-dir", str(state),
-         "--policy", str(policy)],
-        env=env, cwd=home, check=False,
+        [
+            str(CLAUDE),
+            "mcp",
+            "add",
+            "--scope",
+            "user",
+            "gvisor",
+            "--",
+            str(BIN),
+            "serve",
+            "--state-root",
+            str(sandbox_base),
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            "--state-dir",
+            str(state),
+            "--policy",
+            str(policy),
+        ],
+        env=env,
+        cwd=home,
+        check=False,
     )
     assert add.returncode == 0, (add.stderr + add.stdout).decode()
     assert str(BIN) in "".join(p.read_text() for p in home.rglob("*.json"))  # its config is in our HOME

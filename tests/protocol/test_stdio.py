@@ -32,7 +32,8 @@ def tool_listing(tools) -> list[dict]:
             "inputSchema": t.input_schema,
             "outputSchema": t.output_schema,
             "annotations": t.annotations.model_dump(mode="json", by_alias=True, exclude_none=True)
-            if t.annotations else None,
+            if t.annotations
+            else None,
         }
         for t in sorted(tools, key=lambda t: t.name)
     ]
@@ -50,8 +51,16 @@ async def test_tool_list_snapshot(serve):
     assert SNAPSHOT.exists(), f"{SNAPSHOT} is missing; write it with GVISOR_MCP_UPDATE_SNAPSHOT=1 and review it"
     assert got == json.loads(SNAPSHOT.read_text())
     names = [t["name"] for t in got]
-    assert names == ["cancel_command", "delete_file", "execute_command", "inspect_result", "list_active",
-                     "list_files", "read_file", "write_file"]
+    assert names == [
+        "cancel_command",
+        "delete_file",
+        "execute_command",
+        "inspect_result",
+        "list_active",
+        "list_files",
+        "read_file",
+        "write_file",
+    ]
     ex = next(t for t in got if t["name"] == "execute_command")
     props = ex["inputSchema"]["properties"]
     assert "NEW" in ex["description"] and "workspace" in ex["description"]
@@ -60,9 +69,21 @@ async def test_tool_list_snapshot(serve):
     assert net["enum"] == ["none"]
     assert props["memory_mb"]["anyOf"][0]["maximum"] > 0
     assert set(ex["outputSchema"]["properties"]) >= {
-        "result_id", "container_id", "status", "exit_code", "stdout", "stderr",
-        "stdout_truncated", "stderr_truncated", "stdout_bytes", "stderr_bytes",
-        "duration_ms", "boot_ms", "oom_killed", "peak_memory_bytes", "limits",
+        "result_id",
+        "container_id",
+        "status",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "stdout_truncated",
+        "stderr_truncated",
+        "stdout_bytes",
+        "stderr_bytes",
+        "duration_ms",
+        "boot_ms",
+        "oom_killed",
+        "peak_memory_bytes",
+        "limits",
     }
 
 
@@ -126,7 +147,8 @@ async def test_progress_notifications(serve):
 
     async with serve() as c:
         r = await c.call_tool(
-            "execute_command", {"command": "for i in 1 2 3; do echo tick $i; sleep 1; done"},
+            "execute_command",
+            {"command": "for i in 1 2 3; do echo tick $i; sleep 1; done"},
             progress_callback=on_progress,
         )
     assert structured(r)["exit_code"] == 0
@@ -187,7 +209,7 @@ async def test_cancelling_a_foreground_call_kills_its_container(serve, sandbox_b
 
 
 async def test_big_output_pages_back_byte_for_byte(serve):
-    script = "python3 -c \"import sys,random; r=random.Random(7); sys.stdout.buffer.write(bytes(r.getrandbits(8) for _ in range(5*1024*1024)))\""
+    script = 'python3 -c "import sys,random; r=random.Random(7); sys.stdout.buffer.write(bytes(r.getrandbits(8) for _ in range(5*1024*1024)))"'
     import random
 
     rnd = random.Random(7)
@@ -203,8 +225,10 @@ async def test_big_output_pages_back_byte_for_byte(serve):
         offset = 0
         pages = 0
         while offset is not None:
-            p = await c.call_tool("inspect_result", {
-                "result_id": s["result_id"], "offset": offset, "length": 262144, "encoding": "base64"})
+            p = await c.call_tool(
+                "inspect_result",
+                {"result_id": s["result_id"], "offset": offset, "length": 262144, "encoding": "base64"},
+            )
             ps = structured(p)
             page = base64.b64decode(ps["data"])
             assert ps["data_bytes"] == len(page) and ps["offset"] == offset
@@ -353,7 +377,8 @@ async def test_metrics_port_serves_prometheus_text_for_a_stdio_server(serve):
                         await anyio.sleep(0.1)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(r.text) for s in f.samples
+        for f in text_string_to_metric_families(r.text)
+        for s in f.samples
     }
     assert samples[("gvisor_mcp_calls_total", (("status", "exited"), ("tenant", "default")))] == 1
     assert samples[("gvisor_mcp_calls_total", (("status", "timed_out"), ("tenant", "default")))] == 1

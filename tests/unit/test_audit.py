@@ -37,10 +37,17 @@ def test_one_valid_json_line_per_write(tmp_path: Path) -> None:
     log = AuditLog(path)
     before = int(time.time())
     nasty = 'echo "a\nb" \\ \t\x00 \u00e9\u4e2d \U0001f600 \udcff'
-    log.write(tenant="alice", command=nasty, policy_hash="sha256:ab", decision="allowed",
-              status="exited", exit_code=0, duration_ms=12, boot_ms=3)
-    log.write(tenant="bob", command="rm -rf /", decision="denied", reason="policy: no",
-              path=Path("/x"))
+    log.write(
+        tenant="alice",
+        command=nasty,
+        policy_hash="sha256:ab",
+        decision="allowed",
+        status="exited",
+        exit_code=0,
+        duration_ms=12,
+        boot_ms=3,
+    )
+    log.write(tenant="bob", command="rm -rf /", decision="denied", reason="policy: no", path=Path("/x"))
     log.close()
     after = int(time.time())
 
@@ -48,9 +55,16 @@ def test_one_valid_json_line_per_write(tmp_path: Path) -> None:
     assert len(got) == 2
     assert got[0]["command"] == nasty
     assert got[0]["tenant"] == "alice" and got[0]["exit_code"] == 0
-    assert got[1] == {"tenant": "bob", "command": "rm -rf /", "decision": "denied",
-                      "reason": "policy: no", "path": "/x", "time": got[1]["time"],
-                      "command_bytes": 8, "command_sha256": hashlib.sha256(b"rm -rf /").hexdigest()}
+    assert got[1] == {
+        "tenant": "bob",
+        "command": "rm -rf /",
+        "decision": "denied",
+        "reason": "policy: no",
+        "path": "/x",
+        "time": got[1]["time"],
+        "command_bytes": 8,
+        "command_sha256": hashlib.sha256(b"rm -rf /").hexdigest(),
+    }
     for entry in got:
         t = calendar.timegm(time.strptime(entry["time"], "%Y-%m-%dT%H:%M:%SZ"))
         assert before <= t <= after
@@ -90,9 +104,7 @@ WRITER = textwrap.dedent(
 def test_concurrent_processes_never_interleave_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     AuditLog(path).write(n=-1, writer="parent")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), w]) for w in ("x", "y")
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), w]) for w in ("x", "y")]
     assert [p.wait() for p in procs] == [0, 0]
     got = lines(path)
     assert got[0] == {"n": -1, "writer": "parent", "time": got[0]["time"]}
@@ -104,8 +116,7 @@ def test_concurrent_processes_never_interleave_lines(tmp_path: Path) -> None:
 
 # --- the run's audit line, as jobs.py writes it -------------------------------------------
 
-PROMISED = {"time", "tenant", "command", "policy_hash", "decision", "status", "exit_code",
-            "duration_ms", "boot_ms"}
+PROMISED = {"time", "tenant", "command", "policy_hash", "decision", "status", "exit_code", "duration_ms", "boot_ms"}
 
 
 def finish_run(tmp_path: Path, result: ContainerResult | None, status: str, error: str | None):  # type: ignore[no-untyped-def]
@@ -115,10 +126,8 @@ def finish_run(tmp_path: Path, result: ContainerResult | None, status: str, erro
     no_manager = SimpleNamespace(config=ManagerConfig())
     jobs = Jobs(no_manager, store, audit, None)  # type: ignore[arg-type]
     rid = store.new_id()
-    job = Job(result_id=rid, tenant="alice", session="s1", command="make test",
-              limits={"timeout": "30s"}, timeout=30.0)
-    store.start(rid, tenant="alice", session="s1", command="make test", container_id=None,
-                limits=job.limits)
+    job = Job(result_id=rid, tenant="alice", session="s1", command="make test", limits={"timeout": "30s"}, timeout=30.0)
+    store.start(rid, tenant="alice", session="s1", command="make test", container_id=None, limits=job.limits)
     writers = (store.part_writer(rid, "stdout", 100), store.part_writer(rid, "stderr", 100))
     jobs._finish(job, result, status, error, writers, "sha256:feed")
     return store, audit, rid
@@ -126,8 +135,15 @@ def finish_run(tmp_path: Path, result: ContainerResult | None, status: str, erro
 
 async def test_a_finished_run_writes_one_line_with_the_promised_fields(tmp_path: Path) -> None:
     result = ContainerResult(
-        container_id="gvm-1", exit_code=2, stdout=b"out", stderr=b"err", stdout_bytes=3,
-        stderr_bytes=3, duration=1.5, boot_duration=0.25, status=ContainerStatus.EXITED,
+        container_id="gvm-1",
+        exit_code=2,
+        stdout=b"out",
+        stderr=b"err",
+        stdout_bytes=3,
+        stderr_bytes=3,
+        duration=1.5,
+        boot_duration=0.25,
+        status=ContainerStatus.EXITED,
     )
     store, audit, rid = finish_run(tmp_path, result, "exited", None)
     try:
@@ -170,7 +186,9 @@ def test_the_log_rotates_and_never_holds_more_than_keep_plus_one_files(tmp_path:
     for i in range(2000):  # ~10 MB of commands, cut to 4 KiB each: ~9 MB written in all
         log.write(n=i, command="x" * 5000)
     log.close()
-    files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("audit.jsonl") and not p.name.endswith(".lock"))
+    files = sorted(
+        p.name for p in tmp_path.iterdir() if p.name.startswith("audit.jsonl") and not p.name.endswith(".lock")
+    )
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
     for name in files:
         assert (tmp_path / name).stat().st_size <= 64 * 1024
@@ -178,7 +196,8 @@ def test_the_log_rotates_and_never_holds_more_than_keep_plus_one_files(tmp_path:
     newest = lines(path)
     assert newest[-1]["n"] == 1999
     assert [e["n"] for e in lines(tmp_path / "audit.jsonl.1") + newest] == list(
-        range(newest[-1]["n"] - len(newest) - len(lines(tmp_path / "audit.jsonl.1")) + 1, 2000))
+        range(newest[-1]["n"] - len(newest) - len(lines(tmp_path / "audit.jsonl.1")) + 1, 2000)
+    )
     assert all(e["command_bytes"] == 5000 and len(e["command"]) < 4300 for e in newest)
 
 

@@ -139,8 +139,7 @@ def test_max_concurrent_at_its_ceiling_and_one_above(tmp_path):
     jobs = Jobs(SimpleNamespace(config=ManagerConfig()), None, None, None)  # type: ignore[arg-type]
     for i in range(2):
         jobs.admit("a", 2)  # 0, then 1 running: below the quota
-        jobs._jobs[f"r{i}"] = Job(result_id=f"r{i}", tenant="a", session=None, command="sleep 9",
-                                  limits={}, timeout=10)
+        jobs._jobs[f"r{i}"] = Job(result_id=f"r{i}", tenant="a", session=None, command="sleep 9", limits={}, timeout=10)
     with pytest.raises(QuotaExceeded, match=r"already has 2 command\(s\) running \(max_concurrent=2\)"):
         jobs.admit("a", 2)
     jobs.admit("b", 2)  # per tenant

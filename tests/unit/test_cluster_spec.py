@@ -45,10 +45,14 @@ def options(s: RunSpec, ceilings: HostCeilings, images=None):
 
 
 CEILINGS = HostCeilings(
-    cpus=2, networks=("none", "sandbox"),
+    cpus=2,
+    networks=("none", "sandbox"),
     images={"py": "store:py", "tools": "/srv/rootfs/tools"},
-    egress=EgressRules(allow=["pypi.org", "*.pythonhosted.org", "10.1.0.0/16:3128"],
-                       hosts={"mirror.internal": "10.1.2.3"}, max_connections=8),
+    egress=EgressRules(
+        allow=["pypi.org", "*.pythonhosted.org", "10.1.0.0/16:3128"],
+        hosts={"mirror.internal": "10.1.2.3"},
+        max_connections=8,
+    ),
 )
 
 
@@ -78,8 +82,9 @@ def test_forged_images_are_refused(kw, images, why):
 
 
 def test_egress_within_the_host_ceiling_is_narrowed_and_limited():
-    asked = EgressRules(allow=["pypi.org:443", "10.1.2.0/24:3128"], hosts={"mirror.internal": "10.1.2.3"},
-                        max_connections=100)
+    asked = EgressRules(
+        allow=["pypi.org:443", "10.1.2.0/24:3128"], hosts={"mirror.internal": "10.1.2.3"}, max_connections=100
+    )
     o = options(spec(network="sandbox", egress=asked), CEILINGS)
     assert [str(r) for r in o.egress.allow] == [str(r) for r in asked.allow]
     assert o.egress.max_connections == 8  # the lower of the two
@@ -92,8 +97,10 @@ def test_egress_within_the_host_ceiling_is_narrowed_and_limited():
         ({"network": "sandbox", "egress": EgressRules(allow=["*"])}, "not within the egress allowlist"),
         ({"network": "sandbox", "egress": EgressRules(allow=["127.0.0.0/8:6379"])}, "not within the egress allowlist"),
         ({"network": "sandbox", "egress": EgressRules(allow=["pypi.org:22"])}, "not within the egress allowlist"),
-        ({"network": "sandbox", "egress": EgressRules(allow=["pypi.org"], hosts={"pypi.org": "127.0.0.1"})},
-         "egress.hosts: pypi.org -> 127.0.0.1 is not one of this host's static names"),
+        (
+            {"network": "sandbox", "egress": EgressRules(allow=["pypi.org"], hosts={"pypi.org": "127.0.0.1"})},
+            "egress.hosts: pypi.org -> 127.0.0.1 is not one of this host's static names",
+        ),
         ({"network": "none", "egress": EgressRules(allow=["pypi.org"])}, "egress rules need network='sandbox'"),
         ({"network": "host"}, "network='host'"),
     ],

@@ -41,11 +41,19 @@ def test_the_negotiated_version_goes_on_every_message_after_initialize() -> None
 
 def test_a_2026_message_carries_its_own_version_method_and_name() -> None:
     h = Headers(negotiated="2025-06-18")
-    call = JSONRPCRequest(jsonrpc="2.0", id=1, method="tools/call", params={
-        "name": "execute_command", "arguments": {}, "_meta": {PROTOCOL_VERSION_META_KEY: "2026-07-28"}})
+    call = JSONRPCRequest(
+        jsonrpc="2.0",
+        id=1,
+        method="tools/call",
+        params={"name": "execute_command", "arguments": {}, "_meta": {PROTOCOL_VERSION_META_KEY: "2026-07-28"}},
+    )
     assert headers_of(h, call) == {VERSION: "2026-07-28", "mcp-method": "tools/call", "mcp-name": "execute_command"}
-    read = JSONRPCRequest(jsonrpc="2.0", id=2, method="resources/read", params={
-        "uri": "workspace:///a.txt", "_meta": {PROTOCOL_VERSION_META_KEY: "2026-07-28"}})
+    read = JSONRPCRequest(
+        jsonrpc="2.0",
+        id=2,
+        method="resources/read",
+        params={"uri": "workspace:///a.txt", "_meta": {PROTOCOL_VERSION_META_KEY: "2026-07-28"}},
+    )
     assert headers_of(h, read)["mcp-name"] == "workspace:///a.txt"
 
 

@@ -43,9 +43,23 @@ def test_domain_rules(text, host, port, ok):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "a b.org", "a.*.org", "*pypi.org", "-a.org", "pypi.org:0", "pypi.org:x", "10.0.0.1/8",
-     "10.0.0.1", "::1", {"domain": "a.org", "cidr": "10.0.0.0/8"}, {"ports": [80]},
-     {"domain": "a.org", "ports": []}, {"domain": "a.org", "ports": [80, 80]}, 42],
+    [
+        "",
+        "a b.org",
+        "a.*.org",
+        "*pypi.org",
+        "-a.org",
+        "pypi.org:0",
+        "pypi.org:x",
+        "10.0.0.1/8",
+        "10.0.0.1",
+        "::1",
+        {"domain": "a.org", "cidr": "10.0.0.0/8"},
+        {"ports": [80]},
+        {"domain": "a.org", "ports": []},
+        {"domain": "a.org", "ports": [80, 80]},
+        42,
+    ],
 )
 def test_malformed_rules_say_what_is_expected(bad):
     with pytest.raises(EgressError, match="expected"):
@@ -66,7 +80,8 @@ def test_cidr_rules_and_literals():
 def test_narrowing_never_widens():
     rules = EgressRules(allow=["pypi.org", "*.pythonhosted.org", {"cidr": "10.0.0.0/8", "ports": [3128]}])
     assert [str(r) for r in rules.narrowed(["files.pythonhosted.org", "pypi.org:443"]).allow] == [
-        "files.pythonhosted.org", "pypi.org ports [443]",
+        "files.pythonhosted.org",
+        "pypi.org ports [443]",
     ]
     assert rules.narrowed(["10.1.0.0/16"]).allow[0].ports == (3128,)  # the allowlist's ports
     for wider in ["*", "evil.example", "pypi.org:22", "*.org", "pythonhosted.org", "10.0.0.0/7", "10.0.0.0/8:80"]:
@@ -87,12 +102,24 @@ def test_a_narrowed_list_allows_nothing_the_original_does_not(name, port):
 @pytest.mark.parametrize(
     "addr, why",
     [
-        ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.2.3.4", "RFC 1918"),
-        ("172.16.0.1", "RFC 1918"), ("192.168.1.1", "RFC 1918"), ("169.254.169.254", "metadata"),
-        ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("fd00:ec2::254", "metadata"),
-        ("fd12::1", "unique-local"), ("::ffff:127.0.0.1", "loopback"), ("64:ff9b::a9fe:a9fe", "metadata"),
-        ("2002:7f00:1::", "loopback"), ("0.0.0.0", "unicast"), ("224.0.0.1", "unicast"),
-        ("100.64.0.1", "non-public"), ("198.18.0.1", "non-public"), ("100.100.100.200", "metadata"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.2.3.4", "RFC 1918"),
+        ("172.16.0.1", "RFC 1918"),
+        ("192.168.1.1", "RFC 1918"),
+        ("169.254.169.254", "metadata"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fd00:ec2::254", "metadata"),
+        ("fd12::1", "unique-local"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("64:ff9b::a9fe:a9fe", "metadata"),
+        ("2002:7f00:1::", "loopback"),
+        ("0.0.0.0", "unicast"),
+        ("224.0.0.1", "unicast"),
+        ("100.64.0.1", "non-public"),
+        ("198.18.0.1", "non-public"),
+        ("100.100.100.200", "metadata"),
     ],
 )
 def test_guard_refuses_internal_addresses(addr, why):
@@ -161,10 +188,7 @@ def test_policy_check_refuses_bad_rules_with_their_line(tmp_path):
 
 def test_policy_check_warns_about_host_and_wide_cidrs(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text(
-        "version: 1\nnetwork:\n  allowed: [none, host, sandbox]\n"
-        "  egress:\n    allow: [0.0.0.0/0]\n"
-    )
+    f.write_text("version: 1\nnetwork:\n  allowed: [none, host, sandbox]\n  egress:\n    allow: [0.0.0.0/0]\n")
     out, err = io.StringIO(), io.StringIO()
     assert policy_main(["check", str(f)], stdout=out, stderr=err) == 0
     text = err.getvalue()
@@ -174,17 +198,31 @@ def test_policy_check_warns_about_host_and_wide_cidrs(tmp_path):
 
 def test_requests_narrow_and_are_refused_when_wider():
     policy = loads(POLICY.replace("        allow: [evil.example]", "        max_connections: 8"))
-    r = resolve(policy, ExecRequest(command="true", network="sandbox", egress=["pypi.org:443"]), "default",
-                workspace_root=None, session_id="s")
+    r = resolve(
+        policy,
+        ExecRequest(command="true", network="sandbox", egress=["pypi.org:443"]),
+        "default",
+        workspace_root=None,
+        session_id="s",
+    )
     assert [str(x) for x in r.options.egress.allow] == ["pypi.org ports [443]"]
     assert r.options.egress.max_bytes == 100 * 1024 * 1024
-    full = resolve(policy, ExecRequest(command="true", network="sandbox"), "default", workspace_root=None, session_id="s")
+    full = resolve(
+        policy, ExecRequest(command="true", network="sandbox"), "default", workspace_root=None, session_id="s"
+    )
     assert len(full.options.egress.allow) == 3
     with pytest.raises(PolicyDenied) as e:
-        resolve(policy, ExecRequest(command="true", network="sandbox", egress=["evil.example"]), "default",
-                workspace_root=None, session_id="s")
+        resolve(
+            policy,
+            ExecRequest(command="true", network="sandbox", egress=["evil.example"]),
+            "default",
+            workspace_root=None,
+            session_id="s",
+        )
     assert "pypi.org, *.pythonhosted.org" in str(e.value) and "Ask again" in str(e.value)
     with pytest.raises(PolicyDenied, match="only with network 'sandbox'"):
-        resolve(policy, ExecRequest(command="true", egress=["pypi.org"]), "default", workspace_root=None, session_id="s")
+        resolve(
+            policy, ExecRequest(command="true", egress=["pypi.org"]), "default", workspace_root=None, session_id="s"
+        )
     none = resolve(policy, ExecRequest(command="true"), "default", workspace_root=None, session_id="s")
     assert none.options.egress is None

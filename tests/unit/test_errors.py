@@ -38,8 +38,11 @@ def test_every_error_of_the_package_is_in_one_branch_of_the_family():
     assert outside == []
     branches = (Refusal, ConfigurationError, InfrastructureError)
     roots = {"gvisor_mcp.errors.GvisorMcpError", "gvisor_mcp.sandbox.errors.SandboxBaseError"}
-    unbranched = [n for n, cls in found.items() if issubclass(cls, GvisorMcpError) and n not in roots
-                  and not issubclass(cls, branches)]
+    unbranched = [
+        n
+        for n, cls in found.items()
+        if issubclass(cls, GvisorMcpError) and n not in roots and not issubclass(cls, branches)
+    ]
     assert unbranched == []
 
 

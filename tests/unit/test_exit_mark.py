@@ -33,8 +33,11 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 @settings(max_examples=300, deadline=None)  # no timing asserts: an example took 260 ms at load 30
 @given(
-    st.binary(max_size=200), st.integers(0, len(MARK) - 1), st.binary(max_size=50),
-    st.lists(st.integers(0, 400), max_size=8), st.booleans(),
+    st.binary(max_size=200),
+    st.integers(0, len(MARK) - 1),
+    st.binary(max_size=50),
+    st.lists(st.integers(0, 400), max_size=8),
+    st.booleans(),
 )
 @pytest.mark.slow
 def test_mark_is_found_across_any_chunking_and_never_captured(a, k, b, cuts, with_mark):
@@ -80,7 +83,10 @@ def test_claim_line_execs_once_when_it_can_and_falls_back_to_env_otherwise():
 
     o = ContainerOptions(command=["/bin/sh", "-c", "echo $X"], workdir="/tmp")
     line = claim_line(o, {"X": "1", "PATH": "/bin"}, ("PATH", "HOME")).decode()
-    assert "/usr/bin/env" not in line and "; unset HOME OLDPWD PATH PWD; export PWD=/tmp X=1 PATH=/bin; exec /bin/sh" in line
+    assert (
+        "/usr/bin/env" not in line
+        and "; unset HOME OLDPWD PATH PWD; export PWD=/tmp X=1 PATH=/bin; exec /bin/sh" in line
+    )
     assert "(" not in line.split("exec", 1)[0]  # no subshell: the stub forked it at boot
     # A key dash cannot export: the /usr/bin/env -i path, with the same variables.
     line = claim_line(o, {"X-Y": "1"}, ("PATH",)).decode()
@@ -101,7 +107,9 @@ def test_the_stub_protocol_with_a_real_shell(tmp_path):
     from gvisor_mcp.sandbox.stub import STUB_COMMAND, boot_line, claim_line
 
     mark = "@@gvisor-mcp-exit-00ff@@"
-    o = ContainerOptions(command=["/bin/sh", "-c", "cat; ps -o args= -p $PPID 2>/dev/null; exit 7"], workdir=str(tmp_path))
+    o = ContainerOptions(
+        command=["/bin/sh", "-c", "cat; ps -o args= -p $PPID 2>/dev/null; exit 7"], workdir=str(tmp_path)
+    )
     stdin = boot_line(mark) + claim_line(o, {"PATH": "/usr/bin:/bin"}, ("PATH",)) + b"from stdin\n"
     r = subprocess.run(list(STUB_COMMAND), input=stdin, capture_output=True)
     assert r.returncode == 7

@@ -57,15 +57,21 @@ def test_a_run_that_ends_on_a_full_disk_is_recorded_as_far_as_it_can_be(small_tm
     try:
         kept = finished(store, "alice", b"kept\n")
         rid = store.new_id()
-        job = Job(result_id=rid, tenant="alice", session=None, command="yes | head -c 1M",
-                  limits={}, timeout=30)
+        job = Job(result_id=rid, tenant="alice", session=None, command="yes | head -c 1M", limits={}, timeout=30)
         store.start(rid, tenant="alice", session=None, command=job.command, container_id=None, limits={})
         writers = (store.part_writer(rid, "stdout", 1 << 20), store.part_writer(rid, "stderr", 1 << 20))
         filler = fill_disk(small_tmpfs)
         writers[0](b"y\n" * 1000)  # the live part file cannot grow: no exception either
         result = ContainerResult(
-            container_id="gm-x", exit_code=0, stdout=b"y\n" * (1 << 19), stderr=b"", stdout_bytes=1 << 20,
-            stderr_bytes=0, duration=1.0, boot_duration=0.1, status=ContainerStatus.EXITED,
+            container_id="gm-x",
+            exit_code=0,
+            stdout=b"y\n" * (1 << 19),
+            stderr=b"",
+            stdout_bytes=1 << 20,
+            stderr_bytes=0,
+            duration=1.0,
+            boot_duration=0.1,
+            status=ContainerStatus.EXITED,
         )
         jobs._finish(job, result, "exited", None, writers, "sha")  # must not raise
         assert job.done.is_set() and jobs.active_all() == []

@@ -80,9 +80,12 @@ def test_errors_is_a_leaf():
 
 def test_the_sandbox_imports_only_itself_and_the_error_base():
     bad = [
-        f"{m} -> {t}" for m, ts in GRAPH.items() if within(m, "gvisor_mcp.sandbox")
-        for t in ts if (t.startswith("gvisor_mcp") and not within(t, "gvisor_mcp.sandbox")
-                        and t != "gvisor_mcp.errors") or within(t, "mcp")
+        f"{m} -> {t}"
+        for m, ts in GRAPH.items()
+        if within(m, "gvisor_mcp.sandbox")
+        for t in ts
+        if (t.startswith("gvisor_mcp") and not within(t, "gvisor_mcp.sandbox") and t != "gvisor_mcp.errors")
+        or within(t, "mcp")
     ]
     assert bad == []
 
@@ -94,9 +97,17 @@ def test_the_lower_rooms_know_nothing_of_mcp_or_the_runtime(room):
 
 
 def test_the_runtime_knows_nothing_of_mcp_or_what_serves_it():
-    rooms = ["gvisor_mcp.runtime", "gvisor_mcp.jobs", "gvisor_mcp.results", "gvisor_mcp.config",
-             "gvisor_mcp.roots", "gvisor_mcp.audit", "gvisor_mcp.metrics", "gvisor_mcp.files",
-             "gvisor_mcp.workspace"]
+    rooms = [
+        "gvisor_mcp.runtime",
+        "gvisor_mcp.jobs",
+        "gvisor_mcp.results",
+        "gvisor_mcp.config",
+        "gvisor_mcp.roots",
+        "gvisor_mcp.audit",
+        "gvisor_mcp.metrics",
+        "gvisor_mcp.files",
+        "gvisor_mcp.workspace",
+    ]
     assert importers_of(["mcp", TOOLS, *SERVING, *FRONTS], rooms) == []
 
 
@@ -123,7 +134,9 @@ def test_a_module_over_400_lines_says_why_at_its_top():
     """One concept per module: a long one writes down why it is not split."""
     long = [p for p in SRC.rglob("*.py") if len(p.read_text().splitlines()) > 400]
     unexplained = [
-        str(p.relative_to(SRC)) for p in long if "Why over ~400 lines" not in (ast.get_docstring(ast.parse(p.read_text())) or "")
+        str(p.relative_to(SRC))
+        for p in long
+        if "Why over ~400 lines" not in (ast.get_docstring(ast.parse(p.read_text())) or "")
     ]
     assert unexplained == []
 

@@ -47,11 +47,15 @@ def test_joining_cgroups_adds_ignore_cgroups_and_a_shell_but_no_namespace():
 
 
 def test_mounts_run_in_a_private_mount_namespace_and_compose_with_the_join():
-    launch = Launch(join_cgroups=("/a/cgroup.procs", "/b/cgroup.procs"), mounts=(meminfo_mount("/m"), PROC_SYS_NET_COVER))
+    launch = Launch(
+        join_cgroups=("/a/cgroup.procs", "/b/cgroup.procs"), mounts=(meminfo_mount("/m"), PROC_SYS_NET_COVER)
+    )
     argv = launcher_argv(launch, "/log")
     assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
     script = argv[6]
-    order = [script.index(s) for s in ("/a/cgroup.procs", "/b/cgroup.procs", "/m /proc/meminfo", "/proc/sys/net", "exec")]
+    order = [
+        script.index(s) for s in ("/a/cgroup.procs", "/b/cgroup.procs", "/m /proc/meminfo", "/proc/sys/net", "exec")
+    ]
     assert order == sorted(order)  # joins first, then mounts, then runsc
 
 
@@ -69,8 +73,11 @@ def test_the_launcher_execs_the_rest_with_its_arguments_intact(tmp_path):
 @pytest.mark.parametrize("bad", ["join", pytest.param("mount", marks=pytest.mark.runsc)])  # mount: root
 def test_a_failing_step_stops_before_runsc_and_says_why_in_runscs_log(tmp_path, bad):
     log = tmp_path / "runsc.log"
-    launch = (Launch(join_cgroups=(str(tmp_path / "gone" / "cgroup.procs"),)) if bad == "join"
-              else Launch(mounts=(("false",),)))
+    launch = (
+        Launch(join_cgroups=(str(tmp_path / "gone" / "cgroup.procs"),))
+        if bad == "join"
+        else Launch(mounts=(("false",),))
+    )
     r = subprocess.run([*launcher_argv(launch, str(log)), "/bin/echo", "ran"], capture_output=True, text=True)
     assert r.returncode == LAUNCHER_FAILED
     assert r.stdout == "" and r.stderr == ""  # nothing in the command's own streams
@@ -94,4 +101,6 @@ def test_cgroup_v2_leaf_has_one_procs_file(tmp_path):
     v2 = Cgroup("/gvisor-mcp/gm-1", 2, root=tmp_path)
     assert v2.procs_files() == (str(tmp_path / "gvisor-mcp" / "gm-1" / "cgroup.procs"),)
     v1 = Cgroup("/gvisor-mcp/gm-1", 1, root=Path("/sys/fs/cgroup"))
-    assert v1.procs_files() == tuple(f"/sys/fs/cgroup/{c}/gvisor-mcp/gm-1/cgroup.procs" for c in ("memory", "cpu", "pids"))
+    assert v1.procs_files() == tuple(
+        f"/sys/fs/cgroup/{c}/gvisor-mcp/gm-1/cgroup.procs" for c in ("memory", "cpu", "pids")
+    )

@@ -38,5 +38,5 @@ def test_an_exception_is_logged_with_its_traceback_as_one_json_line() -> None:
     assert crashed["result_id"] == "res_1" and "exc_info" not in crashed
     tb = crashed["exception"]
     assert tb.startswith("Traceback (most recent call last):")
-    assert 'in deep\n' in tb and tb.rstrip().endswith("ValueError: the cause")
+    assert "in deep\n" in tb and tb.rstrip().endswith("ValueError: the cause")
     assert after["event"] == "after" and "exception" not in after

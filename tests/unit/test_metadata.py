@@ -9,8 +9,16 @@ import pytest
 from gvisor_mcp.tools.metadata import instructions, tool_annotations
 from gvisor_mcp.version import package_version
 
-TOOLS = ["execute_command", "inspect_result", "list_active", "cancel_command",
-         "read_file", "write_file", "list_files", "delete_file"]
+TOOLS = [
+    "execute_command",
+    "inspect_result",
+    "list_active",
+    "cancel_command",
+    "read_file",
+    "write_file",
+    "list_files",
+    "delete_file",
+]
 
 
 def facts(workspace: str | None = "/workspace") -> SimpleNamespace:

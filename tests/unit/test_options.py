@@ -51,7 +51,13 @@ def test_constants():
         (dict(command=["true"], extra_mounts=[dict(destination="/proc/x", source="/tmp")]), "outside /proc"),
         (dict(command=["true"], extra_mounts=[dict(destination="/x", source="tmp")]), "mount.source"),
         (dict(command=["true"], extra_mounts=[dict(destination="/x", type="overlay")]), "mount.type"),
-        (dict(command=["true"], extra_mounts=[dict(destination="/x", source="/a"), dict(destination="/x", source="/b")]), "at most once"),
+        (
+            dict(
+                command=["true"],
+                extra_mounts=[dict(destination="/x", source="/a"), dict(destination="/x", source="/b")],
+            ),
+            "at most once",
+        ),
         (dict(command=["x"] * 5000), "at most 4096 arguments"),
         (dict(command=["true"], env={f"K{i}": "v" for i in range(2000)}), "at most 1024 variables"),
     ],
@@ -131,7 +137,9 @@ def test_check_paths(tmp_path):
     with pytest.raises(InvalidOptionsError, match="rootfs"):
         ContainerOptions(command=["true"], rootfs=str(tmp_path / "nope")).check_paths()
     with pytest.raises(InvalidOptionsError, match="mount.source"):
-        ContainerOptions(command=["true"], extra_mounts=[Mount(destination="/d", source=str(tmp_path / "x"))]).validate()
+        ContainerOptions(
+            command=["true"], extra_mounts=[Mount(destination="/d", source=str(tmp_path / "x"))]
+        ).validate()
 
 
 def test_options_are_frozen():

@@ -93,8 +93,20 @@ def test_schema_is_json_schema_of_the_file() -> None:
     assert code == 0
     doc = json.loads(out)
     assert doc["$schema"].startswith("https://json-schema.org/")
-    assert {"version", "defaults", "ceilings", "network", "on_exceed", "images", "workspace", "env",
-            "output", "quotas", "foreground_limit", "tenants"} <= set(doc["properties"])
+    assert {
+        "version",
+        "defaults",
+        "ceilings",
+        "network",
+        "on_exceed",
+        "images",
+        "workspace",
+        "env",
+        "output",
+        "quotas",
+        "foreground_limit",
+        "tenants",
+    } <= set(doc["properties"])
     assert doc["required"] == ["version"]
     assert doc["additionalProperties"] is False
 
@@ -120,7 +132,9 @@ def test_check_warns_when_the_quotas_add_up_to_more_than_the_capacity(tmp_path: 
     path.write_text(QUOTAS % a)
     code, out, err = cli("check", str(path), "--max-concurrent", "9")  # 2 + a + 2: 9 fits, 10 does not
     assert code == 0 and out.startswith(f"{path}: ok")
-    assert ("add up to 10 (default=2, a=6, b=2), more than the server's capacity (--max-concurrent 9)" in err) == warned, err
+    assert (
+        "add up to 10 (default=2, a=6, b=2), more than the server's capacity (--max-concurrent 9)" in err
+    ) == warned, err
     assert "is at least the server's capacity" not in err
 
 

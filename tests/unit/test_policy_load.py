@@ -38,79 +38,335 @@ def refusal(tmp_path: Path, text: str) -> tuple[Path, PolicyError]:
 
 # (yaml, line, key path, fragment of the message)
 CASES = [
-    pytest.param("version: 1\nbogus: 1\n", 2, "bogus", "unknown key 'bogus'; expected one of: defaults, ceilings", id="unknown-top-key"),
-    pytest.param("version: 1\ndefaults:\n  memroy: 1GiB\n", 3, "defaults.memroy", "expected one of: network, cpus, memory", id="unknown-nested-key"),
-    pytest.param("version: 1\ntenants:\n  a:\n    defaults:\n      cpu: 1\n", 5, "tenants.a.defaults.cpu", "unknown key 'cpu'", id="unknown-tenant-key"),
-    pytest.param("version: 1\ndefaults:\n  cpus: 1\n  cpus: 2\n", 4, "defaults.cpus", "duplicate key (first written on line 3)", id="duplicate-key"),
+    pytest.param(
+        "version: 1\nbogus: 1\n",
+        2,
+        "bogus",
+        "unknown key 'bogus'; expected one of: defaults, ceilings",
+        id="unknown-top-key",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  memroy: 1GiB\n",
+        3,
+        "defaults.memroy",
+        "expected one of: network, cpus, memory",
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    defaults:\n      cpu: 1\n",
+        5,
+        "tenants.a.defaults.cpu",
+        "unknown key 'cpu'",
+        id="unknown-tenant-key",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  cpus: 1\n  cpus: 2\n",
+        4,
+        "defaults.cpus",
+        "duplicate key (first written on line 3)",
+        id="duplicate-key",
+    ),
     pytest.param("version: 1\nversion: 1\n", 2, "version", "duplicate key", id="duplicate-top-key"),
-    pytest.param("version: 1\ndefaults:\n  cpus: \"2\"\n", 3, "defaults.cpus", "got str '2'; expected a number of CPU cores", id="cpus-string"),
-    pytest.param("version: 1\ndefaults:\n  max_pids: 1.5\n", 3, "defaults.max_pids", "expected a whole number", id="pids-float"),
-    pytest.param("version: 1\ndefaults:\n  max_pids: 2\n", 3, "defaults.max_pids", "out of range; expected a whole number from 4", id="pids-too-low"),
-    pytest.param("version: 1\nworkspace:\n  enabled: yes\n", 3, "workspace.enabled", "got str 'yes'; expected true or false", id="yaml11-bool"),
-    pytest.param("version: 1\ndefaults: 5\n", 2, "defaults", "got int 5; expected a mapping of keys", id="section-not-mapping"),
-    pytest.param("version: 1\nnetwork:\n  allowed: none\n", 3, "network.allowed", "expected a list", id="list-as-string"),
-    pytest.param("version: 1\nnetwork:\n  allowed: []\n", 3, "network.allowed", "the list is empty", id="empty-allowed"),
-    pytest.param("version: 1\nnetwork:\n  allowed: [none, wifi]\n", 3, "network.allowed[1]", "'wifi' is not allowed; expected one of 'none', 'sandbox' or 'host'", id="bad-network"),
-    pytest.param("version: 1\nnetwork:\n  allowed: [none, none]\n", 3, "network.allowed", "listed twice", id="network-twice"),
-    pytest.param("version: 1\nenv:\n  set:\n    DEBUG: 1\n", 4, "env.set.DEBUG", "expected a string (quote it)", id="env-value-int"),
+    pytest.param(
+        'version: 1\ndefaults:\n  cpus: "2"\n',
+        3,
+        "defaults.cpus",
+        "got str '2'; expected a number of CPU cores",
+        id="cpus-string",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  max_pids: 1.5\n", 3, "defaults.max_pids", "expected a whole number", id="pids-float"
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  max_pids: 2\n",
+        3,
+        "defaults.max_pids",
+        "out of range; expected a whole number from 4",
+        id="pids-too-low",
+    ),
+    pytest.param(
+        "version: 1\nworkspace:\n  enabled: yes\n",
+        3,
+        "workspace.enabled",
+        "got str 'yes'; expected true or false",
+        id="yaml11-bool",
+    ),
+    pytest.param(
+        "version: 1\ndefaults: 5\n", 2, "defaults", "got int 5; expected a mapping of keys", id="section-not-mapping"
+    ),
+    pytest.param(
+        "version: 1\nnetwork:\n  allowed: none\n", 3, "network.allowed", "expected a list", id="list-as-string"
+    ),
+    pytest.param(
+        "version: 1\nnetwork:\n  allowed: []\n", 3, "network.allowed", "the list is empty", id="empty-allowed"
+    ),
+    pytest.param(
+        "version: 1\nnetwork:\n  allowed: [none, wifi]\n",
+        3,
+        "network.allowed[1]",
+        "'wifi' is not allowed; expected one of 'none', 'sandbox' or 'host'",
+        id="bad-network",
+    ),
+    pytest.param(
+        "version: 1\nnetwork:\n  allowed: [none, none]\n", 3, "network.allowed", "listed twice", id="network-twice"
+    ),
+    pytest.param(
+        "version: 1\nenv:\n  set:\n    DEBUG: 1\n",
+        4,
+        "env.set.DEBUG",
+        "expected a string (quote it)",
+        id="env-value-int",
+    ),
     pytest.param("version: 1\nenv:\n  set:\n    1BAD: x\n", 4, "env.set.1BAD", "not a variable name", id="env-key-bad"),
-    pytest.param("version: 1\nenv:\n  allow: [\"A B\"]\n", 3, "env.allow[0]", "not a key pattern", id="env-pattern-bad"),
-    pytest.param("version: 1\ndefaults:\n  memory: 512MB\n", 3, "defaults.memory", "ambiguous unit 'MB'; expected binary units, e.g. 512MiB", id="unit-ambiguous"),
-    pytest.param("version: 1\ndefaults:\n  memory: 8MiB\n", 3, "defaults.memory", "out of range; expected a memory size from 16MiB", id="memory-too-small"),
-    pytest.param("version: 1\nceilings:\n  timeout: 5 minutes\n", 3, "ceilings.timeout", "not a duration; expected a duration like 30s", id="duration-bad"),
+    pytest.param('version: 1\nenv:\n  allow: ["A B"]\n', 3, "env.allow[0]", "not a key pattern", id="env-pattern-bad"),
+    pytest.param(
+        "version: 1\ndefaults:\n  memory: 512MB\n",
+        3,
+        "defaults.memory",
+        "ambiguous unit 'MB'; expected binary units, e.g. 512MiB",
+        id="unit-ambiguous",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  memory: 8MiB\n",
+        3,
+        "defaults.memory",
+        "out of range; expected a memory size from 16MiB",
+        id="memory-too-small",
+    ),
+    pytest.param(
+        "version: 1\nceilings:\n  timeout: 5 minutes\n",
+        3,
+        "ceilings.timeout",
+        "not a duration; expected a duration like 30s",
+        id="duration-bad",
+    ),
     pytest.param("version: 1\ndefaults:\n  user: root\n", 3, "defaults.user", "expected UID:GID", id="user-bad"),
-    pytest.param("version: 1\ndefaults:\n  workdir: tmp\n", 3, "defaults.workdir", "not absolute", id="workdir-relative"),
-    pytest.param("version: 1\nworkspace:\n  mount: /proc/x\n", 3, "workspace.mount", "cannot be a mount point", id="workspace-proc"),
-    pytest.param("version: 1\nworkspace:\n  scope: global\n", 3, "workspace.scope", "expected one of 'session' or 'tenant'", id="workspace-scope"),
-    pytest.param("version: 1\non_exceed: maybe\n", 2, "on_exceed", "expected one of 'reject' or 'clamp'", id="on-exceed"),
-    pytest.param("version: 1\nimages:\n  catalog:\n    host: /srv\n", 4, "images.catalog.host", "built-in image and cannot be redefined", id="catalog-host"),
-    pytest.param("version: 1\ntenants:\n  \"bad name\": {}\n", 3, "tenants.bad name", "not a valid name", id="tenant-name"),
-    pytest.param("defaults: {}\n", 1, "version", "required key is missing; expected `version: 1`", id="missing-version"),
+    pytest.param(
+        "version: 1\ndefaults:\n  workdir: tmp\n", 3, "defaults.workdir", "not absolute", id="workdir-relative"
+    ),
+    pytest.param(
+        "version: 1\nworkspace:\n  mount: /proc/x\n",
+        3,
+        "workspace.mount",
+        "cannot be a mount point",
+        id="workspace-proc",
+    ),
+    pytest.param(
+        "version: 1\nworkspace:\n  scope: global\n",
+        3,
+        "workspace.scope",
+        "expected one of 'session' or 'tenant'",
+        id="workspace-scope",
+    ),
+    pytest.param(
+        "version: 1\non_exceed: maybe\n", 2, "on_exceed", "expected one of 'reject' or 'clamp'", id="on-exceed"
+    ),
+    pytest.param(
+        "version: 1\nimages:\n  catalog:\n    host: /srv\n",
+        4,
+        "images.catalog.host",
+        "built-in image and cannot be redefined",
+        id="catalog-host",
+    ),
+    pytest.param(
+        'version: 1\ntenants:\n  "bad name": {}\n', 3, "tenants.bad name", "not a valid name", id="tenant-name"
+    ),
+    pytest.param(
+        "defaults: {}\n", 1, "version", "required key is missing; expected `version: 1`", id="missing-version"
+    ),
     pytest.param("version: 2\n", 1, "version", "2 is not allowed; expected one of 1", id="wrong-version"),
     # cross-key checks
-    pytest.param("version: 1\ndefaults:\n  memory: 4GiB\n", 3, "defaults.memory", "defaults.memory 4GiB is above ceilings.memory 2GiB", id="default-above-ceiling"),
-    pytest.param("version: 1\nceilings:\n  timeout: 1m\n", 3, "ceilings.timeout", "defaults.timeout 2m is above ceilings.timeout 1m", id="ceiling-below-default"),
-    pytest.param("version: 1\ntenants:\n  a:\n    defaults:\n      cpus: 2\n    ceilings:\n      cpus: 1.5\n", 5, "tenants.a.defaults.cpus", "above ceilings.cpus 1.5 CPUs (tenant 'a')", id="tenant-default-above-ceiling"),
-    pytest.param("version: 1\ntenants:\n  a:\n    ceilings: {timeout: 1m}\n", 4, "tenants.a.ceilings.timeout", "defaults.timeout 2m is above ceilings.timeout 1m (tenant 'a')", id="tenant-ceiling-below-inherited-default"),
-    pytest.param("version: 1\ndefaults:\n  network: host\n", 3, "defaults.network", "'host' is not in network.allowed ['none']", id="default-network-not-allowed"),
-    pytest.param("version: 1\ndefaults:\n  image: py\n", 3, "defaults.image", "'py' is not in images.allowed", id="default-image-not-allowed"),
-    pytest.param("version: 1\nimages:\n  allowed: [host, py]\n", 3, "images.allowed[1]", "image 'py' is not in images.catalog", id="allowed-image-not-in-catalog"),
-    pytest.param("version: 1\nimages:\n  catalog:\n    py: /nonexistent/rootfs\n", 4, "images.catalog.py", "/nonexistent/rootfs does not exist", id="image-path-missing"),
-    pytest.param("version: 1\ntenants:\n  a:\n    extends: nobody\n", 4, "tenants.a.extends", "tenant 'nobody' is not defined", id="unknown-tenant-referenced"),
-    pytest.param("version: 1\ntenants:\n  a:\n    extends: b\n  b:\n    extends: a\n", 6, "tenants.b.extends", "cycle (a -> b -> a)", id="extends-cycle"),
+    pytest.param(
+        "version: 1\ndefaults:\n  memory: 4GiB\n",
+        3,
+        "defaults.memory",
+        "defaults.memory 4GiB is above ceilings.memory 2GiB",
+        id="default-above-ceiling",
+    ),
+    pytest.param(
+        "version: 1\nceilings:\n  timeout: 1m\n",
+        3,
+        "ceilings.timeout",
+        "defaults.timeout 2m is above ceilings.timeout 1m",
+        id="ceiling-below-default",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    defaults:\n      cpus: 2\n    ceilings:\n      cpus: 1.5\n",
+        5,
+        "tenants.a.defaults.cpus",
+        "above ceilings.cpus 1.5 CPUs (tenant 'a')",
+        id="tenant-default-above-ceiling",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    ceilings: {timeout: 1m}\n",
+        4,
+        "tenants.a.ceilings.timeout",
+        "defaults.timeout 2m is above ceilings.timeout 1m (tenant 'a')",
+        id="tenant-ceiling-below-inherited-default",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  network: host\n",
+        3,
+        "defaults.network",
+        "'host' is not in network.allowed ['none']",
+        id="default-network-not-allowed",
+    ),
+    pytest.param(
+        "version: 1\ndefaults:\n  image: py\n",
+        3,
+        "defaults.image",
+        "'py' is not in images.allowed",
+        id="default-image-not-allowed",
+    ),
+    pytest.param(
+        "version: 1\nimages:\n  allowed: [host, py]\n",
+        3,
+        "images.allowed[1]",
+        "image 'py' is not in images.catalog",
+        id="allowed-image-not-in-catalog",
+    ),
+    pytest.param(
+        "version: 1\nimages:\n  catalog:\n    py: /nonexistent/rootfs\n",
+        4,
+        "images.catalog.py",
+        "/nonexistent/rootfs does not exist",
+        id="image-path-missing",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    extends: nobody\n",
+        4,
+        "tenants.a.extends",
+        "tenant 'nobody' is not defined",
+        id="unknown-tenant-referenced",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    extends: b\n  b:\n    extends: a\n",
+        6,
+        "tenants.b.extends",
+        "cycle (a -> b -> a)",
+        id="extends-cycle",
+    ),
     pytest.param("version: 1\ntenants:\n  a:\n    extends: a\n", 4, "tenants.a.extends", "cycle", id="extends-self"),
-    pytest.param("version: 1\ntenants:\n  default: {}\n", 3, "tenants.default", "name of the top level's own tenant", id="tenant-named-default"),
-    pytest.param("version: 1\ntenants:\n  a:\n    ceilings:\n      memory: 8GiB\n", 5, "tenants.a.ceilings.memory", "above the top-level ceiling 2GiB; expected at most 2GiB, or `allow_above_ceilings: true` in tenants.a", id="tenant-above-ceiling"),
-    pytest.param("version: 1\ntenants:\n  a:\n    network:\n      allowed: [none, host]\n", 5, "tenants.a.network.allowed", "network mode(s) host (tenant 'a') are not allowed at the top level", id="tenant-network-above"),
-    pytest.param("version: 1\ntenants:\n  a:\n    allow_above_ceilings: true\n    ceilings:\n      memory: 8GiB\n  b:\n    extends: a\n", 8, "tenants.b.extends", "ceilings.memory 8GiB (tenant 'b') is above the top-level ceiling", id="flag-not-inherited"),
-    pytest.param("version: 1\nenv:\n  max_vars: 1024\n  set:\n    A: b\n", 4, "env.set", "can exceed the sandbox's limit", id="env-over-sandbox-limit"),
+    pytest.param(
+        "version: 1\ntenants:\n  default: {}\n",
+        3,
+        "tenants.default",
+        "name of the top level's own tenant",
+        id="tenant-named-default",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    ceilings:\n      memory: 8GiB\n",
+        5,
+        "tenants.a.ceilings.memory",
+        "above the top-level ceiling 2GiB; expected at most 2GiB, or `allow_above_ceilings: true` in tenants.a",
+        id="tenant-above-ceiling",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    network:\n      allowed: [none, host]\n",
+        5,
+        "tenants.a.network.allowed",
+        "network mode(s) host (tenant 'a') are not allowed at the top level",
+        id="tenant-network-above",
+    ),
+    pytest.param(
+        "version: 1\ntenants:\n  a:\n    allow_above_ceilings: true\n    ceilings:\n      memory: 8GiB\n  b:\n    extends: a\n",
+        8,
+        "tenants.b.extends",
+        "ceilings.memory 8GiB (tenant 'b') is above the top-level ceiling",
+        id="flag-not-inherited",
+    ),
+    pytest.param(
+        "version: 1\nenv:\n  max_vars: 1024\n  set:\n    A: b\n",
+        4,
+        "env.set",
+        "can exceed the sandbox's limit",
+        id="env-over-sandbox-limit",
+    ),
     # files and projects
-    pytest.param("version: 1\nfiles:\n  max_write: 512\n", 3, "files.max_write", "out of range; expected a size from 1KiB", id="files-max-write-low"),
-    pytest.param("version: 1\nfiles:\n  max_read: 1GiB\n", 3, "files.max_read", "out of range", id="files-max-read-high"),
+    pytest.param(
+        "version: 1\nfiles:\n  max_write: 512\n",
+        3,
+        "files.max_write",
+        "out of range; expected a size from 1KiB",
+        id="files-max-write-low",
+    ),
+    pytest.param(
+        "version: 1\nfiles:\n  max_read: 1GiB\n", 3, "files.max_read", "out of range", id="files-max-read-high"
+    ),
     pytest.param("version: 1\nfiles:\n  max_list: 0\n", 3, "files.max_list", "out of range", id="files-max-list"),
-    pytest.param("version: 1\nprojects:\n  app: {path: relative/dir}\n", 3, "projects.app.path", "not absolute", id="project-relative"),
-    pytest.param("version: 1\nprojects:\n  app: {path: /}\n", 3, "projects.app.path", "cannot be a project", id="project-root"),
-    pytest.param("version: 1\nprojects:\n  app: {path: /proc/1}\n", 3, "projects.app.path", "cannot be a project", id="project-proc"),
-    pytest.param("version: 1\nprojects:\n  app: {path: /tmp, mount: /dev/x}\n", 3, "projects.app.mount", "cannot be a mount point", id="project-mount-dev"),
-    pytest.param("version: 1\nprojects:\n  app: {path: /nonexistent/app}\n", 3, "projects.app.path", "/nonexistent/app does not exist", id="project-missing"),
-    pytest.param("version: 1\nprojects:\n  app: {path: /tmp, mount: /workspace/app}\n", 2, "projects", "the workspace (/workspace) and project 'app' (/workspace/app) overlap", id="project-in-workspace"),
-    pytest.param("version: 1\nprojects:\n  a: {path: /tmp, mount: /p}\n  b: {path: /tmp, mount: /p}\n", 2, "projects", "overlap", id="projects-same-mount"),
-    pytest.param("version: 1\nprojects:\n  a: {path: /tmp, writable: true}\n", 3, "projects.a.writable", "unknown key", id="project-unknown-key"),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: relative/dir}\n",
+        3,
+        "projects.app.path",
+        "not absolute",
+        id="project-relative",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: /}\n", 3, "projects.app.path", "cannot be a project", id="project-root"
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: /proc/1}\n",
+        3,
+        "projects.app.path",
+        "cannot be a project",
+        id="project-proc",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: /tmp, mount: /dev/x}\n",
+        3,
+        "projects.app.mount",
+        "cannot be a mount point",
+        id="project-mount-dev",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: /nonexistent/app}\n",
+        3,
+        "projects.app.path",
+        "/nonexistent/app does not exist",
+        id="project-missing",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  app: {path: /tmp, mount: /workspace/app}\n",
+        2,
+        "projects",
+        "the workspace (/workspace) and project 'app' (/workspace/app) overlap",
+        id="project-in-workspace",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  a: {path: /tmp, mount: /p}\n  b: {path: /tmp, mount: /p}\n",
+        2,
+        "projects",
+        "overlap",
+        id="projects-same-mount",
+    ),
+    pytest.param(
+        "version: 1\nprojects:\n  a: {path: /tmp, writable: true}\n",
+        3,
+        "projects.a.writable",
+        "unknown key",
+        id="project-unknown-key",
+    ),
     # YAML-level refusals
-    pytest.param("version: 1\nbase: &b {cpus: 1}\ndefaults: *b\n", 3, "(file)", "aliases (*name) are not allowed", id="alias"),
+    pytest.param(
+        "version: 1\nbase: &b {cpus: 1}\ndefaults: *b\n", 3, "(file)", "aliases (*name) are not allowed", id="alias"
+    ),
     pytest.param("version: 1\ndefaults: [\n", 3, "(file)", "YAML syntax", id="syntax"),
     pytest.param("", 1, "(file)", "the file is empty", id="empty"),
     pytest.param("- version: 1\n", 1, "(file)", "the document is a list; expected a mapping", id="list-document"),
     pytest.param("version: 1\n1: x\n", 2, "1", "key '1' is not a string", id="non-string-key"),
-    pytest.param("version: 1\ndefaults: !!python/object:os.system {}\n", 2, "defaults", "YAML tag 'tag:yaml.org,2002:python/object:os.system' is not supported", id="python-tag"),
+    pytest.param(
+        "version: 1\ndefaults: !!python/object:os.system {}\n",
+        2,
+        "defaults",
+        "YAML tag 'tag:yaml.org,2002:python/object:os.system' is not supported",
+        id="python-tag",
+    ),
     pytest.param("version: 1\ndefaults:\n  cpus: !!binary aGk=\n", 3, "defaults.cpus", "YAML tag", id="binary-tag"),
 ]
 
 
 @pytest.mark.parametrize(("text", "line", "key", "fragment"), CASES)
-def test_load_errors_name_file_line_and_key(
-    tmp_path: Path, text: str, line: int, key: str, fragment: str
-) -> None:
+def test_load_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int, key: str, fragment: str) -> None:
     path, error = refusal(tmp_path, text)
     lines = [str(p) for p in error.problems]
     prefix = f"{path}:{line}: {key}: "
@@ -153,6 +409,7 @@ def test_alias_bomb_is_refused_at_the_first_alias_without_expanding(tmp_path: Pa
             steps += 1
             assert steps <= 2 * written, "more nodes visited than the file holds: aliases followed"
             return original(*args)
+
         return step
 
     # Composing the node tree and building data from it: where expansion would happen.
@@ -195,7 +452,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_yaml_1_1_surprises_stay_strings() -> None:
-    policy = loads('version: 1\ndefaults:\n  user: 1000:1000\n')
+    policy = loads("version: 1\ndefaults:\n  user: 1000:1000\n")
     assert policy.tenant("default").defaults.user == "1000:1000"
     with pytest.raises(PolicyError, match="expected a whole number"):
         loads("version: 1\nquotas:\n  max_concurrent: 010\n")
@@ -224,7 +481,10 @@ foreground_limit: 1m
     )
     s = policy.tenant("default")
     assert (s.defaults.cpus, s.defaults.memory, s.defaults.timeout, s.defaults.max_output) == (
-        1.5, 1024, 90.0, 1024 * 1024,
+        1.5,
+        1024,
+        90.0,
+        1024 * 1024,
     )
     assert (s.ceilings.timeout, s.output.head, s.output.tail, s.foreground_limit) == (3600.0, 2048, 512, 60.0)
 

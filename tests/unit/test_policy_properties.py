@@ -31,9 +31,8 @@ def images() -> ImageStore:
     once, when a test first needs it)."""
     return store_with(Path(tempfile.mkdtemp(prefix="gvisor-mcp-test-images-")) / "images", "agent")
 
-POLICIES = {
-    path.name: load(path) for path in sorted((REPO / "policies").glob("*.yaml"))
-}
+
+POLICIES = {path.name: load(path) for path in sorted((REPO / "policies").glob("*.yaml"))}
 POLICIES["clamp-everything"] = loads(
     """\
 version: 1
@@ -60,7 +59,8 @@ requests = st.builds(
     ExecRequest,
     command=st.text(min_size=1, max_size=200),
     workdir=st.none() | text | st.sampled_from(["/", "/workspace", "..", "/etc/../root", "/srv/state/workspaces"]),
-    env=st.none() | st.dictionaries(st.text(max_size=12) | st.sampled_from(["LD_PRELOAD", "PATH", "APP_X", "TZ"]), text, max_size=5),
+    env=st.none()
+    | st.dictionaries(st.text(max_size=12) | st.sampled_from(["LD_PRELOAD", "PATH", "APP_X", "TZ"]), text, max_size=5),
     stdin=st.none() | text,
     timeout_seconds=numbers,
     cpus=numbers,
@@ -129,8 +129,25 @@ def test_loader_never_raises_anything_but_policy_error(data: str | bytes) -> Non
 
 
 KEYS = st.sampled_from(
-    ["version", "defaults", "ceilings", "memory", "cpus", "timeout", "tenants", "a", "extends",
-     "network", "allowed", "env", "set", "images", "catalog", "workspace", "bogus"]
+    [
+        "version",
+        "defaults",
+        "ceilings",
+        "memory",
+        "cpus",
+        "timeout",
+        "tenants",
+        "a",
+        "extends",
+        "network",
+        "allowed",
+        "env",
+        "set",
+        "images",
+        "catalog",
+        "workspace",
+        "bogus",
+    ]
 )
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5000) | st.sampled_from(["1GiB", "2m", "none", "host", "a", "x"]),

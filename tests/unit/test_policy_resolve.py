@@ -41,7 +41,12 @@ def test_defaults_fill_everything() -> None:
     r = run(policy)
     o = r.options
     assert o.command == ("/bin/sh", "-c", "echo hi")
-    assert (o.resources.cpus, o.resources.memory_mb, o.resources.max_pids, o.resources.timeout) == (1.0, 512, 256, 120.0)
+    assert (o.resources.cpus, o.resources.memory_mb, o.resources.max_pids, o.resources.timeout) == (
+        1.0,
+        512,
+        256,
+        120.0,
+    )
     assert o.resources.max_output_bytes == 10 * 1024 * 1024
     assert o.network is NetworkMode.NONE
     assert o.rootfs is None
@@ -101,8 +106,15 @@ def test_over_ceiling_reject_and_clamp(field: str, asked: float, ceiling: float,
 
 @pytest.mark.parametrize(
     ("field", "asked"),
-    [("memory_mb", 8), ("cpus", 0.001), ("max_pids", 2), ("timeout_seconds", 0.0), ("memory_mb", -1),
-     ("cpus", float("nan")), ("timeout_seconds", float("inf"))],
+    [
+        ("memory_mb", 8),
+        ("cpus", 0.001),
+        ("max_pids", 2),
+        ("timeout_seconds", 0.0),
+        ("memory_mb", -1),
+        ("cpus", float("nan")),
+        ("timeout_seconds", float("inf")),
+    ],
 )
 def test_below_minimum_or_not_finite_is_denied_even_with_clamp(field: str, asked: float) -> None:
     e = denied(CLAMP, **{field: asked})
@@ -347,15 +359,23 @@ def test_no_session_means_no_workspace_never_a_shared_one() -> None:
 
 
 def test_named_workspace_is_kept_and_separate_from_sessions() -> None:
-    r = resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s",
-                workspace_name="default")
+    r = resolve(
+        load_default(),
+        ExecRequest(command="x"),
+        "default",
+        workspace_root=ROOT,
+        session_id="s",
+        workspace_name="default",
+    )
     assert r.workspace_path == ROOT / "default" / "named" / "default"
     assert r.workspace.kept and r.workspace.name == "default"
-    r = resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s",
-                workspace_name="../x")
+    r = resolve(
+        load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s", workspace_name="../x"
+    )
     assert r.workspace_path == ROOT / "default" / "named" / path_component("../x")
-    assert not resolve(load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT,
-                       session_id="s").workspace.kept
+    assert not resolve(
+        load_default(), ExecRequest(command="x"), "default", workspace_root=ROOT, session_id="s"
+    ).workspace.kept
 
 
 def test_projects_are_mounted_and_listed_in_the_receipt(tmp_path: Path) -> None:
@@ -370,8 +390,10 @@ def test_projects_are_mounted_and_listed_in_the_receipt(tmp_path: Path) -> None:
     assert by_dest["/projects/docs"].read_only and by_dest["/workspace"].source.startswith(str(ROOT))
     mounts = r.receipt.get("mounts").granted
     assert [(m["name"], m["mount"], m["access"]) for m in mounts] == [
-        ("workspace", "/workspace", "read-write"), ("app", "/project", "read-write"),
-        ("docs", "/projects/docs", "read-only")]
+        ("workspace", "/workspace", "read-write"),
+        ("app", "/project", "read-write"),
+        ("docs", "/projects/docs", "read-only"),
+    ]
     # Host paths come from the operator only; the receipt shows names and mount points.
     assert str(tmp_path) not in str(mounts)
 
@@ -406,8 +428,20 @@ def test_receipt_is_json_and_summarises() -> None:
     data = json.loads(r.receipt.model_dump_json())
     assert data["tenant"] == "default" and data["policy_sha256"] == CLAMP.sha256
     fields = [e["field"] for e in data["entries"]]
-    assert fields == ["timeout_seconds", "cpus", "memory_mb", "max_pids", "max_output_bytes",
-                      "network", "image", "workdir", "env", "user", "workspace", "mounts"]
+    assert fields == [
+        "timeout_seconds",
+        "cpus",
+        "memory_mb",
+        "max_pids",
+        "max_output_bytes",
+        "network",
+        "image",
+        "workdir",
+        "env",
+        "user",
+        "workspace",
+        "mounts",
+    ]
     assert "memory_mb=2048 (clamped to ceiling)" in r.receipt.summary()
     assert data["notes"] == ["memory_mb: asked 9999 MiB, granted 2048 MiB (clamped to the ceiling)"]
 

@@ -101,9 +101,7 @@ def test_cpu_refusals(value: object) -> None:
         parse_cpus(value)
 
 
-@pytest.mark.parametrize(
-    ("n", "text"), [(4096, "4KiB"), (1000, "1000B"), (10 * 1024 * 1024, "10MiB"), (0, "0B")]
-)
+@pytest.mark.parametrize(("n", "text"), [(4096, "4KiB"), (1000, "1000B"), (10 * 1024 * 1024, "10MiB"), (0, "0B")])
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
 

@@ -79,8 +79,12 @@ async def setup(rules: EgressRules | None = None, *, peer: str = "127.0.0.1", bo
         tg.start_soon(listener.serve, up.handle)
         if rules is None:
             rules = EgressRules(
-                allow=["up.test", {"domain": "up.test", "ports": [up.port]},
-                       {"cidr": "127.0.0.0/8", "ports": [up.port]}, "local.test"],
+                allow=[
+                    "up.test",
+                    {"domain": "up.test", "ports": [up.port]},
+                    {"cidr": "127.0.0.0/8", "ports": [up.port]},
+                    "local.test",
+                ],
                 hosts={"up.test": "127.0.0.1", "local.test": "127.0.0.1"},
             )
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -89,8 +93,13 @@ async def setup(rules: EgressRules | None = None, *, peer: str = "127.0.0.1", bo
         sock.setblocking(False)
         port = sock.getsockname()[1]
         proxy = RunProxy(
-            sock, run_id="run-1", peer=peer, rules=rules, resolver=Resolver(system_dns=False),
-            host_addresses=lambda: frozenset(), on_event=events.append,
+            sock,
+            run_id="run-1",
+            peer=peer,
+            rules=rules,
+            resolver=Resolver(system_dns=False),
+            host_addresses=lambda: frozenset(),
+            on_event=events.append,
         )
         tg.start_soon(proxy.serve)
         try:
@@ -124,10 +133,13 @@ async def settle(events: list, n: int = 1) -> None:
 
 async def test_absolute_uri_is_forwarded_in_origin_form():
     async with setup() as (up, port, events, _):
-        r = await exchange(port, (
-            b"GET http://up.test:%d/hello?x=1 HTTP/1.1\r\nHost: up.test:%d\r\nProxy-Connection: keep-alive\r\n"
-            b"X-Mine: yes\r\n\r\n" % (up.port, up.port)
-        ))
+        r = await exchange(
+            port,
+            (
+                b"GET http://up.test:%d/hello?x=1 HTTP/1.1\r\nHost: up.test:%d\r\nProxy-Connection: keep-alive\r\n"
+                b"X-Mine: yes\r\n\r\n" % (up.port, up.port)
+            ),
+        )
         await settle(events)
     assert status(r) == 200 and r.endswith(b"hello from upstream")
     (req,) = up.requests
@@ -192,12 +204,10 @@ async def test_name_resolving_to_loopback_is_refused_without_its_cidr():
 async def test_host_header_disagreeing_with_connect_is_refused():
     async with setup() as (up, port, events, _):
         r = await exchange(port, b"CONNECT up.test:%d HTTP/1.1\r\nHost: evil.example:443\r\n\r\n" % up.port)
-        r2 = await exchange(
-            port, b"GET http://up.test:%d/ HTTP/1.1\r\nHost: evil.example\r\n\r\n" % up.port
-        )
+        r2 = await exchange(port, b"GET http://up.test:%d/ HTTP/1.1\r\nHost: evil.example\r\n\r\n" % up.port)
         r3 = await exchange(
-            port, b"GET http://up.test:%d/ HTTP/1.1\r\nHost: up.test:%d\r\nHost: evil.example\r\n\r\n"
-            % (up.port, up.port)
+            port,
+            b"GET http://up.test:%d/ HTTP/1.1\r\nHost: up.test:%d\r\nHost: evil.example\r\n\r\n" % (up.port, up.port),
         )
     assert status(r) == 400 and b"does not match" in r
     assert status(r2) == 400 and b"does not match" in r2
@@ -233,10 +243,13 @@ async def test_smuggling_shapes_are_refused(request_bytes):
 
 async def test_pipelined_second_request_is_never_forwarded():
     async with setup() as (up, port, events, _):
-        r = await exchange(port, (
-            b"GET http://up.test:{p}/a HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
-            b"GET http://evil.example/b HTTP/1.1\r\nHost: evil.example\r\n\r\n"
-        ).replace(b"{p}", str(up.port).encode()))
+        r = await exchange(
+            port,
+            (
+                b"GET http://up.test:{p}/a HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
+                b"GET http://evil.example/b HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+            ).replace(b"{p}", str(up.port).encode()),
+        )
         await settle(events)
     assert status(r) == 200
     assert len(up.requests) == 1 and b"evil" not in up.requests[0]
@@ -245,10 +258,13 @@ async def test_pipelined_second_request_is_never_forwarded():
 
 async def test_chunked_body_is_reframed_not_passed_raw():
     async with setup() as (up, port, events, _):
-        r = await exchange(port, (
-            b"POST http://up.test:{p}/up HTTP/1.1\r\nHost: up.test:{p}\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5;ext=1\r\nhello\r\n0\r\n\r\n"
-        ).replace(b"{p}", str(up.port).encode()))
+        r = await exchange(
+            port,
+            (
+                b"POST http://up.test:{p}/up HTTP/1.1\r\nHost: up.test:{p}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5;ext=1\r\nhello\r\n0\r\n\r\n"
+            ).replace(b"{p}", str(up.port).encode()),
+        )
     assert status(r) == 200
     (req,) = up.requests
     assert req.endswith(b"5\r\nhello\r\n0\r\n\r\n") and b"ext=1" not in req
@@ -256,7 +272,9 @@ async def test_chunked_body_is_reframed_not_passed_raw():
 
 async def test_oversized_head_gets_431():
     async with setup() as (up, port, events, _):
-        r = await exchange(port, b"GET http://up.test/ HTTP/1.1\r\nHost: up.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+        r = await exchange(
+            port, b"GET http://up.test/ HTTP/1.1\r\nHost: up.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"
+        )
     assert status(r) == 431
     assert up.connections == 0
 
@@ -296,12 +314,15 @@ async def test_requests_that_are_not_proxy_requests(request_bytes, needle):
 
 
 async def test_connection_limit():
-    rules = EgressRules(
-        allow=[{"domain": "up.test", "ports": [1]}], hosts={"up.test": "127.0.0.1"}, max_connections=1
-    )
+    rules = EgressRules(allow=[{"domain": "up.test", "ports": [1]}], hosts={"up.test": "127.0.0.1"}, max_connections=1)
     async with setup(rules) as (up, port, events, _):
-        rules2 = rules.model_copy(update={"allow": EgressRules(allow=[
-            {"domain": "up.test", "ports": [up.port]}, {"cidr": "127.0.0.1/32", "ports": [up.port]}]).allow})
+        rules2 = rules.model_copy(
+            update={
+                "allow": EgressRules(
+                    allow=[{"domain": "up.test", "ports": [up.port]}, {"cidr": "127.0.0.1/32", "ports": [up.port]}]
+                ).allow
+            }
+        )
         _.rules = rules2
         async with await anyio.connect_tcp("127.0.0.1", port) as held:
             await held.send(b"CONNECT up.test:%d HTTP/1.1\r\nHost: up.test:%d\r\n\r\n" % (up.port, up.port))
@@ -360,8 +381,14 @@ async def test_the_fence_wins_over_every_rule(target, reason):
     from gvisor_mcp.network.fence import Fence
 
     async with setup() as (up, port, events, proxy):
-        rules = proxy.rules.model_copy(update={"allow": (*proxy.rules.allow, *EgressRules(
-            allow=[{"cidr": "::ffff:0:0/96", "ports": [up.port]}, "up.test:6379"]).allow)})
+        rules = proxy.rules.model_copy(
+            update={
+                "allow": (
+                    *proxy.rules.allow,
+                    *EgressRules(allow=[{"cidr": "::ffff:0:0/96", "ports": [up.port]}, "up.test:6379"]).allow,
+                )
+            }
+        )
         proxy.rules = rules
         proxy.fence = lambda: Fence(networks=["127.0.0.1/32"], ports=frozenset({6379}))
         t = target.replace(b"{port}", str(up.port).encode())

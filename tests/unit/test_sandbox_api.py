@@ -36,7 +36,13 @@ def test_one_error_family_with_refusals_and_infrastructure_failures():
 
 def test_status_values_are_the_wire_strings():
     assert [s.value for s in ContainerStatus] == [
-        "running", "exited", "timed_out", "oom_killed", "killed", "error", "host_lost"
+        "running",
+        "exited",
+        "timed_out",
+        "oom_killed",
+        "killed",
+        "error",
+        "host_lost",
     ]
     assert str(ContainerStatus.TIMED_OUT) == "timed_out" == f"{ContainerStatus.TIMED_OUT}"
     assert json.dumps({"status": ContainerStatus.KILLED}) == '{"status": "killed"}'

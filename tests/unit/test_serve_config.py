@@ -10,10 +10,25 @@ from gvisor_mcp.config import HttpOptions, ServeConfig
 
 
 def test_serve_flags_become_a_frozen_config():
-    args = build_parser().parse_args([
-        "serve", "--tenant", "ci", "--state-dir", "/srv/g", "--pool-size", "0", "--workspace", "w1",
-        "--egress-host", "mirror.internal=10.0.0.5", "--audit-max-mb", "2", "--max-concurrent", "3",
-    ])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--tenant",
+            "ci",
+            "--state-dir",
+            "/srv/g",
+            "--pool-size",
+            "0",
+            "--workspace",
+            "w1",
+            "--egress-host",
+            "mirror.internal=10.0.0.5",
+            "--audit-max-mb",
+            "2",
+            "--max-concurrent",
+            "3",
+        ]
+    )
     config = serve_config(args)
     assert isinstance(config, ServeConfig) and config.transport == "stdio" and config.http is None
     assert (config.tenant, str(config.state_dir), config.pool_size, config.workspace) == ("ci", "/srv/g", 0, "w1")

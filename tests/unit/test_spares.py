@@ -57,7 +57,7 @@ def test_spares_are_bounded_by_keys(tmp_path):
         anyio.run(s.refill, (f"/m{i}",))
     on_disk = [p for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]
     assert len(on_disk) == spares_mod.MAX_KEYS * spares_mod.PER_KEY
-    assert {p.name[len(PREFIX):] for p in on_disk} == s.names()
+    assert {p.name[len(PREFIX) :] for p in on_disk} == s.names()
     assert not s.take(("/m0",), tmp_path / "b")  # the oldest key went first
     assert s.take((f"/m{spares_mod.MAX_KEYS + 2}",), tmp_path / "b")
 

@@ -20,8 +20,7 @@ from gvisor_mcp.sandbox.spec import CHDIR_SHIM, ROOT_CAPS, check_workdir, host_p
 
 def spec(**kw):
     kw.setdefault("command", ["echo", "hi"])
-    return build_spec(ContainerOptions(**kw), root_path="/b/rootfs", etc_dir="/b/etc",
-                      cgroups_path="/gvisor-mcp/gm-x")
+    return build_spec(ContainerOptions(**kw), root_path="/b/rootfs", etc_dir="/b/etc", cgroups_path="/gvisor-mcp/gm-x")
 
 
 def test_minimal_capabilities_and_no_new_privileges():
@@ -74,9 +73,13 @@ def test_default_image_mounts_no_host_secrets():
 
 
 def test_extra_mounts_and_env():
-    s = spec(env={"FOO": "1", "PATH": "/x"},
-             extra_mounts=[Mount(destination="/w", source="/srv/w", read_only=False),
-                           Mount(destination="/t", type="tmpfs", size_mb=8)])
+    s = spec(
+        env={"FOO": "1", "PATH": "/x"},
+        extra_mounts=[
+            Mount(destination="/w", source="/srv/w", read_only=False),
+            Mount(destination="/t", type="tmpfs", size_mb=8),
+        ],
+    )
     dests = {m["destination"]: m for m in s["mounts"]}
     assert "rw" in dests["/w"]["options"]
     assert "size=8m" in dests["/t"]["options"] and "ro" in dests["/t"]["options"]
@@ -97,8 +100,12 @@ def test_an_image_directory_never_gets_a_cwd_or_mount_point_made_by_runsc(tmp_pa
     and a bind whose mount point the image lacks is refused."""
     (tmp_path / "workspace").mkdir()
     (tmp_path / "srv").mkdir()
-    opts = ContainerOptions(command=["true"], rootfs=str(tmp_path), workdir="/srv",
-                            extra_mounts=[Mount(destination="/workspace", source=str(tmp_path))])
+    opts = ContainerOptions(
+        command=["true"],
+        rootfs=str(tmp_path),
+        workdir="/srv",
+        extra_mounts=[Mount(destination="/workspace", source=str(tmp_path))],
+    )
     check_workdir(opts)
     s = build_spec(opts)
     assert s["process"]["cwd"] == "/" and s["process"]["args"][:5] == ["/bin/sh", "-c", CHDIR_SHIM, "sh", "/srv"]
@@ -118,8 +125,11 @@ def test_check_workdir(tmp_path):
     check_workdir(ContainerOptions(command=["true"], workdir="/tmp"))
     check_workdir(ContainerOptions(command=["true"], workdir="/usr/bin"))
     (tmp_path / "sub").mkdir()
-    check_workdir(ContainerOptions(command=["true"], workdir="/w/sub",
-                                   extra_mounts=[Mount(destination="/w", source=str(tmp_path))]))
+    check_workdir(
+        ContainerOptions(
+            command=["true"], workdir="/w/sub", extra_mounts=[Mount(destination="/w", source=str(tmp_path))]
+        )
+    )
     for bad in ("/nope", "/tmp/sub", "/usr/nonexistent-dir"):
         with pytest.raises(InvalidOptionsError, match="workdir"):
             check_workdir(ContainerOptions(command=["true"], workdir=bad))

@@ -60,8 +60,7 @@ def store(state: Path, clock: Clock):  # type: ignore[no-untyped-def]
 
 def begin(store: ResultStore, tenant: str = "alice", command: str = "echo hi") -> str:
     rid = store.new_id()
-    store.start(rid, tenant=tenant, session="sess1", command=command, container_id=None,
-                limits=LIMITS)
+    store.start(rid, tenant=tenant, session="sess1", command=command, container_id=None, limits=LIMITS)
     return rid
 
 
@@ -73,8 +72,13 @@ def complete(store: ResultStore, tenant: str, stdout: bytes, stderr: bytes = b""
     writers[1](stderr)
     for w in writers:
         w.close()
-    store.finish(rid, status="exited", stdout=stdout, stderr=stderr,
-                 fields={"exit_code": 0, "stdout_bytes": len(stdout), "stderr_bytes": len(stderr)})
+    store.finish(
+        rid,
+        status="exited",
+        stdout=stdout,
+        stderr=stderr,
+        fields={"exit_code": 0, "stdout_bytes": len(stdout), "stderr_bytes": len(stderr)},
+    )
     store.evict(tenant)
     return rid
 
@@ -119,11 +123,24 @@ def test_round_trip_while_running_and_after_finish(store: ResultStore) -> None:
     out.close()
     err.close()
     store.finish(
-        rid, status="exited", stdout=BINARY, stderr=b"E",
-        fields={"exit_code": 3, "signal": None, "duration_ms": 1234, "boot_ms": 56,
-                "oom_killed": True, "peak_memory_bytes": 4096, "stdout_bytes": len(BINARY),
-                "stderr_bytes": 1, "stdout_truncated": False, "stderr_truncated": False,
-                "container_id": "gvm-abc", "error": None},
+        rid,
+        status="exited",
+        stdout=BINARY,
+        stderr=b"E",
+        fields={
+            "exit_code": 3,
+            "signal": None,
+            "duration_ms": 1234,
+            "boot_ms": 56,
+            "oom_killed": True,
+            "peak_memory_bytes": 4096,
+            "stdout_bytes": len(BINARY),
+            "stderr_bytes": 1,
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "container_id": "gvm-abc",
+            "error": None,
+        },
     )
     done = store.get(rid, "alice")
     assert done is not None
@@ -158,8 +175,12 @@ def test_capture_cap_bounds_stored_bytes_not_counted_bytes(store: ResultStore) -
     captured = stream[: cap // 2] + stream[-(cap - cap // 2) :]
     written = len(stream) + len(b"more after the cap")
     w.close()
-    store.finish(rid, status="exited", stdout=captured,
-                 fields={"exit_code": 0, "stdout_bytes": written, "stdout_truncated": True})
+    store.finish(
+        rid,
+        status="exited",
+        stdout=captured,
+        fields={"exit_code": 0, "stdout_bytes": written, "stdout_truncated": True},
+    )
     done = store.get(rid, "alice")
     assert done is not None
     assert done.stdout_bytes == written and done.stdout_truncated is True
@@ -282,9 +303,7 @@ def test_other_tenant_sees_not_found_like_a_random_id(store: ResultStore) -> Non
         "' OR '1'='1",
     ],
 )
-def test_malformed_ids_are_not_found_and_never_touch_the_filesystem(
-    store: ResultStore, bad: str
-) -> None:
+def test_malformed_ids_are_not_found_and_never_touch_the_filesystem(store: ResultStore, bad: str) -> None:
     assert store.get(bad, "alice") is None
     assert RESULT_ID_RE.match(bad) is None
     before = sorted(p for p in store.dir.rglob("*"))
@@ -404,7 +423,9 @@ def test_a_crashed_servers_run_is_reported_as_error_after_restart(state: Path) -
     state.mkdir(parents=True)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(state)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         line = child.stdout.readline().decode()  # type: ignore[union-attr]
@@ -622,7 +643,7 @@ def test_long_commands_are_stored_cut_and_count_toward_the_budget(state: Path, c
         assert row.command.startswith("echo zzz") and "1048581 bytes in all, sha256 " in row.command
         # No stream bytes at all, yet the oldest went: only the newest ~10 fit.
         alive = [r for r in rids if s.get(r, "alice") is not None]
-        assert 5 <= len(alive) <= 10 and alive == rids[-len(alive):]
+        assert 5 <= len(alive) <= 10 and alive == rids[-len(alive) :]
         assert s.usage("alice") <= s.max_bytes_per_tenant
         s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert (state / "results.db").stat().st_size < 1 << 20  # was 36 MiB for 30 such runs

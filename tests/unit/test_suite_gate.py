@@ -26,7 +26,11 @@ def pytest_without_runsc(*args: str, opt_out: bool = False) -> subprocess.Comple
         env["GVISOR_MCP_TESTS_WITHOUT_RUNSC"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -46,8 +50,9 @@ def test_the_opt_out_skips_them_explicitly() -> None:
 
 
 def test_deselecting_them_needs_neither_the_opt_out_nor_runsc() -> None:
-    r = pytest_without_runsc("tests/integration/test_manager.py", "tests/fast/test_tokens.py",
-                             "-m", "not runsc", "-k", "test_echo or reload")
+    r = pytest_without_runsc(
+        "tests/integration/test_manager.py", "tests/fast/test_tokens.py", "-m", "not runsc", "-k", "test_echo or reload"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 passed" in r.stdout and "deselected" in r.stdout and "skipped" not in r.stdout, r.stdout
 

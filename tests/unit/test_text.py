@@ -24,8 +24,18 @@ from gvisor_mcp.text import COMMAND_KEPT_BYTES, clip_command, command_sha256, is
 from gvisor_mcp.tools.boundary import argument_error, render_call_result
 
 UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
-NAMED_INVISIBLES = [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0,
-                    *range(0x180B, 0x1810), *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+NAMED_INVISIBLES = [
+    0x034F,
+    0x115F,
+    0x1160,
+    0x17B4,
+    0x17B5,
+    0x3164,
+    0xFFA0,
+    *range(0x180B, 0x1810),
+    *range(0xFE00, 0xFE10),
+    *range(0xE0100, 0xE01F0),
+]
 ESCAPE = re.compile(r"\\x[0-9a-f]{2}|\\u[0-9a-f]{4}|\\U[0-9a-f]{8}")
 
 
@@ -37,21 +47,29 @@ def must_escape(ch: str) -> bool:
 
 # --- the escapes a reader or a terminal would act on ----------------------------------------
 
-@pytest.mark.parametrize("raw, shown", [
-    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),                      # CSI colours
-    ("\x1b]0;pwned title\x07", "\\x1b]0;pwned title\\x07"),               # OSC 0: window title
-    ("\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\",              # OSC 8: hyperlink
-     "\\x1b]8;;https://evil.example\\x1b\\click\\x1b]8;;\\x1b\\"),
-    ("\x9b31m", "\\x9b31m"),                                              # C1 CSI
-    ("a\rb", "a\\x0db"), ("\x00\x7f", "\\x00\\x7f"),
-    ("abc\u202edcb", "abc\\u202edcb"),                                   # RLO (Trojan Source)
-    ("\u2066x\u2069\u200e\u200f\u061c", "\\u2066x\\u2069\\u200e\\u200f\\u061c"),
-    ("pay\u200bpal\u200c\u200d\u2060\ufeff", "pay\\u200bpal\\u200c\\u200d\\u2060\\ufeff"),
-    ("\U000e0041\U000e0042", "\\U000e0041\\U000e0042"),                   # Unicode tags (ASCII smuggling)
-    ("line\u2028sep", "line\\u2028sep"), ("lone \udc80", "lone \\udc80"),
-    ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
-    ("caf\u00e9 \u4e2d\u6587 \U0001f600 \\x1b", "caf\u00e9 \u4e2d\u6587 \U0001f600 \\x1b"),  # text unchanged
-])
+
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),  # CSI colours
+        ("\x1b]0;pwned title\x07", "\\x1b]0;pwned title\\x07"),  # OSC 0: window title
+        (
+            "\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\",  # OSC 8: hyperlink
+            "\\x1b]8;;https://evil.example\\x1b\\click\\x1b]8;;\\x1b\\",
+        ),
+        ("\x9b31m", "\\x9b31m"),  # C1 CSI
+        ("a\rb", "a\\x0db"),
+        ("\x00\x7f", "\\x00\\x7f"),
+        ("abc\u202edcb", "abc\\u202edcb"),  # RLO (Trojan Source)
+        ("\u2066x\u2069\u200e\u200f\u061c", "\\u2066x\\u2069\\u200e\\u200f\\u061c"),
+        ("pay\u200bpal\u200c\u200d\u2060\ufeff", "pay\\u200bpal\\u200c\\u200d\\u2060\\ufeff"),
+        ("\U000e0041\U000e0042", "\\U000e0041\\U000e0042"),  # Unicode tags (ASCII smuggling)
+        ("line\u2028sep", "line\\u2028sep"),
+        ("lone \udc80", "lone \\udc80"),
+        ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
+        ("caf\u00e9 \u4e2d\u6587 \U0001f600 \\x1b", "caf\u00e9 \u4e2d\u6587 \U0001f600 \\x1b"),  # text unchanged
+    ],
+)
 def test_known_sequences(raw: str, shown: str) -> None:
     assert render(raw) == shown
     assert is_safe(shown)
@@ -73,7 +91,8 @@ def test_rendered_text_has_nothing_unsafe_and_only_well_formed_escapes(text: str
     # Each unsafe character became exactly its own escape, in place.
     expected = "".join(
         (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
-        if must_escape(c) else c
+        if must_escape(c)
+        else c
         for c in text
     )
     assert out == expected
@@ -108,6 +127,7 @@ def test_invalid_utf8_and_encoded_c1_show_as_hex() -> None:
 
 # --- the command-text cap ----------------------------------------------------------------------
 
+
 def test_short_commands_are_kept_whole() -> None:
     for cmd in ("", "echo hi", "x" * COMMAND_KEPT_BYTES):
         assert clip_command(cmd) == cmd
@@ -137,6 +157,7 @@ def test_the_cut_never_splits_a_character_and_stays_bounded(text: str, keep: int
 
 
 # --- the MCP boundary ----------------------------------------------------------------------------
+
 
 def test_a_call_result_is_rendered_in_text_and_structured_content() -> None:
     nasty = "\x1b]0;t\x07\u202e\u200b"
@@ -171,7 +192,8 @@ def test_tools_send_progress_only_through_the_renderer() -> None:
     """ctx.report_progress straight from a tool would skip render(): only boundary.py may call it."""
     tools = Path(__file__).resolve().parents[2] / "src" / "gvisor_mcp"
     direct = [
-        str(p.relative_to(tools)) for p in tools.rglob("*.py")
+        str(p.relative_to(tools))
+        for p in tools.rglob("*.py")
         if "ctx.report_progress(" in p.read_text() and p.name != "boundary.py"
     ]
     assert direct == []

@@ -81,17 +81,34 @@ async def test_event_store_replays_only_its_own_session_and_stays_bounded():
     assert "big" not in store._bytes
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["serve", "--bogus"], "unrecognized arguments: --bogus"),
-    (["token", "lst"], "invalid choice"),
-    (["token", "list", "--tokens", "{dir}"], "cannot read the tokens file"),
-    (["token", "list", "--tokens", "{bad}"], "not valid YAML"),
-    (["serve", "--transport", "http", "--tokens", "{dir}"], "cannot read the tokens file"),
-    (["serve", "--transport", "http", "--tokens", "{t}", "--oauth-issuer", "https://id.example"],
-     "needs --oauth-jwks-url"),
-    (["serve", "--transport", "http", "--tokens", "{t}", "--oauth-issuer", "https://id.example",
-      "--oauth-jwks-url", "http://id.example/jwks"], "must be https"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+        (["token", "lst"], "invalid choice"),
+        (["token", "list", "--tokens", "{dir}"], "cannot read the tokens file"),
+        (["token", "list", "--tokens", "{bad}"], "not valid YAML"),
+        (["serve", "--transport", "http", "--tokens", "{dir}"], "cannot read the tokens file"),
+        (
+            ["serve", "--transport", "http", "--tokens", "{t}", "--oauth-issuer", "https://id.example"],
+            "needs --oauth-jwks-url",
+        ),
+        (
+            [
+                "serve",
+                "--transport",
+                "http",
+                "--tokens",
+                "{t}",
+                "--oauth-issuer",
+                "https://id.example",
+                "--oauth-jwks-url",
+                "http://id.example/jwks",
+            ],
+            "must be https",
+        ),
+    ],
+)
 def test_bad_input_is_one_clear_line(tmp_path, argv, expected):
     (tmp_path / "d").mkdir()
     (tmp_path / "bad.yaml").write_text("tokens: [\n")

@@ -20,15 +20,33 @@ HOSTILE = "evil\x1b]0;TITLE\x07\u202e\u200b.example:443"
 
 
 def report(destination: str, reason: str | None) -> NetworkReport:
-    return NetworkReport.model_validate({
-        "proxy": "10.0.0.1:3128", "connections": 2, "denied": 1, "bytes_up": 10, "bytes_down": 20,
-        "destinations": [
-            {"destination": destination, "verdict": "denied", "reason": reason,
-             "connections": 1, "bytes_up": 0, "bytes_down": 0},
-            {"destination": destination, "verdict": "allowed", "reason": reason,
-             "connections": 1, "bytes_up": 10, "bytes_down": 20},
-        ],
-    })
+    return NetworkReport.model_validate(
+        {
+            "proxy": "10.0.0.1:3128",
+            "connections": 2,
+            "denied": 1,
+            "bytes_up": 10,
+            "bytes_down": 20,
+            "destinations": [
+                {
+                    "destination": destination,
+                    "verdict": "denied",
+                    "reason": reason,
+                    "connections": 1,
+                    "bytes_up": 0,
+                    "bytes_down": 0,
+                },
+                {
+                    "destination": destination,
+                    "verdict": "allowed",
+                    "reason": reason,
+                    "connections": 1,
+                    "bytes_up": 10,
+                    "bytes_down": 20,
+                },
+            ],
+        }
+    )
 
 
 def test_network_lines_render_what_the_sandbox_asked_for() -> None:
@@ -41,9 +59,13 @@ def test_network_lines_render_what_the_sandbox_asked_for() -> None:
 
 
 def test_result_text_renders_error_notes_and_network() -> None:
-    r = ExecResult(result_id="res_1", status="error", error="boom\x1b[31m\u2066",
-                   limits={"policy_sha256": "0" * 64, "notes": ["clamped\x07"]},
-                   network=report(HOSTILE, None))
+    r = ExecResult(
+        result_id="res_1",
+        status="error",
+        error="boom\x1b[31m\u2066",
+        limits={"policy_sha256": "0" * 64, "notes": ["clamped\x07"]},
+        network=report(HOSTILE, None),
+    )
     t = render_text(r, "res_1")
     assert is_safe(t), repr(t)
     assert "error: boom\\x1b[31m\\u2066" in t and "limits: clamped\\x07" in t
@@ -55,7 +77,7 @@ def test_the_marker_call_is_within_the_page_maximum() -> None:
     assert call == f'result_id="res_a", stream="stdout", offset=4096, length={MAX_PAGE}'
     assert "offset=next_offset" in big and "until next_offset reaches 1984799" in big
     small = marker("res_a", "stderr", 10, 500)
-    assert 'offset=10, length=500)' in small and "next_offset" not in small
+    assert "offset=10, length=500)" in small and "next_offset" not in small
     exact = marker("res_a", "stdout", 0, MAX_PAGE)
     assert f"length={MAX_PAGE})" in exact and "next_offset" not in exact
 
@@ -67,7 +89,10 @@ def test_excerpt_renders_head_and_tail() -> None:
 
 def test_compact_receipt_keeps_what_was_asked_and_the_hash() -> None:
     full = {
-        "tenant": "t", "policy_sha256": "a" * 64, "policy_source": "p.yaml", "image_digest": None,
+        "tenant": "t",
+        "policy_sha256": "a" * 64,
+        "policy_source": "p.yaml",
+        "image_digest": None,
         "entries": [
             {"field": "memory_mb", "requested": 128, "granted": 128, "rule": "requested", "limit": 4096},
             {"field": "cpus", "requested": 64, "granted": 4, "rule": "clamped to ceiling", "limit": 4},

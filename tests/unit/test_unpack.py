@@ -59,14 +59,27 @@ def assert_untouched(outside: Path) -> None:
 
 def test_a_normal_layer(tmp_path):
     root = tmp_path / "img"
-    unpack(root, layer_tar(
-        Entry("etc/", "dir"), Entry("etc/hostname", data=b"x\n"), Entry("bin/sh", data=b"#!", mode=0o755),
-        Entry("usr/bin/sh", "hard", link="bin/sh"), Entry("lib", "sym", link="usr/lib"),
-        Entry("abs", "sym", link="/etc/hostname"),
-    ))
+    unpack(
+        root,
+        layer_tar(
+            Entry("etc/", "dir"),
+            Entry("etc/hostname", data=b"x\n"),
+            Entry("bin/sh", data=b"#!", mode=0o755),
+            Entry("usr/bin/sh", "hard", link="bin/sh"),
+            Entry("lib", "sym", link="usr/lib"),
+            Entry("abs", "sym", link="/etc/hostname"),
+        ),
+    )
     assert listing(root) == {
-        "etc": "dir", "etc/hostname": "x\n", "bin": "dir", "bin/sh": "#!", "usr": "dir", "usr/bin": "dir",
-        "usr/bin/sh": "#!", "lib": "-> usr/lib", "abs": "-> /etc/hostname",
+        "etc": "dir",
+        "etc/hostname": "x\n",
+        "bin": "dir",
+        "bin/sh": "#!",
+        "usr": "dir",
+        "usr/bin": "dir",
+        "usr/bin/sh": "#!",
+        "lib": "-> usr/lib",
+        "abs": "-> /etc/hostname",
     }
     assert (root / "bin/sh").stat().st_ino == (root / "usr/bin/sh").stat().st_ino
     assert stat.S_IMODE((root / "bin/sh").stat().st_mode) == 0o755
@@ -88,7 +101,10 @@ def test_dotdot_names_are_refused(tmp_path, outside, name):
 
 
 def test_writing_through_a_symlink_to_outside_is_refused(tmp_path, outside):
-    layer = layer_tar(Entry("link", "sym", link=str(outside)), Entry("link/victim", data=b"pwned"),)
+    layer = layer_tar(
+        Entry("link", "sym", link=str(outside)),
+        Entry("link/victim", data=b"pwned"),
+    )
     with pytest.raises(UnpackError, match="'link' is a symlink") as e:
         unpack(tmp_path / "img", layer)
     assert e.value.entry == "link/victim"
@@ -145,16 +161,19 @@ def test_a_hardlink_to_a_symlink_or_a_missing_file_is_refused(tmp_path):
 
 def test_devices_fifos_setuid_setgid_and_capabilities_are_dropped(tmp_path):
     root = tmp_path / "img"
-    u = unpack(root, layer_tar(
-        Entry("dev/null", "chr", devmajor=1, devminor=3),
-        Entry("dev/sda", "blk", devmajor=8, devminor=0),
-        Entry("fifo", "fifo"),
-        Entry("suid", data=b"x", mode=0o4755),
-        Entry("sgid", data=b"x", mode=0o2755),
-        Entry("sticky/", "dir", mode=0o1777),
-        Entry("cap", data=b"x", mode=0o755, pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02"}),
-        Entry("xattr", data=b"x", pax={"SCHILY.xattr.user.evil": "1"}),
-    ))
+    u = unpack(
+        root,
+        layer_tar(
+            Entry("dev/null", "chr", devmajor=1, devminor=3),
+            Entry("dev/sda", "blk", devmajor=8, devminor=0),
+            Entry("fifo", "fifo"),
+            Entry("suid", data=b"x", mode=0o4755),
+            Entry("sgid", data=b"x", mode=0o2755),
+            Entry("sticky/", "dir", mode=0o1777),
+            Entry("cap", data=b"x", mode=0o755, pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02"}),
+            Entry("xattr", data=b"x", pax={"SCHILY.xattr.user.evil": "1"}),
+        ),
+    )
     assert sorted(os.listdir(root)) == ["cap", "sgid", "sticky", "suid", "xattr"]
     assert stat.S_IMODE((root / "suid").stat().st_mode) == 0o755
     assert stat.S_IMODE((root / "sgid").stat().st_mode) == 0o755
@@ -162,17 +181,32 @@ def test_devices_fifos_setuid_setgid_and_capabilities_are_dropped(tmp_path):
     for name in ("cap", "xattr"):
         assert os.listxattr(root / name) == []
     notes = "\n".join(u.stats.notes)
-    for word in ("device node dev/null", "device node dev/sda", "FIFO fifo", "setuid/setgid from suid",
-                 "capabilities of cap"):
+    for word in (
+        "device node dev/null",
+        "device node dev/sda",
+        "FIFO fifo",
+        "setuid/setgid from suid",
+        "capabilities of cap",
+    ):
         assert word in notes
 
 
 def test_whiteouts_remove_lower_entries_only_inside_the_image(tmp_path, outside):
     root = tmp_path / "img"
-    lower = layer_tar(Entry("a/", "dir"), Entry("a/f", data=b"1"), Entry("a/g", data=b"2"),
-                      Entry("d/", "dir"), Entry("d/x", data=b"x"), Entry("keep", data=b"k"))
-    upper = layer_tar(Entry("a/.wh.f", data=b""), Entry("d/new", data=b"n"), Entry("d/.wh..wh..opq", data=b""),
-                      Entry(".wh.nothing-there", data=b""))
+    lower = layer_tar(
+        Entry("a/", "dir"),
+        Entry("a/f", data=b"1"),
+        Entry("a/g", data=b"2"),
+        Entry("d/", "dir"),
+        Entry("d/x", data=b"x"),
+        Entry("keep", data=b"k"),
+    )
+    upper = layer_tar(
+        Entry("a/.wh.f", data=b""),
+        Entry("d/new", data=b"n"),
+        Entry("d/.wh..wh..opq", data=b""),
+        Entry(".wh.nothing-there", data=b""),
+    )
     unpack(root, lower, upper)
     assert listing(root) == {"a": "dir", "a/g": "2", "d": "dir", "d/new": "n", "keep": "k"}
 
@@ -253,11 +287,14 @@ def test_the_entry_limit(tmp_path):
         unpack(tmp_path / "img", layer, limits=UnpackLimits(max_entries=10))
 
 
-@pytest.mark.parametrize("data,problem", [
-    (b"this is not a tar archive at all" * 100, "not a valid tar archive"),
-    (b"\x28\xb5\x2f\xfd" + b"\x00" * 600, "not a valid tar archive|unsupported compression"),
-    (b"", "not a valid tar archive"),
-])
+@pytest.mark.parametrize(
+    "data,problem",
+    [
+        (b"this is not a tar archive at all" * 100, "not a valid tar archive"),
+        (b"\x28\xb5\x2f\xfd" + b"\x00" * 600, "not a valid tar archive|unsupported compression"),
+        (b"", "not a valid tar archive"),
+    ],
+)
 def test_corrupt_layers_are_refused(tmp_path, data, problem):
     with pytest.raises(UnpackError, match=problem):
         unpack(tmp_path / "img", data)

@@ -98,8 +98,9 @@ class AgentConfig(BaseModel):
 def runsc_version(runsc_path: str) -> str:
     """runsc's first `--version` line ("runsc version 0.0~20240729.0"), or why not."""
     try:
-        out = subprocess.run([runsc_path, "--version"], capture_output=True, text=True,
-                             env=RUNSC_ENV, timeout=30, check=False)
+        out = subprocess.run(
+            [runsc_path, "--version"], capture_output=True, text=True, env=RUNSC_ENV, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unavailable: {e}"
     return (out.stdout.splitlines() or ["unavailable: no output"])[0].strip()
@@ -219,8 +220,9 @@ class HostAgent:
         """
         manager, store = self._require()
         rs = parse_spec(spec)
-        options = to_options(rs, self.config.ceilings, manager.config.default_resources,
-                             self.config.workspace_root, self.images)
+        options = to_options(
+            rs, self.config.ceilings, manager.config.default_resources, self.config.workspace_root, self.images
+        )
         if rs.workspace is not None:
             await self._ensure_workspace(rs.workspace, rs)
         try:
@@ -231,8 +233,14 @@ class HostAgent:
         if store.exists(rs.result_id):
             raise once  # checked first: a failed insert would remove the first run's live output
         try:
-            store.start(rs.result_id, tenant=rs.tenant, session=rs.workspace.session if rs.workspace else None,
-                        command=_command_text(rs), container_id=None, limits=None)
+            store.start(
+                rs.result_id,
+                tenant=rs.tenant,
+                session=rs.workspace.session if rs.workspace else None,
+                command=_command_text(rs),
+                container_id=None,
+                limits=None,
+            )
         except StoreUnavailable as e:
             if isinstance(e.__cause__, sqlite3.IntegrityError):
                 raise once from None
@@ -256,9 +264,13 @@ class HostAgent:
             fields: dict[str, Any] = {"error": error}
             if result is not None:
                 fields.update(_result_fields(result))
-            store.finish(rs.result_id, status=status,
-                         stdout=result.stdout if result else b"", stderr=result.stderr if result else b"",
-                         fields=fields)
+            store.finish(
+                rs.result_id,
+                status=status,
+                stdout=result.stdout if result else b"",
+                stderr=result.stderr if result else b"",
+                fields=fields,
+            )
         answer = result.model_dump(mode="json", exclude={"stdout", "stderr"})
         answer["host"] = self.config.host
         return answer
@@ -279,8 +291,10 @@ class HostAgent:
 
     async def active(self) -> list[dict[str, Any]]:
         manager, _ = self._require()
-        return [{"run_id": r.run_id, "container_id": r.container_id, "started_at": r.started_at}
-                for r in manager.active_runs()]
+        return [
+            {"run_id": r.run_id, "container_id": r.container_id, "started_at": r.started_at}
+            for r in manager.active_runs()
+        ]
 
     async def warm(self, template: Any, size: int) -> bool:
         """Keep `size` sandboxes booted for specs shaped like `template` (its
@@ -288,8 +302,9 @@ class HostAgent:
         manager, _ = self._require()
         data = template.model_dump() if isinstance(template, RunSpec) else dict(template)
         rs = parse_spec({**data, "result_id": TEMPLATE_ID})
-        options = to_options(rs, self.config.ceilings, manager.config.default_resources,
-                             self.config.workspace_root, self.images)
+        options = to_options(
+            rs, self.config.ceilings, manager.config.default_resources, self.config.workspace_root, self.images
+        )
         if rs.workspace is not None:
             await self._ensure_workspace(rs.workspace, rs)
         try:

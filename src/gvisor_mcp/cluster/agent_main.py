@@ -24,8 +24,13 @@ def agent_main(args: Any, manager_config: Any) -> int:
     from .spec import ceilings
 
     try:
-        config = AgentConfig(host=args.host_name, state_dir=Path(args.state_dir),
-                             manager=manager_config, pool_size=args.pool_size, ceilings=ceilings(args))
+        config = AgentConfig(
+            host=args.host_name,
+            state_dir=Path(args.state_dir),
+            manager=manager_config,
+            pool_size=args.pool_size,
+            ceilings=ceilings(args),
+        )
         connect(args.ray_address)
     except (ValueError, ConnectionError) as e:
         print(f"gvisor-mcp: {e}", file=sys.stderr)
@@ -35,8 +40,10 @@ def agent_main(args: Any, manager_config: Any) -> int:
     handle, report = start_agent(config)
     log.info("agent_ready", **{k: v for k, v in report.items() if k != "ceilings"})
     if not report.get("canary_ok"):
-        print(f"gvisor-mcp: the agent's canary failed: {report.get('canary')}; front ends will not "
-              "place runs here", file=sys.stderr)
+        print(
+            f"gvisor-mcp: the agent's canary failed: {report.get('canary')}; front ends will not place runs here",
+            file=sys.stderr,
+        )
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))

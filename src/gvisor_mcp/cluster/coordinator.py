@@ -115,32 +115,39 @@ class Coordinator:
         if max_concurrent is not None:
             mine = self.held(tenant) + sum(1 for w in self.l.waiters if w.tenant == tenant)
             if mine >= max_concurrent:
-                return {"refused": (
-                    f"quota: tenant {tenant!r} already has {max_concurrent} command(s) running "
-                    f"(max_concurrent={max_concurrent}, counted across the cluster); wait for one to "
-                    "finish (inspect_result with wait_seconds) or cancel one (cancel_command), then retry"
-                )}
+                return {
+                    "refused": (
+                        f"quota: tenant {tenant!r} already has {max_concurrent} command(s) running "
+                        f"(max_concurrent={max_concurrent}, counted across the cluster); wait for one to "
+                        "finish (inspect_result with wait_seconds) or cancel one (cancel_command), then retry"
+                    )
+                }
         if per_minute is not None:
             now = time.monotonic()
             recent = self.l.recent.setdefault(tenant, deque())
             while recent and now - recent[0] > 60:
                 recent.popleft()
             if len(recent) >= per_minute:
-                return {"refused": (
-                    f"quota: tenant {tenant!r} started {per_minute} commands in the last minute "
-                    f"(runs_per_minute={per_minute}, counted across the cluster); "
-                    f"retry in {60 - (now - recent[0]):.0f} s"
-                )}
+                return {
+                    "refused": (
+                        f"quota: tenant {tenant!r} started {per_minute} commands in the last minute "
+                        f"(runs_per_minute={per_minute}, counted across the cluster); "
+                        f"retry in {60 - (now - recent[0]):.0f} s"
+                    )
+                }
             recent.append(now)
         eligible = tuple(hosts)
         if workspace is not None:
             home = self.l.homes.get(workspace)
             if home is None or home not in hosts:
                 if home is not None:
-                    return {"refused": (
-                        f"the workspace of this run lives on host {home!r}, which is not available "
-                        "now (lost or unhealthy); its files are there. Retry when it is back"
-                    ), "host_unavailable": home}
+                    return {
+                        "refused": (
+                            f"the workspace of this run lives on host {home!r}, which is not available "
+                            "now (lost or unhealthy); its files are there. Retry when it is back"
+                        ),
+                        "host_unavailable": home,
+                    }
             else:
                 eligible = (home,)
         if not eligible:

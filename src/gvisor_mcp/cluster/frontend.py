@@ -93,11 +93,21 @@ def coordinator_handle() -> Any:
 
     from .coordinator import Coordinator
 
-    return ray.remote(Coordinator).options(
-        name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, resources={"node:__internal_head__": 0.001},
-        max_restarts=-1, max_task_retries=0, max_concurrency=10000,
-    ).remote(reserve=COORDINATOR_RESERVE)
+    return (
+        ray.remote(Coordinator)
+        .options(
+            name=COORDINATOR_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},
+            max_restarts=-1,
+            max_task_retries=0,
+            max_concurrency=10000,
+        )
+        .remote(reserve=COORDINATOR_RESERVE)
+    )
 
 
 @dataclass
@@ -194,9 +204,7 @@ class RayRunner:
             await anyio.sleep(REFRESH)
             try:
                 await self.refresh()
-                await self.coordinator.renew.remote(
-                    self.frontend, [r.lease for r in self._active.values() if r.lease]
-                )
+                await self.coordinator.renew.remote(self.frontend, [r.lease for r in self._active.values() if r.lease])
             except Exception as e:  # the next round tries again
                 log.warning("cluster_upkeep_failed", error=f"{type(e).__name__}: {e}")
 
@@ -205,7 +213,7 @@ class RayRunner:
         import ray
 
         names = await anyio.to_thread.run_sync(ray.util.list_named_actors)
-        hosts = {n[len(AGENT_NAME_PREFIX):] for n in names if n.startswith(AGENT_NAME_PREFIX)}
+        hosts = {n[len(AGENT_NAME_PREFIX) :] for n in names if n.startswith(AGENT_NAME_PREFIX)}
         for host in list(self.agents):
             if host not in hosts:
                 del self.agents[host]
@@ -224,7 +232,8 @@ class RayRunner:
         if agent is None:
             try:
                 handle = await anyio.to_thread.run_sync(
-                    lambda: ray.get_actor(AGENT_NAME_PREFIX + host, namespace=NAMESPACE))
+                    lambda: ray.get_actor(AGENT_NAME_PREFIX + host, namespace=NAMESPACE)
+                )
             except ValueError:
                 return
             agent = self.agents[host] = Agent(host, handle)
@@ -243,16 +252,19 @@ class RayRunner:
         elif not health.get("canary_ok"):
             agent.usable, agent.why = False, f"its canary failed: {health.get('canary')}"
         elif self.expected is not None and health.get("runsc_version") != self.expected:
-            agent.usable, agent.why = False, (
-                f"runsc differs: {health.get('runsc_version')!r}, this front end expects {self.expected!r}"
+            agent.usable, agent.why = (
+                False,
+                (f"runsc differs: {health.get('runsc_version')!r}, this front end expects {self.expected!r}"),
             )
 
     def usable_hosts(self) -> dict[str, int]:
         return {h: int(a.health.get("capacity", 0)) for h, a in self.agents.items() if a.usable}
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"host": h, "usable": a.usable, "why": a.why, "free": a.health.get("free")}
-                for h, a in sorted(self.agents.items())]
+        return [
+            {"host": h, "usable": a.usable, "why": a.why, "free": a.health.get("free")}
+            for h, a in sorted(self.agents.items())
+        ]
 
     # --- what Jobs calls (gvisor_mcp.runner.JobRunner) ---------------------------------
 
@@ -273,8 +285,9 @@ class RayRunner:
         """Warm pools live on the agents; the server's metrics see none here."""
         return 0
 
-    async def run_job(self, options: ContainerOptions, *, run_id: str, tenant: str,
-                      session: str | None) -> ContainerResult:
+    async def run_job(
+        self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None
+    ) -> ContainerResult:
         return await self.run(options, run_id=run_id, tenant=tenant, session=session)
 
     async def kill_job(self, run_id: str) -> bool:
@@ -299,7 +312,9 @@ class RayRunner:
 
     # --- one run --------------------------------------------------------------------------
 
-    async def run(self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None = None) -> ContainerResult:
+    async def run(
+        self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None = None
+    ) -> ContainerResult:
         """Run on the host the coordinator picks. RunRefused (quota, no host,
         spec refused by the agent), HostLost, or SandboxError."""
         if self._closed:
@@ -316,7 +331,9 @@ class RayRunner:
         self._active[run_id] = run
         try:
             grant = await self.coordinator.acquire.remote(
-                self.frontend, spec.tenant, hosts,
+                self.frontend,
+                spec.tenant,
+                hosts,
                 workspace=spec.workspace.key if spec.workspace else None,
                 max_concurrent=getattr(quotas, "max_concurrent", None),
                 per_minute=getattr(quotas, "runs_per_minute", None),
@@ -327,10 +344,14 @@ class RayRunner:
             agent = self.agents.get(run.host)
             if agent is None or not agent.usable:
                 raise RunRefused(f"host {run.host!r} left the cluster before the run started; nothing was started")
-            self._db.execute("INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?)",
-                             (run_id, run.host, spec.tenant, time.time()))
-            bound = (spec.resources.timeout or self.config.default_resources.timeout) \
-                + 2 * self.config.kill_grace + LOST_MARGIN
+            self._db.execute(
+                "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?)", (run_id, run.host, spec.tenant, time.time())
+            )
+            bound = (
+                (spec.resources.timeout or self.config.default_resources.timeout)
+                + 2 * self.config.kill_grace
+                + LOST_MARGIN
+            )
             ref = agent.handle.run.remote(spec.model_dump())
             t0 = time.monotonic()
             try:
@@ -343,8 +364,9 @@ class RayRunner:
             except (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError) as e:
                 agent.usable, agent.why = False, f"lost: {type(e).__name__}"
                 await self.coordinator.forget_host.remote(run.host)
-                raise HostLost(self._lost_text(
-                    run, f"Ray reported {type(e).__name__} after {time.monotonic() - t0:.1f} s")) from None
+                raise HostLost(
+                    self._lost_text(run, f"Ray reported {type(e).__name__} after {time.monotonic() - t0:.1f} s")
+                ) from None
             except rex.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
                 if isinstance(cause, SpecRefused) or isinstance(e, SpecRefused):
@@ -400,8 +422,10 @@ class RayRunner:
         if agent is None:
             return b"", 0
         try:
-            page = ray.get(agent.handle.read.remote(result_id, tenant_dir, stream, offset, min(length, MAX_PAGE)),
-                           timeout=HEALTH_TIMEOUT)
+            page = ray.get(
+                agent.handle.read.remote(result_id, tenant_dir, stream, offset, min(length, MAX_PAGE)),
+                timeout=HEALTH_TIMEOUT,
+            )
         except Exception:
             return b"", 0
         if page is None:
@@ -445,10 +469,19 @@ class RayRunner:
             else:
                 raise RunRefused(f"mount {m.source} is not this tenant's workspace")
         return RunSpec(
-            result_id=run_id, tenant=tdir, command=options.command, workdir=options.workdir,
-            env=options.env, stdin=options.stdin, resources=options.resources,
-            network=options.network.value, image=image, user=options.user,
-            read_only_rootfs=options.read_only_rootfs, workspace=ws, image_digest=digest,
+            result_id=run_id,
+            tenant=tdir,
+            command=options.command,
+            workdir=options.workdir,
+            env=options.env,
+            stdin=options.stdin,
+            resources=options.resources,
+            network=options.network.value,
+            image=image,
+            user=options.user,
+            read_only_rootfs=options.read_only_rootfs,
+            workspace=ws,
+            image_digest=digest,
             egress=_rules_of(options.egress),
         )
 

@@ -146,9 +146,7 @@ def _over(field: str, value: float, ceiling: float | None, unit: str = "") -> No
         return
     if value == 0 or value > ceiling:
         shown = "unlimited" if value == 0 else f"{_num(value)}{unit}"
-        raise SpecRefused(
-            f"run spec refused: {field}={shown} is above this host's ceiling of {_num(ceiling)}{unit}"
-        )
+        raise SpecRefused(f"run spec refused: {field}={shown} is above this host's ceiling of {_num(ceiling)}{unit}")
 
 
 def _num(v: float) -> str:
@@ -211,8 +209,9 @@ def to_options(
                 f"{ceilings.workspace_mb} MiB"
             )
         try:
-            mounts = (Mount(destination=ws.mount, source=str(ws.host_path(workspace_root)),
-                            type="bind", read_only=False),)
+            mounts = (
+                Mount(destination=ws.mount, source=str(ws.host_path(workspace_root)), type="bind", read_only=False),
+            )
         except ValidationError as e:
             raise SpecRefused(f"run spec refused: workspace.mount: {e.errors()[0]['msg']}") from None
     try:
@@ -288,12 +287,14 @@ def _egress(spec: RunSpec, ceilings: HostCeilings) -> EgressRules | None:
                 f"run spec refused: egress.hosts: {name} -> {', '.join(map(str, addrs))} is not one of this "
                 "host's static names (the agent resolves names itself)"
             )
-    return narrowed.model_copy(update={
-        "hosts": dict(spec.egress.hosts),
-        "max_connections": min(spec.egress.max_connections, mine.max_connections),
-        "max_bytes": min(spec.egress.max_bytes, mine.max_bytes),
-        "idle_timeout": min(spec.egress.idle_timeout, mine.idle_timeout),
-    })
+    return narrowed.model_copy(
+        update={
+            "hosts": dict(spec.egress.hosts),
+            "max_connections": min(spec.egress.max_connections, mine.max_connections),
+            "max_bytes": min(spec.egress.max_bytes, mine.max_bytes),
+            "idle_timeout": min(spec.egress.idle_timeout, mine.idle_timeout),
+        }
+    )
 
 
 def default_ceilings() -> HostCeilings:
@@ -317,7 +318,10 @@ def ceilings(args: Any) -> HostCeilings:
         egress = EgressRules(allow=rules)
     except (EgressError, ValidationError) as e:
         raise ValueError(f"--egress: {e}") from None
-    return default_ceilings().model_copy(update={
-        "images": images, "egress": egress,
-        "networks": (NetworkMode.NONE.value, *((NetworkMode.SANDBOX.value,) if sandbox else ())),
-    })
+    return default_ceilings().model_copy(
+        update={
+            "images": images,
+            "egress": egress,
+            "networks": (NetworkMode.NONE.value, *((NetworkMode.SANDBOX.value,) if sandbox else ())),
+        }
+    )

@@ -129,9 +129,7 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> Recipe:
 def need(tool: str, package: str | None = None) -> str:
     path = shutil.which(tool, path=TOOL_ENV["PATH"])
     if path is None:
-        raise ImageError(
-            f"{tool} is not installed: `apt-get install {package or tool}` (scripts/setup.sh installs it)"
-        )
+        raise ImageError(f"{tool} is not installed: `apt-get install {package or tool}` (scripts/setup.sh installs it)")
     return path
 
 
@@ -154,9 +152,7 @@ def _skopeo(args: list[str], what: str, timeout: str = INSPECT_TIMEOUT) -> str:
 # --- build ----------------------------------------------------------------------
 
 
-def build(
-    store: ImageStore, name: str, recipe: Recipe, *, limits: UnpackLimits, log: Log = _nolog
-) -> StoredImage:
+def build(store: ImageStore, name: str, recipe: Recipe, *, limits: UnpackLimits, log: Log = _nolog) -> StoredImage:
     check_name(name)
     mmdebstrap = need("mmdebstrap")
     suite = recipe.suite or sources.host_suite()
@@ -168,14 +164,20 @@ def build(
         if recipe.packages:
             argv.append("--include=" + ",".join(recipe.packages))
         argv += [suite, "-", str(work.path / "host.sources")]
-        log(f"building {name!r} with mmdebstrap ({suite}, variant {recipe.variant}, "
-            f"{len(recipe.packages)} extra package(s)) from {', '.join(uris)}")
+        log(
+            f"building {name!r} with mmdebstrap ({suite}, variant {recipe.variant}, "
+            f"{len(recipe.packages)} extra package(s)) from {', '.join(uris)}"
+        )
         log_path = work.path / "mmdebstrap.log"
         started = time.monotonic()
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-                env={**TOOL_ENV, "TMPDIR": str(work.path)}, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env={**TOOL_ENV, "TMPDIR": str(work.path)},
+                start_new_session=True,
                 preexec_fn=term_with_parent,
             )
             watch = DiskWatch(work.path, proc, _stop)
@@ -221,7 +223,9 @@ def _mmdebstrap_failed(rc: int, log_path: Path, disk_full: bool = False) -> Imag
         hint = " (the disk holding the image store is full: free space and build again)"
     elif "Unable to locate package" in text or "has no installation candidate" in text:
         hint = " (a package name is wrong or not in the host's apt sources for this suite)"
-    return ImageError(f"mmdebstrap failed (exit {rc}){hint}; nothing was added to the store. Its last lines:\n  {_tail(text)}")
+    return ImageError(
+        f"mmdebstrap failed (exit {rc}){hint}; nothing was added to the store. Its last lines:\n  {_tail(text)}"
+    )
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -291,13 +295,17 @@ def _check_remote_size(src: str, opts: list[str], limits: UnpackLimits, ref: str
     raw = json.loads(_skopeo(["inspect", "--raw", *opts, src], f"looking up {ref}") or "{}")
     if raw.get("manifests"):  # an index: the entry for this host's platform
         arch = oci.host_architecture()
-        match = [m for m in raw["manifests"]
-                 if (m.get("platform") or {}).get("os") == "linux"
-                 and (m.get("platform") or {}).get("architecture") == arch]
+        match = [
+            m
+            for m in raw["manifests"]
+            if (m.get("platform") or {}).get("os") == "linux" and (m.get("platform") or {}).get("architecture") == arch
+        ]
         if not match:
             raise ImageError(f"{ref} has no linux/{arch} image")
-        raw = json.loads(_skopeo(["inspect", "--raw", *opts, f"{_repository(src)}@{match[0]['digest']}"],
-                                 f"looking up {ref}") or "{}")
+        raw = json.loads(
+            _skopeo(["inspect", "--raw", *opts, f"{_repository(src)}@{match[0]['digest']}"], f"looking up {ref}")
+            or "{}"
+        )
     total = sum(int(layer.get("size") or 0) for layer in raw.get("layers") or [])
     if total > limits.max_bytes:
         raise ImageError(
@@ -318,21 +326,29 @@ def _repository(src: str) -> str:
 # --- import -----------------------------------------------------------------------
 
 
-def import_file(
-    store: ImageStore, path: str, name: str, *, limits: UnpackLimits, log: Log = _nolog
-) -> StoredImage:
+def import_file(store: ImageStore, path: str, name: str, *, limits: UnpackLimits, log: Log = _nolog) -> StoredImage:
     check_name(name)
     p = Path(path)
     if not p.exists():
-        raise ImageError(f"{path}: no such file or directory; expected a docker-save tarball, an OCI archive or an OCI layout directory")
+        raise ImageError(
+            f"{path}: no such file or directory; expected a docker-save tarball, an OCI archive or an OCI layout directory"
+        )
     kind = _archive_kind(p, limits)
     with store.work() as work:
         # skopeo's `oci:PATH:REF` syntax cannot take a path with ':'; a link can.
         link = work.path / "input"
         os.symlink(p.resolve(), link)
         log(f"importing {path} ({kind})")
-        return _copy_in_work(store, work, f"{kind}:{link}", name, [], limits,
-                             {"kind": "import", "file": str(p.resolve()), "format": kind}, log)
+        return _copy_in_work(
+            store,
+            work,
+            f"{kind}:{link}",
+            name,
+            [],
+            limits,
+            {"kind": "import", "file": str(p.resolve()), "format": kind},
+            log,
+        )
 
 
 def _archive_kind(p: Path, limits: UnpackLimits) -> str:
@@ -341,11 +357,15 @@ def _archive_kind(p: Path, limits: UnpackLimits) -> str:
             raise ImageError(f"{p} is a directory but not an OCI image layout (no oci-layout and index.json)")
         total = sum(f.stat().st_size for f in (p / "blobs").rglob("*") if f.is_file())
         if total > limits.max_bytes:
-            raise ImageError(f"{p} holds {human_size(total)}, above the limit of {human_size(limits.max_bytes)} (--max-size)")
+            raise ImageError(
+                f"{p} holds {human_size(total)}, above the limit of {human_size(limits.max_bytes)} (--max-size)"
+            )
         return "oci"
     size = p.stat().st_size
     if size > limits.max_bytes:
-        raise ImageError(f"{p} is {human_size(size)}, above the limit of {human_size(limits.max_bytes)}; nothing was imported (raise --max-size to allow it)")
+        raise ImageError(
+            f"{p} is {human_size(size)}, above the limit of {human_size(limits.max_bytes)}; nothing was imported (raise --max-size to allow it)"
+        )
     names: set[str] = set()
     try:
         with tarfile.open(p, "r:") as tar:
@@ -362,28 +382,42 @@ def _archive_kind(p: Path, limits: UnpackLimits) -> str:
         return "oci-archive"
     if "manifest.json" in names:
         return "docker-archive"
-    raise ImageError(f"{p} is a tar archive but neither `docker save` output (no manifest.json) nor an OCI archive (no oci-layout)")
+    raise ImageError(
+        f"{p} is a tar archive but neither `docker save` output (no manifest.json) nor an OCI archive (no oci-layout)"
+    )
 
 
 # --- common -----------------------------------------------------------------------
 
 
-def _copy_in(store: ImageStore, src: str, name: str, opts: list[str], limits: UnpackLimits,
-             source: dict[str, Any], log: Log) -> StoredImage:
+def _copy_in(
+    store: ImageStore, src: str, name: str, opts: list[str], limits: UnpackLimits, source: dict[str, Any], log: Log
+) -> StoredImage:
     with store.work() as work:
         return _copy_in_work(store, work, src, name, opts, limits, source, log)
 
 
-def _copy_in_work(store: ImageStore, work: Work, src: str, name: str, opts: list[str],
-                  limits: UnpackLimits, source: dict[str, Any], log: Log) -> StoredImage:
+def _copy_in_work(
+    store: ImageStore,
+    work: Work,
+    src: str,
+    name: str,
+    opts: list[str],
+    limits: UnpackLimits,
+    source: dict[str, Any],
+    log: Log,
+) -> StoredImage:
     layout = work.path / "layout"
     _skopeo(
         ["copy", "--quiet", f"--tmpdir={work.path}", *opts, src, f"oci:{layout}:img"],
-        f"copying {source.get('ref') or source.get('file')}", timeout=COPY_TIMEOUT,
+        f"copying {source.get('ref') or source.get('file')}",
+        timeout=COPY_TIMEOUT,
     )
     image = oci.read_layout(layout, "img")
     if image.compressed_size > limits.max_bytes:
-        raise ImageError(f"the image's layers are {human_size(image.compressed_size)}, above the limit of {human_size(limits.max_bytes)}")
+        raise ImageError(
+            f"the image's layers are {human_size(image.compressed_size)}, above the limit of {human_size(limits.max_bytes)}"
+        )
     log(f"unpacking {len(image.layers)} layer(s), {human_size(image.compressed_size)}")
     with Unpacker(work.rootfs, limits) as u:
         oci.apply_layers(layout, image, u)
@@ -400,8 +434,9 @@ def _summary(u: Unpacker) -> list[str]:
     return notes
 
 
-def _publish(store: ImageStore, work: Work, name: str, source: dict[str, Any],
-             config: dict[str, Any] | None, log: Log) -> StoredImage:
+def _publish(
+    store: ImageStore, work: Work, name: str, source: dict[str, Any], config: dict[str, Any] | None, log: Log
+) -> StoredImage:
     log("computing the image digest")
     image = store.add(work, name, source, config)
     log(f"{name} -> {image.digest} ({human_size(image.size)})")

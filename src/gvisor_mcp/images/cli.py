@@ -33,18 +33,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True)
 
     def common(p: argparse.ArgumentParser, limits: bool = False) -> None:
-        p.add_argument("--state-dir", default=None,
-                       help="the server's state directory; images live in <state-dir>/images "
-                            "(default: the same as `serve`)")
+        p.add_argument(
+            "--state-dir",
+            default=None,
+            help="the server's state directory; images live in <state-dir>/images (default: the same as `serve`)",
+        )
         if limits:
-            p.add_argument("--max-size", default=format_bytes(DEFAULT_MAX_BYTES), metavar="SIZE",
-                           help="refuse archives and images larger than this, e.g. 2GiB (default %(default)s)")
+            p.add_argument(
+                "--max-size",
+                default=format_bytes(DEFAULT_MAX_BYTES),
+                metavar="SIZE",
+                help="refuse archives and images larger than this, e.g. 2GiB (default %(default)s)",
+            )
 
     p = sub.add_parser("build", help="build a Debian image with mmdebstrap from the host's apt sources")
     p.add_argument("name")
     p.add_argument("--packages", default="", metavar="P1,P2,...", help="packages to install")
-    p.add_argument("--recipe", default=None, metavar="FILE",
-                   help="YAML file with packages (list), suite, variant; --packages adds to it")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE",
+        help="YAML file with packages (list), suite, variant; --packages adds to it",
+    )
     p.add_argument("--suite", default=None, help="Debian suite (default: the host's release)")
     p.add_argument("--variant", default=None, help="mmdebstrap variant (default apt)")
     common(p, limits=True)
@@ -52,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="pull an image from an OCI registry (skopeo)")
     p.add_argument("ref", metavar="REF", help="REGISTRY/REPOSITORY[:TAG|@DIGEST]")
     p.add_argument("--name", default=None, help="store name (default: the repository's last part)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plain HTTP and unverified TLS (e.g. a registry on 127.0.0.1)")
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP and unverified TLS (e.g. a registry on 127.0.0.1)"
+    )
     p.add_argument("--authfile", default=None, help="registry credentials (containers-auth.json)")
     common(p, limits=True)
 
@@ -84,9 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
-
 def _limits(args: argparse.Namespace) -> UnpackLimits:
     try:
         size = parse_bytes(args.max_size)
@@ -100,9 +108,15 @@ def _limits(args: argparse.Namespace) -> UnpackLimits:
 def _line(image: StoredImage) -> str:
     names = ",".join(image.names) or "<none>"
     src = image.source
-    origin = src.get("ref") or src.get("file") or (
-        f"{src.get('suite')}/{src.get('variant')} +{len(src.get('packages') or [])} packages"
-        if src.get("kind") == "build" else "")
+    origin = (
+        src.get("ref")
+        or src.get("file")
+        or (
+            f"{src.get('suite')}/{src.get('variant')} +{len(src.get('packages') or [])} packages"
+            if src.get("kind") == "build"
+            else ""
+        )
+    )
     return f"{names:<24} {image.short:<12} {human_size(image.size):>10}  {image.created:<25} {src.get('kind', '?')}: {origin}"
 
 
@@ -136,8 +150,15 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
             recipe = make_recipe(data, "--packages/--suite/--variant")
             image = build(store, args.name, recipe, limits=_limits(args), log=log)
         elif args.action == "pull":
-            image = pull(store, args.ref, args.name or default_name(args.ref), limits=_limits(args),
-                         insecure=args.insecure, authfile=args.authfile, log=log)
+            image = pull(
+                store,
+                args.ref,
+                args.name or default_name(args.ref),
+                limits=_limits(args),
+                insecure=args.insecure,
+                authfile=args.authfile,
+                log=log,
+            )
         elif args.action == "import":
             image = import_file(store, args.file, args.name or _file_name(args.file), limits=_limits(args), log=log)
         elif args.action == "tag":
@@ -163,8 +184,15 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
                     err.write(f"gvisor-mcp image rm: {e}\n")
                     status = 1
                     continue
-                out.write(f"removed {ref}" + (f" ({image.digest}, {human_size(image.size)} freed)" if deleted
-                                              else f" (its image {image.short} keeps its other names)") + "\n")
+                out.write(
+                    f"removed {ref}"
+                    + (
+                        f" ({image.digest}, {human_size(image.size)} freed)"
+                        if deleted
+                        else f" (its image {image.short} keeps its other names)"
+                    )
+                    + "\n"
+                )
             return status
         elif args.action == "prune":
             removed = store.prune()
@@ -178,8 +206,9 @@ def image_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO 
         err.write(f"gvisor-mcp image {args.action}: {e}\n")
         return 1
     except KeyboardInterrupt:
-        err.write(f"gvisor-mcp image {args.action}: interrupted; its tools were stopped and nothing was added "
-                  "to the store\n")
+        err.write(
+            f"gvisor-mcp image {args.action}: interrupted; its tools were stopped and nothing was added to the store\n"
+        )
         return 130
     except OSError as e:
         err.write(f"gvisor-mcp image {args.action}: {_os_error(e)}\n")
@@ -217,8 +246,10 @@ def _file_name(path: str) -> str:
 
 def _os_error(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
-        return (f"the disk is full ({e.strerror}: {e.filename or ''}); nothing was added to the store. "
-                "Free space (or use a larger --state-dir) and try again")
+        return (
+            f"the disk is full ({e.strerror}: {e.filename or ''}); nothing was added to the store. "
+            "Free space (or use a larger --state-dir) and try again"
+        )
     return f"{e.strerror or e} ({e.filename or ''}); nothing was added to the store"
 
 

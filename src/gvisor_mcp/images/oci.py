@@ -122,9 +122,7 @@ def read_layout(layout: Path, ref: str | None = None) -> Image:
         layers.append(Layer(digest=layer["digest"], size=size, media_type=lt))
     inner = config.get("config") or {}
     keep = {k: inner[k] for k in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels") if k in inner}
-    return Image(
-        manifest_digest=desc["digest"], layers=tuple(layers), config=keep, architecture=arch, os=os_name
-    )
+    return Image(manifest_digest=desc["digest"], layers=tuple(layers), config=keep, architecture=arch, os=os_name)
 
 
 def apply_layers(layout: Path, image: Image, unpacker: Unpacker) -> None:

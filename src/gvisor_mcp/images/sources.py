@@ -104,11 +104,18 @@ def host_stanzas(apt_dir: Path = APT_DIR) -> list[Stanza]:
                 if "deb" not in f.get("types", "").split() or f.get("enabled", "yes").lower() == "no":
                     continue
                 options = {}
-                for key, name in (("signed-by", "Signed-By"), ("architectures", "Architectures"), ("trusted", "Trusted")):
+                for key, name in (
+                    ("signed-by", "Signed-By"),
+                    ("architectures", "Architectures"),
+                    ("trusted", "Trusted"),
+                ):
                     if key in f:
                         options[name] = f[key]
-                out.append(Stanza(f.get("uris", "").split(), f.get("suites", "").split(),
-                                  f.get("components", "").split(), options))
+                out.append(
+                    Stanza(
+                        f.get("uris", "").split(), f.get("suites", "").split(), f.get("components", "").split(), options
+                    )
+                )
         elif path.name.endswith(".list"):
             out.extend(_one_line(text))
     return out

@@ -180,7 +180,11 @@ def tree_info(root_fd: int) -> TreeInfo:
                 kind, payload = "f", _sha256(dfd, name).encode()
                 size += st.st_size
             head = b"%s\0%s\0%o\0%d\0%d\0%d\0" % (
-                os.fsencode(rel), kind.encode(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                os.fsencode(rel),
+                kind.encode(),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
                 st.st_size if kind == "f" else 0,
             )
             records.append(head + payload + b"\n")
@@ -220,9 +224,7 @@ def installed_packages(root_fd: int) -> list[str] | None:
     if apk is not None:
         out = []
         for stanza in apk.decode("utf-8", "replace").split("\n\n"):
-            fields = dict(
-                (line[0], line[2:]) for line in stanza.splitlines() if len(line) > 2 and line[1] == ":"
-            )
+            fields = dict((line[0], line[2:]) for line in stanza.splitlines() if len(line) > 2 and line[1] == ":")
             if fields.get("P"):
                 out.append(f"{fields['P']}={fields.get('V', '')}")
         return sorted(out)

@@ -144,7 +144,9 @@ class Unpacker:
                 e.args = (str(UnpackError(e.entry, e.problem, layer)),)
             raise
         except tarfile.CompressionError as e:
-            raise UnpackError(None, f"unsupported compression ({e}); layers must be tar, gzip, bzip2 or xz", layer) from None
+            raise UnpackError(
+                None, f"unsupported compression ({e}); layers must be tar, gzip, bzip2 or xz", layer
+            ) from None
         except (tarfile.TarError, EOFError, ValueError) as e:
             raise UnpackError(None, f"not a valid tar archive ({e})", layer) from None
 
@@ -212,9 +214,7 @@ class Unpacker:
         st = _lstat(name, parent)
         if st is not None:
             _remove(parent, name, st)
-        fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
-        )
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
         try:
             src = tar.extractfile(m)
             written = 0
@@ -264,9 +264,7 @@ class Unpacker:
         try:
             tst = _lstat(tparts[-1], tparent)
             if tst is None or not stat.S_ISREG(tst.st_mode):
-                raise UnpackError(
-                    m.name, f"hardlink target {m.linkname!r} is not a regular file of the image"
-                )
+                raise UnpackError(m.name, f"hardlink target {m.linkname!r} is not a regular file of the image")
             st = _lstat(name, parent)
             if st is not None:
                 if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino):
@@ -293,7 +291,7 @@ class Unpacker:
         if name.startswith(WHITEOUT + WHITEOUT):
             self.stats.note(f"ignored aufs metadata {entry}")
             return
-        victim = name[len(WHITEOUT):]
+        victim = name[len(WHITEOUT) :]
         if victim in ("", ".", ".."):
             raise UnpackError(entry, f"a whiteout must name a file, not {victim!r}")
         if (*parts[:-1], victim) in self._layer:

@@ -43,7 +43,9 @@ class DiskWatch:
     FLOOR = 8 * 1024 * 1024
     PERIOD = 1.0
 
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], stop: Callable[[subprocess.Popen[bytes]], None]) -> None:
+    def __init__(
+        self, path: Path, proc: subprocess.Popen[bytes], stop: Callable[[subprocess.Popen[bytes]], None]
+    ) -> None:
         self.full = False
         self._path = path
         self._proc = proc

@@ -167,9 +167,7 @@ class EgressRule(BaseModel):
             return self.domain is not None and pattern_covers(self.domain, other.domain)
         assert other.cidr is not None
         return (
-            self.cidr is not None
-            and other.cidr.version == self.cidr.version
-            and other.cidr.subnet_of(self.cidr)  # type: ignore[arg-type]  # same IP version (line above); mypy cannot narrow the pair
+            self.cidr is not None and other.cidr.version == self.cidr.version and other.cidr.subnet_of(self.cidr)  # type: ignore[arg-type]  # same IP version (line above); mypy cannot narrow the pair
         )
 
 
@@ -254,7 +252,9 @@ def _host_map(value: Any) -> dict[str, tuple[IPAddress, ...]]:
             try:
                 parsed.append(ipaddress.ip_address(str(a)))
             except ValueError:
-                raise EgressError(f"{a!r} (for {name}) is not an IP address; expected an address like 10.0.0.5") from None
+                raise EgressError(
+                    f"{a!r} (for {name}) is not an IP address; expected an address like 10.0.0.5"
+                ) from None
         if not parsed:
             raise EgressError(f"{name!r} has no address; expected at least one")
         out[key] = tuple(parsed)
@@ -315,9 +315,14 @@ class EgressRules(BaseModel):
             rule = parse_rule(item)
             explicit = not isinstance(item, str) or _has_port(item)
             if not explicit:
-                ports = sorted({p for mine in self.allow
-                                if mine.covers(rule.model_copy(update={"ports": mine.ports}))
-                                for p in mine.ports})
+                ports = sorted(
+                    {
+                        p
+                        for mine in self.allow
+                        if mine.covers(rule.model_copy(update={"ports": mine.ports}))
+                        for p in mine.ports
+                    }
+                )
                 if ports:
                     rule = rule.model_copy(update={"ports": tuple(ports)})
             if not any(mine.covers(rule) for mine in self.allow):

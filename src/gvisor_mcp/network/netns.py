@@ -203,7 +203,10 @@ def create(slot: Slot, port: int = PROXY_PORT) -> Namespaces:
             # lo is ifindex 1 and the first device made there is 2, on both
             # sides: no lookups (a netlink dump costs 1.5-3 ms each here).
             ipr_s.link(
-                "add", index=VETH_INDEX, ifname=S_IFNAME, kind="veth",
+                "add",
+                index=VETH_INDEX,
+                ifname=S_IFNAME,
+                kind="veth",
                 peer={"ifname": E_IFNAME, "net_ns_fd": e_fd},
             )
             ipr_e.addr("add", index=VETH_INDEX, address=slot.edge, prefixlen=slot.prefix)

@@ -60,8 +60,15 @@ HEAD_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
 HOP_BY_HOP = {
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-    b"proxy-authenticate", b"te", b"trailer", b"upgrade", b"expect",
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"expect",
 }
 _HOSTNAME = re.compile(r"^[a-z0-9_.-]{1,253}$")
 NOT_ALLOWED = "not in the egress allowlist"
@@ -227,11 +234,18 @@ class RunProxy:
         now = time.monotonic()
         return [
             ConnectionEvent(
-                run_id=self.run_id, destination=ev["destination"], verdict="allowed", reason=None,
-                method=ev["method"], address=ev["address"], bytes_up=ev["up"], bytes_down=ev["down"],
+                run_id=self.run_id,
+                destination=ev["destination"],
+                verdict="allowed",
+                reason=None,
+                method=ev["method"],
+                address=ev["address"],
+                bytes_up=ev["up"],
+                bytes_down=ev["down"],
                 duration=now - ev.get("start", now),
             )
-            for ev in self.live.values() if ev.get("address")
+            for ev in self.live.values()
+            if ev.get("address")
         ]
 
     def _emit(self, ev: dict[str, Any], verdict: Verdict, reason: str | None, start: float) -> None:
@@ -256,8 +270,10 @@ class RunProxy:
     ) -> None:
         dest = ev["destination"] if ev else "-"
         word = "denied" if status == 403 else "error"
-        body = f"gvisor-mcp egress proxy: {word} {dest} ({reason})\n".encode() if dest != "-" else (
-            f"gvisor-mcp egress proxy: {reason}\n".encode()
+        body = (
+            f"gvisor-mcp egress proxy: {word} {dest} ({reason})\n".encode()
+            if dest != "-"
+            else (f"gvisor-mcp egress proxy: {reason}\n".encode())
         )
         head = (
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
@@ -337,7 +353,9 @@ class RunProxy:
             if host_header is not None:
                 hh, hp = split_authority(host_header, 80)
                 if (hh, hp) != (host, port):
-                    raise Refusal(400, f"Host header {host_header[:100]!r} does not match the URI's {url.netloc[:100]!r}")
+                    raise Refusal(
+                        400, f"Host header {host_header[:100]!r} does not match the URI's {url.netloc[:100]!r}"
+                    )
 
         addresses = await self._decide(host, port)
         upstream = await self._connect(addresses, port, ev)
@@ -390,9 +408,7 @@ class RunProxy:
             raise Refusal(403, why or NOT_ALLOWED)
         return usable
 
-    async def _connect(
-        self, addresses: list[IPAddress], port: int, ev: dict[str, Any]
-    ) -> anyio.abc.SocketStream:
+    async def _connect(self, addresses: list[IPAddress], port: int, ev: dict[str, Any]) -> anyio.abc.SocketStream:
         last: Exception | None = None
         for ip in addresses[:4]:
             try:
@@ -432,7 +448,9 @@ class RunProxy:
             path += "?" + url.query
         out = h11.Connection(h11.CLIENT)
         try:
-            await self._send(upstream, out.send(h11.Request(method=req.method, target=path.encode(), headers=headers)), ev, "up")
+            await self._send(
+                upstream, out.send(h11.Request(method=req.method, target=path.encode(), headers=headers)), ev, "up"
+            )
         except h11.LocalProtocolError as e:
             raise Refusal(400, f"malformed request: {e}") from None
         expect = any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in req.headers.raw_items())
@@ -498,4 +516,3 @@ class RunProxy:
             tg.start_soon(pipe, upstream, client, "down", tg)
             if both:
                 tg.start_soon(pipe, client, upstream, "up", tg)
-

@@ -25,9 +25,7 @@ class ResolveError(Exception):
 
 
 class Resolver:
-    def __init__(
-        self, hosts: Mapping[str, tuple[IPAddress, ...]] | None = None, *, system_dns: bool = True
-    ) -> None:
+    def __init__(self, hosts: Mapping[str, tuple[IPAddress, ...]] | None = None, *, system_dns: bool = True) -> None:
         self.hosts = dict(hosts or {})
         self.system_dns = system_dns
 

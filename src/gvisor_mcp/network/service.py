@@ -105,8 +105,12 @@ class RunNetwork:
         """What the command is told, in both cases (pip, curl, git, npm read one or the other)."""
         url = self.proxy_url
         return {
-            "HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
-            "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY,
+            "HTTP_PROXY": url,
+            "HTTPS_PROXY": url,
+            "http_proxy": url,
+            "https_proxy": url,
+            "NO_PROXY": NO_PROXY,
+            "no_proxy": NO_PROXY,
         }
 
     def start(self, run_id: str, egress: Any) -> None:
@@ -114,16 +118,26 @@ class RunNetwork:
         if self._started or self._closed:
             raise NetnsError("this sandbox's network was already used by a run")
         self._started = True
-        grant = egress if isinstance(egress, EgressGrant) else EgressGrant(
-            egress if isinstance(egress, EgressRules) else EgressRules()
+        grant = (
+            egress
+            if isinstance(egress, EgressGrant)
+            else EgressGrant(egress if isinstance(egress, EgressRules) else EgressRules())
         )
         listener = self.ns.take_listener()
         on_event = grant.on_event
 
         def record(ev: ConnectionEvent) -> None:
             self.accounting.add(ev)
-            log.info("egress", run_id=ev.run_id, destination=ev.destination, verdict=ev.verdict,
-                     reason=ev.reason, address=ev.address, bytes_up=ev.bytes_up, bytes_down=ev.bytes_down)
+            log.info(
+                "egress",
+                run_id=ev.run_id,
+                destination=ev.destination,
+                verdict=ev.verdict,
+                reason=ev.reason,
+                address=ev.address,
+                bytes_up=ev.bytes_up,
+                bytes_down=ev.bytes_down,
+            )
             if on_event is not None:
                 on_event(ev)
 

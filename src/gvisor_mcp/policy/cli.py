@@ -25,9 +25,7 @@ from .model import DEFAULT_TENANT, PolicyFile, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="gvisor-mcp policy", description="Check, show or describe a policy file."
-    )
+    parser = Parser(prog="gvisor-mcp policy", description="Check, show or describe a policy file.")
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("check", help="validate policy files; print every problem with its line")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -43,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the same as `serve`)",
     )
     p.add_argument(
-        "--max-concurrent", type=int, default=DEFAULT_CAPACITY, metavar="N",
+        "--max-concurrent",
+        type=int,
+        default=DEFAULT_CAPACITY,
+        metavar="N",
         help="the capacity of the server that will serve it (serve --max-concurrent; default %(default)s): "
         "warn about quotas that reach it",
     )
@@ -62,10 +63,7 @@ def effective_yaml(policy: Policy, tenant: str) -> str:
     data.update(settings.model_dump(mode="json", include=set(Settings.model_fields)))
     if data["defaults"].get("workdir") is None:
         del data["defaults"]["workdir"]
-    header = (
-        f"# Effective policy of tenant {tenant!r}\n"
-        f"# from {policy.source} (sha256 {policy.sha256})\n"
-    )
+    header = f"# Effective policy of tenant {tenant!r}\n# from {policy.source} (sha256 {policy.sha256})\n"
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
@@ -110,9 +108,7 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
                 err.write(f"{e}\n")
                 status = 1
                 continue
-            out.write(
-                f"{name}: ok (tenants: {', '.join(policy.tenant_names)}; sha256 {policy.sha256})\n"
-            )
+            out.write(f"{name}: ok (tenants: {', '.join(policy.tenant_names)}; sha256 {policy.sha256})\n")
             for warning in policy.warnings:
                 err.write(f"{warning}\n")
             for capacity in capacity_warnings(policy, args.max_concurrent):
@@ -120,9 +116,7 @@ def policy_main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO
         return status
 
     try:
-        policy = (
-            load(args.policy, check_paths=not args.no_path_checks) if args.policy else load_default()
-        )
+        policy = load(args.policy, check_paths=not args.no_path_checks) if args.policy else load_default()
         out.write(effective_yaml(policy, args.tenant))
     except (PolicyError, UnknownTenant) as e:
         err.write(f"{e}\n")

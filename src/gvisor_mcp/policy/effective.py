@@ -101,9 +101,7 @@ def _overlay(parent: Settings, section: Settings) -> dict[str, Any]:
     return fields
 
 
-def build_tenants(
-    file: PolicyFile, *, check_paths: bool
-) -> tuple[dict[str, TenantSettings], list[Issue]]:
+def build_tenants(file: PolicyFile, *, check_paths: bool) -> tuple[dict[str, TenantSettings], list[Issue]]:
     """Every tenant's effective settings (the top level is tenant `default`), and any issues."""
     issues: list[Issue] = []
     top = TenantSettings.model_construct(
@@ -273,17 +271,13 @@ def _check(
                         f"at most {show(key, limit)}, or `allow_above_ceilings: true` in tenants.{s.name}",
                     )
                 )
-        wider = [
-            str(r) for r in s.network.egress.allow
-            if not any(mine.covers(r) for mine in top.network.egress.allow)
-        ]
+        wider = [str(r) for r in s.network.egress.allow if not any(mine.covers(r) for mine in top.network.egress.allow)]
         if wider:
             where = blame(("network", "egress", "allow"), ("network", "egress")) or (*own, "extends")
             issues.append(
                 (
                     where,
-                    f"egress rule(s) {', '.join(wider)}{who} are not within the top level's "
-                    f"network.egress.allow",
+                    f"egress rule(s) {', '.join(wider)}{who} are not within the top level's network.egress.allow",
                     f"rules the top level allows, or `allow_above_ceilings: true` in tenants.{s.name}",
                 )
             )

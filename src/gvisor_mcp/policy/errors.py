@@ -58,9 +58,7 @@ class UnknownTenant(ConfigurationError, LookupError):
     def __init__(self, tenant: str, known: tuple[str, ...]) -> None:
         self.tenant = tenant
         self.known = known
-        super().__init__(
-            f"tenant {tenant!r} is not defined in the policy; defined tenants: {', '.join(known)}"
-        )
+        super().__init__(f"tenant {tenant!r} is not defined in the policy; defined tenants: {', '.join(known)}")
 
 
 class PolicyDenied(Refusal):
@@ -79,9 +77,7 @@ class PolicyDenied(Refusal):
         shown = repr(requested)
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        super().__init__(
-            f"Policy denied {field}={shown}: allowed is {allowed}. {hint}"
-        )
+        super().__init__(f"Policy denied {field}={shown}: allowed is {allowed}. {hint}")
 
 
 def denied_by(error: ValidationError, hint: str = "Fix this field and ask again.") -> PolicyDenied:

@@ -20,9 +20,7 @@ from .source import KeyPath
 Issue = tuple[KeyPath, str, str]
 
 
-def check_store_images(
-    file: PolicyFile, tenants: dict[str, TenantSettings], images: ImageStore
-) -> list[Issue]:
+def check_store_images(file: PolicyFile, tenants: dict[str, TenantSettings], images: ImageStore) -> list[Issue]:
     """Issues for store images that are missing, or lack /bin/sh or the workspace mount point."""
     issues: list[Issue] = []
     sections: list[tuple[KeyPath, Settings]] = [((), file)]
@@ -35,7 +33,9 @@ def check_store_images(
             try:
                 found[entry.store] = images.get(entry.store)
             except ImageError as e:
-                issues.append(((*base, "images", "catalog", name), str(e), "an image in the store (`gvisor-mcp image list`)"))
+                issues.append(
+                    ((*base, "images", "catalog", name), str(e), "an image in the store (`gvisor-mcp image list`)")
+                )
     for tname, s in tenants.items():
         base = () if tname == "default" else ("tenants", tname)
         for name in s.images.allowed:
@@ -45,15 +45,22 @@ def check_store_images(
             image = found[listed.store]
             where = (*base, "images", "catalog", name)
             if not image.has_shell:
-                issues.append((where, f"store image {listed.store!r} ({image.short}) has no /bin/sh",
-                               "an image with a shell: every command runs as /bin/sh -c COMMAND"))
+                issues.append(
+                    (
+                        where,
+                        f"store image {listed.store!r} ({image.short}) has no /bin/sh",
+                        "an image with a shell: every command runs as /bin/sh -c COMMAND",
+                    )
+                )
             if s.workspace.enabled and not _is_dir(image.rootfs, s.workspace.mount):
-                issues.append((
-                    where,
-                    f"store image {listed.store!r} has no directory {s.workspace.mount} for the workspace "
-                    f"mount{'' if tname == 'default' else f' of tenant {tname!r}'}",
-                    "an image that has it (store images get /workspace), or workspace.mount: /workspace",
-                ))
+                issues.append(
+                    (
+                        where,
+                        f"store image {listed.store!r} has no directory {s.workspace.mount} for the workspace "
+                        f"mount{'' if tname == 'default' else f' of tenant {tname!r}'}",
+                        "an image that has it (store images get /workspace), or workspace.mount: /workspace",
+                    )
+                )
     return issues
 
 

@@ -84,7 +84,15 @@ def loads(
         raise PolicyError(problems)
     if not isinstance(source.data, dict):
         raise PolicyError(
-            [Problem(file, 1, "", f"the document is a {type(source.data).__name__}", "a mapping of keys, starting with `version: 1`")]
+            [
+                Problem(
+                    file,
+                    1,
+                    "",
+                    f"the document is a {type(source.data).__name__}",
+                    "a mapping of keys, starting with `version: 1`",
+                )
+            ]
         )
     try:
         policy_file = PolicyFile.model_validate(source.data)
@@ -129,30 +137,36 @@ def risky_choices(file: PolicyFile) -> list[tuple[KeyPath, str, str]]:
         if "network" not in sec.model_fields_set:
             continue
         if "host" in net.allowed and "allowed" in net.model_fields_set:
-            out.append((
-                (*base, "network", "allowed", net.allowed.index("host")),
-                "warning: 'host' gives sandboxes the host's whole network (private addresses, the "
-                "cloud metadata endpoint, services listening on the host) and bypasses network.egress",
-                "'sandbox' with a network.egress allowlist, unless every user of this policy is trusted",
-            ))
+            out.append(
+                (
+                    (*base, "network", "allowed", net.allowed.index("host")),
+                    "warning: 'host' gives sandboxes the host's whole network (private addresses, the "
+                    "cloud metadata endpoint, services listening on the host) and bypasses network.egress",
+                    "'sandbox' with a network.egress allowlist, unless every user of this policy is trusted",
+                )
+            )
         egress = net.egress
         for i, rule in enumerate(egress.allow if "egress" in net.model_fields_set else ()):
             if rule.cidr is None:
                 continue
             hit = [str(a) for a in _SENSITIVE if a.version == rule.cidr.version and a in rule.cidr]
             if hit:
-                out.append((
-                    (*base, "network", "egress", "allow", i),
-                    f"warning: cidr {rule.cidr} includes {', '.join(hit)} (loopback, metadata or private "
-                    "ranges): sandboxes can reach such addresses through the proxy",
-                    "the narrowest CIDR of the internal service you mean",
-                ))
+                out.append(
+                    (
+                        (*base, "network", "egress", "allow", i),
+                        f"warning: cidr {rule.cidr} includes {', '.join(hit)} (loopback, metadata or private "
+                        "ranges): sandboxes can reach such addresses through the proxy",
+                        "the narrowest CIDR of the internal service you mean",
+                    )
+                )
         if "egress" in net.model_fields_set and egress.allow and "sandbox" not in net.allowed:
-            out.append((
-                (*base, "network", "egress"),
-                "warning: network.egress has no effect here: 'sandbox' is not in network.allowed",
-                "'sandbox' in network.allowed, or no egress section",
-            ))
+            out.append(
+                (
+                    (*base, "network", "egress"),
+                    "warning: network.egress has no effect here: 'sandbox' is not in network.allowed",
+                    "'sandbox' in network.allowed, or no egress section",
+                )
+            )
     return out
 
 
@@ -162,7 +176,9 @@ def load(path: str | Path, *, check_paths: bool = True, images: ImageStore | Non
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise PolicyError([Problem(name, 1, "", f"cannot read the file: {e.strerror or e}", "a readable policy file")]) from None
+        raise PolicyError(
+            [Problem(name, 1, "", f"cannot read the file: {e.strerror or e}", "a readable policy file")]
+        ) from None
     return loads(raw, name, check_paths=check_paths, images=images)
 
 
@@ -273,7 +289,5 @@ def _problems_from_pydantic(error: ValidationError, source: Source) -> list[Prob
         else:
             message = f"{err['msg']} (got {_short(given)})"
             expected = "the type described in docs/policy.md"
-        problems.append(
-            Problem(source.file, source.line_of(path), format_path(path), message, expected)
-        )
+        problems.append(Problem(source.file, source.line_of(path), format_path(path), message, expected))
     return problems

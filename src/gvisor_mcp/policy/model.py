@@ -82,9 +82,7 @@ def _bounded(parse: Any, low: float, high: float, describe: Any, expected: str) 
     def check(value: Any) -> Any:
         parsed = parse(value)
         if parsed < low or parsed > high:
-            raise UnitError(
-                f"{value!r} is out of range; expected {expected} from {describe(low)} to {describe(high)}"
-            )
+            raise UnitError(f"{value!r} is out of range; expected {expected} from {describe(low)} to {describe(high)}")
         return parsed
 
     return check
@@ -195,9 +193,7 @@ Name = Annotated[
 
 def _image_name(value: Any) -> str:
     if value == BUILTIN_IMAGE:
-        raise UnitError(
-            f"{BUILTIN_IMAGE!r} is the built-in image and cannot be redefined; expected another name"
-        )
+        raise UnitError(f"{BUILTIN_IMAGE!r} is the built-in image and cannot be redefined; expected another name")
     return _name(value)
 
 
@@ -216,9 +212,7 @@ def _container_path(value: Any) -> str:
     return posixpath.normpath(value) if value != "/" else "/"
 
 
-ContainerPath = Annotated[
-    str, BeforeValidator(_container_path), WithJsonSchema({"type": "string", "pattern": "^/"})
-]
+ContainerPath = Annotated[str, BeforeValidator(_container_path), WithJsonSchema({"type": "string", "pattern": "^/"})]
 
 
 def _host_path(value: Any, expected: str = "an absolute host path of a root filesystem directory") -> str:
@@ -236,12 +230,12 @@ def _user(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise UnitError(f"got {type(value).__name__} {value!r}; expected UID:GID, like \"1000:1000\"")
+        raise UnitError(f'got {type(value).__name__} {value!r}; expected UID:GID, like "1000:1000"')
     try:
         spec = UserSpec.parse(value)
     except InvalidOptionsError:
         raise UnitError(
-            f"{value!r} is not a user; expected UID:GID with numbers 0..2147483646, like \"1000:1000\""
+            f'{value!r} is not a user; expected UID:GID with numbers 0..2147483646, like "1000:1000"'
         ) from None
     return f"{spec.uid}:{spec.gid}"
 
@@ -336,8 +330,14 @@ EgressRuleText = Annotated[
         {
             "anyOf": [
                 {"type": "string", "description": "pypi.org, *.pythonhosted.org, host:8080, '*' or a CIDR"},
-                {"type": "object", "properties": {"domain": {"type": "string"}, "cidr": {"type": "string"},
-                                                  "ports": {"type": "array", "items": {"type": "integer"}}}},
+                {
+                    "type": "object",
+                    "properties": {
+                        "domain": {"type": "string"},
+                        "cidr": {"type": "string"},
+                        "ports": {"type": "array", "items": {"type": "integer"}},
+                    },
+                },
             ],
             "description": RULE_EXPECTED,
         }
@@ -356,8 +356,12 @@ HostMap = Annotated[
     dict[str, tuple[Any, ...]],
     BeforeValidator(_hosts),
     PlainSerializer(lambda m: {k: [str(a) for a in v] for k, v in m.items()}, when_used="json"),
-    WithJsonSchema({"type": "object", "additionalProperties": {
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        }
+    ),
 ]
 
 
@@ -414,7 +418,9 @@ def _store_ref(value: Any) -> str:
     return value
 
 
-StoreRef = Annotated[str, BeforeValidator(_store_ref), WithJsonSchema({"type": "string", "pattern": STORE_REF_RE.pattern})]
+StoreRef = Annotated[
+    str, BeforeValidator(_store_ref), WithJsonSchema({"type": "string", "pattern": STORE_REF_RE.pattern})
+]
 
 
 class CatalogImage(_Section):

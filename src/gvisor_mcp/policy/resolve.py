@@ -154,7 +154,10 @@ def plan_workspace(
         return None
     host = workspace_host_path(Path(workspace_root), tenant, scope, session_id, workspace_name)
     return WorkspacePlan(
-        host_path=host, mount=s.workspace.mount, scope=scope, size_mb=s.workspace.size,
+        host_path=host,
+        mount=s.workspace.mount,
+        scope=scope,
+        size_mb=s.workspace.size,
         name=workspace_name if scope == "session" else None,
     )
 
@@ -180,9 +183,7 @@ class _Resolver:
         self.entries: list[ReceiptEntry] = []
         self.notes: list[str] = []
 
-    def number(
-        self, field: str, requested: Any, default: float, ceiling: float, minimum: float
-    ) -> float:
+    def number(self, field: str, requested: Any, default: float, ceiling: float, minimum: float) -> float:
         """A resource: default, granted, clamped or denied."""
         allowed = f"{_fmt(field, minimum)} to {_fmt(field, ceiling)} (default {_fmt(field, default)})"
         hint = f"Ask again with {field} at most {ceiling:g}, or leave {field} out to get {default:g}."
@@ -193,20 +194,26 @@ class _Resolver:
             raise PolicyDenied(field, requested, allowed, hint)
         if requested < minimum:
             raise PolicyDenied(
-                field, requested, allowed,
+                field,
+                requested,
+                allowed,
                 f"Ask again with {field} of at least {minimum:g}, or leave {field} out to get {default:g}.",
             )
         if requested > ceiling:
             if self.s.on_exceed != "clamp":
                 raise PolicyDenied(field, requested, allowed, hint)
             self.entries.append(
-                ReceiptEntry(field=field, requested=requested, granted=ceiling, rule="clamped to ceiling", limit=ceiling)
+                ReceiptEntry(
+                    field=field, requested=requested, granted=ceiling, rule="clamped to ceiling", limit=ceiling
+                )
             )
             self.notes.append(
                 f"{field}: asked {_fmt(field, requested)}, granted {_fmt(field, ceiling)} (clamped to the ceiling)"
             )
             return ceiling
-        self.entries.append(ReceiptEntry(field=field, requested=requested, granted=requested, rule="requested", limit=ceiling))
+        self.entries.append(
+            ReceiptEntry(field=field, requested=requested, granted=requested, rule="requested", limit=ceiling)
+        )
         return requested
 
     def choice(self, field: str, requested: str | None, default: str, allowed: tuple[str, ...]) -> str:
@@ -230,7 +237,9 @@ class _Resolver:
         if network != "sandbox":
             if requested is not None:
                 raise PolicyDenied(
-                    "egress", requested, "an egress list only with network 'sandbox'",
+                    "egress",
+                    requested,
+                    "an egress list only with network 'sandbox'",
                     "Ask again with network='sandbox' (if the policy allows it), or leave egress out.",
                 )
             return None
@@ -243,12 +252,16 @@ class _Resolver:
             narrowed = rules.narrowed(requested)
         except EgressError as e:
             raise PolicyDenied(
-                "egress", requested, f"rules within the egress allowlist: {allowed}",
+                "egress",
+                requested,
+                f"rules within the egress allowlist: {allowed}",
                 f"{e}. Ask again with rules from that list (or narrower: fewer ports, a sub-domain, "
                 "a smaller CIDR), or leave egress out to get all of it.",
             ) from None
         self.entries.append(
-            ReceiptEntry(field="egress", requested=list(requested), granted=[str(x) for x in narrowed.allow], rule="requested")
+            ReceiptEntry(
+                field="egress", requested=list(requested), granted=[str(x) for x in narrowed.allow], rule="requested"
+            )
         )
         return narrowed
 
@@ -282,12 +295,16 @@ class _Resolver:
         for key, value in asked.items():
             if not isinstance(key, str) or not ENV_KEY_RE.match(key):
                 raise PolicyDenied(
-                    "env", key, "names of letters, digits and '_', not starting with a digit",
+                    "env",
+                    key,
+                    "names of letters, digits and '_', not starting with a digit",
                     "Rename the variable and ask again.",
                 )
             if key in fixed:
                 raise PolicyDenied(
-                    f"env.{key}", value, f"{key}={fixed[key]!r}, fixed by the policy",
+                    f"env.{key}",
+                    value,
+                    f"{key}={fixed[key]!r}, fixed by the policy",
                     f"Leave {key} out of env; it is always set to {fixed[key]!r}.",
                 )
             if any(fnmatch.fnmatchcase(key, p) for p in rules.deny):
@@ -296,20 +313,28 @@ class _Resolver:
                 )
             if not any(fnmatch.fnmatchcase(key, p) for p in rules.allow):
                 raise PolicyDenied(
-                    f"env.{key}", value, allow_text,
+                    f"env.{key}",
+                    value,
+                    allow_text,
                     f"Ask again without {key}, or use a name matching {list(rules.allow)}.",
                 )
             if not isinstance(value, str) or "\x00" in value:
-                raise PolicyDenied(f"env.{key}", value, "a string without NUL characters", "Fix the value and ask again.")
+                raise PolicyDenied(
+                    f"env.{key}", value, "a string without NUL characters", "Fix the value and ask again."
+                )
         if len(asked) > rules.max_vars:
             raise PolicyDenied(
-                "env", f"<{len(asked)} variables>", allow_text,
+                "env",
+                f"<{len(asked)} variables>",
+                allow_text,
                 f"Ask again with at most {rules.max_vars} variables (write more settings to a file in the command).",
             )
         size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in asked.items())
         if size > rules.max_bytes:
             raise PolicyDenied(
-                "env", f"<{size} bytes>", allow_text,
+                "env",
+                f"<{size} bytes>",
+                allow_text,
                 f"Ask again with at most {format_bytes(rules.max_bytes)} of variables (pass large data via stdin or a file).",
             )
         self.entries.append(
@@ -337,7 +362,8 @@ def _image(s: TenantSettings, image: str, images: ImageStore | None) -> tuple[st
     except ImageError:
         others = [i for i in s.images.allowed if i != image]
         raise PolicyDenied(
-            "image", image,
+            "image",
+            image,
             "one of " + ", ".join(s.images.allowed) + " (this one is not in the server's image store yet)",
             "The operator has to build, pull or import it (gvisor-mcp image ...). Meanwhile ask again "
             + (f"with image set to one of: {', '.join(others)}, or " if others else "")
@@ -378,9 +404,7 @@ def resolve(
     cpus = r.number("cpus", request.cpus, d.cpus, c.cpus, 0.01)
     memory = r.number("memory_mb", request.memory_mb, d.memory, c.memory, 16)
     pids = r.number("max_pids", request.max_pids, d.max_pids, c.max_pids, 4)
-    r.entries.append(
-        ReceiptEntry(field="max_output_bytes", granted=d.max_output, rule="policy", limit=c.max_output)
-    )
+    r.entries.append(ReceiptEntry(field="max_output_bytes", granted=d.max_output, rule="policy", limit=c.max_output))
     network = r.choice("network", request.network, d.network, s.network.allowed)
     egress = r.egress(request.egress, network)
     image = r.choice("image", request.image, d.image, s.images.allowed)
@@ -394,29 +418,38 @@ def resolve(
     shown: list[dict[str, Any]] = []
     if plan is not None:
         mounts = (Mount(destination=plan.mount, source=str(plan.host_path), type="bind", read_only=False),)
-        shown.append({"name": "workspace", "mount": plan.mount, "access": "read-write",
-                      "kept": plan.kept, "size": format_bytes(plan.size_mb * 1024 * 1024)})
+        shown.append(
+            {
+                "name": "workspace",
+                "mount": plan.mount,
+                "access": "read-write",
+                "kept": plan.kept,
+                "size": format_bytes(plan.size_mb * 1024 * 1024),
+            }
+        )
     elif s.workspace.enabled:
         r.notes.append(NO_SESSION_NOTE)
     for name, project in sorted(project_mounts(s, extra_projects).items()):
         point = project.mount_point(name)
         mounts += (Mount(destination=point, source=project.path, type="bind", read_only=project.read_only),)
         shown.append({"name": name, "mount": point, "access": "read-only" if project.read_only else "read-write"})
-    r.entries.append(
-        ReceiptEntry(field="workspace", granted=plan.mount if plan else None, rule="policy")
-    )
+    r.entries.append(ReceiptEntry(field="workspace", granted=plan.mount if plan else None, rule="policy"))
     r.entries.append(ReceiptEntry(field="mounts", granted=shown, rule="policy"))
 
     if request.stdin is not None:
         size = len(request.stdin.encode("utf-8", "surrogatepass") if isinstance(request.stdin, str) else request.stdin)
         if size > MAX_STDIN_BYTES:
             raise PolicyDenied(
-                "stdin", f"<{size} bytes>", f"at most {format_bytes(MAX_STDIN_BYTES)}",
+                "stdin",
+                f"<{size} bytes>",
+                f"at most {format_bytes(MAX_STDIN_BYTES)}",
                 "Ask again with less stdin: write large data to a file in the workspace "
                 "(in pieces, over several calls) and read it from there.",
             )
     if "\x00" in request.command:
-        raise PolicyDenied("command", request.command, "a shell command without NUL characters", "Remove the NUL bytes and ask again.")
+        raise PolicyDenied(
+            "command", request.command, "a shell command without NUL characters", "Remove the NUL bytes and ask again."
+        )
     try:
         options = ContainerOptions(
             command=(SHELL, "-c", request.command),

@@ -128,9 +128,7 @@ class _Builder:
         self.problems: list[Problem] = []
 
     def problem(self, node: Node, path: KeyPath, message: str, expected: str = "") -> None:
-        self.problems.append(
-            Problem(self.source.file, node.start_mark.line + 1, format_path(path), message, expected)
-        )
+        self.problems.append(Problem(self.source.file, node.start_mark.line + 1, format_path(path), message, expected))
 
     def build(self, node: Node, path: KeyPath, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -168,9 +166,7 @@ class _Builder:
             return items
         assert isinstance(node, ScalarNode)
         if node.tag not in _SCALAR_TAGS:
-            self.problem(
-                node, path, f"YAML tag {node.tag!r} is not supported", "a string, number, boolean or null"
-            )
+            self.problem(node, path, f"YAML tag {node.tag!r} is not supported", "a string, number, boolean or null")
             return None
         return self.loader.construct_object(node, deep=True)
 
@@ -191,9 +187,7 @@ def parse(text: bytes, file: str) -> tuple[Source, list[Problem]]:
     """Parse `text`; return the source and any problems (never raises on bad YAML)."""
     source = Source(file=file, data=None, text=text)
     if len(text) > MAX_FILE_BYTES:
-        return source, [
-            Problem(file, 1, "", f"file is {len(text)} bytes", f"at most {MAX_FILE_BYTES} bytes")
-        ]
+        return source, [Problem(file, 1, "", f"file is {len(text)} bytes", f"at most {MAX_FILE_BYTES} bytes")]
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -204,9 +198,7 @@ def parse(text: bytes, file: str) -> tuple[Source, list[Problem]]:
         loader = _PolicyLoader(decoded)
         node = loader.get_single_node()
         if node is None:
-            return source, [
-                Problem(file, 1, "", "the file is empty", "a mapping starting with `version: 1`")
-            ]
+            return source, [Problem(file, 1, "", "the file is empty", "a mapping starting with `version: 1`")]
         builder = _Builder(loader, source)
         source.lines[()] = node.start_mark.line + 1
         source.data = builder.build(node, (), 0)
@@ -219,7 +211,15 @@ def parse(text: bytes, file: str) -> tuple[Source, list[Problem]]:
     except yaml.reader.ReaderError as e:
         line = decoded[: e.position].count("\n") + 1
         return source, [
-            Problem(file, line, "", f"character U+{e.character:04X} is not allowed in YAML" if isinstance(e.character, int) else f"byte {e.character!r} is not allowed in YAML", "printable text")
+            Problem(
+                file,
+                line,
+                "",
+                f"character U+{e.character:04X} is not allowed in YAML"
+                if isinstance(e.character, int)
+                else f"byte {e.character!r} is not allowed in YAML",
+                "printable text",
+            )
         ]
     except yaml.YAMLError as e:
         return source, [Problem(file, 1, "", f"YAML: {e}", "valid YAML")]

@@ -98,9 +98,7 @@ def parse_mib(value: Any) -> int:
     """Parse a memory-like size into whole MiB; a bare number is MiB."""
     total = parse_bytes(value, bare_unit=MIB)
     if total % MIB:
-        raise UnitError(
-            f"{value!r} is not a whole number of MiB; expected {SIZE_EXPECTED}, in whole MiB"
-        )
+        raise UnitError(f"{value!r} is not a whole number of MiB; expected {SIZE_EXPECTED}, in whole MiB")
     return total // MIB
 
 

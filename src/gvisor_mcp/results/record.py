@@ -22,11 +22,13 @@ from ..sandbox import ContainerResult, ContainerStatus
 
 RunStatus = Annotated[
     ContainerStatus,
-    WithJsonSchema({
-        "enum": ["exited", "timed_out", "oom_killed", "killed", "error", "running", "host_lost"],
-        "title": "Status",
-        "type": "string",
-    }),
+    WithJsonSchema(
+        {
+            "enum": ["exited", "timed_out", "oom_killed", "killed", "error", "running", "host_lost"],
+            "title": "Status",
+            "type": "string",
+        }
+    ),
 ]
 """A run's status on the wire: ContainerStatus, published inline as an enum."""
 

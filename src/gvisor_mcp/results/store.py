@@ -57,6 +57,7 @@ _COST = (
 class StoreUnavailable(StateUnavailable):
     """The result store could not write (e.g. the state disk is full)."""
 
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     result_id TEXT PRIMARY KEY,
@@ -197,9 +198,7 @@ class ResultStore:
         tenant's results are evicted past the bounds, so that age applies
         also to tenants that run nothing more.
         """
-        rows = self._db.execute(
-            "SELECT result_id, owner FROM results WHERE status = 'running'"
-        ).fetchall()
+        rows = self._db.execute("SELECT result_id, owner FROM results WHERE status = 'running'").fetchall()
         n = 0
         for row in rows:
             rid = row["result_id"]
@@ -225,8 +224,7 @@ class ResultStore:
                 except FileNotFoundError:
                     sizes[stream] = 0
             self._db.execute(
-                "UPDATE results SET stored_bytes=?, stdout_bytes=?, stderr_bytes=? "
-                "WHERE result_id=?",
+                "UPDATE results SET stored_bytes=?, stdout_bytes=?, stderr_bytes=? WHERE result_id=?",
                 (sum(sizes.values()), sizes["stdout"], sizes["stderr"], rid),
             )
             n += 1
@@ -310,8 +308,9 @@ class ResultStore:
                 final.with_suffix(final.suffix + ".tmp").unlink(missing_ok=True)
             raise StoreUnavailable(_why(e)) from e
 
-    def _finish(self, result_id: str, *, status: ContainerStatus, stdout: bytes, stderr: bytes,
-                outcome: RunOutcome) -> None:
+    def _finish(
+        self, result_id: str, *, status: ContainerStatus, stdout: bytes, stderr: bytes, outcome: RunOutcome
+    ) -> None:
         stored = 0
         for stream, data in (("stdout", stdout), ("stderr", stderr)):
             final = self._path(result_id, stream)
@@ -375,9 +374,7 @@ class ResultStore:
         """The result, or None when absent OR another tenant's (indistinguishable)."""
         if not RESULT_ID_RE.match(result_id or ""):
             return None
-        row = self._db.execute(
-            "SELECT * FROM results WHERE result_id=? AND tenant=?", (result_id, tenant)
-        ).fetchone()
+        row = self._db.execute("SELECT * FROM results WHERE result_id=? AND tenant=?", (result_id, tenant)).fetchone()
         return _row(row) if row else None
 
     def read(self, result: StoredResult, stream: str, offset: int, length: int) -> tuple[bytes, int]:

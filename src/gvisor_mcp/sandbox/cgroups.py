@@ -133,11 +133,7 @@ class Cgroup:
     def reset_peak(self) -> None:
         """Start peak-memory accounting afresh (a claimed warm sandbox's boot
         is not the command's usage). Best effort: v2 needs kernel >= 6.12."""
-        path = (
-            self._dir() / "memory.peak"
-            if self.version == 2
-            else self._dir("memory") / "memory.max_usage_in_bytes"
-        )
+        path = self._dir() / "memory.peak" if self.version == 2 else self._dir("memory") / "memory.max_usage_in_bytes"
         try:
             _write(path, "0")
         except OSError:

@@ -74,7 +74,6 @@ class ManagerConfig(BaseModel):
             raise ValueError(f"platform={self.platform!r}: use systrap, ptrace or kvm")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.cgroup_parent):
             raise ValueError(
-                f"cgroup_parent={self.cgroup_parent!r}: one path component of letters, "
-                "digits, '_', '.', '-'"
+                f"cgroup_parent={self.cgroup_parent!r}: one path component of letters, digits, '_', '.', '-'"
             )
         return self

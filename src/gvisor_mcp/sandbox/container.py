@@ -138,8 +138,13 @@ class Container:
             if output_files:
                 outputs = (OutputFile(self.bundle / "stdout"), OutputFile(self.bundle / "stderr"))
             self.process = await host.runsc.open_run(
-                self.container_id, str(self.bundle), options.network, str(self.bundle / "runsc.log"),
-                stdin=stdin, launch=self._launch(options, res), outputs=outputs,
+                self.container_id,
+                str(self.bundle),
+                options.network,
+                str(self.bundle / "runsc.log"),
+                stdin=stdin,
+                launch=self._launch(options, res),
+                outputs=outputs,
             )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -212,7 +217,11 @@ class Container:
             header = claim_line(options, env, inherited_env)
         else:
             await self.start(
-                options, res, command=options.command, stdin=options.stdin is not None, run_id=self.run_id,
+                options,
+                res,
+                command=options.command,
+                stdin=options.stdin is not None,
+                run_id=self.run_id,
                 output_files=self.host.output_files
                 and accepts_skips(options.stdout_writer)
                 and accepts_skips(options.stderr_writer),

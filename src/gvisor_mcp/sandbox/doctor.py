@@ -42,42 +42,52 @@ async def host_checks(config: ManagerConfig) -> list[Check]:
     root = os.geteuid() == 0
     checks = [Check(name="root", ok=root, detail="yes" if root else "run as root (runsc and cgroups need it)")]
     path = shutil.which(config.runsc_path)
-    checks.append(Check(
-        name="runsc", ok=path is not None, detail=path or f"{config.runsc_path!r} not found: run scripts/setup.sh"
-    ))
+    checks.append(
+        Check(
+            name="runsc", ok=path is not None, detail=path or f"{config.runsc_path!r} not found: run scripts/setup.sh"
+        )
+    )
     if path:
         version = await Runsc(path, config.runsc_root, config.platform).version() or "?"
         m = re.search(r"(20\d{6})", version)
         good = bool(m and m.group(1) >= OLDEST_RUNSC)
-        checks.append(Check(
-            name="runsc version",
-            ok=good,
-            detail=version + (
-                "" if good
-                else " (too old: Debian 12's own runsc cannot run `ls`; install from bookworm-backports)"
-            ),
-        ))
+        checks.append(
+            Check(
+                name="runsc version",
+                ok=good,
+                detail=version
+                + (
+                    "" if good else " (too old: Debian 12's own runsc cannot run `ls`; install from bookworm-backports)"
+                ),
+            )
+        )
     checks.append(Check(name="platform", ok=True, detail=config.platform))
     needed = config.cgroup_prejoin and config.report_memory_limit
     missing = missing_launcher_tools() if needed else []
-    checks.append(Check(
-        name="launcher (unshare, mount)", ok=not missing,
-        detail="not needed (cgroup_prejoin or report_memory_limit off)" if not needed
-        else ("found" if not missing else f"missing: {', '.join(missing)} (packages util-linux, mount)"),
-    ))
+    checks.append(
+        Check(
+            name="launcher (unshare, mount)",
+            ok=not missing,
+            detail="not needed (cgroup_prejoin or report_memory_limit off)"
+            if not needed
+            else ("found" if not missing else f"missing: {', '.join(missing)} (packages util-linux, mount)"),
+        )
+    )
     cg = detect_version()
-    checks.append(Check(
-        name="cgroups", ok=cg is not None, detail=f"v{cg}" if cg else "no memory controller: limits cannot be enforced"
-    ))
+    checks.append(
+        Check(
+            name="cgroups",
+            ok=cg is not None,
+            detail=f"v{cg}" if cg else "no memory controller: limits cannot be enforced",
+        )
+    )
     return checks
 
 
 async def canary(manager: Manager, timeout: float = 30.0) -> tuple[bool, str]:
     """Run the canary in a sandbox; (passed, detail). Never raises."""
     try:
-        r = await manager.run(
-            ContainerOptions(command=CANARY, resources=ResourceSpec(timeout=timeout))
-        )
+        r = await manager.run(ContainerOptions(command=CANARY, resources=ResourceSpec(timeout=timeout)))
     except Exception as e:  # doctor and serve report it, they do not crash
         return False, f"{type(e).__name__}: {e}"
     if r.status is ContainerStatus.EXITED and r.exit_code == 0 and r.stdout.strip() == b"ok":

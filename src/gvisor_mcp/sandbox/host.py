@@ -42,8 +42,7 @@ class Host:
         version = detect_version()
         if version is None:
             raise SandboxError(
-                "no cgroup memory controller found under /sys/fs/cgroup: limits "
-                "cannot be enforced, refusing to run"
+                "no cgroup memory controller found under /sys/fs/cgroup: limits cannot be enforced, refusing to run"
             )
         self.cgroup_version = version
         missing = missing_launcher_tools() if config.cgroup_prejoin and config.report_memory_limit else []

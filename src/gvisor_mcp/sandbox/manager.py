@@ -52,9 +52,7 @@ class Manager:
     upkeep; leaving kills what still runs and removes it (`close`).
     """
 
-    def __init__(
-        self, config: ManagerConfig | None = None, *, network: NetworkProvider | None = None
-    ) -> None:
+    def __init__(self, config: ManagerConfig | None = None, *, network: NetworkProvider | None = None) -> None:
         """`network` prepares namespaces for network=sandbox runs (the server
         passes gvisor_mcp.network's NetworkService); without one, such runs
         are refused."""

@@ -122,10 +122,7 @@ class ResourceSpec(BaseModel):
     def merged_over(self, defaults: ResourceSpec) -> ResourceSpec:
         """Fill each zero field from `defaults`."""
         return ResourceSpec.model_construct(
-            **{
-                name: getattr(self, name) or getattr(defaults, name)
-                for name in ResourceSpec.model_fields
-            }
+            **{name: getattr(self, name) or getattr(defaults, name) for name in ResourceSpec.model_fields}
         )
 
 
@@ -150,9 +147,7 @@ def validate_resources(res: ResourceSpec) -> None:
             shown = f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:g}"
             raise InvalidOptionsError(field, value, f"0 to {shown} {unit}")
     if 0 < res.cpus < 0.01:
-        raise InvalidOptionsError(
-            "resources.cpus", res.cpus, "at least 0.01 CPU (or 0 for no limit)"
-        )
+        raise InvalidOptionsError("resources.cpus", res.cpus, "at least 0.01 CPU (or 0 for no limit)")
     if 0 < res.memory_mb < 16:
         raise InvalidOptionsError(
             "resources.memory_mb",
@@ -160,9 +155,7 @@ def validate_resources(res: ResourceSpec) -> None:
             "at least 16 MiB (the sandbox itself needs ~12 MiB), or 0 for the default",
         )
     if 0 < res.max_pids < 4:
-        raise InvalidOptionsError(
-            "resources.max_pids", res.max_pids, "at least 4 processes, or 0 for the default"
-        )
+        raise InvalidOptionsError("resources.max_pids", res.max_pids, "at least 4 processes, or 0 for the default")
 
 
 class UserSpec(BaseModel):
@@ -279,9 +272,7 @@ class ContainerOptions(BaseModel):
             raise _problem("env", "<environment>", f"at most {MAX_ENV_BYTES} bytes in total")
         for key, val in v.items():
             if not ENV_KEY_RE.match(key):
-                raise _problem(
-                    "env key", key, "letters, digits and '_', not starting with a digit (no '=')"
-                )
+                raise _problem("env key", key, "letters, digits and '_', not starting with a digit (no '=')")
             _check_no_nul(f"env[{key}]", val)
         return v
 

@@ -92,9 +92,7 @@ class OutputFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.writer_fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
-        )
+        self.writer_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except BaseException:

@@ -194,9 +194,7 @@ class PoolKeeper:
     tearing down after an early answer); pooled sandboxes come on top.
     """
 
-    def __init__(
-        self, pool: WarmPool, host: Host, used: Callable[[], int], closed: Callable[[], bool]
-    ) -> None:
+    def __init__(self, pool: WarmPool, host: Host, used: Callable[[], int], closed: Callable[[], bool]) -> None:
         self.pool = pool
         self.host = host
         self._used = used
@@ -257,10 +255,13 @@ class PoolKeeper:
             if watch.running_at is None or proc.returncode is not None:
                 raise SandboxError("pooled sandbox did not boot in time")
             c.close_watch()
-            self.pool.ready.setdefault(key, []).append(WarmSandbox(
-                container=c, key=key,
-                env_keys=tuple({**DEFAULT_ENV, **(template.env or {}), **(c.net.env if c.net else {})}),
-            ))
+            self.pool.ready.setdefault(key, []).append(
+                WarmSandbox(
+                    container=c,
+                    key=key,
+                    env_keys=tuple({**DEFAULT_ENV, **(template.env or {}), **(c.net.env if c.net else {})}),
+                )
+            )
             pooled = True
         except Exception as e:
             log.warning("pool_boot_failed", container_id=cid, error=str(e))

@@ -40,9 +40,7 @@ async def reap_stale(host: Host, owned: Callable[[], set[str]]) -> list[dict]:
     candidates.update(runsc.ids_in_state_dir())
     candidates.update(runsc.all_run_ids(ID_PREFIX))
     candidates.update(p.name for p in host.base.iterdir() if p.name.startswith(ID_PREFIX))
-    candidates.update(
-        n for n in list_leaves(config.cgroup_parent, host.cgroup_version) if n.startswith(ID_PREFIX)
-    )
+    candidates.update(n for n in list_leaves(config.cgroup_parent, host.cgroup_version) if n.startswith(ID_PREFIX))
     report = []
     alive: dict[str, bool] = {}
     for cid in sorted(candidates):

@@ -47,20 +47,54 @@ HOST_ETC: tuple[str, ...] = (
     # alternatives: /usr/bin/awk -> /etc/alternatives/awk -> /usr/bin/mawk
     "alternatives",
     # TLS: the CA bundle and hashed links (never /etc/ssl/private), OpenSSL's config
-    "ssl/certs", "ssl/openssl.cnf",
+    "ssl/certs",
+    "ssl/openssl.cnf",
     # the dynamic loader, and what the system is
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
-    "os-release", "debian_version", "lsb-release", "issue", "issue.net",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "os-release",
+    "debian_version",
+    "lsb-release",
+    "issue",
+    "issue.net",
     # locale and time zone (the data itself is under /usr)
-    "localtime", "timezone", "locale.alias", "locale.gen",
+    "localtime",
+    "timezone",
+    "locale.alias",
+    "locale.gen",
     # name databases libc and scripting languages read
-    "protocols", "services", "rpc", "networks", "ethertypes", "host.conf", "gai.conf", "netconfig",
-    "mime.types", "mailcap", "magic", "magic.mime",
+    "protocols",
+    "services",
+    "rpc",
+    "networks",
+    "ethertypes",
+    "host.conf",
+    "gai.conf",
+    "netconfig",
+    "mime.types",
+    "mailcap",
+    "magic",
+    "magic.mime",
     # shells and editors
-    "shells", "profile", "bash.bashrc", "inputrc", "vim", "nanorc", "terminfo", "wgetrc",
-    "manpath.config", "groff",
+    "shells",
+    "profile",
+    "bash.bashrc",
+    "inputrc",
+    "vim",
+    "nanorc",
+    "terminfo",
+    "wgetrc",
+    "manpath.config",
+    "groff",
     # language runtimes' system configuration
-    "python3", "python3.*", "perl", "java-*", "fonts", "xml", "ImageMagick-*",
+    "python3",
+    "python3.*",
+    "perl",
+    "java-*",
+    "fonts",
+    "xml",
+    "ImageMagick-*",
 )
 """What the built-in image copies from the host's /etc: what programs under
 /usr expect to find there, nothing that can hold a secret. An allowlist:
@@ -288,9 +322,7 @@ def container_path_exists(
     return True
 
 
-def _lookup(
-    path: str, rootfs: str | None, binds: list[tuple[str, str]], tmpfs: list[str]
-) -> tuple[str, str]:
+def _lookup(path: str, rootfs: str | None, binds: list[tuple[str, str]], tmpfs: list[str]) -> tuple[str, str]:
     """("dir", "") for a directory the container is known to have, ("missing", "")
     for one it cannot have, or ("host", host path) to lstat (never stat)."""
     best, kind, source = "", "", ""
@@ -303,7 +335,7 @@ def _lookup(
     if kind == "bind":
         if path == best:  # the mountpoint: the server's own source directory
             return ("dir", "") if Path(source).is_dir() else ("missing", "")
-        return "host", os.path.join(source, path[len(best):].lstrip("/"))
+        return "host", os.path.join(source, path[len(best) :].lstrip("/"))
     if kind == "tmpfs":
         return ("dir", "") if path == best else ("missing", "")
     if rootfs is not None:

@@ -111,10 +111,7 @@ def launcher_argv(launch: Launch, log_path: str) -> list[str]:
     steps = [
         (f"echo 0 > {shlex.quote(procs)}", f"could not join the run's cgroup ({procs})")
         for procs in launch.join_cgroups
-    ] + [
-        (" ".join(shlex.quote(a) for a in argv), f"launcher step failed: {' '.join(argv)}")
-        for argv in launch.mounts
-    ]
+    ] + [(" ".join(shlex.quote(a) for a in argv), f"launcher step failed: {' '.join(argv)}") for argv in launch.mounts]
     lines = [f"fail() {{ printf '%s\\n' \"$1\" >> {shlex.quote(log_path)}; exit {LAUNCHER_FAILED}; }}"]
     for cmd, why in steps:
         error = json.dumps({"level": "error", "msg": why})
@@ -234,12 +231,8 @@ class Runsc:
 
     async def _call(self, args: Sequence[str], timeout: float = 10.0) -> tuple[int, str, str]:
         with anyio.move_on_after(timeout):
-            r = await anyio.run_process(
-                [*self._global(), *args], check=False, env=RUNSC_ENV
-            )
-            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(
-                errors="replace"
-            )
+            r = await anyio.run_process([*self._global(), *args], check=False, env=RUNSC_ENV)
+            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
         return -1, "", f"runsc {' '.join(args)} timed out after {timeout}s"
 
     async def kill(self, container_id: str, signal: str = "KILL") -> bool:
@@ -267,9 +260,10 @@ class Runsc:
     def has_state(self, container_id: str) -> bool:
         root = Path(self.root)
         try:
-            return any(n.startswith(container_id + "_") for n in os.listdir(root)) or (
-                root / f"runsc-{container_id}.sock"
-            ).exists()
+            return (
+                any(n.startswith(container_id + "_") for n in os.listdir(root))
+                or (root / f"runsc-{container_id}.sock").exists()
+            )
         except FileNotFoundError:
             return False
 
@@ -334,9 +328,7 @@ class Runsc:
             except OSError:
                 continue
             if needle_root in cmd:
-                ids.update(
-                    a.decode() for a in cmd.split(b"\0") if a.startswith(prefix.encode())
-                )
+                ids.update(a.decode() for a in cmd.split(b"\0") if a.startswith(prefix.encode()))
         return ids
 
 
@@ -451,9 +443,7 @@ class BootWatch:
             self._fd = -1
             return
         Path(runsc.root).mkdir(parents=True, exist_ok=True)
-        wd = _libc.inotify_add_watch(
-            self._fd, runsc.root.encode(), _IN_CLOSE_WRITE | _IN_MOVED_TO
-        )
+        wd = _libc.inotify_add_watch(self._fd, runsc.root.encode(), _IN_CLOSE_WRITE | _IN_MOVED_TO)
         if wd < 0:
             os.close(self._fd)
             self._fd = -1

@@ -22,12 +22,20 @@ def register_tools(server: Any, facts: SchemaFacts, file_facts: FileFacts) -> No
 
     def add(fn: Any, name: str, title: str) -> None:
         # Docstrings are the descriptions the model reads: no source indentation.
-        server.add_tool(fn, name=name, title=title, description=cleandoc(fn.__doc__ or ""),
-                        annotations=tool_annotations(name, egress=facts.egress))
+        server.add_tool(
+            fn,
+            name=name,
+            title=title,
+            description=cleandoc(fn.__doc__ or ""),
+            annotations=tool_annotations(name, egress=facts.egress),
+        )
         added.append(name)
 
-    add(make_execute_tool(facts, file_facts.agent_workspaces), "execute_command",
-        "Run a shell command in a fresh gVisor sandbox")
+    add(
+        make_execute_tool(facts, file_facts.agent_workspaces),
+        "execute_command",
+        "Run a shell command in a fresh gVisor sandbox",
+    )
     add(make_inspect_tool(), "inspect_result", "Read a result and page its output")
     add(list_active, "list_active", "List your running commands")
     add(make_cancel_tool(facts.head_bytes, facts.tail_bytes), "cancel_command", "Kill a running command")

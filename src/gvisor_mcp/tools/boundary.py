@@ -52,7 +52,8 @@ def render_call_result(result: Any) -> Any:
         return result
     content = [
         TextContent(type="text", text=render(c.text), annotations=c.annotations, meta=c.meta)
-        if isinstance(c, TextContent) else c
+        if isinstance(c, TextContent)
+        else c
         for c in result.content
     ]
     structured = render_value(result.structured_content) if result.structured_content is not None else None
@@ -66,7 +67,10 @@ async def report_progress(ctx: ToolContext, progress: float, total: float | None
 
 def _strict(model: type[M]) -> type[M]:
     """The SDK's argument model of a tool, in strict mode (same fields, same schema)."""
-    return cast("type[M]", type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})}))
+    return cast(
+        "type[M]",
+        type(model.__name__, (model,), {"model_config": ConfigDict(**{**model.model_config, "strict": True})}),
+    )
 
 
 class SafeServer(MCPServer[TenantState]):

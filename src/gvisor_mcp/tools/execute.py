@@ -78,19 +78,23 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False) -> Cal
         stdin: Annotated[str | None, Field(description="Text fed to the command's standard input.")] = None,
         timeout_seconds: Annotated[
             limited(float, facts.max_timeout) | None,
-            Field(description=f"Wall-clock limit in seconds (default {facts.default_timeout:g}).")
+            Field(description=f"Wall-clock limit in seconds (default {facts.default_timeout:g})."),
         ] = None,
         cpus: Annotated[limited(float, facts.max_cpus) | None, Field(description="CPU cores.")] = None,
         memory_mb: Annotated[
             limited(int, facts.max_memory_mb) | None,
-            Field(description=f"Memory limit in MiB (default {facts.default_memory_mb}).")
+            Field(description=f"Memory limit in MiB (default {facts.default_memory_mb})."),
         ] = None,
-        max_pids: Annotated[limited(int, facts.max_pids) | None, Field(description="Maximum number of processes.")] = None,
+        max_pids: Annotated[
+            limited(int, facts.max_pids) | None, Field(description="Maximum number of processes.")
+        ] = None,
         network: Annotated[NetworkT | None, Field(description="Network access for this run.")] = None,
         egress: Annotated[
             list[str] | None,
-            Field(description="network=sandbox only: narrow the egress allowlist to these rules "
-                              "(e.g. [\"pypi.org\", \"*.pythonhosted.org\"]); never wider than the policy's."),
+            Field(
+                description="network=sandbox only: narrow the egress allowlist to these rules "
+                '(e.g. ["pypi.org", "*.pythonhosted.org"]); never wider than the policy\'s.'
+            ),
         ] = None,
         image: Annotated[ImageT | None, Field(description="Root filesystem image.")] = None,
         background: Annotated[
@@ -104,8 +108,16 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False) -> Cal
         caller = app.caller(ctx, workspace)
         policy = app.policy.current
         request = dict(
-            command=command, workdir=workdir, env=env, stdin=stdin, timeout_seconds=timeout_seconds,
-            cpus=cpus, memory_mb=memory_mb, max_pids=max_pids, network=network, image=image,
+            command=command,
+            workdir=workdir,
+            env=env,
+            stdin=stdin,
+            timeout_seconds=timeout_seconds,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            max_pids=max_pids,
+            network=network,
+            image=image,
             egress=egress,
         )
         # Every call counts against the tenant's rate, refused ones included.
@@ -121,9 +133,13 @@ def make_execute_tool(facts: SchemaFacts, agent_workspaces: bool = False) -> Cal
         app.audit.writable()  # no command runs unaudited
         app.prepare_workspace(resolved)
         job = app.jobs.start(
-            tenant=caller.tenant, session=caller.session_id, command=command,
-            options=resolved.options, limits=resolved.receipt.model_dump(mode="json"),
-            policy_hash=policy.sha256, hold=lambda rid: app.hold_image(resolved, rid),
+            tenant=caller.tenant,
+            session=caller.session_id,
+            command=command,
+            options=resolved.options,
+            limits=resolved.receipt.model_dump(mode="json"),
+            policy_hash=policy.sha256,
+            hold=lambda rid: app.hold_image(resolved, rid),
         )
         wait = 0.0 if background else settings.foreground_limit
         try:
@@ -171,6 +187,5 @@ async def _wait_with_progress(ctx: ToolContext, job: Job, wait: float) -> None:
             ctx,
             round(job.elapsed(), 1),
             job.timeout or None,
-            f"{job.out_bytes} bytes stdout, {job.err_bytes} bytes stderr"
-            + (f"; last line: {line}" if line else ""),
+            f"{job.out_bytes} bytes stdout, {job.err_bytes} bytes stderr" + (f"; last line: {line}" if line else ""),
         )

@@ -8,6 +8,10 @@ Every path goes through roots.locate (workspace or project, never anything
 else) and files.py (openat2 beneath the root, no symlinks, regular files
 only, atomic writes). The policy's `files.max_read` / `max_write` /
 `max_list` bound each call; the workspace image bounds the total.
+
+Why over ~400 lines: the four file tools share the path location, the
+policy's bounds in their signatures and one way of answering a file error;
+split per tool, those would be repeated four times.
 """
 
 import base64
@@ -71,7 +75,8 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
         workspace=ws.mount if ws.enabled else None,
         workspace_size=ws.size * 1024 * 1024,
         projects=tuple(
-            (name, p.mount_point(name), p.read_only) for name, p in sorted(project_mounts(settings, extra_projects).items())
+            (name, p.mount_point(name), p.read_only)
+            for name, p in sorted(project_mounts(settings, extra_projects).items())
         ),
         agent_workspaces=agent_workspaces,
     )
@@ -80,7 +85,9 @@ def file_facts(settings: Any, extra_projects: dict[str, Any] | None, agent_works
 # --- where a call's paths lead ---------------------------------------------------------
 
 
-def caller_roots(app: TenantState, ctx: ToolContext | RequestContext, workspace: str | None, *, create: bool = True) -> tuple[Any, Any, list[Root]]:
+def caller_roots(
+    app: TenantState, ctx: ToolContext | RequestContext, workspace: str | None, *, create: bool = True
+) -> tuple[Any, Any, list[Root]]:
     """(caller, settings, roots) for this call: its workspace (mounted; created if
     `create`) and the projects."""
     caller = app.caller(ctx, workspace)  # NoSuchWorkspace: a refusal (tools/refuse.py)
@@ -88,17 +95,16 @@ def caller_roots(app: TenantState, ctx: ToolContext | RequestContext, workspace:
     args = app.resolve_args(caller)
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
     roots: list[Root] = []
-    if plan is not None and (
-        create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()
-    ):
+    if plan is not None and (create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()):
         user = UserSpec.parse(settings.defaults.user)
         host = app.prepare_plan(plan, (user.uid, user.gid))
         roots.append(Root("workspace", plan.mount, host, False, "workspace"))
     for name, project in sorted(project_mounts(settings, args["extra_projects"]).items()):
         # The operator's own path may go through symlinks (runsc's bind follows
         # them too); only what lies beneath it is never followed.
-        roots.append(Root(name, project.mount_point(name), Path(os.path.realpath(project.path)),
-                          project.read_only, "project"))
+        roots.append(
+            Root(name, project.mount_point(name), Path(os.path.realpath(project.path)), project.read_only, "project")
+        )
     return caller, settings, roots
 
 
@@ -129,8 +135,9 @@ def _fail(e: files.FileError, root: Root, settings: Any, doing: str) -> ToolErro
     return ToolError(text)
 
 
-def on_path(app: TenantState, ctx: ToolContext, workspace: str | None, path: str, doing: str, op: Any, *,
-            writable: bool = False) -> tuple[Any, Root, tuple[str, ...], Any]:
+def on_path(
+    app: TenantState, ctx: ToolContext, workspace: str | None, path: str, doing: str, op: Any, *, writable: bool = False
+) -> tuple[Any, Root, tuple[str, ...], Any]:
     """Find `path` for this caller and run `op(root_fd, parts, settings)` on it;
     (caller, root, parts, op's result), or a ToolError the agent can act on."""
     caller, settings, roots = caller_roots(app, ctx, workspace)
@@ -162,7 +169,9 @@ def _show(text: str) -> str:
 
 
 def _result(text: str, model: Any) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=model.model_dump(mode="json"))
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)], structured_content=model.model_dump(mode="json")
+    )
 
 
 def workspace_param(fn: Any, offered: bool, name: str = "workspace") -> Any:
@@ -194,7 +203,11 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
         offset: Annotated[int, Field(ge=0, description="First byte to return.")] = 0,
         length: Annotated[
             int,
-            Field(gt=0, le=facts.max_read, description=f"How many bytes (default {DEFAULT_PAGE}, at most {facts.max_read}: files.max_read)."),
+            Field(
+                gt=0,
+                le=facts.max_read,
+                description=f"How many bytes (default {DEFAULT_PAGE}, at most {facts.max_read}: files.max_read).",
+            ),
         ] = min(DEFAULT_PAGE, facts.max_read),
         encoding: Annotated[
             Literal["text", "base64"], Field(description="text: safe to read; base64: the exact bytes.")
@@ -202,8 +215,9 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileRead]:
         app = ctx.request_context.lifespan_context
-        _, root, parts, got = on_path(app, ctx, workspace, path, "read",
-                                      lambda fd, parts, _s: files.read(fd, parts, offset, length))
+        _, root, parts, got = on_path(
+            app, ctx, workspace, path, "read", lambda fd, parts, _s: files.read(fd, parts, offset, length)
+        )
         end = offset + len(got.data)
         if encoding == "text":
             data = render_bytes(got.data)
@@ -212,8 +226,15 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
             data, escaped = base64.b64encode(got.data).decode("ascii"), False
         shown = sandbox_path(root, parts)
         result = FileRead(
-            path=shown, offset=offset, encoding=encoding, data=data, escaped=escaped, data_bytes=len(got.data),
-            next_offset=end if end < got.size else None, total_bytes=got.size, mtime=_iso(got.mtime),
+            path=shown,
+            offset=offset,
+            encoding=encoding,
+            data=data,
+            escaped=escaped,
+            data_bytes=len(got.data),
+            next_offset=end if end < got.size else None,
+            total_bytes=got.size,
+            mtime=_iso(got.mtime),
         )
         head = (
             f"{_show(shown)}: bytes {offset} to {end} of {got.size}"
@@ -245,8 +266,10 @@ Only regular files; symbolic links are never followed."""
         ] = "text",
         mode: Annotated[
             str | None,
-            Field(json_schema_extra={"pattern": r"^(0o?)?[0-7]{3,4}$"}, description='Permission bits, octal like "644" or "0755" '
-                  "(default: an existing file's, else 644)."),
+            Field(
+                json_schema_extra={"pattern": r"^(0o?)?[0-7]{3,4}$"},
+                description='Permission bits, octal like "644" or "0755" (default: an existing file\'s, else 644).',
+            ),
         ] = None,
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileWritten]:
@@ -263,8 +286,15 @@ Only regular files; symbolic links are never followed."""
 
         caller, root, parts, done = on_path(app, ctx, workspace, path, "written", write, writable=True)
         shown = sandbox_path(root, parts)
-        app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="write_file", path=shown,
-                        bytes=done.size, decision="allowed", policy_hash=app.policy.current.sha256)
+        app.audit.write(
+            tenant=caller.tenant,
+            session=caller.session_id,
+            tool="write_file",
+            path=shown,
+            bytes=done.size,
+            decision="allowed",
+            policy_hash=app.policy.current.sha256,
+        )
         result = FileWritten(path=shown, bytes=done.size, created=done.created, mode=f"{done.mode:04o}")
         return _result(
             f"wrote {done.size} bytes to {_show(shown)} ({'new file' if done.created else 'replaced'}, mode {done.mode:04o})",
@@ -290,19 +320,30 @@ non-regular files at the path."""
     ) -> Annotated[CallToolResult, FileList]:
         app = ctx.request_context.lifespan_context
         _, root, parts, (entries, truncated) = on_path(
-            app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list))
+            app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list)
+        )
         out = [
             FileEntry(
-                path=_show(sandbox_path(root, e.path)), type=e.kind, size=e.size, mtime=_iso(e.mtime),
-                mode=f"{e.mode:04o}", target=_show(e.target) if e.target is not None else None,
+                path=_show(sandbox_path(root, e.path)),
+                type=e.kind,
+                size=e.size,
+                mtime=_iso(e.mtime),
+                mode=f"{e.mode:04o}",
+                target=_show(e.target) if e.target is not None else None,
             )
             for e in entries
             if not (e.kind == "file" and files.is_temp_name(e.path[-1]))
         ]
         shown = sandbox_path(root, parts)
         result = FileList(path=_show(shown), entries=out, truncated=truncated)
-        lines = [f"{len(out)} entries under {_show(shown)}" + (
-            f" (stopped at files.max_list={facts.max_list}: list a subdirectory or a smaller depth)" if truncated else "")]
+        lines = [
+            f"{len(out)} entries under {_show(shown)}"
+            + (
+                f" (stopped at files.max_list={facts.max_list}: list a subdirectory or a smaller depth)"
+                if truncated
+                else ""
+            )
+        ]
         for e in out:
             mark = {"directory": "/", "symlink": "@", "fifo": "|", "socket": "="}.get(e.type, "")
             lines.append(f"{e.mode} {e.size:>10} {e.mtime} {e.path}{mark}" + (f" -> {e.target}" if e.target else ""))
@@ -323,11 +364,23 @@ says when there were more. Reaches: {facts.reach}."""
     ) -> Annotated[CallToolResult, FileDeleted]:
         app = ctx.request_context.lifespan_context
         caller, root, parts, kind = on_path(
-            app, ctx, workspace, path, "deleted", lambda fd, parts, _s: files.delete(fd, parts, recursive=recursive),
-            writable=True)
+            app,
+            ctx,
+            workspace,
+            path,
+            "deleted",
+            lambda fd, parts, _s: files.delete(fd, parts, recursive=recursive),
+            writable=True,
+        )
         shown = sandbox_path(root, parts)
-        app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="delete_file", path=shown,
-                        decision="allowed", policy_hash=app.policy.current.sha256)
+        app.audit.write(
+            tenant=caller.tenant,
+            session=caller.session_id,
+            tool="delete_file",
+            path=shown,
+            decision="allowed",
+            policy_hash=app.policy.current.sha256,
+        )
         return _result(f"deleted {kind} {_show(shown)}", FileDeleted(path=shown, removed=kind))
 
     delete_file.__doc__ = f"""Delete a file, symlink (the link, never its target) or directory of the
@@ -366,7 +419,7 @@ def _decode(content: str, encoding: str, limit: int) -> bytes:
         except UnicodeEncodeError:
             raise ToolError(
                 "content is not valid Unicode text (it holds a lone surrogate); nothing was written. "
-                "Send binary data with encoding=\"base64\""
+                'Send binary data with encoding="base64"'
             ) from None
     if len(data) > limit:
         raise WriteTooLarge(over.replace("content is", f"content is {len(data)} bytes:", 1))

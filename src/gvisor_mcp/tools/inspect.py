@@ -47,9 +47,7 @@ def make_inspect_tool() -> Callable[..., Awaitable[CallToolResult]]:
         wait_seconds: Annotated[
             float, Field(ge=0, le=MAX_WAIT, description="Wait up to this long for a running command.")
         ] = 0,
-        receipt: Annotated[
-            bool, Field(description="Add the full limits receipt and the network report.")
-        ] = False,
+        receipt: Annotated[bool, Field(description="Add the full limits receipt and the network report.")] = False,
     ) -> Annotated[CallToolResult, InspectResult]:
         app = ctx.request_context.lifespan_context
         caller = app.caller(ctx)
@@ -68,7 +66,9 @@ def make_inspect_tool() -> Callable[..., Awaitable[CallToolResult]]:
                             await job.done.wait()
                         if not job.done.is_set():
                             await report_progress(
-                                ctx, round(job.elapsed(), 1), job.timeout or None,
+                                ctx,
+                                round(job.elapsed(), 1),
+                                job.timeout or None,
                                 f"still running; {max(0, deadline - time.monotonic()):.0f} s left to wait",
                             )
             stored = app.store.get(result_id, caller.tenant) or stored

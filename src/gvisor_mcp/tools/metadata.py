@@ -35,12 +35,14 @@ from mcp.types import ToolAnnotations
 from ..version import package_version
 
 
-def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False,
-           open_world: bool = False) -> ToolAnnotations:
+def _hints(
+    *, read_only: bool = False, destructive: bool = False, idempotent: bool = False, open_world: bool = False
+) -> ToolAnnotations:
     if read_only:
         destructive, idempotent = False, True
-    return ToolAnnotations(read_only_hint=read_only, destructive_hint=destructive,
-                           idempotent_hint=idempotent, open_world_hint=open_world)
+    return ToolAnnotations(
+        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=open_world
+    )
 
 
 def tool_annotations(tool: str, *, egress: bool) -> ToolAnnotations:
@@ -69,23 +71,30 @@ def instructions(tools: list[str], facts: Any, file_facts: Any) -> str:
         keeps = "(this policy mounts no workspace)"
     network = ", ".join(facts.networks)
     sentences: list[tuple[tuple[str, ...], str]] = [
-        (("execute_command",),
-         "execute_command runs a shell command in a NEW, isolated gVisor sandbox. Nothing carries "
-         "over between calls (no cd, no exported variables, no background processes, no installed "
-         f"packages) {keeps}. Network modes: {network}."),
-        (("inspect_result",),
-         "Long output is cut to its head and tail; the marker in the text gives the inspect_result "
-         "call that reads the rest: send it as written, then repeat it with offset=next_offset "
-         "as the marker says. inspect_result(wait_seconds=...) waits for a running command; "
-         "receipt=true shows every limit granted and why."),
-        (("list_active", "cancel_command"),
-         "list_active shows your commands still running; cancel_command stops one."),
-        (("read_file", "write_file", "list_files", "delete_file"),
-         "read_file, write_file, list_files and delete_file work on the workspace and the "
-         "operator's projects without starting a sandbox."),
-        (("create_workspace", "delete_workspace"),
-         "create_workspace gives you a private workspace: pass its id as `workspace` to "
-         "execute_command and the file tools; delete_workspace removes it."),
+        (
+            ("execute_command",),
+            "execute_command runs a shell command in a NEW, isolated gVisor sandbox. Nothing carries "
+            "over between calls (no cd, no exported variables, no background processes, no installed "
+            f"packages) {keeps}. Network modes: {network}.",
+        ),
+        (
+            ("inspect_result",),
+            "Long output is cut to its head and tail; the marker in the text gives the inspect_result "
+            "call that reads the rest: send it as written, then repeat it with offset=next_offset "
+            "as the marker says. inspect_result(wait_seconds=...) waits for a running command; "
+            "receipt=true shows every limit granted and why.",
+        ),
+        (("list_active", "cancel_command"), "list_active shows your commands still running; cancel_command stops one."),
+        (
+            ("read_file", "write_file", "list_files", "delete_file"),
+            "read_file, write_file, list_files and delete_file work on the workspace and the "
+            "operator's projects without starting a sandbox.",
+        ),
+        (
+            ("create_workspace", "delete_workspace"),
+            "create_workspace gives you a private workspace: pass its id as `workspace` to "
+            "execute_command and the file tools; delete_workspace removes it.",
+        ),
     ]
     registered = set(tools)
     used = [(names, text) for names, text in sentences if registered >= set(names)]

@@ -113,8 +113,16 @@ def _tenant_state(ctx: ToolContext | None) -> TenantState | None:
     return app if isinstance(app, TenantState) else None
 
 
-def _record(app: TenantState, ctx: Any, error: GvisorMcpError, tool: str, arguments: dict[str, Any],
-            text: str, decision: str, kind: str | None) -> None:
+def _record(
+    app: TenantState,
+    ctx: Any,
+    error: GvisorMcpError,
+    tool: str,
+    arguments: dict[str, Any],
+    text: str,
+    decision: str,
+    kind: str | None,
+) -> None:
     """One audit line and, for a refusal, one count."""
     try:
         session = app.caller(ctx).session_id
@@ -122,8 +130,12 @@ def _record(app: TenantState, ctx: Any, error: GvisorMcpError, tool: str, argume
         session = None
     command = arguments.get("command") if tool == "execute_command" else None
     entry: dict[str, Any] = dict(
-        tenant=app.tenant, session=session, tool=tool, policy_hash=app.policy.current.sha256,
-        decision=decision, reason=text,
+        tenant=app.tenant,
+        session=session,
+        tool=tool,
+        policy_hash=app.policy.current.sha256,
+        decision=decision,
+        reason=text,
     )
     if isinstance(command, str):
         entry["command"] = command

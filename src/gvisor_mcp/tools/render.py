@@ -19,13 +19,14 @@ def marker(result_id: str, stream: str, start: int, left_out: int) -> str:
     so the call succeeds verbatim), and how to go on when one page is not all."""
     end = start + left_out
     first = min(left_out, MAX_PAGE)
-    call = (f'inspect_result(result_id="{result_id}", stream="{stream}", '
-            f"offset={start}, length={first})")
+    call = f'inspect_result(result_id="{result_id}", stream="{stream}", offset={start}, length={first})'
     if first == left_out:
         how = f"read them with {call}"
     else:
-        how = (f"read them page by page: {call}, then the same call with offset=next_offset "
-               f"(from its result) until next_offset reaches {end}")
+        how = (
+            f"read them page by page: {call}, then the same call with offset=next_offset "
+            f"(from its result) until next_offset reaches {end}"
+        )
     return f"\n[... {left_out} bytes of {stream} not shown (offsets {start} to {end - 1}); {how} ...]\n"
 
 
@@ -49,11 +50,7 @@ def excerpt(
     if shown >= stored:
         body = render_bytes(first + last)
     else:
-        body = (
-            render_bytes(first)
-            + marker(result_id, stream, len(first), stored - shown)
-            + render_bytes(last)
-        )
+        body = render_bytes(first) + marker(result_id, stream, len(first), stored - shown) + render_bytes(last)
     if written > stored:
         body += (
             f"\n[{stream}: the command wrote {written} bytes; the capture cap kept the first and "

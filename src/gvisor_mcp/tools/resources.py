@@ -81,22 +81,29 @@ async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) ->
             "/".join(e.path).encode("utf-8")
         except UnicodeEncodeError:
             continue  # not UTF-8: no URI can name it; read_file/list_files show it escaped
-        out.append(Resource(
-            uri=uri_for(e.path), name=render_bytes("/".join(e.path).encode()),
-            mime_type=_mime(e.path[-1]), size=e.size,
-            description=f"{posixpath.join(root.mount, *e.path)} in the workspace",
-        ))
+        out.append(
+            Resource(
+                uri=uri_for(e.path),
+                name=render_bytes("/".join(e.path).encode()),
+                mime_type=_mime(e.path[-1]),
+                size=e.size,
+                description=f"{posixpath.join(root.mount, *e.path)} in the workspace",
+            )
+        )
     return ListResourcesResult(resources=out)
 
 
 async def list_templates(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
-    return ListResourceTemplatesResult(resource_templates=[
-        ResourceTemplate(
-            uri_template=f"{SCHEME}:///{{+path}}", name="workspace file",
-            description="A file of your workspace, by its path relative to the workspace "
-            "(read-only view; at most files.max_read bytes; read_file pages larger ones).",
-        ),
-    ])
+    return ListResourceTemplatesResult(
+        resource_templates=[
+            ResourceTemplate(
+                uri_template=f"{SCHEME}:///{{+path}}",
+                name="workspace file",
+                description="A file of your workspace, by its path relative to the workspace "
+                "(read-only view; at most files.max_read bytes; read_file pages larger ones).",
+            ),
+        ]
+    )
 
 
 async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
@@ -128,9 +135,15 @@ async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) 
         text = None
     if text is not None and render_bytes(got.data) == text:
         return ReadResourceResult(contents=[TextResourceContents(uri=uri, text=text, mime_type=mime or "text/plain")])
-    return ReadResourceResult(contents=[BlobResourceContents(
-        uri=uri, blob=base64.b64encode(got.data).decode("ascii"), mime_type=mime or "application/octet-stream",
-    )])
+    return ReadResourceResult(
+        contents=[
+            BlobResourceContents(
+                uri=uri,
+                blob=base64.b64encode(got.data).decode("ascii"),
+                mime_type=mime or "application/octet-stream",
+            )
+        ]
+    )
 
 
 def _mime(name: str) -> str | None:

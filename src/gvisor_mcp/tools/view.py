@@ -89,13 +89,17 @@ def network_lines(net: Any) -> list[str]:
         # The destination is what the sandbox asked for: rendered like its output.
         detail = render(d.reason or "")
         if d.verdict != "denied":
-            traffic = f"{d.connections} connection{'s' if d.connections != 1 else ''}, " \
-                      f"{_size(d.bytes_up)} up, {_size(d.bytes_down)} down"
+            traffic = (
+                f"{d.connections} connection{'s' if d.connections != 1 else ''}, "
+                f"{_size(d.bytes_up)} up, {_size(d.bytes_down)} down"
+            )
             detail = f"{detail}; {traffic}" if detail else traffic
         lines.append(f"network: {d.verdict} {render(d.destination)}" + (f" ({detail})" if detail else ""))
     more = len(rows) - NETWORK_LINES + (1 if net.other_connections else 0)
     if more > 0:
-        lines.append(f"network: ... and more destinations ({net.connections} connections in all); see the result's network section")
+        lines.append(
+            f"network: ... and more destinations ({net.connections} connections in all); see the result's network section"
+        )
     if not rows:
         lines.append("network: no connection through the egress proxy")
     return lines
@@ -132,8 +136,10 @@ def receipt_lines(limits: dict[str, Any] | None) -> list[str]:
     """The full receipt as text, one field a line (inspect_result receipt=true)."""
     if not limits:
         return ["limits: no receipt (the call never ran)"]
-    lines = [f"limits: tenant {limits.get('tenant')}, policy {limits.get('policy_source')} "
-             f"sha256 {limits.get('policy_sha256')}"]
+    lines = [
+        f"limits: tenant {limits.get('tenant')}, policy {limits.get('policy_source')} "
+        f"sha256 {limits.get('policy_sha256')}"
+    ]
     for e in limits.get("entries", ()):
         asked = "" if e.get("requested") is None else f", requested {e['requested']}"
         ceiling = "" if e.get("limit") is None else f", ceiling {e['limit']}"
@@ -143,8 +149,9 @@ def receipt_lines(limits: dict[str, Any] | None) -> list[str]:
     return [render(line) for line in lines]
 
 
-def exec_result(app: TenantState, stored: StoredResult | None, head: int, tail: int, *,
-                full_receipt: bool = False) -> ExecResult:
+def exec_result(
+    app: TenantState, stored: StoredResult | None, head: int, tail: int, *, full_receipt: bool = False
+) -> ExecResult:
     """The structured result; stdout/stderr are the same excerpts the text shows.
     `limits` is the compact receipt unless `full_receipt`."""
     if stored is None:  # evicted in the instant since it finished: say so
@@ -158,22 +165,22 @@ def exec_result(app: TenantState, stored: StoredResult | None, head: int, tail: 
             first = first[:head]
             last, _ = app.store.read(stored, stream, stored_len - tail, tail)
         written = getattr(stored, f"{stream}_bytes") if stored.status != ContainerStatus.RUNNING else stored_len
-        texts[stream] = excerpt(
-            first, last, stored_len, result_id=stored.result_id, stream=stream, written=written
-        )
+        texts[stream] = excerpt(first, last, stored_len, result_id=stored.result_id, stream=stream, written=written)
         cut[stream] = stored_len > head + tail or written > stored_len
     running = stored.status == ContainerStatus.RUNNING
-    return ExecResult.model_validate({
-        **stored.model_dump(include=set(RunRecord.model_fields)),
-        "stdout": texts["stdout"],
-        "stderr": texts["stderr"],
-        "stdout_truncated": cut["stdout"],
-        "stderr_truncated": cut["stderr"],
-        # While it runs, the totals are not known yet (the excerpt counts what is stored).
-        "stdout_bytes": 0 if running else stored.stdout_bytes,
-        "stderr_bytes": 0 if running else stored.stderr_bytes,
-        "limits": stored.limits if full_receipt else compact_receipt(stored.limits),
-    })
+    return ExecResult.model_validate(
+        {
+            **stored.model_dump(include=set(RunRecord.model_fields)),
+            "stdout": texts["stdout"],
+            "stderr": texts["stderr"],
+            "stdout_truncated": cut["stdout"],
+            "stderr_truncated": cut["stderr"],
+            # While it runs, the totals are not known yet (the excerpt counts what is stored).
+            "stdout_bytes": 0 if running else stored.stdout_bytes,
+            "stderr_bytes": 0 if running else stored.stderr_bytes,
+            "limits": stored.limits if full_receipt else compact_receipt(stored.limits),
+        }
+    )
 
 
 def status_line(r: Any, result_id: str) -> str:

@@ -44,17 +44,26 @@ async def create_workspace(ctx: ToolContext) -> Annotated[CallToolResult, Worksp
         app.created.forget(entry.handle)
         raise
     result = WorkspaceCreated(
-        workspace=entry.handle, mount=plan.mount, size=format_bytes(plan.size_mb * 1024 * 1024),
+        workspace=entry.handle,
+        mount=plan.mount,
+        size=format_bytes(plan.size_mb * 1024 * 1024),
         idle_minutes=app.created.idle_seconds / 60,
     )
-    app.audit.write(tenant=caller.tenant, session=caller.session_id, tool="create_workspace",
-                    decision="allowed", policy_hash=app.policy.current.sha256)
+    app.audit.write(
+        tenant=caller.tenant,
+        session=caller.session_id,
+        tool="create_workspace",
+        decision="allowed",
+        policy_hash=app.policy.current.sha256,
+    )
     text = (
         f"workspace={entry.handle} (mounted at {plan.mount} in commands, {result.size}). Pass "
         f'workspace="{entry.handle}" to execute_command and the file tools; it is deleted after '
         f"{result.idle_minutes:g} minutes unused, with delete_workspace, or when the server stops."
     )
-    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json"))
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json")
+    )
 
 
 async def delete_workspace(
@@ -71,6 +80,11 @@ async def delete_workspace(
         )
     app.created.forget(workspace)
     app.remove_workspace(workspace_host_path(app.workspace_root, caller.tenant, "session", workspace).resolve())
-    app.audit.write(tenant=caller.tenant, session=workspace, tool="delete_workspace",
-                    decision="allowed", policy_hash=app.policy.current.sha256)
+    app.audit.write(
+        tenant=caller.tenant,
+        session=workspace,
+        tool="delete_workspace",
+        decision="allowed",
+        policy_hash=app.policy.current.sha256,
+    )
     return f"deleted workspace {workspace} and its files"
