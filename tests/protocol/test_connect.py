@@ -87,10 +87,19 @@ async def test_a_non_root_client_runs_commands_through_the_root_http_server(sand
             names = {t.name for t in (await c.list_tools()).tools}
             assert {"execute_command", "inspect_result", "list_active", "cancel_command"} <= names
 
+            # Protocol 2026-07-28 has no session, so no workspace until the agent makes one
+            # (test_http_workspaces); through the bridge exactly as directly.
+            where: dict[str, str] = {}
+            if mode == "auto":
+                where["workspace"] = structured(await c.call_tool("create_workspace", {}))["workspace"]
+
             # A real command in gVisor, as the policy's user; progress passes through.
             r = await c.call_tool(
                 "execute_command",
-                {"command": "for i in 1 2 3; do echo tick $i; sleep 1; done; id -u; touch /workspace/made-here"},
+                {
+                    "command": "for i in 1 2 3; do echo tick $i; sleep 1; done; id -u; touch /workspace/made-here",
+                    **where,
+                },
                 progress_callback=on_progress,
             )
             s = structured(r)
@@ -99,8 +108,12 @@ async def test_a_non_root_client_runs_commands_through_the_root_http_server(sand
             assert progress and any("tick" in (m or "") for _, _, m in progress), progress
 
             # Resources: the workspace file the command made is listed.
-            listed = [res.uri for res in (await c.list_resources()).resources]
-            assert any(uri.endswith("/made-here") for uri in listed), listed
+            if mode == "auto":  # an agent-made workspace is read by its id (workspace://ID/path)
+                got = await c.read_resource(f"workspace://{where['workspace']}/made-here")
+                assert got.contents, got
+            else:
+                listed = [res.uri for res in (await c.list_resources()).resources]
+                assert any(uri.endswith("/made-here") for uri in listed), listed
 
             # Cancellation passes through too: the server kills the container.
             container = None
@@ -136,7 +149,7 @@ async def test_a_refused_token_and_a_server_that_is_down_get_a_clear_error(sandb
         message = _mcp_error(caught.value)
         assert message.startswith(
             f"gvisor-mcp connect: the server at {server.url} refused the token in {wrong} "
-            "(HTTP 401: a valid bearer token is required"
+            "(HTTP 401: this bearer token is not valid here"
         ), message
         assert "gvisor-mcp token add TENANT" in message
 
