@@ -27,7 +27,8 @@ Scenarios that do not apply, and why (NOT_APPLICABLE below):
   deliberately sends no priming event (older clients cannot parse one), so
   its priming/retry warnings do not describe a 2025-11-25 client.
   Resumption itself is tested with the SDK's client in test_http_auth.py.
-- They exercise capabilities this server does not advertise: logging
+- They exercise capabilities this server does not advertise: prompts
+  (`prompts/list`: it has none, so it does not serve the method), logging
   (`logging/setLevel`), completions (`completion/complete`), resource
   subscriptions (`resources/subscribe`, `resources/unsubscribe`).
 """
@@ -56,7 +57,6 @@ APPLICABLE = {
     "ping",
     "tools-list",
     "resources-list",
-    "prompts-list",
     "server-sse-multiple-streams",
     "dns-rebinding-protection",
 }
@@ -84,6 +84,7 @@ NOT_APPLICABLE = {
     "resources-read-binary",
     "resources-templates-read",
     # capabilities this server does not advertise
+    "prompts-list",  # no prompts: the capability is not advertised and prompts/list is not served
     "logging-set-level",
     "completion-complete",
     "resources-subscribe",
