@@ -210,7 +210,11 @@ async def test_nothing_left_after_timeout_or_kill(sandbox_base, internet, rules,
                 await m.kill("k")
             r = box["r"]
             assert r.status is ContainerStatus.KILLED
-        assert net.open_count() == 0
+        # A cold run is answered first and torn down right after (issue 18): its
+        # namespace goes with the teardown, not necessarily before the answer.
+        with anyio.fail_after(60):
+            while net.open_count():
+                await anyio.sleep(0.05)
     # network_manager checked: no namespace referenced, no runsc leftovers
 
 
