@@ -327,10 +327,13 @@ async def test_the_stdio_workspace_survives_a_restart_and_is_named(serve, sandbo
         (("--workspace", "../x"), "not a valid name"),
         (("--project", "/nonexistent/project"), "not a directory"),
         (("--project", "/"), "cannot be mounted"),
-        (("--transport", "http", "--tokens", "/dev/null", "--project", "/tmp"), "--project is for stdio"),
+        (("--transport", "http", "--tokens", "{tokens}", "--project", "/tmp"), "--project is for stdio"),
     ],
 )
 def test_serve_refuses_bad_workspace_and_project_flags(sandbox_base, tmp_path, flags, expected):
+    tokens = tmp_path / "tokens.yaml"  # a valid (empty) tokens file: the tokens are checked first
+    tokens.write_text("tokens: []\n")
+    flags = tuple(f.replace("{tokens}", str(tokens)) for f in flags)
     r = subprocess.run(
         [str(BIN), "serve", "--state-root", str(sandbox_base), "--state-dir", str(tmp_path / "s"), *flags],
         capture_output=True,
