@@ -268,9 +268,17 @@ async def test_background_children_do_not_outlive_their_call(serve, sandbox_base
             s = structured(await run(c, command=command, timeout_seconds=120))
             assert (s["status"], s["stdout"]) == ("exited", "started\n"), s
             # Between calls no sandbox of ours exists (pool off): the sleepers are gone.
+            # The cold run is torn down just after its answer (issue 18), so allow that
+            # teardown a bounded time; the server's spare roots (empty directories it
+            # keeps ready, sandbox/spares.py) are not sandboxes.
             from ..conftest import leftovers
 
-            assert leftovers(sandbox_base) == {}
+            def sandboxes_left() -> dict:
+                return {k: v for k, v in leftovers(sandbox_base).items() if k != "spare bundles"}
+
+            with anyio.fail_after(60):
+                while sandboxes_left():
+                    await anyio.sleep(0.1)
         assert structured(await c.call_tool("list_active", {}))["commands"] == []
         await canary(c)
 
