@@ -205,7 +205,8 @@ async def frontend_cost(lc, base: Path, calls: int) -> None:  # type: ignore[no-
 
     base.mkdir(parents=True)
     policy = base / "policy.yaml"
-    policy.write_text("version: 1\ntenants:\n  bench: {quotas: {max_concurrent: 8}}\n")
+    # runs_per_minute above what the phases start (the default 60 cut the front-end phase short)
+    policy.write_text("version: 1\ntenants:\n  bench: {quotas: {max_concurrent: 8, runs_per_minute: 6000}}\n")
     binary = str(Path(sys.executable).with_name("gvisor-mcp"))
     token = subprocess.run(
         [binary, "token", "add", "bench", "--policy", str(policy), "--tokens", str(base / "tokens.yaml")],
