@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .text import render_value
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -23,7 +24,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 async def respond(send: Send, status: int, body: dict[str, Any], extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    await respond_bytes(send, status, json.dumps(body).encode(), b"application/json", extra)
+    """A JSON answer; its strings can quote a request (a token's tenant claim, a
+    header), so they go through the one renderer like every other client text."""
+    await respond_bytes(send, status, json.dumps(render_value(body)).encode(), b"application/json", extra)
 
 
 async def respond_bytes(

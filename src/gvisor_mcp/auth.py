@@ -28,7 +28,6 @@ RFC 9728 `resource_metadata` pointer.
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,7 @@ def tenant_of(user: AuthenticatedUser) -> str:
     return user.access_token.client_id
 
 
-def unauthorized_body(reason: str, oauth: OAuthOptions | None) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def unauthorized_body(reason: str, oauth: OAuthOptions | None) -> tuple[dict[str, Any], list[tuple[bytes, bytes]]]:
     """A 401's JSON body and WWW-Authenticate header (RFC 6750 §3, RFC 9728 §5.1)."""
     how = "the operator creates a static token with `gvisor-mcp token add TENANT`"
     if oauth is not None:
@@ -162,7 +161,7 @@ def unauthorized_body(reason: str, oauth: OAuthOptions | None) -> tuple[bytes, l
         params.append(f'resource_metadata="{oauth.metadata_url()}"')
         if oauth.scopes:
             params.append(f'scope="{" ".join(oauth.scopes)}"')
-    return json.dumps(body).encode(), [(b"www-authenticate", ("Bearer " + ", ".join(params)).encode())]
+    return body, [(b"www-authenticate", ("Bearer " + ", ".join(params)).encode())]
 
 
 def _quoted(text: str) -> str:

@@ -144,7 +144,7 @@ class Gateway:
         user = await authenticate(self.verifier, scope)
         if isinstance(user, str):
             body, extra = unauthorized_body(user, oauth)
-            await respond_bytes(send, 401, body, b"application/json", extra)
+            await respond(send, 401, body, extra)
             return
         tenant = tenant_of(user)
         scope = {**scope, "user": user}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 # Code points escaped besides C0/C1: every Cf (format), Cs (surrogate), Zl/Zp
 # (line/paragraph separator) of Unicode 14 (Python 3.11's unicodedata), plus
@@ -63,6 +64,17 @@ def _escape(m: re.Match[str]) -> str:
 def render(text: str) -> str:
     """`text` with every control, bidi, invisible or unpaired character escaped."""
     return _UNSAFE.sub(_escape, text)
+
+
+def render_value(value: Any) -> Any:
+    """A JSON-like value with every string (keys included) rendered."""
+    if isinstance(value, str):
+        return render(value)
+    if isinstance(value, dict):
+        return {render(k) if isinstance(k, str) else k: render_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [render_value(v) for v in value]
+    return value
 
 
 def render_bytes(data: bytes) -> str:

@@ -127,3 +127,20 @@ async def test_two_tenants_see_only_their_own(fast, mode):
         assert done["status"] == "killed"
     tenants = {a["tenant"] for a in srv.audit()}
     assert tenants == {"alice"}
+
+
+async def test_every_json_answer_of_the_gateway_goes_through_the_renderer():
+    """asgi.respond renders every string: a 401/403 reason may quote a token's own claims."""
+    import json as _json
+
+    from gvisor_mcp.asgi import respond
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await respond(send, 403, {"error": "forbidden", "message": "tenant 'x\x1b]0;pwned\x07\u202e' is not in the policy"})
+    message = _json.loads(sent[1]["body"])["message"]
+    assert "\x1b" not in message and "\x07" not in message and "\u202e" not in message
+    assert message.startswith("tenant 'x") and "is not in the policy" in message

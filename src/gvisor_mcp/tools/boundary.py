@@ -27,23 +27,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import GvisorMcpError
 from ..runtime import TenantState
-from ..text import render
+from ..text import render, render_value
 from .context import ToolContext
 from .metadata import drop_unserved, server_options
 from .refuse import ArgumentRefused, answer, argument_error
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def render_value(value: Any) -> Any:
-    """A JSON-like value with every string (keys included) rendered."""
-    if isinstance(value, str):
-        return render(value)
-    if isinstance(value, dict):
-        return {render(k) if isinstance(k, str) else k: render_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [render_value(v) for v in value]
-    return value
 
 
 def render_call_result(result: Any) -> Any:
