@@ -119,8 +119,10 @@ def build_wheel(directory: Path) -> Path:
     return path
 
 
-def make_ca(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a certificate for web.test signed by it (cryptography)."""
+def make_ca(directory: Path, name: str = "web.test", ip: str | None = None) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for `name` (and `ip`, if given) signed by it (cryptography)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -143,13 +145,18 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web.test")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("web.test")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name)] + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])
+            ),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     ca_pem, cert_pem, key_pem = directory / "ca.pem", directory / "web.pem", directory / "web.key"

@@ -324,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="file holding the bearer token `gvisor-mcp token add TENANT` printed (chmod 600)",
     )
+    p.add_argument(
+        "--ca-file",
+        default=None,
+        metavar="FILE",
+        help="https: trust only this CA (PEM) for the server's certificate, e.g. the private CA that signed "
+        "its --tls-cert (default: the system's CAs)",
+    )
 
     sub.add_parser("policy", help="check, show or describe a policy file", add_help=False)
     sub.add_parser("image", help="build, pull, import, list, inspect or remove images", add_help=False)
@@ -496,7 +503,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     from .connect import connect_main
 
-    return connect_main(args.url, args.token_file)
+    return connect_main(args.url, args.token_file, args.ca_file)
 
 
 def cmd_workspace(args: argparse.Namespace) -> int:

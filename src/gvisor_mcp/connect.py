@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -108,6 +109,29 @@ def check_url(url: str) -> str:
     return url
 
 
+def load_ca(path: str, url: str) -> ssl.SSLContext:
+    """Trust exactly this CA for the server's certificate, like curl's --cacert.
+
+    A server with its own --tls-cert is usually signed by a private CA the
+    desktop does not trust; adding it to the system store would trust it for
+    everything, this trusts it for this bridge only.
+    """
+    if urlsplit(url).scheme != "https":
+        raise ConnectError(f"--ca-file is for https:// URLs; {url!r} is plain http (drop --ca-file, or use https://)")
+    try:
+        return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as e:
+        raise ConnectError(
+            f"the CA file {path!r} holds no PEM certificate ({e.reason or e}); give the PEM file of the CA that "
+            "signed the server's certificate"
+        ) from None
+    except OSError as e:
+        raise ConnectError(
+            f"cannot read the CA file {path!r}: {e.strerror or e}; give the PEM file of the CA that signed the "
+            "server's certificate (readable by you)"
+        ) from None
+
+
 def _jsonrpc_error(code: int, message: str) -> bytes:
     # id null: the SDK transport puts the id of the request this answered.
     return json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
@@ -133,6 +157,16 @@ class Explain(httpx2.AsyncBaseTransport):
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as e:
             why = _reason(e)
+            if "CERTIFICATE_VERIFY_FAILED" in why:
+                return self._fail(
+                    request,
+                    502,
+                    UNREACHABLE,
+                    (
+                        f"gvisor-mcp connect: the server at {self.url} sent a certificate this machine does not "
+                        f"trust ({why}). If it is signed by your own CA, give that CA's PEM file with --ca-file FILE"
+                    ),
+                )
             return self._fail(
                 request,
                 502,
@@ -194,6 +228,8 @@ def _reason(e: BaseException) -> str:
     seen: BaseException | None = e
     deepest = str(e) or type(e).__name__
     while seen is not None:
+        if isinstance(seen, ssl.SSLError):  # an OSError whose errno is OpenSSL's code (1 reads "not permitted")
+            return str(seen)
         if isinstance(seen, OSError) and isinstance(seen.errno, int) and seen.errno > 0:
             deepest = os.strerror(seen.errno)
         seen = seen.__cause__ or seen.__context__
@@ -235,10 +271,12 @@ class Headers:
                 self.negotiated = v
 
 
-async def bridge(url: str, token: str, token_file: str) -> None:
+async def bridge(url: str, token: str, token_file: str, ca: ssl.SSLContext | None = None) -> None:
     """Forward stdin's messages to the server and the server's to stdout until stdin ends."""
     timeout = httpx2.Timeout(30.0, read=READ_TIMEOUT)
     explain = Explain(url, token_file)
+    if ca is not None:
+        explain.inner = httpx2.AsyncHTTPTransport(verify=ca)
     headers = Headers()
     async with (
         httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout, transport=explain) as http,
@@ -267,14 +305,15 @@ async def bridge(url: str, token: str, token_file: str) -> None:
         tg.start_soon(downstream)
 
 
-def connect_main(url: str, token_file: str) -> int:
+def connect_main(url: str, token_file: str, ca_file: str | None = None) -> int:
     try:
         check_url(url)
         token = read_token(token_file)
+        ca = load_ca(ca_file, url) if ca_file else None
     except ConnectError as e:
         print(f"gvisor-mcp connect: {e}", file=sys.stderr)
         return 2
     if warning := token_file_warning(token_file):
         print(f"gvisor-mcp connect: {warning}", file=sys.stderr)
-    anyio.run(bridge, url, token, token_file)
+    anyio.run(bridge, url, token, token_file, ca)
     return 0

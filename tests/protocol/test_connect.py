@@ -52,10 +52,10 @@ def token_file(d: Path, token: str, name: str = "token") -> Path:
     return f
 
 
-def as_nobody(url: str, tokens: Path) -> StdioServerParameters:
+def as_nobody(url: str, tokens: Path, *extra: str) -> StdioServerParameters:
     return StdioServerParameters(
         command="setpriv",
-        args=[*SETPRIV, str(BIN), "connect", url, "--token-file", str(tokens)],
+        args=[*SETPRIV, str(BIN), "connect", url, "--token-file", str(tokens), *extra],
         env={"PATH": os.environ["PATH"], "HOME": str(tokens.parent)},
     )
 
@@ -170,6 +170,50 @@ async def test_a_refused_token_and_a_server_that_is_down_get_a_clear_error(sandb
         message = _mcp_error(caught.value)
         assert message.startswith(f"gvisor-mcp connect: cannot reach the gvisor-mcp server at {down} ("), message
         assert "Is it running?" in message and "systemctl status gvisor-mcp" in message
+
+
+async def test_an_https_server_with_a_private_ca_is_reached_with_its_ca_file(sandbox_base, tmp_path, user_dir):
+    """The server's own --tls-cert signed by a CA this machine does not trust: without --ca-file the
+    user is told to give it; with it, commands run over TLS; a wrong file is one line at start."""
+    from ..internet import make_ca
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca, cert, key = make_ca(certs, "localhost", "127.0.0.1")
+    user_ca = user_dir / "ca.pem"
+    shutil.copy(ca, user_ca)
+    os.chown(user_ca, NOBODY, NOBODY)
+    with running_http_server(sandbox_base, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)) as server:
+        url = server.url.replace("http://", "https://")
+        tokens = token_file(user_dir, server.tokens["alice"])
+        async with Client(as_nobody(url, tokens, "--ca-file", str(user_ca)), mode="legacy") as c:
+            r = await c.call_tool("execute_command", {"command": "echo over-tls"})
+            assert structured(r)["stdout"] == "over-tls\n", structured(r)
+
+        with pytest.raises(BaseException) as caught:
+            with anyio.fail_after(60):
+                async with Client(as_nobody(url, tokens), mode="legacy"):
+                    pass
+        message = _mcp_error(caught.value)
+        assert message.startswith(
+            f"gvisor-mcp connect: the server at {url} sent a certificate this machine does not trust ("
+        ), message
+        assert "CERTIFICATE_VERIFY_FAILED" in message and "--ca-file FILE" in message
+
+    not_pem = token_file(user_dir, "not a certificate", "not-pem")
+    for argv, expected in (
+        ([url, "--ca-file", str(not_pem)], f"gvisor-mcp connect: the CA file '{not_pem}' holds no PEM certificate ("),
+        ([url, "--ca-file", str(user_dir / "nope.pem")], f"gvisor-mcp connect: cannot read the CA file '{user_dir}"),
+        ([server.url, "--ca-file", str(user_ca)], "gvisor-mcp connect: --ca-file is for https:// URLs;"),
+    ):
+        r = subprocess.run(
+            ["setpriv", *SETPRIV, str(BIN), "connect", *argv, "--token-file", str(tokens)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
 
 
 async def test_a_server_restart_is_reported_as_a_lost_session(sandbox_base, tmp_path, user_dir):
