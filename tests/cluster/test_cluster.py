@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import anyio
 import pytest
@@ -369,13 +370,13 @@ def ray_front_ends(cluster, n: int):
                 assert time.monotonic() < deadline, err.read_text()[-3000:]
                 time.sleep(0.2)
 
-        def client(i: int, tenant: str):
+        def client(i: int, tenant: str, **kw: Any):
             import httpx2
             from mcp import Client
             from mcp.client.streamable_http import streamable_http_client
 
             http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {tokens[tenant]}"}, timeout=120)
-            return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http))
+            return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http), **kw)
 
         yield client, servers
     finally:
@@ -620,7 +621,7 @@ async def test_file_tools_and_resources_over_mcp_on_ray(cluster):
             bad = await al.call_tool("read_file", {"path": "../../../../etc/passwd"})
             assert bad.is_error and "'..'" in str(bad.content), bad
         before = {h: held_images(cluster, h) for h in ("a", "b")}
-        async with client(0, "dave") as dv:
+        async with client(0, "dave", mode="legacy") as dv:  # classic sessions: one workspace each
             w = await dv.call_tool("write_file", {"path": "s.txt", "content": "session file"})
             assert not w.is_error, w
             during = {h: held_images(cluster, h) for h in ("a", "b")}
