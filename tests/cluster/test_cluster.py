@@ -567,7 +567,7 @@ def test_a_run_holds_its_store_image_against_prune(cluster):
     agent = cluster.agents["a"]
     state = cluster.host_base("a") / "state"
     digest = cluster.mini_digest
-    spec = RunSpec(result_id=rid(), tenant="bob", image="mini", image_digest=digest, command=("/bin/sleep", "8"))
+    spec = RunSpec(result_id=rid(), tenant="bob", image="mini", image_digest=digest, command=("/bin/sleep", "600"))
     ref = agent.run.remote(spec.model_dump())
     deadline = time.monotonic() + 60
     while not any(r["run_id"] == spec.result_id for r in ray.get(agent.active.remote(), timeout=60)):
@@ -580,8 +580,10 @@ def test_a_run_holds_its_store_image_against_prune(cluster):
     pruned = subprocess.run([*cli, "image", "prune", "--state-dir", str(state)], capture_output=True, text=True)
     assert pruned.returncode == 0, pruned.stderr
     assert (state / "images" / "sha256" / digest.removeprefix("sha256:") / "image.json").exists()
+    assert any(r["run_id"] == spec.result_id for r in ray.get(agent.active.remote(), timeout=60))  # still running
+    assert ray.get(agent.kill.remote(spec.result_id), timeout=60)
     r = ray.get(ref, timeout=120)
-    assert r["status"] == "exited" and r["exit_code"] == 0, r
+    assert r["status"] == "killed", r
     # The run is over: nothing holds it now, and prune takes it.
     pruned = subprocess.run([*cli, "image", "prune", "--state-dir", str(state)], capture_output=True, text=True)
     assert pruned.returncode == 0 and digest.removeprefix("sha256:")[:12] in pruned.stdout + pruned.stderr, (
