@@ -138,6 +138,9 @@ class TenantState:
     """Keeps the warm pool's store image from `image rm` while the pool targets it."""
     pool_digest: str | None = None
     """The store image the warm pool boots (None: the pool uses no store image)."""
+    remote_workspaces: Any = None
+    """`--backend ray`: the agents' workspaces (cluster/remote_files.RemoteWorkspaces);
+    `made_workspaces` then holds this front end's names for the ones it used."""
 
     @property
     def workspace_name(self) -> str:
@@ -162,8 +165,12 @@ class TenantState:
             self.drop_session(session_id)
 
     def remove_workspace(self, path: Path) -> None:
-        """Unmount and delete a session workspace (its image goes with it)."""
-        _workspace.release(path, remove=True)
+        """Unmount and delete a session workspace (its image goes with it); with
+        `--backend ray` the agent holding it does (sent now, not awaited)."""
+        if self.remote_workspaces is not None:
+            self.remote_workspaces.remove(self.tenant, path)
+        else:
+            _workspace.release(path, remove=True)
         self.made_workspaces.discard(path)
         self._prepared = {k: v for k, v in self._prepared.items() if v != path}
 
@@ -213,7 +220,11 @@ class TenantState:
         policy derives them from tenant and session, never from a request.
         """
         if self.config.backend == "ray":
-            return  # the agent that runs it prepares it, on its host
+            # The agent that runs it prepares it, on its host; noted here so
+            # that it goes with its session (drop_session).
+            if resolved.workspace is not None and self.remote_workspaces is not None:
+                self.made_workspaces.add(resolved.workspace.host_path.resolve())
+            return
         if resolved.workspace is not None:
             user = resolved.options.user
             self.prepare_plan(resolved.workspace, (user.uid, user.gid) if user else (0, 0))
@@ -355,6 +366,8 @@ class Runtime:
     metrics: Metrics
     after_close: list[Callable[[], None]] = field(default_factory=list)
     """Called once the Manager is closed (no sandbox uses a workspace any more)."""
+    remote_workspaces: Any = None
+    """`--backend ray`: file operations and session workspaces on the agents."""
 
     def app_for(self, tenant: str, *, session_from_request: bool = False) -> TenantState:
         app = TenantState(
@@ -370,6 +383,7 @@ class Runtime:
             session_from_request=session_from_request,
             metrics=self.metrics,
             images=self.policy.images,
+            remote_workspaces=self.remote_workspaces,
         )
         self.after_close.append(lambda: _drop_session_workspaces(app))
         self.after_close.append(lambda: app.pool_holding.release() if app.pool_holding else None)
@@ -403,6 +417,11 @@ async def start_runtime(config: ServeConfig, policy: PolicyHolder) -> AsyncItera
             metrics.watch(manager.active_containers, manager.idle_pooled)
             jobs = Jobs(manager, store, audit, tg, metrics, shared=config.multi_tenant)
             rt = Runtime(config, policy, manager, store, audit, jobs, metrics)
+            if config.backend == "ray":
+                # Lazy: ray is an optional extra, and only `serve --backend ray` needs it.
+                from .cluster.remote_files import RemoteWorkspaces
+
+                rt.remote_workspaces = RemoteWorkspaces(manager)
             try:
                 yield rt
             finally:
@@ -481,10 +500,17 @@ def _drop_session_workspaces(app: TenantState) -> None:
     unmounted (unless a neighbour server still uses them) and kept.
     """
     root = app.workspace_root.resolve()
+    remote = app.remote_workspaces
     for path in list(app.made_workspaces):
         parts = path.relative_to(root).parts
         session = len(parts) == 3 and parts[1] == SESSIONS_DIR  # <tenant>/sessions/<session>
-        _workspace.release(path, remove=session)
+        if remote is not None:
+            if session:  # on the agent holding it; a tenant's stays (other front ends use it)
+                remote.remove(app.tenant, path)
+        else:
+            _workspace.release(path, remove=session)
         if session:
             app.made_workspaces.discard(path)
+    if remote is not None:
+        remote.flush()  # before the driver leaves the cluster
     _workspace.release_all()  # anything this process still holds

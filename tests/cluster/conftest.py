@@ -41,6 +41,8 @@ tenants:
   carol:
     workspace: {enabled: false}
     quotas: {max_concurrent: 1}
+  dave:
+    workspace: {enabled: true, scope: session, size: 32MiB}
 """
 
 
@@ -56,6 +58,7 @@ class Harness:
     agents: dict[str, Any] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, dict] = field(default_factory=dict)
+    mini_digest: str | None = None
 
     @property
     def gcs_port(self) -> int:
@@ -69,7 +72,12 @@ class Harness:
         from gvisor_mcp.sandbox import ManagerConfig
 
         hb = self.host_base(host)
-        extra = {}
+        extra: dict[str, Any] = {}
+        if host == "a":  # a runs an unnamed store image by digest (the image hold test)
+            from gvisor_mcp.cluster.spec import default_ceilings
+
+            self.mini_digest = self.mini_digest or mini_store_image(hb / "state" / "images")
+            extra["ceilings"] = default_ceilings().model_copy(update={"images": {"mini": f"store:{self.mini_digest}"}})
         if host == "b":  # b also runs network=sandbox, with an egress ceiling that names the head's GCS
             from gvisor_mcp.cluster.spec import default_ceilings
             from gvisor_mcp.network.egress import EgressRules
@@ -128,10 +136,23 @@ class Harness:
             **kw,
         )
 
-    def leftovers(self, host: str) -> dict:
+    def leftovers(self, host: str, settle: float = 60.0) -> dict:
         """What is left on `host` but the spare roots its running agent's Manager
         keeps made ahead (sandbox/spares.py: they are its own, not a leftover;
-        a dead agent's are, and its successor reaps them)."""
+        a dead agent's are, and its successor reaps them).
+
+        A run answered early tears its sandbox down in the background
+        (Manager._teardown_later): on a loaded machine its bundle may still be
+        there when the answer arrives, so this looks again for up to `settle`
+        seconds before reporting what stays."""
+        deadline = time.monotonic() + settle
+        while True:
+            left = self._leftovers(host)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+    def _leftovers(self, host: str) -> dict:
         import ray
 
         left = leftovers(self.host_base(host), f"{CGROUP_PARENT}-{host}")
@@ -144,6 +165,41 @@ class Harness:
             else:
                 del left["spare bundles"]
         return left
+
+
+def mini_store_image(root: Path) -> str:
+    """An unnamed image in the store at `root` with just /bin/sh (dash) and
+    /bin/sleep and their libraries from this host; its digest. Made by the
+    store's own unpack-and-add path; unnamed, so `image prune` removes it
+    unless something holds it."""
+    import io
+
+    from gvisor_mcp.images.store import ImageStore
+    from gvisor_mcp.images.unpack import Unpacker
+
+    from ..images_helpers import Entry, layer_tar
+
+    def lib(name: str) -> bytes:
+        return Path(os.path.realpath(name)).read_bytes()
+
+    entries = [
+        Entry("bin/", "dir"),
+        Entry("lib/", "dir"),
+        Entry("lib/x86_64-linux-gnu/", "dir"),
+        Entry("lib64/", "dir"),
+        Entry("tmp/", "dir", mode=0o1777),
+        Entry("bin/sh", data=lib("/bin/dash"), mode=0o755),
+        Entry("bin/sleep", data=lib("/bin/sleep"), mode=0o755),
+        Entry("lib/x86_64-linux-gnu/libc.so.6", data=lib("/lib/x86_64-linux-gnu/libc.so.6"), mode=0o755),
+        Entry("lib64/ld-linux-x86-64.so.2", data=lib("/lib64/ld-linux-x86-64.so.2"), mode=0o755),
+    ]
+    store = ImageStore(root)
+    with store.work() as work:
+        with Unpacker(work.rootfs) as u:
+            u.apply(io.BytesIO(layer_tar(*entries)))
+        image = store.add(work, "mini", {"kind": "test"})
+    (root / "names" / "mini").unlink()  # unnamed: only a hold keeps it from `image prune`
+    return image.digest
 
 
 @pytest.fixture(scope="module")

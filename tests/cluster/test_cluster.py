@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import anyio
 import pytest
@@ -321,7 +322,7 @@ def ray_front_ends(cluster, n: int):
             text=True,
             check=True,
         ).stdout.strip()
-        for t in ("bob", "carol")
+        for t in ("alice", "bob", "carol", "dave")
     }
     env = {"PATH": os.environ["PATH"], "GVISOR_MCP_LOG_LEVEL": "INFO", **cluster.lc.env()}
     servers = []
@@ -369,13 +370,13 @@ def ray_front_ends(cluster, n: int):
                 assert time.monotonic() < deadline, err.read_text()[-3000:]
                 time.sleep(0.2)
 
-        def client(i: int, tenant: str):
+        def client(i: int, tenant: str, **kw: Any):
             import httpx2
             from mcp import Client
             from mcp.client.streamable_http import streamable_http_client
 
             http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {tokens[tenant]}"}, timeout=120)
-            return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http))
+            return Client(streamable_http_client(f"http://127.0.0.1:{servers[i][1]}/mcp", http_client=http), **kw)
 
         yield client, servers
     finally:
@@ -443,6 +444,195 @@ async def test_serve_http_on_ray_with_a_real_mcp_client(cluster):
             await c0.call_tool("cancel_command", {"result_id": hold["result_id"]})
             after = (await c1.call_tool("execute_command", {"command": "echo second"})).structured_content
             assert after["status"] == "exited" and after["stdout"] == "second\n", after
+
+
+def session_ws(cluster, tenant: str, session: str):
+    return cluster.base / "fe" / "workspaces" / tenant / "sessions" / session
+
+
+def held_images(cluster, host: str) -> list:
+    """Workspace images on `host` (its agent's workspace root)."""
+    return sorted((cluster.host_base(host) / "state" / "workspaces" / ".images").rglob("*.img"))
+
+
+async def test_file_tools_go_to_the_agent_holding_the_workspace(cluster):
+    """write/read/list/delete through the front end's RemoteWorkspaces: the same
+    files.py operations, on the host that holds the workspace (placed by the
+    first file operation, then the runs that mount it go there)."""
+
+    from gvisor_mcp import files
+    from gvisor_mcp.cluster.remote_files import RemoteWorkspaces
+    from gvisor_mcp.cluster.spec import SpecRefused
+    from gvisor_mcp.fileop import FileOp
+
+    async with cluster.runner() as runner:
+        remote = RemoteWorkspaces(runner)
+        ws = session_ws(cluster, "alice", "files1")
+        owner = (1000, 1000)
+
+        async def op(o, create=True):
+            return await remote.file_op("alice", ws, 64, owner, o, create=create)
+
+        assert await op(FileOp(kind="list", limit=10), create=False) is None  # nothing placed by a look
+        assert await runner.coordinator.home_of.remote("alice/files1") is None
+        done = await op(FileOp(kind="write", path="dir/in.txt", data=b"from write_file\n", uid=1000, gid=1000))
+        assert done.created and done.size == 16
+        home = await runner.coordinator.home_of.remote("alice/files1")
+        assert home in ("a", "b")
+        assert not ws.exists()  # nothing on the front end's host
+        # A run that mounts it goes to its home and sees the file (owned by the sandbox user).
+        r1 = rid()
+        r = await runner.run(
+            opts(
+                "cat /workspace/dir/in.txt; stat -c %u /workspace/dir/in.txt; echo made > /workspace/out.txt",
+                workspace=ws,
+            ),
+            run_id=r1,
+            tenant="alice",
+        )
+        assert r.status is ContainerStatus.EXITED and r.exit_code == 0, r
+        assert runner.host_of(r1)[0] == home
+        assert runner.read_remote(r1, "stdout", 0, 100)[0] == b"from write_file\n1000\n"
+        got = await op(FileOp(kind="read", path="out.txt", length=100))
+        assert got.data == b"made\n" and got.size == 5
+        entries, truncated = await op(FileOp(kind="list", depth=2, limit=100))
+        assert [("/".join(e.path), e.kind) for e in entries] == [
+            ("dir", "directory"),
+            ("dir/in.txt", "file"),
+            ("out.txt", "file"),
+        ] and not truncated
+        assert await op(FileOp(kind="delete", path="dir", recursive=True)) == "directory"
+        with pytest.raises(files.FileError) as e:
+            await op(FileOp(kind="read", path="dir/in.txt", length=10))
+        assert e.value.kind == "not_found"
+        # A symlink a command planted is never followed; a traversal never leaves the workspace.
+        await runner.run(opts("ln -s /etc/passwd /workspace/link", workspace=ws), run_id=rid(), tenant="alice")
+        with pytest.raises(files.FileError) as e:
+            await op(FileOp(kind="read", path="link", length=100))
+        assert e.value.kind == "symlink"
+        with pytest.raises(SpecRefused, match="file request refused: path: .*'..'"):
+            await op(FileOp(kind="read", path="../../../etc/passwd", length=100))
+        # The session ends: its workspace goes from its host, and its home from the coordinator.
+        before = held_images(cluster, home)
+        assert any("files1" in str(p) for p in before), before
+        remote.remove("alice", ws)
+        remote.flush()
+        assert not any("files1" in str(p) for p in held_images(cluster, home))
+        assert await runner.coordinator.home_of.remote("alice/files1") is None
+
+
+def test_forged_file_requests_are_refused_by_the_agent(cluster):
+    import ray
+
+    from gvisor_mcp.cluster.spec import SpecRefused
+
+    agent = cluster.agents["b"]
+    ws = {"tenant": "bob", "scope": "session", "session": "forge1", "mount": "/workspace", "size_mb": 16}
+    good = {"tenant": "bob", "workspace": ws, "owner": {"uid": 1000, "gid": 1000}}
+    secret = cluster.base / "secret"
+    secret.write_text("not for agents")
+    forged = [
+        ({**good, "op": {"kind": "read", "path": "../../../../secret", "length": 10}}, "path: "),
+        ({**good, "op": {"kind": "read", "path": str(secret), "length": 10}}, "is absolute here"),
+        ({**good, "workspace": {**ws, "session": "../.."}, "op": {"kind": "list", "limit": 5}}, "scope='session'"),
+        ({**good, "tenant": "..", "workspace": {**ws, "tenant": ".."}}, "tenant='..'"),
+        ({**good, "workspace": {**ws, "tenant": "alice"}}, "is not the file request's tenant"),
+        ({**good, "workspace": {**ws, "size_mb": 1 << 30}}, "workspace.size_mb"),
+        ({**good, "op": {"kind": "read", "path": "f", "length": 1 << 30}}, "above this host's ceiling"),
+        ({**good, "op": {"kind": "list", "limit": 10**9}}, "above this host's ceiling"),
+        ({**good, "op": {"kind": "write", "path": "f", "data": b"x", "uid": -1}}, "op.uid"),
+        ({**good, "root": "/"}, "Extra inputs"),
+    ]
+    for request, why in forged:
+        with pytest.raises(SpecRefused) as e:
+            ray.get(agent.files.remote(request), timeout=60)
+        assert why in str(e.value), (request, str(e.value))
+    assert not any("forge1" in str(p) for p in held_images(cluster, "b"))  # nothing made
+    # release_workspace checks its reference too: never a path to remove.
+    victim = cluster.base / "victim"
+    victim.mkdir()
+    for ref in ({**ws, "session": "../../../../victim"}, {**ws, "tenant": "../../.."}):
+        with pytest.raises(SpecRefused):
+            ray.get(agent.release_workspace.remote(ref), timeout=60)
+    assert victim.is_dir() and secret.read_text() == "not for agents"
+
+
+def test_a_run_holds_its_store_image_against_prune(cluster):
+    """Agent a's catalog has an unnamed store image (by digest): while a run
+    uses it, `gvisor-mcp image prune` / `image rm` on that host keep it."""
+    import ray
+
+    from gvisor_mcp.cluster.spec import RunSpec
+
+    agent = cluster.agents["a"]
+    state = cluster.host_base("a") / "state"
+    digest = cluster.mini_digest
+    spec = RunSpec(result_id=rid(), tenant="bob", image="mini", image_digest=digest, command=("/bin/sleep", "600"))
+    ref = agent.run.remote(spec.model_dump())
+    deadline = time.monotonic() + 60
+    while not any(r["run_id"] == spec.result_id for r in ray.get(agent.active.remote(), timeout=60)):
+        assert time.monotonic() < deadline
+        ready, _ = ray.wait([ref], timeout=0.2)
+        assert not ready, ray.get(ref)  # ended before it was seen running
+    cli = [BIN]
+    rm = subprocess.run([*cli, "image", "rm", digest, "--state-dir", str(state)], capture_output=True, text=True)
+    assert rm.returncode != 0 and f"run {spec.result_id}" in rm.stderr and "host a" in rm.stderr, rm.stderr
+    pruned = subprocess.run([*cli, "image", "prune", "--state-dir", str(state)], capture_output=True, text=True)
+    assert pruned.returncode == 0, pruned.stderr
+    assert (state / "images" / "sha256" / digest.removeprefix("sha256:") / "image.json").exists()
+    assert any(r["run_id"] == spec.result_id for r in ray.get(agent.active.remote(), timeout=60))  # still running
+    assert ray.get(agent.kill.remote(spec.result_id), timeout=60)
+    r = ray.get(ref, timeout=120)
+    assert r["status"] == "killed", r
+    # The run is over: nothing holds it now, and prune takes it.
+    pruned = subprocess.run([*cli, "image", "prune", "--state-dir", str(state)], capture_output=True, text=True)
+    assert pruned.returncode == 0 and digest.removeprefix("sha256:")[:12] in pruned.stdout + pruned.stderr, (
+        pruned.stdout + pruned.stderr
+    )
+    assert not (state / "images" / "sha256" / digest.removeprefix("sha256:")).exists()
+
+
+async def test_file_tools_and_resources_over_mcp_on_ray(cluster):
+    """A real MCP client on `serve --backend ray`: write_file then execute_command
+    sees the file (same host), read_file of what a command wrote, list_files,
+    delete_file, resources; `..` refused; a session's workspace leaves its
+    agent when the session ends."""
+    with ray_front_ends(cluster, 1) as (client, servers):
+        async with client(0, "alice") as al:
+            w = await al.call_tool("write_file", {"path": "notes/hello.txt", "content": "hi from write_file\n"})
+            assert not w.is_error, w
+            r = (
+                await al.call_tool(
+                    "execute_command", {"command": "cat /workspace/notes/hello.txt; echo out > /workspace/made.txt"}
+                )
+            ).structured_content
+            assert r["status"] == "exited" and r["stdout"] == "hi from write_file\n", r
+            got = (await al.call_tool("read_file", {"path": "/workspace/made.txt"})).structured_content
+            assert got["data"] == "out\n" and got["total_bytes"] == 4, got
+            listed = (await al.call_tool("list_files", {"path": ".", "depth": 2})).structured_content
+            paths = {e["path"] for e in listed["entries"]}
+            assert {"/workspace/notes", "/workspace/notes/hello.txt", "/workspace/made.txt"} <= paths, paths
+            resources = await al.list_resources()
+            assert "workspace:///made.txt" in {str(x.uri) for x in resources.resources}
+            content = await al.read_resource("workspace:///notes/hello.txt")
+            assert content.contents[0].text == "hi from write_file\n"
+            d = (await al.call_tool("delete_file", {"path": "made.txt"})).structured_content
+            assert d["removed"] == "file", d
+            gone = await al.call_tool("read_file", {"path": "made.txt"})
+            assert gone.is_error and "does not exist" in str(gone.content), gone
+            bad = await al.call_tool("read_file", {"path": "../../../../etc/passwd"})
+            assert bad.is_error and "'..'" in str(bad.content), bad
+        before = {h: held_images(cluster, h) for h in ("a", "b")}
+        async with client(0, "dave", mode="legacy") as dv:  # classic sessions: one workspace each
+            w = await dv.call_tool("write_file", {"path": "s.txt", "content": "session file"})
+            assert not w.is_error, w
+            during = {h: held_images(cluster, h) for h in ("a", "b")}
+            made = [p for h in ("a", "b") for p in during[h] if p not in before[h] and "dave" in str(p)]
+            assert len(made) == 1, during
+        # The client closed its session (HTTP DELETE): the agent removes the workspace.
+        with anyio.fail_after(60):
+            while made[0].exists():
+                await anyio.sleep(0.3)
 
 
 async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):

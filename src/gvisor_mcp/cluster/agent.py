@@ -54,10 +54,11 @@ from ..sandbox import (
     Manager,
     ManagerConfig,
     NetworkMode,
+    UserSpec,
 )
 from ..sandbox.doctor import canary
 from ..sandbox.runsc import RUNSC_ENV
-from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE
+from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE, agent_files
 from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, default_ceilings, parse_spec, to_options
 
 log = structlog.get_logger("gvisor_mcp.cluster.agent")
@@ -224,11 +225,22 @@ class HostAgent:
             rs, self.config.ceilings, manager.config.default_resources, self.config.workspace_root, self.images
         )
         if rs.workspace is not None:
-            await self._ensure_workspace(rs.workspace, rs)
+            await self._ensure_workspace(rs.workspace, rs.user)
+        holding = hold_image(self.images, self.config.ceilings, rs, options.rootfs, self.config.host)
         try:
             res = manager.prepare(options)
         except InvalidOptionsError as e:
+            if holding is not None:
+                holding.release()
             raise SpecRefused(f"run spec refused: {e}") from None
+        try:
+            return await self._run_held(rs, options, res, manager, store)
+        finally:
+            if holding is not None:
+                holding.release()
+
+    async def _run_held(self, rs: RunSpec, options: Any, res: Any, manager: Manager, store: ResultStore) -> dict:
+        """run(), once the run's store image is held (image prune/rm refuse it meanwhile)."""
         once = SpecRefused(f"run spec refused: {rs.result_id} was already run on this host (runs are at most once)")
         if store.exists(rs.result_id):
             raise once  # checked first: a failed insert would remove the first run's live output
@@ -306,7 +318,7 @@ class HostAgent:
             rs, self.config.ceilings, manager.config.default_resources, self.config.workspace_root, self.images
         )
         if rs.workspace is not None:
-            await self._ensure_workspace(rs.workspace, rs)
+            await self._ensure_workspace(rs.workspace, rs.user)
         try:
             manager.warm(options, min(size, self.config.pool_size) if self.config.pool_size else size)
         except InvalidOptionsError:
@@ -314,10 +326,21 @@ class HostAgent:
         return True
 
     async def release_workspace(self, ref: Any) -> None:
-        """A session ended: its workspace image goes (a tenant's is only unmounted)."""
-        ws = WorkspaceRef.model_validate(ref)
-        path = ws.host_path(self.config.workspace_root).resolve()
+        """A session ended: its workspace image goes (a tenant's is only unmounted).
+        The reference is checked like a run's: directory names beneath this
+        host's workspace root, never a path."""
+        ws = agent_files.checked_ref(ref, self.config.ceilings)
+        path = agent_files.workspace_dir(ws, self.config.workspace_root)
         _workspace.release(path, remove=ws.scope == "session")
+
+    async def files(self, request: Any) -> dict[str, Any]:
+        """A file tool's operation on a workspace of this host (agent_files.py)."""
+        return await agent_files.serve(self, request)
+
+    async def has_workspace(self, ref: Any) -> bool:
+        """Whether this host holds the workspace (a front end looking for its home)."""
+        ws = agent_files.checked_ref(ref, self.config.ceilings)
+        return agent_files.exists(ws, self.config.workspace_root)
 
     async def ping(self) -> str:
         return self.config.host
@@ -329,13 +352,13 @@ class HostAgent:
             raise SpecRefused(f"agent {self.config.host} is not running (start() first, or it is stopping)")
         return self.manager, self.store
 
-    async def _ensure_workspace(self, ws: WorkspaceRef, rs: RunSpec) -> None:
+    async def _ensure_workspace(self, ws: WorkspaceRef, user: UserSpec | None) -> None:
         """Mount the workspace; while a crashed predecessor's sandboxes still hold
         its image (their loop device outlives the reap until their last runsc
         process exits: slow on a loaded host), wait up to LEFTOVER_WAIT."""
         root = self.config.workspace_root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        uid, gid = (rs.user.uid, rs.user.gid) if rs.user else (0, 0)
+        uid, gid = (user.uid, user.gid) if user else (0, 0)
         deadline = time.monotonic() + LEFTOVER_WAIT
         while True:
             try:
@@ -403,6 +426,27 @@ def cluster_fence() -> Fence:
         except ValueError:  # a name: resolve it here, once per refresh
             networks.extend(ipaddress.ip_network(info[4][0]) for info in socket.getaddrinfo(a, None))
     return Fence(networks=tuple(dict.fromkeys(networks)), ports=frozenset(ports))
+
+
+def hold_image(images: ImageStore | None, ceilings: HostCeilings, rs: RunSpec, rootfs: str | None, host: str) -> Any:
+    """Hold the run's store image until the run ends, as the single-host server
+    does (runtime.hold_image): `gvisor-mcp image rm/prune` on this host refuse
+    it meanwhile. None for the built-in image or a directory image. SpecRefused
+    when the image left the store (or was re-tagged) since to_options found it."""
+    entry = ceilings.images.get(rs.image, "")
+    if images is None or not entry.startswith("store:"):
+        return None
+    from ..images.errors import ImageError
+
+    try:
+        stored = images.get(entry.removeprefix("store:"))
+        if stored.rootfs != rootfs:
+            raise ImageError(f"{rs.image!r} now names another image ({stored.digest})")
+        return images.hold(stored.digest, f"run {rs.result_id} (tenant {rs.tenant}) of the agent on host {host}")
+    except ImageError as e:
+        raise SpecRefused(
+            f"run spec refused: image={rs.image!r} changed in this host's store just now ({e}); retry"
+        ) from None
 
 
 def _command_text(rs: RunSpec) -> str:

@@ -209,6 +209,24 @@ class Coordinator:
     async def home_of(self, workspace: str) -> str | None:
         return self.l.homes.get(workspace)
 
+    async def place(self, workspace: str, hosts: dict[str, int]) -> str | None:
+        """The workspace's home; one without a home yet (a file tool used it
+        before any run) is homed as a run would be: on the host of `hosts`
+        with the most free slots (then the fewest workspaces). None when
+        `hosts` is empty."""
+        home = self.l.homes.get(workspace)
+        if home is not None or not hosts:
+            return home
+        self.l.capacity.update(hosts)
+        homed = [h for h in self.l.homes.values()]
+        best = max(sorted(hosts), key=lambda h: (self.l.capacity.get(h, 0) - self.used(h), -homed.count(h)))
+        self.l.homes[workspace] = best
+        return best
+
+    async def forget_home(self, workspace: str) -> None:
+        """A session workspace was removed: its home goes too."""
+        self.l.homes.pop(workspace, None)
+
     # --- inside -----------------------------------------------------------------------
 
     def _touch(self, frontend: str) -> None:

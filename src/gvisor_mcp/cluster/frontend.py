@@ -457,16 +457,11 @@ class RayRunner:
         for m in options.extra_mounts:
             if ws is not None or m.type != "bind":
                 raise RunRefused("a cluster run mounts at most its workspace")
-            try:
-                parts = Path(m.source).resolve().relative_to(self.workspace_root).parts
-            except ValueError:
-                raise RunRefused(f"mount {m.source} is not a workspace: only workspaces cross to agents") from None
+            if self.workspace_root not in Path(m.source).resolve().parents:
+                raise RunRefused(f"mount {m.source} is not a workspace: only workspaces cross to agents")
             size = self.policy.current.tenant(tenant).workspace.size
-            if len(parts) == 2 and parts == (tdir, "shared"):
-                ws = WorkspaceRef(tenant=tdir, scope="tenant", mount=m.destination, size_mb=size)
-            elif len(parts) == 3 and parts[:2] == (tdir, "sessions"):
-                ws = WorkspaceRef(tenant=tdir, scope="session", session=parts[2], mount=m.destination, size_mb=size)
-            else:
+            ws = WorkspaceRef.of_path(self.workspace_root, tdir, m.source, m.destination, size)
+            if ws is None:
                 raise RunRefused(f"mount {m.source} is not this tenant's workspace")
         return RunSpec(
             result_id=run_id,

@@ -68,6 +68,21 @@ class WorkspaceRef(BaseModel):
             return root / self.tenant / "shared"
         return root / self.tenant / "sessions" / str(self.session)
 
+    @classmethod
+    def of_path(cls, root: Path, tenant_dir: str, path: Path | str, mount: str, size_mb: int) -> WorkspaceRef | None:
+        """The reference for a front end's workspace directory `path` under its
+        `root` (as policy.plan_workspace derives it); None when it is not one of
+        the tenant's workspaces."""
+        try:
+            parts = Path(path).resolve().relative_to(root).parts
+        except ValueError:
+            return None
+        if len(parts) == 2 and parts == (tenant_dir, "shared"):
+            return cls(tenant=tenant_dir, scope="tenant", mount=mount, size_mb=size_mb)
+        if len(parts) == 3 and parts[:2] == (tenant_dir, "sessions"):
+            return cls(tenant=tenant_dir, scope="session", session=parts[2], mount=mount, size_mb=size_mb)
+        return None
+
 
 class RunSpec(BaseModel):
     """One command for an agent to run. JSON-able, names only."""
@@ -118,6 +133,12 @@ class HostCeilings(BaseModel):
     """network=sandbox: the widest allowlist this host grants; a run's rules
     must each fall within it (nothing by default). Whatever it says, the
     cluster's nodes and Ray's ports stay fenced off (network/fence.py)."""
+    file_read_bytes: int = 64 * 1024 * 1024
+    file_write_bytes: int = 64 * 1024 * 1024
+    file_list_entries: int = 100_000
+    """The file tools on this host's workspaces (cluster/agent_files.py): at most
+    these per call, whatever a front end's policy says (defaults: the most a
+    policy's files.max_read / max_write / max_list may be)."""
 
 
 def parse_spec(data: object) -> RunSpec:
@@ -193,21 +214,7 @@ def to_options(
     mounts: tuple[Mount, ...] = ()
     ws = spec.workspace
     if ws is not None:
-        if ws.tenant != spec.tenant:
-            raise SpecRefused(f"run spec refused: workspace.tenant={ws.tenant[:80]!r} is not the run's tenant")
-        if ws.scope == "tenant":
-            if ws.session is not None:
-                raise SpecRefused("run spec refused: a tenant-scoped workspace has no session")
-        elif ws.scope != "session" or ws.session is None or not _dir_name(ws.session):
-            raise SpecRefused(
-                f"run spec refused: workspace scope={ws.scope!r} session={str(ws.session)[:80]!r}: "
-                "scope is 'tenant', or 'session' with a session directory name"
-            )
-        if ws.size_mb > ceilings.workspace_mb:
-            raise SpecRefused(
-                f"run spec refused: workspace.size_mb={ws.size_mb} is above this host's ceiling of "
-                f"{ceilings.workspace_mb} MiB"
-            )
+        check_workspace(ws, spec.tenant, ceilings)
         try:
             mounts = (
                 Mount(destination=ws.mount, source=str(ws.host_path(workspace_root)), type="bind", read_only=False),
@@ -233,6 +240,28 @@ def to_options(
         if isinstance(e, ValidationError):
             text = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
         raise SpecRefused(f"run spec refused: {text}") from None
+
+
+def check_workspace(ws: WorkspaceRef, tenant: str, ceilings: HostCeilings, what: str = "run spec") -> None:
+    """SpecRefused unless `ws` names a workspace directory of `tenant` (never
+    a path: each part is a directory name) within this host's size ceiling."""
+    if not _dir_name(tenant):
+        raise SpecRefused(f"{what} refused: tenant={tenant[:80]!r} is not a tenant directory name")
+    if ws.tenant != tenant:
+        raise SpecRefused(f"{what} refused: workspace.tenant={ws.tenant[:80]!r} is not the {what}'s tenant")
+    if ws.scope == "tenant":
+        if ws.session is not None:
+            raise SpecRefused(f"{what} refused: a tenant-scoped workspace has no session")
+    elif ws.scope != "session" or ws.session is None or not _dir_name(ws.session):
+        raise SpecRefused(
+            f"{what} refused: workspace scope={ws.scope!r} session={str(ws.session)[:80]!r}: "
+            "scope is 'tenant', or 'session' with a session directory name"
+        )
+    if ws.size_mb > ceilings.workspace_mb:
+        raise SpecRefused(
+            f"{what} refused: workspace.size_mb={ws.size_mb} is above this host's ceiling of "
+            f"{ceilings.workspace_mb} MiB"
+        )
 
 
 def _rootfs(spec: RunSpec, ceilings: HostCeilings, images: Any) -> str | None:

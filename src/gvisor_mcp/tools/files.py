@@ -29,6 +29,7 @@ from pydantic import Field
 
 from .. import files
 from ..errors import Refusal
+from ..fileop import FileOp, apply_at
 from ..policy import plan_workspace, project_mounts
 from ..policy.resolve import NO_SESSION_NOTE
 from ..policy.units import format_bytes
@@ -95,7 +96,10 @@ def caller_roots(
     args = app.resolve_args(caller)
     plan = plan_workspace(settings, caller.tenant, args["workspace_root"], args["session_id"], args["workspace_name"])
     roots: list[Root] = []
-    if plan is not None and (create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()):
+    if plan is not None and app.remote_workspaces is not None:
+        # --backend ray: the workspace lives on an agent's host; run_op goes there.
+        roots.append(Root("workspace", plan.mount, plan.host_path.resolve(), False, "workspace"))
+    elif plan is not None and (create or image_path(app.workspace_root.resolve(), plan.host_path.resolve()).exists()):
         user = UserSpec.parse(settings.defaults.user)
         host = app.prepare_plan(plan, (user.uid, user.gid))
         roots.append(Root("workspace", plan.mount, host, False, "workspace"))
@@ -135,11 +139,40 @@ def _fail(e: files.FileError, root: Root, settings: Any, doing: str) -> ToolErro
     return ToolError(text)
 
 
-def on_path(
-    app: TenantState, ctx: ToolContext, workspace: str | None, path: str, doing: str, op: Any, *, writable: bool = False
+async def run_op(app: TenantState, settings: Any, root: Root, op: FileOp, *, create: bool = True) -> Any:
+    """`op` on `root`: here, or with `--backend ray` on the agent holding the
+    workspace (the same fileop.apply there). None when `create` is false and
+    the workspace does not exist yet (cluster only). FileError when refused."""
+    remote = app.remote_workspaces
+    if remote is not None:
+        if root.kind != "workspace":
+            raise ToolError(
+                f"project {root.name!r} ({root.mount}) is a directory of the front end's host, and with "
+                "--backend ray commands run on the cluster's agents, which cannot mount it: projects are "
+                "not served by a cluster front end. Use the workspace"
+            )
+        if create:
+            app.made_workspaces.add(root.host)  # removed with its session (drop_session)
+        return await remote.file_op(app.tenant, root.host, _size_mb(settings), _owner(settings), op, create=create)
+    return apply_at(str(root.host), op)
+
+
+def _size_mb(settings: Any) -> int:
+    return int(settings.workspace.size)
+
+
+async def on_path(
+    app: TenantState,
+    ctx: ToolContext,
+    workspace: str | None,
+    path: str,
+    doing: str,
+    make: Any,
+    *,
+    writable: bool = False,
 ) -> tuple[Any, Root, tuple[str, ...], Any]:
-    """Find `path` for this caller and run `op(root_fd, parts, settings)` on it;
-    (caller, root, parts, op's result), or a ToolError the agent can act on."""
+    """Find `path` for this caller and run the FileOp `make(parts, settings)` on it;
+    (caller, root, parts, its result), or a ToolError the agent can act on."""
     caller, settings, roots = caller_roots(app, ctx, workspace)
     root, parts = _locate(settings, roots, path)
     if writable and root.read_only:
@@ -148,8 +181,7 @@ def on_path(
             f"nothing was {doing}. Use the workspace instead"
         )
     try:
-        with files.root(str(root.host)) as fd:
-            return caller, root, parts, op(fd, parts, settings)
+        return caller, root, parts, await run_op(app, settings, root, make(parts, settings))
     except files.FileError as e:
         raise _fail(e, root, settings, doing) from None
 
@@ -215,8 +247,13 @@ def make_file_tools(facts: FileFacts) -> list[Any]:
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileRead]:
         app = ctx.request_context.lifespan_context
-        _, root, parts, got = on_path(
-            app, ctx, workspace, path, "read", lambda fd, parts, _s: files.read(fd, parts, offset, length)
+        _, root, parts, got = await on_path(
+            app,
+            ctx,
+            workspace,
+            path,
+            "read",
+            lambda parts, _s: FileOp.at(parts, "read", offset=offset, length=length),
         )
         end = offset + len(got.data)
         if encoding == "text":
@@ -280,11 +317,11 @@ Only regular files; symbolic links are never followed."""
         except files.FileError as e:
             raise ToolError(str(e)) from None
 
-        def write(fd: int, parts: tuple[str, ...], settings: Any) -> files.WriteResult:
+        def write(parts: tuple[str, ...], settings: Any) -> FileOp:
             uid, gid = _owner(settings)
-            return files.write(fd, parts, data, uid=uid, gid=gid, mode=perm)
+            return FileOp.at(parts, "write", data=data, uid=uid, gid=gid, mode=perm)
 
-        caller, root, parts, done = on_path(app, ctx, workspace, path, "written", write, writable=True)
+        caller, root, parts, done = await on_path(app, ctx, workspace, path, "written", write, writable=True)
         shown = sandbox_path(root, parts)
         app.audit.write(
             tenant=caller.tenant,
@@ -319,8 +356,13 @@ non-regular files at the path."""
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileList]:
         app = ctx.request_context.lifespan_context
-        _, root, parts, (entries, truncated) = on_path(
-            app, ctx, workspace, path, "listed", lambda fd, parts, _s: files.listing(fd, parts, depth, facts.max_list)
+        _, root, parts, (entries, truncated) = await on_path(
+            app,
+            ctx,
+            workspace,
+            path,
+            "listed",
+            lambda parts, _s: FileOp.at(parts, "list", depth=depth, limit=facts.max_list),
         )
         out = [
             FileEntry(
@@ -363,13 +405,13 @@ says when there were more. Reaches: {facts.reach}."""
         workspace: WorkspaceArg = None,
     ) -> Annotated[CallToolResult, FileDeleted]:
         app = ctx.request_context.lifespan_context
-        caller, root, parts, kind = on_path(
+        caller, root, parts, kind = await on_path(
             app,
             ctx,
             workspace,
             path,
             "deleted",
-            lambda fd, parts, _s: files.delete(fd, parts, recursive=recursive),
+            lambda parts, _s: FileOp.at(parts, "delete", recursive=recursive),
             writable=True,
         )
         shown = sandbox_path(root, parts)

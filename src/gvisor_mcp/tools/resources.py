@@ -42,10 +42,11 @@ from mcp.types import (
 
 from .. import files
 from ..errors import GvisorMcpError, InfrastructureError
+from ..fileop import FileOp
 from ..roots import Root
 from ..text import render_bytes
 from .context import RequestContext, TenantState
-from .files import caller_roots
+from .files import caller_roots, run_op
 
 SCHEME = "workspace"
 LIST_DEPTH = 16
@@ -59,9 +60,23 @@ def _workspace_root(app: TenantState, ctx: RequestContext, handle: str | None) -
     try:
         _caller, settings, roots = caller_roots(app, ctx, handle, create=False)
     except (ToolError, GvisorMcpError) as e:
-        text = e.for_agent() if isinstance(e, InfrastructureError) else str(e)
-        raise MCPError(code=INVALID_PARAMS, message=text) from None
+        raise _mcp_error(e) from None
     return settings, next((r for r in roots if r.kind == "workspace"), None)
+
+
+def _mcp_error(e: Exception) -> MCPError:
+    text = e.for_agent() if isinstance(e, InfrastructureError) else str(e)
+    return MCPError(code=INVALID_PARAMS, message=text)
+
+
+async def _op(app: TenantState, settings: Any, root: Root, op: FileOp) -> Any:
+    """run_op without creating the workspace (None: it does not exist yet, cluster only)."""
+    try:
+        return await run_op(app, settings, root, op, create=False)
+    except (ToolError, GvisorMcpError) as e:
+        if isinstance(e, files.FileError):
+            raise
+        raise _mcp_error(e) from None
 
 
 async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
@@ -70,9 +85,11 @@ async def list_resources(ctx: RequestContext, params: PaginatedRequestParams) ->
     if root is None:
         return ListResourcesResult(resources=[])
     limit = settings.files.max_list
-    with files.root(str(root.host)) as fd:
-        # Walk at most `limit` entries of any kind: bounded work, whatever the tree.
-        entries, _ = files.listing(fd, (), LIST_DEPTH, limit)
+    # Walk at most `limit` entries of any kind: bounded work, whatever the tree.
+    got = await _op(app, settings, root, FileOp(kind="list", depth=LIST_DEPTH, limit=limit))
+    if got is None:
+        return ListResourcesResult(resources=[])
+    entries, _ = got
     out = []
     for e in entries:
         if e.kind != "file" or files.is_temp_name(e.path[-1]):
@@ -117,10 +134,12 @@ async def read_resource(ctx: RequestContext, params: ReadResourceRequestParams) 
         raise MCPError(code=INVALID_PARAMS, message="this call has no workspace to read from")
     try:
         parts = files.parse(unquote(split.path).lstrip("/"))
-        with files.root(str(root.host)) as fd:
-            got = files.read(fd, parts, 0, settings.files.max_read + 1)
+        # The file's size (fstat) says when it is larger than one read returns.
+        got = await _op(app, settings, root, FileOp.at(parts, "read", length=settings.files.max_read))
     except files.FileError as e:
         raise MCPError(code=INVALID_PARAMS, message=str(e), data={"uri": uri}) from None
+    if got is None:
+        raise MCPError(code=INVALID_PARAMS, message="this call has no workspace to read from")
     if got.size > settings.files.max_read:
         raise MCPError(
             code=INVALID_PARAMS,

@@ -39,7 +39,12 @@ async def create_workspace(ctx: ToolContext) -> Annotated[CallToolResult, Worksp
         raise ToolError("this policy mounts no workspace (workspace.enabled: false)")
     user = UserSpec.parse(settings.defaults.user)
     try:
-        app.prepare_plan(plan, (user.uid, user.gid))
+        if app.remote_workspaces is not None:  # --backend ray: made on the agent that will hold it
+            path = plan.host_path.resolve()
+            await app.remote_workspaces.prepare(caller.tenant, path, plan.size_mb, (user.uid, user.gid))
+            app.made_workspaces.add(path)
+        else:
+            app.prepare_plan(plan, (user.uid, user.gid))
     except BaseException:
         app.created.forget(entry.handle)
         raise
