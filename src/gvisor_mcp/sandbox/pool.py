@@ -9,7 +9,8 @@ reports the exit status with the mark. Limits are written into the
 sandbox's cgroup at claim time (we own it), and its peak-memory counter is
 reset, so a warm hit enforces and reports what a cold run does. What cannot
 change after boot — image, mounts, user, network, process limit — is the
-pool key: a request whose key has no ready sandbox takes the cold path.
+pool key: a request whose key has no ready sandbox, nor one booting that
+no other run has taken, takes the cold path.
 
 Never reused: after its command exits the sandbox is gone, like a cold one.
 Its replacement starts booting when the claimed command is answered, or
