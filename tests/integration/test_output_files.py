@@ -1,8 +1,9 @@
-"""Cold runs write stdout/stderr to files in their bundle (sandbox/outfile.py),
+"""Runs write stdout/stderr to files in their bundle (sandbox/outfile.py),
 with real runsc: what commands see is as with a pipe, floods are capped with
 the exact head and tail, every byte is counted, writers that take skips get
 the first cap bytes and a count for the rest, and a writer that wants every
-byte gets a pipe."""
+byte gets them all (a cold run then uses pipes). Warm runs too: the pooled
+stub's stdout is a file, its stderr a pipe that carries the exit status."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from gvisor_mcp.sandbox import ContainerOptions, ContainerStatus, Manager, ResourceSpec
 
 from ..conftest import leftovers
-from .conftest import make_config
+from .conftest import WarmManager, make_config
 
 pytestmark = pytest.mark.runsc
 
@@ -48,12 +49,16 @@ async def test_what_commands_see_is_as_with_a_pipe(sandbox_base, output_files):
     assert leftovers(sandbox_base) == {}
 
 
-async def test_a_flood_keeps_the_exact_head_and_tail_and_counts_every_byte(sandbox_base):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_flood_keeps_the_exact_head_and_tail_and_counts_every_byte(sandbox_base, warm):
+    # Warm: the pooled stub's stdout is a file too, its stderr a pipe that
+    # carries the exit status; the exit mark never reaches the output.
     cap = 1 << 20
     n = 3_000_000  # `seq` writes 20.9 MB, every line different
     expected = b"".join(b"%d\n" % i for i in range(1, n + 1))
     w = Writer()
-    async with Manager(make_config(sandbox_base)) as m:
+    async with Manager(make_config(sandbox_base)) as manager:
+        m = WarmManager(manager) if warm else manager
         r = await m.run(
             sh(f"seq 1 {n}; echo done >&2", resources=ResourceSpec(max_output_bytes=cap, timeout=120), stdout_writer=w)
         )
@@ -68,9 +73,11 @@ async def test_a_flood_keeps_the_exact_head_and_tail_and_counts_every_byte(sandb
     assert leftovers(sandbox_base) == {}
 
 
-async def test_a_writer_that_wants_every_byte_gets_them_all(sandbox_base):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_writer_that_wants_every_byte_gets_them_all(sandbox_base, warm):
     got: list[int] = []
-    async with Manager(make_config(sandbox_base)) as m:
+    async with Manager(make_config(sandbox_base)) as manager:
+        m = WarmManager(manager) if warm else manager
         r = await m.run(
             sh(
                 "head -c 30000000 /dev/zero",

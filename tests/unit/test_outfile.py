@@ -179,3 +179,98 @@ def test_punching_works_where_bundles_live(tmp_path):
     assert can_punch(tmp_path)
     assert not list(tmp_path.iterdir())  # the probe leaves nothing
     assert not can_punch(tmp_path / "missing")
+
+
+MARK = b"@@gvisor-mcp-exit-0123456789abcdef@@"
+
+
+def follow_marked(path, batches: list[bytes], limit: int, writer=None) -> tuple[BoundedCapture, bool]:
+    """A pooled stub's stdout: each batch written then one look (holding
+    back what could begin the mark), then the mark, then the stub's report
+    on stderr (`ended`), as the stub writes them."""
+    f = OutputFile(path)
+    cap = BoundedCapture(limit, writer)
+
+    async def go() -> bool:
+        for b in batches:
+            os.write(f.writer_fd, b)
+            await f._look(cap, f._held_back(MARK))
+        os.write(f.writer_fd, MARK)
+        ended = anyio.Event()
+        ended.set()
+        found = await f.pump(cap, ended, MARK, anyio.Event())
+        await f.aclose()
+        return found
+
+    return cap, anyio.run(go)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), max_size=8),
+    limit=st.integers(min_value=0, max_value=600),
+    # Not the last 2: the mark ends as it begins ("@@"), so an output ending
+    # in all of the mark but them holds the whole nonce, and reads as the
+    # mark (output.pump reads a pipe the same way).
+    prefix=st.integers(min_value=0, max_value=len(MARK) - 3),
+)
+def test_a_pooled_stdout_file_never_captures_its_exit_mark(tmp_path_factory, sizes, limit, prefix):
+    # The output may end in any beginning of the mark: held back while the
+    # command runs, captured once the real mark follows it.
+    stream = bytes(i % 251 for i in range(sum(sizes))) + MARK[:prefix]
+    at = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    at[-1] = len(stream)
+    batches = [stream[a:b] for a, b in zip(at, at[1:], strict=False)] or [stream]
+    w = Writer()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(outfile, "READ_ALL", 64)
+        mp.setattr(outfile, "TAIL_READ", 16)
+        mp.setattr(outfile, "CHUNK", 50)
+        cap, found = follow_marked(tmp_path_factory.mktemp("of") / "stdout", batches, limit, w)
+    finally:
+        mp.undo()
+    assert found
+    assert cap.total == len(stream)
+    assert cap.value() == expected(stream, limit)
+    seen = b"".join(w.chunks)
+    assert MARK not in seen
+    assert seen[:limit] == stream[:limit]
+    assert len(seen) + sum(w.skips) == len(stream)
+
+
+def test_a_mark_followed_by_more_output_is_followed_to_the_end(tmp_path):
+    # A background child wrote after the stub's mark: as with a pipe, the
+    # mark is missed and the file is followed until the client exits.
+    f = OutputFile(tmp_path / "stdout")
+    cap = BoundedCapture(10_000)
+    late = b"x" * 100
+
+    async def go() -> bool:
+        os.write(f.writer_fd, b"out\n" + MARK + late)
+        ended, exited = anyio.Event(), anyio.Event()
+        ended.set()
+        async with anyio.create_task_group() as tg:
+
+            async def more() -> None:
+                await anyio.sleep(0.2)
+                os.write(f.writer_fd, b"end\n")
+                exited.set()
+
+            tg.start_soon(more)
+            found = await f.pump(cap, ended, MARK, exited)
+        await f.aclose()
+        return found
+
+    assert not anyio.run(go)
+    assert cap.value() == b"out\n" + MARK + late + b"end\n"
+
+
+def test_a_writer_that_wants_every_byte_is_never_skipped(tmp_path, small):
+    # The CLI's writer has no `skipped`: past the cap it still gets every byte.
+    got: list[bytes] = []
+    data = os.urandom(20_000)
+    cap, _ = follow(tmp_path / "stdout", [data[:9000], data[9000:]], 1000, got.append)
+    assert cap.skipped == 0 and cap.total == len(data)
+    assert b"".join(got) == data
+    assert cap.value() == expected(data, 1000)

@@ -73,11 +73,22 @@ class Container:
         the background (Manager._after)."""
         self.exit_mark: str | None = None
         """A pooled stub's exit mark (stub.py), given to it at boot."""
+        self.waited = 0.0
         self._torn_down = False
 
     def begin(
-        self, run_id: str, command: tuple[str, ...], resources: ResourceSpec, *, warm: bool, slot: object
+        self,
+        run_id: str,
+        command: tuple[str, ...],
+        resources: ResourceSpec,
+        *,
+        warm: bool,
+        slot: object,
+        waited: float = 0.0,
     ) -> None:
+        """`waited`: seconds the run already waited for this (pooled) sandbox
+        to finish booting; its result's duration and boot_duration count them."""
+        self.waited = waited
         self.run_id = run_id
         self.command = command
         self.resources = resources
@@ -95,11 +106,13 @@ class Container:
         stdin: bool,
         run_id: str | None = None,
         output_files: bool = False,
+        stdout_file: bool = False,
     ) -> None:
         """Bundle, cgroup and a started `runsc run` (booting); torn down on failure.
 
         `output_files`: the sandbox writes its stdout/stderr to files in the
-        bundle (outfile.py) instead of our pipes.
+        bundle (outfile.py) instead of our pipes; `stdout_file`: stdout only
+        (a pooled stub: its stderr pipe carries the exit status, stub.py).
 
         network=sandbox: a namespace from the host's network provider, bound
         to `run_id` before runsc starts (a pooled sandbox, run_id None, binds
@@ -135,8 +148,13 @@ class Container:
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
             outputs = None
-            if output_files:
-                outputs = (OutputFile(self.bundle / "stdout"), OutputFile(self.bundle / "stderr"))
+            if output_files or stdout_file:
+                stdout = OutputFile(self.bundle / "stdout")
+                try:
+                    outputs = (stdout, OutputFile(self.bundle / "stderr") if output_files else None)
+                except BaseException:
+                    await stdout.aclose()
+                    raise
             self.process = await host.runsc.open_run(
                 self.container_id,
                 str(self.bundle),
@@ -190,7 +208,7 @@ class Container:
         here); for a warm one, the variables the pooled stub started with.
         The caller tears the container down afterwards (see answered_early).
         """
-        t0 = time.monotonic()
+        t0 = time.monotonic() - self.waited
         out = BoundedCapture(res.max_output_bytes, options.stdout_writer)
         err = BoundedCapture(res.max_output_bytes, options.stderr_writer)
         header: bytes | None = None
@@ -307,13 +325,20 @@ class Container:
 
                 async def pump_one(name: str, stream: Any, capture: BoundedCapture, extra: int) -> None:
                     if isinstance(stream, OutputFile):
-                        await stream.pump(capture, exited)
+                        # A pooled stub's stdout file: its stderr's mark ends it.
+                        if await stream.pump(capture, stderr_done if mark else exited, mark, exited):
+                            marks[name] = b""
                         return
-                    got = await pump(stream, capture, mark, extra)
+                    try:
+                        got = await pump(stream, capture, mark, extra)
+                    finally:
+                        if name == "stderr":
+                            stderr_done.set()
                     if got is not None:
                         marks[name] = got
 
                 exited = anyio.Event()
+                stderr_done = anyio.Event()
                 if isinstance(proc.stdout, OutputFile):
                     # No EOF on a file: the pumps take their last look once the client is gone.
                     async def wait_exit() -> None:

@@ -19,6 +19,7 @@ from a dead process's leftovers (lock free: reaped; reaper.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -32,10 +33,23 @@ from .errors import InvalidOptionsError, ManagerClosedError
 from .host import Host
 from .network import NetworkProvider
 from .options import ContainerOptions, NetworkMode, ResourceSpec
-from .pool import REFILL_DELAY, PoolKeeper, WarmPool, pool_key
+from .pool import REFILL_DELAY, Boot, PoolKeeper, WarmPool, WarmSandbox, pool_key
 from .reaper import reap_stale
 from .result import ContainerResult, ContainerStatus
 from .spec import check_workdir
+
+
+class _Waiting:
+    """A run waiting for the pooled sandbox booting for it (pool.Boot)."""
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.reason: ContainerStatus | None = None
+
+    def stop(self, reason: ContainerStatus) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,8 @@ class Manager:
         self._active: dict[str, Container] = {}
         self._tearing: set[str] = set()
         """Sandboxes whose run already returned, still exiting (warm early answers)."""
+        self._waiting: dict[str, _Waiting] = {}
+        """Runs (by run_id) waiting for a pooled sandbox still booting (pool.Boot)."""
         self._closed = False
         self._close_done: anyio.Event | None = None
         self._lifetime: AbstractAsyncContextManager[Manager] | None = None
@@ -178,6 +194,14 @@ class Manager:
             if run_id is not None and run_id in self._active:  # taken while we waited
                 raise InvalidOptionsError("run_id", run_id, "an id not already running")
             warm = self.pool.claim(key)
+            waited = 0.0
+            boot = self.pool.reserve(key) if warm is None else None
+            if boot is not None:
+                t = time.monotonic()
+                warm, stopped = await self._take_boot(boot, run_id, options.command, res, slot)
+                waited = time.monotonic() - t
+                if stopped is not None:
+                    return _never_ran(boot.container, stopped, waited)
             if warm is None:
                 entered.keeper.make_room()
                 c = Container(entered.host, entered.host.new_container_id())
@@ -185,7 +209,7 @@ class Manager:
                 c = warm.container
                 entered.host.tg.start_soon(self._refill_after, c)
             rid = run_id or c.container_id
-            c.begin(rid, options.command, res, warm=warm is not None, slot=slot)
+            c.begin(rid, options.command, res, warm=warm is not None, slot=slot, waited=waited)
             self._active[rid] = c
             try:
                 try:
@@ -219,6 +243,10 @@ class Manager:
         c = self._active.get(run_id)
         if c is None:
             return False
+        waiting = self._waiting.get(run_id)
+        if waiting is not None:  # its sandbox is not its own yet: end the wait
+            waiting.stop(reason)
+            return True
         await c.terminate(reason)
         return True
 
@@ -235,7 +263,9 @@ class Manager:
         self._closed = True
         self._close_done = anyio.Event()
         try:
-            runs = list(self._active.values())
+            for waiting in self._waiting.values():
+                waiting.stop(ContainerStatus.KILLED)
+            runs = [c for rid, c in self._active.items() if rid not in self._waiting]
             self.pool.targets.clear()
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as tg:
@@ -297,6 +327,42 @@ class Manager:
             with anyio.CancelScope(shield=True):
                 await c.teardown()
 
+    async def _take_boot(
+        self, boot: Boot, run_id: str | None, command: tuple[str, ...], res: ResourceSpec, slot: object
+    ) -> tuple[WarmSandbox | None, ContainerStatus | None]:
+        """Wait for the pooled sandbox `boot` (pool.reserve gave it to this
+        run) while showing the run as active, with that sandbox's container
+        id, in its own capacity slot. Returns the booted sandbox (None: the
+        boot failed, go cold) and, when the run was killed, timed out or the
+        Manager closed during the wait, why (the sandbox is then given up)."""
+        c = boot.container
+        rid = run_id or c.container_id
+        c.begin(rid, command, res, warm=True, slot=slot)
+        waiting = self._waiting[rid] = _Waiting()
+        self._active[rid] = c
+        try:
+            with waiting.scope:
+                if res.timeout:
+                    waiting.scope.deadline = anyio.current_time() + res.timeout
+                await boot.settled.wait()
+            if waiting.reason is None and waiting.scope.cancelled_caught:
+                waiting.reason = ContainerStatus.TIMED_OUT  # a cold run's deadline covers its boot too
+            if waiting.reason is None:
+                return boot.given, None
+            self._give_up(boot)
+            return None, waiting.reason
+        except BaseException:  # cancelled from outside
+            self._give_up(boot)
+            raise
+        finally:
+            del self._waiting[rid]
+            del self._active[rid]
+
+    def _give_up(self, boot: Boot) -> None:
+        given = self.pool.abandon(boot)
+        if given is not None:
+            self._entered.host.tg.start_soon(self._entered.keeper.destroy, given)
+
     async def _refill_after(self, c: Container) -> None:
         """Wake the pool keeper once `c`'s command is answered, or after
         REFILL_DELAY (pool.py says why not at the claim)."""
@@ -312,3 +378,16 @@ class Manager:
                 self._tearing.discard(c.container_id)
                 self._limiter.release_on_behalf_of(c.slot)
                 self.pool.wake()
+
+
+def _never_ran(c: Container, reason: ContainerStatus, waited: float) -> ContainerResult:
+    """A run stopped while it waited for its pooled sandbox to boot: its
+    command never started (exit code -1, no output)."""
+    return ContainerResult(
+        container_id=c.container_id,
+        exit_code=-1,
+        duration=waited,
+        boot_duration=waited,
+        status=reason,
+        warm=False,
+    )

@@ -115,23 +115,72 @@ class OutputFile:
         if fd >= 0:
             os.close(fd)
 
-    async def pump(self, capture: BoundedCapture, ended: anyio.Event) -> None:
+    async def pump(
+        self,
+        capture: BoundedCapture,
+        ended: anyio.Event,
+        mark: bytes | None = None,
+        exited: anyio.Event | None = None,
+    ) -> bool:
         """Follow the file into `capture` until `ended` (the client exited),
-        then take what is left and, if bytes were skipped, the exact tail."""
+        then take what is left and, if bytes were skipped, the exact tail.
+
+        With `mark` (a pooled stub's stdout, stub.py): `ended` is the stub's
+        report on stderr, written after the mark on stdout; the file then
+        ends with the mark, which is never captured (a look holds back any
+        end of the file that could begin it): True. When the mark is not
+        within 64 bytes of the end then (a background child wrote after
+        it), the file is followed as any other until `exited`: False."""
+        found = False
         while True:
             last = ended.is_set()  # before the look: a last look sees every byte
-            await self._look(capture)
+            if last and mark:
+                at = self._find_mark(mark)
+                if at is not None:
+                    await self._look(capture, at)
+                    found = True
+                    break
+                mark = None  # missed: follow on to the client's exit
+                if exited is not None:
+                    ended = exited
+                continue
+            await self._look(capture, self._held_back(mark) if mark else None)
             if last:
                 break
             with anyio.move_on_after(POLL_INTERVAL):
                 await ended.wait()
         if capture.skipped:
             capture.set_tail(self._pread(max(capture.head_len, self.pos - capture.tail_cap), self.pos))
+        return found
 
-    async def _look(self, capture: BoundedCapture) -> None:
+    def _held_back(self, mark: bytes) -> int:
+        """Where a look must stop: before any end of the file that is the
+        mark or could begin it (live output still reaches the writers)."""
+        size = self._size()
+        start = max(self.pos, size - len(mark))
+        end = self._pread(start, size)
+        if end.endswith(mark):
+            return size - len(mark)
+        for n in range(min(len(mark) - 1, len(end)), 0, -1):
+            if end.endswith(mark[:n]):
+                return size - n
+        return size
+
+    def _find_mark(self, mark: bytes) -> int | None:
+        """The mark's offset, if it lies within 64 bytes of the file's end
+        (as output.pump looks for it in a pipe)."""
+        size = self._size()
+        start = max(self.pos, size - len(mark) - 64)
+        at = self._pread(start, size).find(mark)
+        return None if at < 0 else start + at
+
+    def _size(self) -> int:
         if self._fd < 0:
             raise anyio.ClosedResourceError
-        size = os.fstat(self._fd).st_size
+        return os.fstat(self._fd).st_size
+
+    async def _look(self, capture: BoundedCapture, upto: int | None = None) -> None:
+        size = self._size() if upto is None else upto
         # Every byte of the head (and, for a writer, up to the limit: the
         # live part file holds the first `limit` bytes) is read, in order.
         exact = capture.limit if capture.has_writer else capture.head_cap
@@ -140,7 +189,7 @@ class OutputFile:
             await capture.feed(self._pread(self.pos, end))
             self.pos = end
         new = size - self.pos
-        if new > READ_ALL:
+        if new > READ_ALL and capture.can_skip:
             capture.skip(new - TAIL_READ)
             self.pos = size - TAIL_READ
         while self.pos < size:

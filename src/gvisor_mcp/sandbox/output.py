@@ -80,6 +80,12 @@ class BoundedCapture:
     def has_writer(self) -> bool:
         return self._writer is not None
 
+    @property
+    def can_skip(self) -> bool:
+        """Whether bytes may go unread (skip): not when the writer wants
+        every byte (accepts_skips)."""
+        return accepts_skips(self._writer)
+
     def skip(self, n: int) -> None:
         """`n` bytes came that will not be read (an output file past the
         head; outfile.py): counted, and told to the writer if it takes skips (see

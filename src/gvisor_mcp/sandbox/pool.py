@@ -9,11 +9,21 @@ reports the exit status with the mark. Limits are written into the
 sandbox's cgroup at claim time (we own it), and its peak-memory counter is
 reset, so a warm hit enforces and reports what a cold run does. What cannot
 change after boot — image, mounts, user, network, process limit — is the
-pool key: a request whose key has no ready sandbox takes the cold path.
+pool key: a request whose key has no ready sandbox, nor one booting that
+no other run has taken, takes the cold path.
 
 Never reused: after its command exits the sandbox is gone, like a cold one.
 Its replacement starts booting when the claimed command is answered, or
 REFILL_DELAY after the claim.
+
+A request that finds no ready sandbox but one still booting for its key
+takes that boot (`WarmPool.reserve`) rather than booting a cold sandbox of
+its own beside it (back-to-back calls outran the refill, and each miss then
+paid a whole cold boot on CPUs the refill was using). From the moment it
+takes it, the run is in the Manager's active runs with that sandbox's
+container id and holds its own capacity slot (the boot stops counting as
+the pool's, so the keeper starts the next one when capacity allows); kill
+and cancel end the wait; the result's boot_duration counts the wait.
 
 `WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
 `PoolKeeper` boots and destroys pooled sandboxes in the Manager's task group,
@@ -88,6 +98,23 @@ class WarmSandbox:
 
 
 @dataclass
+class Boot:
+    """A pooled sandbox still booting. A run that missed may take it
+    (`WarmPool.reserve`): the keeper then hands the sandbox to that run
+    (`given`, once `settled`) instead of the ready list."""
+
+    container: Container
+    key: PoolKey
+    taken: bool = False
+    abandoned: bool = False
+    """Taken, then given up by its run (killed, cancelled, timed out while
+    waiting): the keeper stops it once booted."""
+    given: WarmSandbox | None = None
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    """Set once the boot is over: `given` is the sandbox, or None (failed)."""
+
+
+@dataclass
 class PoolTarget:
     template: ContainerOptions
     size: int
@@ -100,7 +127,9 @@ class WarmPool:
         self.max_age = max_age
         self.targets: dict[PoolKey, PoolTarget] = {}
         self.ready: dict[PoolKey, list[WarmSandbox]] = {}
-        self.booting: dict[PoolKey, int] = {}
+        self.boots: dict[PoolKey, list[Boot]] = {}
+        """Boots in progress that no run has taken (taken ones count as
+        their run's capacity, not the pool's)."""
         self.hits = 0
         self.misses = 0
         self.changed = anyio.Event()
@@ -147,11 +176,40 @@ class WarmPool:
         self.wake()
         return None
 
+    def reserve(self, key: PoolKey | None) -> Boot | None:
+        """After a miss: the oldest boot in progress for `key` that no run
+        has taken, now taken by the caller (None: there is none)."""
+        if key is None or key not in self.targets:
+            return None
+        boots = [b for b in self.boots.get(key, []) if not b.abandoned]
+        if not boots:
+            return None
+        boot = boots[0]
+        self.boots[key].remove(boot)
+        boot.taken = True
+        self.hits += 1
+        self.misses -= 1  # claim() counted it; it is served by the pool after all
+        self.wake()  # its place in the pool is free: the keeper may boot another
+        return boot
+
+    def abandon(self, boot: Boot) -> WarmSandbox | None:
+        """The run that took `boot` no longer wants it. A boot still going
+        on counts as the pool's again until the keeper has stopped it; a
+        sandbox already handed over is returned, for the caller to destroy."""
+        boot.abandoned = True
+        if not boot.settled.is_set():
+            self.boots.setdefault(boot.key, []).append(boot)
+        given, boot.given = boot.given, None
+        return given
+
     def idle(self) -> int:
         return sum(len(v) for v in self.ready.values())
 
+    def booting(self, key: PoolKey) -> int:
+        return sum(not b.abandoned for b in self.boots.get(key, []))
+
     def in_flight(self) -> int:
-        return self.idle() + sum(self.booting.values())
+        return self.idle() + sum(len(v) for v in self.boots.values())
 
     def container_ids(self) -> set[str]:
         return {w.container_id for v in self.ready.values() for w in v}
@@ -218,24 +276,26 @@ class PoolKeeper:
             for warm in self.pool.expired():
                 self.host.tg.start_soon(self.destroy, warm)
             for key, target in list(self.pool.targets.items()):
-                have = len(self.pool.ready.get(key, [])) + self.pool.booting.get(key, 0)
+                have = len(self.pool.ready.get(key, [])) + self.pool.booting(key)
                 for _ in range(target.size - have):
                     if self._used() + self.pool.in_flight() >= self.capacity:
                         break
-                    self.pool.booting[key] = self.pool.booting.get(key, 0) + 1
-                    self.host.tg.start_soon(self._boot, key, target.template)
+                    boot = Boot(Container(self.host, self.host.new_container_id()), key)
+                    self.booting_ids.add(boot.container.container_id)
+                    self.pool.boots.setdefault(key, []).append(boot)
+                    self.host.tg.start_soon(self._boot, boot, target.template)
             with anyio.move_on_after(1.0):
                 await self.pool.changed.wait()
 
-    async def _boot(self, key: PoolKey, template: ContainerOptions) -> None:
-        host = self.host
-        cid = host.new_container_id()
-        self.booting_ids.add(cid)
-        c = Container(host, cid)
+    async def _boot(self, boot: Boot, template: ContainerOptions) -> None:
+        host, key, c = self.host, boot.key, boot.container
+        cid = c.container_id
         pooled = False
         try:
             res = template.resources.merged_over(host.config.default_resources)
-            await c.start(template, res, command=STUB_COMMAND, stdin=True)
+            # stdout a file (outfile.py), as a cold run's; stderr stays a
+            # pipe: the stub's exit status on it ends the stdout file too.
+            await c.start(template, res, command=STUB_COMMAND, stdin=True, stdout_file=host.output_files)
             watch, proc = c.watch, c.process
             assert watch is not None and proc is not None and proc.stdin is not None
             c.exit_mark = EXIT_MARK.format(nonce=secrets.token_hex(16))
@@ -250,28 +310,34 @@ class PoolKeeper:
                     tg.start_soon(exited)
                     await watch.wait()
                     tg.cancel_scope.cancel()
-            if self._closed() or key not in self.pool.targets:
+            if self._closed() or boot.abandoned or not (boot.taken or key in self.pool.targets):
                 return  # no longer wanted: the finally clause stops it
             if watch.running_at is None or proc.returncode is not None:
                 raise SandboxError("pooled sandbox did not boot in time")
             c.close_watch()
-            self.pool.ready.setdefault(key, []).append(
-                WarmSandbox(
-                    container=c,
-                    key=key,
-                    env_keys=tuple({**DEFAULT_ENV, **(template.env or {}), **(c.net.env if c.net else {})}),
-                )
+            warm = WarmSandbox(
+                container=c,
+                key=key,
+                env_keys=tuple({**DEFAULT_ENV, **(template.env or {}), **(c.net.env if c.net else {})}),
             )
+            if boot.taken:
+                boot.given = warm  # the run waiting for it claims it
+            else:
+                self.pool.ready.setdefault(key, []).append(warm)
             pooled = True
         except Exception as e:
             log.warning("pool_boot_failed", container_id=cid, error=str(e))
-            await anyio.sleep(1.0)  # do not spin on a persistent failure
+            if not boot.taken:  # a run waiting for it goes cold at once
+                await anyio.sleep(1.0)  # do not spin on a persistent failure
         finally:
             if not pooled:
                 with anyio.CancelScope(shield=True):
                     await c.stop_idle()
+            boots = self.pool.boots.get(key, [])
+            if boot in boots:
+                boots.remove(boot)
             self.booting_ids.discard(cid)
-            self.pool.booting[key] -= 1
+            boot.settled.set()
             self.pool.wake()
 
     async def destroy(self, warm: WarmSandbox) -> None:

@@ -188,32 +188,28 @@ class Runsc:
         log_path: str,
         stdin: bool,
         launch: Launch = Launch(),
-        outputs: tuple[OutputFile, OutputFile] | None = None,
+        outputs: tuple[OutputFile | None, OutputFile | None] | None = None,
     ) -> RunProcess:
-        """The client, started; its stdout/stderr are our pipes, or with
-        `outputs` the sandbox writes those files itself (outfile.py)."""
-        if outputs is not None:
-            try:
-                proc = await anyio.open_process(
-                    self.run_argv(container_id, bundle, network, log_path, launch),
-                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                    stdout=outputs[0].writer_fd,
-                    stderr=outputs[1].writer_fd,
-                    cwd=bundle,
-                    env=RUNSC_ENV,
-                    start_new_session=True,
-                )
-            finally:
-                for f in outputs:
-                    f.close_writer()
-            return RunProcess(proc, outputs[0], outputs[1])
-        pipes = [_big_pipe(), _big_pipe()]  # stdout, stderr: (read end, write end)
+        """The client, started; its stdout/stderr are our pipes, or, for a
+        stream `outputs` gives a file, the sandbox writes that file itself
+        (outfile.py; a pooled sandbox has a file stdout and a pipe stderr)."""
+        files = outputs or (None, None)
+        ends: list[int] = []  # what the client's stdout/stderr get
+        ours: list[PipeReader | OutputFile] = []
         try:
+            for f in files:
+                if f is not None:
+                    ends.append(f.writer_fd)
+                    ours.append(f)
+                else:
+                    r, w = _big_pipe()
+                    ends.append(w)
+                    ours.append(PipeReader(r))
             proc = await anyio.open_process(
                 self.run_argv(container_id, bundle, network, log_path, launch),
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=pipes[0][1],
-                stderr=pipes[1][1],
+                stdout=ends[0],
+                stderr=ends[1],
                 cwd=bundle,
                 env=RUNSC_ENV,
                 # Our own process group: a Ctrl-C aimed at the server or CLI must
@@ -221,13 +217,18 @@ class Runsc:
                 start_new_session=True,
             )
         except BaseException:
-            for r, w in pipes:
-                os.close(r)
-                os.close(w)
+            for stream in ours:
+                if isinstance(stream, PipeReader):
+                    stream.close_now()
             raise
-        for _, w in pipes:
-            os.close(w)
-        return RunProcess(proc, PipeReader(pipes[0][0]), PipeReader(pipes[1][0]))
+        finally:
+            for f in files:
+                if f is not None:
+                    f.close_writer()
+            for fd, stream in zip(ends, ours, strict=False):
+                if isinstance(stream, PipeReader):
+                    os.close(fd)
+        return RunProcess(proc, ours[0], ours[1])
 
     async def _call(self, args: Sequence[str], timeout: float = 10.0) -> tuple[int, str, str]:
         with anyio.move_on_after(timeout):
@@ -388,6 +389,12 @@ class PipeReader(anyio.abc.ByteReceiveStream):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             anyio.notify_closing(fd)
+            os.close(fd)
+
+    def close_now(self) -> None:
+        """Close an end nobody waited on yet (the client never started)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             os.close(fd)
 
 
