@@ -22,7 +22,6 @@ import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from io import TextIOWrapper
 from typing import Any
 
 import anyio
@@ -201,6 +200,43 @@ def _message_adapter() -> Any:
     return mcp_types.jsonrpc_message_adapter
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte of `data` to `fd`, however many writes that takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class WireOut:
+    """The copy of fd 1 the answers go to, written whole, in a worker thread.
+
+    A write to a full pipe can end short: a signal or a ptrace stop (py-spy,
+    a debugger, a SIGSTOP) that arrives while write(2) waits makes it return
+    what it wrote so far. The TextIOWrapper over an unbuffered file this
+    replaces dropped the rest: in the 10,000-call soak one answer lost
+    everything after its first 65,536 bytes (the pipe's size), the next
+    message ran on in the same line, the client could not parse it, and that
+    call waited for its answer forever.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def write(self, text: str) -> None:
+        await anyio.to_thread.run_sync(write_all, self.fd, text.encode())
+
+    async def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class LockedWriter:
     """The MCP output: whole lines, one writer at a time (the SDK's writer
     task and LineReader's error answers share it)."""
@@ -260,8 +296,8 @@ async def claimed_stdio() -> AsyncIterator[tuple[LineReader, Any]]:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    out = TextIOWrapper(os.fdopen(wire_out, "wb", buffering=0), encoding="utf-8", write_through=True)
-    writer = LockedWriter(anyio.wrap_file(out))
+    out = WireOut(wire_out)
+    writer = LockedWriter(out)
     try:
         yield LineReader(wire_in, writer.error), writer
     finally:

@@ -155,3 +155,53 @@ async def test_the_writer_survives_a_client_that_closed_its_end():
     await writer.flush()
     assert writer.client_gone
     await writer.write("dropped\n")
+
+
+def _interrupted_writes(write) -> bytes:  # type: ignore[no-untyped-def]
+    """What arrives when `write` sends 1 MiB into a pipe whose reader is slow, while the
+    writing thread is hit by a signal every 2 ms (mostly while it waits on the full pipe)."""
+    import contextlib
+    import signal
+    import threading
+    import time
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler: the signal interrupts write(2)
+    try:
+        writer = threading.Thread(target=write, args=(w, b"x" * (1 << 20) + b"\n"))
+        writer.start()
+        got = bytearray()
+        while True:
+            alive = writer.is_alive()
+            if alive and writer.ident is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(writer.ident, signal.SIGUSR1)
+            try:
+                got += os.read(r, 1 << 14)
+            except BlockingIOError:
+                if not alive:
+                    break
+            time.sleep(0.002)
+        writer.join()
+        return bytes(got)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(r)
+        os.close(w)
+
+
+def test_an_answer_cut_short_by_a_signal_is_written_whole():
+    """The soak lost an answer's tail past 64 KiB when its write(2) on the full pipe was cut
+    short; write_all writes the rest. (The unbuffered file it replaces loses bytes here.)"""
+    from io import TextIOWrapper
+
+    from gvisor_mcp.stdio import write_all
+
+    def old(fd: int, data: bytes) -> None:
+        TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), encoding="utf-8", write_through=True).write(
+            data.decode()
+        )
+
+    assert _interrupted_writes(write_all) == b"x" * (1 << 20) + b"\n"
+    assert len(_interrupted_writes(old)) < (1 << 20) + 1  # the failure this guards against, reproduced
