@@ -152,13 +152,37 @@ def workspace_leftovers(*directories: Path, wait: float = 10.0) -> list[str]:
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="session")
+def _etc_tree() -> Path:
+    """The built-in image's /etc (sandbox/rootfs.py write_etc), built once per
+    pytest process: each Manager start builds it in its own bundle directory,
+    and every test has a fresh one. 721 entries (/etc/ssl/certs' links)
+    cost seconds per test under a loaded disk journal (docs/testing.md).
+    Content-addressed: a Manager that computes another digest (the host's
+    /etc changed meanwhile) builds its own, as without this."""
+    if runsc_usable():  # sandbox_base skips (only with the opt-out)
+        yield Path("/nonexistent")
+        return
+    from gvisor_mcp.sandbox.rootfs import write_etc
+
+    home = TEST_BASE / f"etc-{os.getpid()}"
+    final = write_etc(home / ".image" / "etc")
+    yield final
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture
-def sandbox_base() -> Path:
+def sandbox_base(_etc_tree: Path) -> Path:
     reason = runsc_usable()
     if reason:  # only reachable with the opt-out (see pytest_collection_modifyitems)
         pytest.skip(reason)
     base = TEST_BASE / uuid.uuid4().hex[:8]
     base.mkdir(parents=True)
+    (base / "bundles").mkdir(mode=0o700)  # as the Manager makes it
+    image = base / "bundles" / ".image"
+    image.mkdir()
+    # write_etc finds this digest's tree complete and only points .image/etc at it
+    os.symlink(_etc_tree, image / _etc_tree.name)
     yield base
     shutil.rmtree(base, ignore_errors=True)
 

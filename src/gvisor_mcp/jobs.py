@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import structlog
 
 from .audit import AuditLog
@@ -65,6 +66,8 @@ class Job:
     err_bytes: int = 0
     last_line: bytes = b""
     scope: anyio.CancelScope | None = None
+    """Made by Jobs.start, before the job's task runs: a cancel that comes
+    before the task begins is kept by the scope and stops the job on entry."""
     container_id: str | None = None
     """Known once a sandbox is assigned (a warm one may be claimed)."""
     holding: Any = None
@@ -354,6 +357,7 @@ class Jobs:
             # the metrics, with the tenant and result id the proxy never sees.
             update["egress"] = EgressGrant(options.egress, on_event=lambda ev: self._egress_event(job, ev, policy_hash))
         opts = options.model_copy(update=update)
+        job.scope = anyio.CancelScope()
         self._jobs[rid] = job
         self._tg.start_soon(self._run, job, opts, (out_w, err_w), policy_hash)
         return job
@@ -363,7 +367,12 @@ class Jobs:
         error: str | None = None
         status = ContainerStatus.ERROR
         try:
-            with anyio.CancelScope() as job.scope:
+            if job.scope is None:
+                job.scope = anyio.CancelScope()
+            with job.scope:
+                # cancel_command may have come before this task began: stop here,
+                # before a slot (gate.acquire does not wait when one is free)
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 await self.gate.acquire(job.tenant)
                 try:
                     result = await self.runner.run_job(

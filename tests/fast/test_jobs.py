@@ -64,6 +64,21 @@ async def test_cancel_while_waiting_for_a_slot(fast):
         assert first.status == "killed" and srv.rt.jobs.active_all() == []
 
 
+async def test_cancel_before_the_jobs_task_began_stops_it_without_running_it(fast):
+    """cancel_command right after start, before the job's task has run once:
+    the cancel is kept (it used to be lost: cancel waited 3 x kill_grace for
+    nothing, then the command ran anyway)."""
+    async with fast() as srv:
+        srv.fake.script("hold", block=True)
+        job = start(srv, "hold")
+        assert job.container_id is None and srv.fake.active_containers() == 0
+        await srv.rt.jobs.cancel(job)
+        await finished(job)
+        assert (job.status, job.error) == ("killed", "cancelled before a sandbox was free to run it")
+        assert srv.rt.store.get(job.result_id, "alice").status == "killed"
+        assert srv.fake.runs == [] and srv.rt.jobs.active_all() == [] and srv.rt.jobs.gate.used == 0
+
+
 @pytest.mark.parametrize(
     ("raises", "status", "error"),
     [
