@@ -59,6 +59,7 @@ from ..sandbox import (
 from ..sandbox.doctor import canary
 from ..sandbox.runsc import RUNSC_ENV
 from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE, agent_files
+from .priority import normal_priority
 from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, default_ceilings, parse_spec, to_options
 
 log = structlog.get_logger("gvisor_mcp.cluster.agent")
@@ -122,12 +123,14 @@ class HostAgent:
         self._net: NetworkService | None = None
         self._fenced_at = 0.0
         self.images: ImageStore | None = None
+        self._nice: int | None = None
 
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> dict[str, Any]:
         """Reap a predecessor's leftovers, run the canary; the health report."""
         if self._ready is None:
+            self._nice = normal_priority("agent")  # before the first runsc: sandboxes inherit it
             self._ready = asyncio.get_running_loop().create_future()
             self._stop = asyncio.Event()
             self._holder = asyncio.create_task(self._hold())
@@ -210,6 +213,7 @@ class HostAgent:
             "instance": m.instance if m else None,
             "ceilings": self.config.ceilings.model_dump(mode="json"),
             "fence": self._net.fence.model_dump(mode="json") if self._net is not None else None,
+            "nice": self._nice,
             **self._report,
         }
 

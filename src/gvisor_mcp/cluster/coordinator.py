@@ -32,6 +32,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .priority import normal_priority
+
 LEASE_TTL = 15.0
 RENEW_GRACE = 10.0
 """A lease younger than this is never dropped by its front end's renew (see renew)."""
@@ -74,6 +76,7 @@ class Coordinator:
 
     def __init__(self, reserve: int = 0) -> None:
         self.reserve = reserve
+        normal_priority("coordinator")  # a Ray worker starts at nice 15; every run waits on this actor
         self.l = Ledger()
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
