@@ -171,7 +171,8 @@ async def profile(base: Path, calls: int) -> dict[str, list[float]]:
                     add(f"[{h}] coordinator.acquire", time.perf_counter() - s0)
                     s0 = time.perf_counter()
                     runner._db.execute(
-                        "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?)", (spec.result_id, h, "bench", time.time())
+                        "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?)",
+                        (spec.result_id, h, "bench", time.time()),
                     )
                     add(f"[{h}] placement row", time.perf_counter() - s0)
                     s0 = time.perf_counter()
