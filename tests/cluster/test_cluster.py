@@ -123,6 +123,19 @@ async def test_cancel_reaches_the_host_running_it(cluster):
         assert time.monotonic() - t < 30
 
 
+async def test_leases_are_freed_off_the_answer_path(cluster):
+    """The release of a run's lease goes after the answer: the next run of a
+    tenant at its quota (carol: one at a time) is never refused for it, and
+    the coordinator's lease count returns to 0."""
+    async with cluster.runner() as runner:
+        for _ in range(4):
+            r = await runner.run(opts("true"), run_id=rid(), tenant="carol")
+            assert r.status is ContainerStatus.EXITED and r.exit_code == 0
+        with anyio.fail_after(30):  # a correctness bound: the release is one round trip
+            while sum((await runner.coordinator.snapshot.remote())["used"].values()) or runner._releasing:
+                await anyio.sleep(0.1)
+
+
 def test_forged_spec_is_refused_by_the_agent(cluster):
     import ray
 
