@@ -69,6 +69,9 @@ async def test_runs_spread_over_hosts_and_output_pages_from_where_it_ran(cluster
         assert {runner.host_of(i)[0] for i in ids} == {"a", "b"}
         # The answer carries counts, not bytes: output stayed on the host.
         assert all(r.stdout == b"" and r.stdout_bytes == 3 for r in results.values())
+        # ...and a small output whole beside it: showing it needs no page from the host.
+        assert all(runner._inline[i] == {"stdout": b"hi\n", "stderr": b""} for i in ids)
+        assert runner.read_remote(ids[0], "stdout", 1, 10) == (b"i\n", 3)
 
         big = rid()
         r = await runner.run(opts("seq 1 60000"), run_id=big, tenant="bob")
@@ -84,6 +87,7 @@ async def test_runs_spread_over_hosts_and_output_pages_from_where_it_ran(cluster
             if not data or offset >= total:
                 break
         assert got == want
+        assert big not in runner._inline  # above INLINE_MAX: paged from its host only
         assert runner.read_remote(rid(), "stdout", 0, 10) is None  # not a remote result
 
 

@@ -73,6 +73,10 @@ RAY_PORTS = frozenset({6379, 8265, 10001, 52365})
 on every address, with the ports the cluster's nodes report (cluster_fence)."""
 MAX_PAGE = 256 * 1024
 """Bytes per read(): a 256 KiB page crosses Ray in ~20 ms here (docs/scale-out.md)."""
+INLINE_MAX = 16 * 1024
+"""A run whose two streams together are at most this many bytes sends them
+with its answer: showing a result (every execute_command does) then needs no
+round trip back to this host. Larger output is paged with read()."""
 TEMPLATE_ID = "res_" + "0" * 32
 
 
@@ -289,6 +293,7 @@ class HostAgent:
             )
         answer = result.model_dump(mode="json", exclude={"stdout", "stderr"})
         answer["host"] = self.config.host
+        answer["inline"] = _small_output(store, rs.result_id, rs.tenant)
         return answer
 
     async def read(self, result_id: str, tenant: str, stream: str, offset: int, length: int) -> dict[str, Any] | None:
@@ -451,6 +456,20 @@ def hold_image(images: ImageStore | None, ceilings: HostCeilings, rs: RunSpec, r
         raise SpecRefused(
             f"run spec refused: image={rs.image!r} changed in this host's store just now ({e}); retry"
         ) from None
+
+
+def _small_output(store: ResultStore, result_id: str, tenant: str) -> dict[str, bytes] | None:
+    """Both streams of a finished run, whole, when together they fit INLINE_MAX; else None."""
+    stored = store.get(result_id, tenant)
+    if stored is None:
+        return None
+    out, budget = {}, INLINE_MAX
+    for stream in ("stdout", "stderr"):
+        data, total = store.read(stored, stream, 0, budget + 1)
+        if total > budget:
+            return None
+        out[stream], budget = data, budget - total
+    return out
 
 
 def _command_text(rs: RunSpec) -> str:

@@ -29,6 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ LOST_MARGIN = 20.0
 REFRESH = 1.0
 """Seconds between agent health polls and lease renewals."""
 HEALTH_TIMEOUT = 5.0
+INLINE_KEEP = 256
+"""Finished runs whose small output (the agent's INLINE_MAX) this front end keeps
+in memory for their first reads; older ones are paged from their host."""
 COORDINATOR_RESERVE = 1
 """The cluster's last free slot waits for a tenant below its fair share
 (coordinator.py); constant, like everything Ray runs for us."""
@@ -154,6 +158,7 @@ class RayRunner:
         self._closed = False
         self._warm: tuple[Any, int] | None = None
         self._releasing: set[str] = set()
+        self._inline: OrderedDict[str, dict[str, bytes]] = OrderedDict()
         """Leases of ended runs whose release the coordinator has not confirmed yet."""
         self.coordinator: Any = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -385,6 +390,11 @@ class RayRunner:
                     await self._kill_on(run)
                 raise
             answer.pop("host", None)
+            inline = answer.pop("inline", None)
+            if inline is not None:  # a finished run's output never changes: keep it for the first reads
+                self._inline[run_id] = inline
+                while len(self._inline) > INLINE_KEEP:
+                    self._inline.popitem(last=False)
             return ContainerResult(**answer)
         finally:
             self._active.pop(run_id, None)
@@ -442,6 +452,10 @@ class RayRunner:
         remotely. A lost host's output reads as empty."""
         import ray
 
+        small = self._inline.get(result_id)
+        if small is not None:
+            data = small.get(stream, b"")
+            return data[max(0, offset) : max(0, offset) + max(0, length)], len(data)
         placed = self.host_of(result_id)
         if placed is None:
             return None
