@@ -668,7 +668,9 @@ async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):
 
         async def go() -> None:
             try:
-                await runner.run(opts("echo start >> /workspace/log; sleep 90", workspace=ws), run_id=i, tenant="alice")
+                await runner.run(
+                    opts("echo start >> /workspace/log; echo started; sleep 90", workspace=ws), run_id=i, tenant="alice"
+                )
                 box["r"] = "returned"
             except HostLost as e:
                 box["lost"], box["at"] = e, time.monotonic()
@@ -678,9 +680,10 @@ async def test_host_lost_mid_run_then_its_agent_restarts_and_reaps(cluster):
             with anyio.fail_after(60):
                 while not (runner.active_run(i) and runner.active_run(i).host):
                     await anyio.sleep(0.1)
-                while runner.read_remote(i, "stdout", 0, 10) is None:
+                # Running on its host (a placement row alone is not enough: at load 50
+                # the agent had not stored the run 2 s after it was placed).
+                while runner.read_remote(i, "stdout", 0, 10)[0] != b"started\n":
                     await anyio.sleep(0.1)
-                await anyio.sleep(2)  # the command is running
             t0 = time.monotonic()
             await anyio.to_thread.run_sync(cluster.lc.remove_host, home)
             with anyio.fail_after(LOST_BOUND + 30):

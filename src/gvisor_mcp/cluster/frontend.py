@@ -207,6 +207,13 @@ class RayRunner:
         with anyio.CancelScope(shield=True):
             for run in list(self._active.values()):
                 await self._kill_on(run)
+            if self._releasing:  # a release queued but not yet sent would wait for LEASE_TTL
+                with anyio.move_on_after(HEALTH_TIMEOUT):
+                    try:
+                        await self.coordinator.release_many.remote(sorted(self._releasing))
+                        self._releasing.clear()
+                    except Exception as e:
+                        log.warning("cluster_release_failed", leases=len(self._releasing), error=str(e))
             self._db.close()
 
     async def _upkeep(self) -> None:
