@@ -9,7 +9,8 @@ and adds what a host needs when the caller is on another machine:
   (spec.to_options): the front end's policy is not trusted here;
 - output stays here: while a run goes on and after it ends, its captured
   streams are files in this agent's store, read in pages (`read`); a run's
-  answer carries counts and status, never the stream bytes;
+  answer carries counts and status, and the streams themselves only when
+  both are small (INLINE_MAX), so showing a small result costs no page;
 - a result id runs at most once on this host: its row is inserted before the
   sandbox is created, and the primary key refuses a second insert;
 - on start it reaps what a crashed predecessor left (containers, runsc state,
