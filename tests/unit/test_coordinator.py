@@ -31,6 +31,22 @@ async def test_quotas_count_every_front_end():
     assert "lease" in await c.acquire("fe2", "carol", HOSTS, max_concurrent=1)
 
 
+async def test_a_release_carried_by_the_next_acquire_is_counted_first():
+    """A front end releases off its answer path; the release may arrive after
+    its next acquire, which carries it: the quota must not refuse that run,
+    and a late duplicate release (or one of an unknown lease) changes nothing."""
+    c = Coordinator()
+    first = await c.acquire("fe1", "carol", HOSTS, max_concurrent=1)
+    again = await c.acquire("fe1", "carol", HOSTS, max_concurrent=1, released=[first["lease"]])
+    assert "lease" in again, again
+    await c.release(first["lease"])  # the release itself, arriving late
+    await c.release_many([first["lease"], "fe1:nothing:1"])
+    assert (await c.snapshot())["held"] == {"carol": 1}
+    assert "max_concurrent=1" in (await c.acquire("fe2", "carol", HOSTS, max_concurrent=1))["refused"]
+    # Lease ids are not reused by a restarted coordinator (a stale carried id frees nothing).
+    assert first["lease"] not in {(await Coordinator().acquire("fe1", "x", HOSTS))["lease"] for _ in range(3)}
+
+
 async def test_runs_per_minute_count_every_front_end():
     c = Coordinator()
     for fe in ("fe1", "fe2"):

@@ -9,7 +9,8 @@ and adds what a host needs when the caller is on another machine:
   (spec.to_options): the front end's policy is not trusted here;
 - output stays here: while a run goes on and after it ends, its captured
   streams are files in this agent's store, read in pages (`read`); a run's
-  answer carries counts and status, never the stream bytes;
+  answer carries counts and status, and the streams themselves only when
+  both are small (INLINE_MAX), so showing a small result costs no page;
 - a result id runs at most once on this host: its row is inserted before the
   sandbox is created, and the primary key refuses a second insert;
 - on start it reaps what a crashed predecessor left (containers, runsc state,
@@ -59,6 +60,7 @@ from ..sandbox import (
 from ..sandbox.doctor import canary
 from ..sandbox.runsc import RUNSC_ENV
 from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE, agent_files
+from .priority import normal_priority
 from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, default_ceilings, parse_spec, to_options
 
 log = structlog.get_logger("gvisor_mcp.cluster.agent")
@@ -72,6 +74,10 @@ RAY_PORTS = frozenset({6379, 8265, 10001, 52365})
 on every address, with the ports the cluster's nodes report (cluster_fence)."""
 MAX_PAGE = 256 * 1024
 """Bytes per read(): a 256 KiB page crosses Ray in ~20 ms here (docs/scale-out.md)."""
+INLINE_MAX = 16 * 1024
+"""A run whose two streams together are at most this many bytes sends them
+with its answer: showing a result (every execute_command does) then needs no
+round trip back to this host. Larger output is paged with read()."""
 TEMPLATE_ID = "res_" + "0" * 32
 
 
@@ -122,12 +128,14 @@ class HostAgent:
         self._net: NetworkService | None = None
         self._fenced_at = 0.0
         self.images: ImageStore | None = None
+        self._nice: int | None = None
 
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> dict[str, Any]:
         """Reap a predecessor's leftovers, run the canary; the health report."""
         if self._ready is None:
+            self._nice = normal_priority("agent")  # before the first runsc: sandboxes inherit it
             self._ready = asyncio.get_running_loop().create_future()
             self._stop = asyncio.Event()
             self._holder = asyncio.create_task(self._hold())
@@ -210,6 +218,7 @@ class HostAgent:
             "instance": m.instance if m else None,
             "ceilings": self.config.ceilings.model_dump(mode="json"),
             "fence": self._net.fence.model_dump(mode="json") if self._net is not None else None,
+            "nice": self._nice,
             **self._report,
         }
 
@@ -285,6 +294,7 @@ class HostAgent:
             )
         answer = result.model_dump(mode="json", exclude={"stdout", "stderr"})
         answer["host"] = self.config.host
+        answer["inline"] = _small_output(store, rs.result_id, rs.tenant)
         return answer
 
     async def read(self, result_id: str, tenant: str, stream: str, offset: int, length: int) -> dict[str, Any] | None:
@@ -447,6 +457,20 @@ def hold_image(images: ImageStore | None, ceilings: HostCeilings, rs: RunSpec, r
         raise SpecRefused(
             f"run spec refused: image={rs.image!r} changed in this host's store just now ({e}); retry"
         ) from None
+
+
+def _small_output(store: ResultStore, result_id: str, tenant: str) -> dict[str, bytes] | None:
+    """Both streams of a finished run, whole, when together they fit INLINE_MAX; else None."""
+    stored = store.get(result_id, tenant)
+    if stored is None:
+        return None
+    out, budget = {}, INLINE_MAX
+    for stream in ("stdout", "stderr"):
+        data, total = store.read(stored, stream, 0, budget + 1)
+        if total > budget:
+            return None
+        out[stream], budget = data, budget - total
+    return out
 
 
 def _command_text(rs: RunSpec) -> str:

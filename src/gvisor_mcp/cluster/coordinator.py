@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from .priority import normal_priority
 
 LEASE_TTL = 15.0
 RENEW_GRACE = 10.0
@@ -74,8 +77,10 @@ class Coordinator:
 
     def __init__(self, reserve: int = 0) -> None:
         self.reserve = reserve
+        normal_priority("coordinator")  # a Ray worker starts at nice 15; every run waits on this actor
         self.l = Ledger()
         self._ids = itertools.count(1)
+        self._instance = secrets.token_hex(4)  # lease ids stay unique across a restart of this actor
         self._seq = itertools.count(1)
 
     # --- reads -----------------------------------------------------------------
@@ -107,10 +112,20 @@ class Coordinator:
         workspace: str | None = None,
         max_concurrent: int | None = None,
         per_minute: int | None = None,
+        released: list[str] | None = None,
     ) -> dict:
         """Wait for a slot on one of `hosts` (name -> slots it reports, healthy
-        ones only, as the front end sees them). {"lease", "host"} or {"refused": why}."""
+        ones only, as the front end sees them). {"lease", "host"} or {"refused": why}.
+
+        `released`: leases of `frontend` whose runs have ended, freed here
+        before anything is counted. A front end releases off its answer path
+        (a `release` sent after the answer) and repeats those still
+        unconfirmed here: Ray does not order calls to an async actor, and a
+        tenant's next run must never be refused by its quota because the
+        release of its previous one arrived later."""
         self._touch(frontend)
+        if released:
+            await self.release_many(released)
         self.l.capacity.update(hosts)
         if max_concurrent is not None:
             mine = self.held(tenant) + sum(1 for w in self.l.waiters if w.tenant == tenant)
@@ -176,6 +191,11 @@ class Coordinator:
 
     async def release(self, lease_id: str) -> None:
         if self.l.leases.pop(lease_id, None) is not None:
+            self._dispatch()
+
+    async def release_many(self, lease_ids: list[str]) -> None:
+        """Release each (idempotent: an unknown or already released id is nothing)."""
+        if [lid for lid in lease_ids if self.l.leases.pop(lid, None) is not None]:
             self._dispatch()
 
     async def renew(self, frontend: str, lease_ids: list[str]) -> int:
@@ -256,7 +276,7 @@ class Coordinator:
         return best
 
     def _grant(self, frontend: str, tenant: str, host: str) -> Lease:
-        lease = Lease(f"{frontend}:{next(self._ids)}", frontend, tenant, host)
+        lease = Lease(f"{frontend}:{self._instance}:{next(self._ids)}", frontend, tenant, host)
         self.l.leases[lease.lease_id] = lease
         return lease
 

@@ -29,6 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ LOST_MARGIN = 20.0
 REFRESH = 1.0
 """Seconds between agent health polls and lease renewals."""
 HEALTH_TIMEOUT = 5.0
+INLINE_KEEP = 256
+"""Finished runs whose small output (the agent's INLINE_MAX) this front end keeps
+in memory for their first reads; older ones are paged from their host."""
 COORDINATOR_RESERVE = 1
 """The cluster's last free slot waits for a tenant below its fair share
 (coordinator.py); constant, like everything Ray runs for us."""
@@ -153,11 +157,17 @@ class RayRunner:
         self._active: dict[str, RemoteRun] = {}
         self._closed = False
         self._warm: tuple[Any, int] | None = None
+        self._releasing: set[str] = set()
+        self._inline: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        """Leases of ended runs whose release the coordinator has not confirmed yet."""
         self.coordinator: Any = None
         self._tg: anyio.abc.TaskGroup | None = None
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._db = sqlite3.connect(state_dir / "placements.db", timeout=10, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # As the result store: no fsync per placement row (a crash of this
+        # process loses none; a power loss can lose the last ones, like results).
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS placements (result_id TEXT PRIMARY KEY, host TEXT NOT NULL, "
             "tenant_dir TEXT NOT NULL, created_at REAL NOT NULL)"
@@ -197,6 +207,13 @@ class RayRunner:
         with anyio.CancelScope(shield=True):
             for run in list(self._active.values()):
                 await self._kill_on(run)
+            if self._releasing:  # a release queued but not yet sent would wait for LEASE_TTL
+                with anyio.move_on_after(HEALTH_TIMEOUT):
+                    try:
+                        await self.coordinator.release_many.remote(sorted(self._releasing))
+                        self._releasing.clear()
+                    except Exception as e:
+                        log.warning("cluster_release_failed", leases=len(self._releasing), error=str(e))
             self._db.close()
 
     async def _upkeep(self) -> None:
@@ -330,6 +347,7 @@ class RayRunner:
         run = RemoteRun(run_id=run_id, host="", started_at=time.time())
         self._active[run_id] = run
         try:
+            carried = list(self._releasing)
             grant = await self.coordinator.acquire.remote(
                 self.frontend,
                 spec.tenant,
@@ -337,7 +355,9 @@ class RayRunner:
                 workspace=spec.workspace.key if spec.workspace else None,
                 max_concurrent=getattr(quotas, "max_concurrent", None),
                 per_minute=getattr(quotas, "runs_per_minute", None),
+                released=carried,
             )
+            self._releasing.difference_update(carried)
             if "refused" in grant:
                 raise RunRefused(grant["refused"])
             run.host, run.lease = grant["host"], grant["lease"]
@@ -377,15 +397,40 @@ class RayRunner:
                     await self._kill_on(run)
                 raise
             answer.pop("host", None)
+            inline = answer.pop("inline", None)
+            if inline is not None:  # a finished run's output never changes: keep it for the first reads
+                self._inline[run_id] = inline
+                while len(self._inline) > INLINE_KEEP:
+                    self._inline.popitem(last=False)
             return ContainerResult(**answer)
         finally:
             self._active.pop(run_id, None)
             if run.lease is not None:
-                # Awaited, not sent and forgotten: Ray does not keep the order of
-                # calls to an async actor, so a tenant's next acquire could be
-                # counted before this release and refused by its quota.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(HEALTH_TIMEOUT):
-                    await self.coordinator.release.remote(run.lease)
+                await self._release(run.lease)
+
+    async def _release(self, lease: str) -> None:
+        """Free a lease off the answer path (one round trip less per run).
+
+        Ray does not keep the order of calls to an async actor, so a release
+        sent now could be counted after this front end's next acquire, and a
+        tenant at its quota refused: until the coordinator confirms it, the
+        lease rides along with every acquire of this front end (`released`),
+        which frees it before counting. Another front end sees the slot free
+        once the release lands (one round trip after the answer).
+        """
+        self._releasing.add(lease)
+        if self._tg is None:  # not inside `async with`: nothing runs in the background
+            await self._send_release(lease)
+        else:
+            self._tg.start_soon(self._send_release, lease)
+
+    async def _send_release(self, lease: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                await self.coordinator.release.remote(lease)
+                self._releasing.discard(lease)
+            except Exception as e:  # the next acquire carries it; renew drops it at the latest
+                log.warning("cluster_release_failed", lease=lease, error=f"{type(e).__name__}: {e}")
 
     async def kill(self, run_id: str, reason: ContainerStatus = ContainerStatus.KILLED) -> bool:
         run = self._active.get(run_id)
@@ -414,6 +459,10 @@ class RayRunner:
         remotely. A lost host's output reads as empty."""
         import ray
 
+        small = self._inline.get(result_id)
+        if small is not None:
+            data = small.get(stream, b"")
+            return data[max(0, offset) : max(0, offset) + max(0, length)], len(data)
         placed = self.host_of(result_id)
         if placed is None:
             return None
