@@ -42,3 +42,28 @@ async def test_signalling_a_client_that_just_exited_keeps_its_exit_status(monkey
         assert await client.wait() == 7
     client.kill()  # after the exit: nothing to signal, no error
     await proc.aclose()
+
+
+@pytest.mark.runsc
+async def test_a_runsc_command_whose_caller_is_cancelled_still_ends_with_its_own_status(monkeypatch, tmp_path, caplog):
+    """A timed-out run's `runsc kill` was still in flight when the killed client's exit cancelled
+    the deadline task: anyio closed asyncio's transport, whose poll reaped `runsc kill` ahead of
+    the watcher ("Unknown child process pid N, will report returncode 255", 18 times in the
+    soak). The call is shielded now: it ends, the watcher reaps it, the caller gets its status.
+    FakeSlowReaper (as above) keeps the finished command unreaped when the caller is cancelled."""
+    from gvisor_mcp.sandbox.runsc import Runsc
+
+    real_waitpid = os.waitpid
+
+    def slow_waitpid(pid: int, options: int) -> tuple[int, int]:
+        if options == 0:
+            time.sleep(3)
+        return real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", slow_waitpid)
+    runsc = Runsc("runsc", str(tmp_path / "root"))
+    got = []
+    with anyio.move_on_after(1):  # `runsc list` has ended by then; the watcher reaps it at 3 s
+        got.append(await runsc._call(["list", "--quiet"]))
+    assert [rc for rc, _, _ in got] == [0], got
+    assert not [r for r in caplog.records if "Unknown child process" in r.getMessage()]

@@ -231,7 +231,17 @@ class Runsc:
         return RunProcess(proc, ours[0], ours[1])
 
     async def _call(self, args: Sequence[str], timeout: float = 10.0) -> tuple[int, str, str]:
-        with anyio.move_on_after(timeout):
+        """One short runsc command, to its end (or `timeout`), even when the caller is cancelled.
+
+        Shielded because a cancelled anyio.run_process closes asyncio's
+        transport, whose Popen.poll() reaps the child ahead of the watcher
+        thread, which then reports 255 ("Unknown child process pid"). It
+        happened on every timed-out run whose `runsc kill` was still in
+        flight when the killed client's exit cancelled the deadline task
+        (found in the 10,000-call soak). The caller's cancellation takes
+        effect when the command ends, `timeout` at the latest.
+        """
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
             r = await anyio.run_process([*self._global(), *args], check=False, env=RUNSC_ENV)
             return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
         return -1, "", f"runsc {' '.join(args)} timed out after {timeout}s"
