@@ -213,6 +213,10 @@ async def test_token_list_revoke_sessions_and_progress_token(sandbox_base, tmp_p
             assert "alice" not in _cli("token", "list", "--tokens", tokens_file).stdout
 
 
+DROPPED = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+"""How a proxied connection ends when one side goes away."""
+
+
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 that cuts the first connection whose response
     stream has carried an SSE event id after a tools/call went up it."""
@@ -226,30 +230,35 @@ class CuttingProxy:
         await listener.serve(self.handle)
 
     async def handle(self, client) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+        with contextlib.suppress(*DROPPED):
             async with client, await anyio.connect_tcp("127.0.0.1", self.upstream_port) as upstream:
                 await self._pipe(client, upstream)
 
     async def _pipe(self, client, upstream) -> None:
         state = {"call": False}
 
+        # Either side may reset its connection (the client does when the line is cut): that
+        # ends this connection, inside each task, since contextlib.suppress in handle() does
+        # not look into the task group's ExceptionGroup on Python 3.11.
         async def up() -> None:
-            async for chunk in client:
-                if b"tools/call" in chunk:
-                    state["call"] = True
-                if b"last-event-id" in chunk.lower():
-                    self.resumed += 1
-                await upstream.send(chunk)
+            with contextlib.suppress(*DROPPED):
+                async for chunk in client:
+                    if b"tools/call" in chunk:
+                        state["call"] = True
+                    if b"last-event-id" in chunk.lower():
+                        self.resumed += 1
+                    await upstream.send(chunk)
             tg.cancel_scope.cancel()
 
         async def down() -> None:
-            async for chunk in upstream:
-                await client.send(chunk)
-                if state["call"] and not self.cut and b"\r\nid: " in chunk:  # an SSE event (not mcp-session-id:)
-                    # The priming event has reached the client: let it be read, then drop the line.
-                    self.cut += 1
-                    await anyio.sleep(0.5)
-                    tg.cancel_scope.cancel()
+            with contextlib.suppress(*DROPPED):
+                async for chunk in upstream:
+                    await client.send(chunk)
+                    if state["call"] and not self.cut and b"\r\nid: " in chunk:  # an SSE event (not mcp-session-id:)
+                        # The priming event has reached the client: let it be read, then drop the line.
+                        self.cut += 1
+                        await anyio.sleep(0.5)
+                        tg.cancel_scope.cancel()
             tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
