@@ -40,7 +40,7 @@ from .. import files
 from .. import workspace as _workspace
 from ..fileop import FileOp, apply_at
 from ..sandbox import UserSpec
-from .spec import HostCeilings, SpecRefused, WorkspaceRef, check_workspace
+from .spec import HostCeilings, SpecRefused, WorkspaceRef, check_workspace, parse_as
 
 
 class FileRequest(BaseModel):
@@ -59,17 +59,7 @@ class FileRequest(BaseModel):
 
 
 def parse_request(data: object) -> FileRequest:
-    if isinstance(data, FileRequest):
-        data = data.model_dump()
-    try:
-        return FileRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise SpecRefused(
-            f"file request refused: {where}: {first['msg'].removeprefix('Value error, ')} "
-            "(a file request carries tenant, workspace, owner, op, create)"
-        ) from None
+    return parse_as(FileRequest, data, "file request", "a file request carries tenant, workspace, owner, op, create")
 
 
 def check_request(req: FileRequest, ceilings: HostCeilings) -> None:

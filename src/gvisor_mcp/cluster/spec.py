@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +37,9 @@ from ..sandbox import (
 
 HASHED_COMPONENT = re.compile(r"^@[0-9a-f]{32}\Z")
 HOST_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class SpecRefused(Refusal, ValueError):
@@ -141,20 +144,31 @@ class HostCeilings(BaseModel):
     policy's files.max_read / max_write / max_list may be)."""
 
 
-def parse_spec(data: object) -> RunSpec:
-    """A RunSpec from what arrived over Ray; SpecRefused with pydantic's reason."""
-    if isinstance(data, RunSpec):
+def parse_as(model: type[M], data: object, what: str, carries: str) -> M:
+    """`model` from what arrived over Ray (re-validated even when it is one
+    already: a caller may have built it without checks); SpecRefused with
+    pydantic's first reason and what such a message carries."""
+    if isinstance(data, model):
         data = data.model_dump()
     try:
-        return RunSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        where = ".".join(str(p) for p in first["loc"]) or what.split()[-1]
         raise SpecRefused(
-            f"run spec refused: {where}: {first['msg'].removeprefix('Value error, ')} "
-            "(a spec carries names, never host paths: command, workdir, env, stdin, resources, "
-            "network, image, user, read_only_rootfs, workspace)"
+            f"{what} refused: {where}: {first['msg'].removeprefix('Value error, ')} ({carries})"
         ) from None
+
+
+def parse_spec(data: object) -> RunSpec:
+    """A RunSpec from what arrived over Ray; SpecRefused with pydantic's reason."""
+    return parse_as(
+        RunSpec,
+        data,
+        "run spec",
+        "a spec carries names, never host paths: command, workdir, env, stdin, resources, "
+        "network, image, user, read_only_rootfs, workspace",
+    )
 
 
 def _dir_name(name: str) -> bool:
