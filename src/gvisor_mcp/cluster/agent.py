@@ -34,7 +34,6 @@ import asyncio
 import ipaddress
 import socket
 import sqlite3
-import subprocess
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -58,7 +57,7 @@ from ..sandbox import (
     UserSpec,
 )
 from ..sandbox.doctor import canary
-from ..sandbox.runsc import RUNSC_ENV
+from ..sandbox.runsc import version_line
 from . import AGENT_NAME_PREFIX, HOST_RESOURCE_PREFIX, NAMESPACE, agent_files
 from .priority import normal_priority
 from .spec import HOST_RE, HostCeilings, RunSpec, SpecRefused, WorkspaceRef, default_ceilings, parse_spec, to_options
@@ -103,14 +102,8 @@ class AgentConfig(BaseModel):
 
 
 def runsc_version(runsc_path: str) -> str:
-    """runsc's first `--version` line ("runsc version 0.0~20240729.0"), or why not."""
-    try:
-        out = subprocess.run(
-            [runsc_path, "--version"], capture_output=True, text=True, env=RUNSC_ENV, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unavailable: {e}"
-    return (out.stdout.splitlines() or ["unavailable: no output"])[0].strip()
+    """runsc's first `--version` line, or why not (sandbox/runsc.py runs it)."""
+    return version_line(runsc_path)
 
 
 class HostAgent:

@@ -124,6 +124,19 @@ def launcher_argv(launch: Launch, log_path: str) -> list[str]:
     return prefix
 
 
+def version_line(runsc_path: str) -> str:
+    """runsc's first `--version` line ("runsc version 0.0~20240729.0"), or why not.
+
+    Synchronous, for a Ray agent's health answer (called from a sync method)."""
+    try:
+        out = subprocess.run(
+            [runsc_path, "--version"], capture_output=True, text=True, env=RUNSC_ENV, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable: {e}"
+    return (out.stdout.splitlines() or ["unavailable: no output"])[0].strip()
+
+
 class Runsc:
     def __init__(self, path: str, root: str, platform: str = "systrap") -> None:
         resolved = shutil.which(path)
