@@ -319,6 +319,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
             mem["idle_server_rss_after_kib"] = status_kib(cold_pid, "VmRSS")
             mem["idle_server_hwm_after_kib"] = status_kib(cold_pid, "VmHWM")
     finally:
+        meter.close()
         check_clean(
             TITLE,
             [
@@ -330,7 +331,6 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
             base=base,
         )
         shutil.rmtree(base, ignore_errors=True)
-        meter.close()
 
     r = med(rows["raw"])
     cold_ratio = med(rows["cold"]) / r
