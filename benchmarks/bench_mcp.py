@@ -446,6 +446,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "per_pooled_sandbox_rss_mib": per_sb,
         "per_pooled_sandbox_pss_mib": per_sb_pss,
         "pool_size": pool_size,
+        "cpus": cpus,
         "raw_cpu_ms": raw_cpu * 1000,
         "b2b_cpu_per_call_ms": per_call * 1000 if per_call is not None else None,
         "b2b_floor_ratio": per_call / cpus / r if per_call is not None else None,
