@@ -232,6 +232,56 @@ def runsc_processes(root: Path) -> list[int]:
     return pids_matching(f"--root={root}")
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's reaped children so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds used by this process and everything it starts from now on
+    (MCP servers and the runsc processes they start), through a cpuacct
+    cgroup this process joins: runsc processes started with the pre-join move
+    themselves only into their run's memory/cpu/pids leaves (v1), so they
+    stay counted here. None (`why` says) without a v1 cpuacct hierarchy."""
+
+    def __init__(self) -> None:
+        self.dir: Path | None = None
+        self.why = ""
+        acct = Path("/sys/fs/cgroup/cpuacct")
+        if not (acct / "cpuacct.usage").exists():
+            self.why = "no v1 cpuacct hierarchy on this host"
+            return
+        d = acct / f"{CGROUP_PREFIX}-cpu-{os.getpid()}"
+        try:
+            d.mkdir(exist_ok=True)
+            (d / "cgroup.procs").write_text("0")
+        except OSError as e:
+            self.why = f"cannot join a cpuacct cgroup: {e}"
+            return
+        self.dir = d
+
+    def seconds(self) -> float | None:
+        return None if self.dir is None else int((self.dir / "cpuacct.usage").read_text()) / 1e9
+
+    def close(self) -> None:
+        """Leave and remove the cgroup (children still in it keep it until they exit)."""
+        if self.dir is None:
+            return
+        (self.dir.parent / "cgroup.procs").write_text("0")
+        for _ in range(50):
+            try:
+                self.dir.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.dir = None
+
+
 # --- cleanup --------------------------------------------------------------
 
 

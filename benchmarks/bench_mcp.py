@@ -10,6 +10,13 @@ pool has refilled, off the clock), one binding sandbox (create + exec
 `true` + close). Times are client-side call_tool round trips. Then N
 back-to-back warm calls without waiting for the refill.
 
+CPU (issue 18): raw runsc's own (getrusage of the child), and the CPU of
+everything the back-to-back calls cost (this client, the servers, every
+runsc process, until the pool has refilled: so each call's refill boot is
+in), read from a v1 cpuacct cgroup this process joins at the start. Divided
+by the CPUs, it is the least time per call that back-to-back calls can
+average once they outlast the pool; and the CPU the pool burns while idle.
+
 The raw reference's bundle is what the policy resolves `true` to: `/bin/sh
 -c true` as uid 1000 with the session workspace bind-mounted, the policy's
 memory/CPU/pids limits.
@@ -34,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CGROUP_PREFIX,
     RAW_CGROUP,
+    CpuMeter,
     Raw,
     check_clean,
+    children_cpu,
     cmdline,
     common_args,
     emit,
@@ -229,12 +238,15 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
             "b_exec",
             "b_close",
             "b2b",
+            "raw_cpu",
         )
     }
     warm_hits = 0
     b2b_hits = 0
     mem: dict = {}
+    cpu: dict = {}
     cold_root, warm_root = base / "cold", base / "warm"
+    meter = CpuMeter()  # before the servers start: they and their runsc processes inherit it
     try:
         async with AsyncExitStack() as stack:
             t = time.perf_counter()
@@ -254,6 +266,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
             mem["pool"] = memory_of(pooled)
             mem["pool_size"] = pool_size
             mem["pool_cgroup_bytes"] = cgroup_usage(f"{CGROUP_PREFIX}-warm")
+            await anyio.sleep(1.0)  # past the boots' own tail
+            u, t = meter.seconds(), time.perf_counter()
+            await anyio.sleep(2.0)
+            if u is not None:
+                cpu["idle_ms_per_s"] = ((meter.seconds() or 0.0) - u) * 1000 / (time.perf_counter() - t)
 
             # Warm-up (page cache, first-call paths), off the record.
             raw.run(equiv)
@@ -267,7 +284,9 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
                     binding_problem = f"the binding failed here: {type(e).__name__}: {e}"
 
             for i in range(n):
+                k = children_cpu()
                 rows["raw"].append(await anyio.to_thread.run_sync(raw.run, equiv))
+                rows["raw_cpu"].append(children_cpu() - k)
                 dt, s = await call_true(cold)
                 assert not s.get("warm"), s
                 rows["cold"].append(dt)
@@ -287,13 +306,20 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
                     rows["b_total"].append(c + e + cl)
 
             await wait_pool_full(warm_root / "runsc", pool_size)
+            u = meter.seconds()
+            t = time.perf_counter()
             for _ in range(n):
                 dt, s = await call_true(warm)
                 b2b_hits += bool(s.get("warm"))
                 rows["b2b"].append(dt)
+            cpu["b2b_wall_per_call"] = (time.perf_counter() - t) / n
+            await wait_pool_full(warm_root / "runsc", pool_size)  # the last calls' refills, on the meter
+            if u is not None:
+                cpu["b2b_per_call"] = ((meter.seconds() or 0.0) - u) / n
             mem["idle_server_rss_after_kib"] = status_kib(cold_pid, "VmRSS")
             mem["idle_server_hwm_after_kib"] = status_kib(cold_pid, "VmHWM")
     finally:
+        meter.close()
         check_clean(
             TITLE,
             [
@@ -355,6 +381,22 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         targets.append(
             f"warm MCP call >= 10x faster than the binding's fresh sandbox: {verdict(speedup >= 10)} ({speedup:.1f}x)"
         )
+    cpus = os.cpu_count() or 1
+    raw_cpu = med(rows["raw_cpu"])
+    per_call = cpu.get("b2b_per_call")
+    if per_call is not None:
+        floor = per_call / cpus
+        lines += [
+            "",
+            f"CPU (issue 18): a raw `runsc run` of `true` used {ms(raw_cpu)} ms of CPU (median, getrusage). "
+            f"Back to back, each call used {ms(per_call)} ms of CPU in all (this client, the servers, every runsc "
+            f"process, its refill's boot included; cpuacct), so on {cpus} CPUs back-to-back calls that outlast "
+            f"the pool average at least {ms(floor)} ms each ({floor / r:.2f}x raw; here: "
+            f"{ms(cpu['b2b_wall_per_call'])} ms, {cpu['b2b_wall_per_call'] / r:.2f}x), whatever the pool does; "
+            f"{WARM_TARGET:.2f}x raw would need calls of at most {ms(WARM_TARGET * r * cpus)} ms of CPU each.",
+        ]
+    else:
+        lines += ["", f"CPU per back-to-back call: not measured ({meter.why})."]
     lines += ["", "Targets: " + "; ".join(targets) + "."]
 
     per_sb = mem["pool"]["rss_kib"] / pool_size / 1024
@@ -377,6 +419,14 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "RSS counts the runsc binary's shared pages once per process; PSS splits them, so "
         "PSS is what each extra pooled sandbox really adds.",
     ]
+    if "idle_ms_per_s" in cpu:
+        mem_lines += [
+            "",
+            f"CPU while idle (both servers, the {pool_size} pooled sandboxes, 2 s, cpuacct): "
+            f"{cpu['idle_ms_per_s']:.0f} ms per second, "
+            f"{cpu['idle_ms_per_s'] / pool_size:.0f} ms per second per idle pooled sandbox "
+            "(gVisor's sentry is not fully idle while a task waits).",
+        ]
     metrics = {
         "n": n,
         "raw_ms": r * 1000,
@@ -396,6 +446,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "per_pooled_sandbox_rss_mib": per_sb,
         "per_pooled_sandbox_pss_mib": per_sb_pss,
         "pool_size": pool_size,
+        "cpus": cpus,
+        "raw_cpu_ms": raw_cpu * 1000,
+        "b2b_cpu_per_call_ms": per_call * 1000 if per_call is not None else None,
+        "b2b_floor_ratio": per_call / cpus / r if per_call is not None else None,
+        "idle_cpu_ms_per_s": cpu.get("idle_ms_per_s"),
         "samples_ms": {k: [x * 1000 for x in rows[k]] for k in ("raw", "cold", "warm", "b2b")},
     }
     return "\n".join(lines), "\n".join(mem_lines), metrics
