@@ -21,7 +21,10 @@ POLL_INTERVAL (and once more after the `runsc run` client has exited):
 O_APPEND keeps what commands see as with a pipe (measured with runsc here):
 `echo x > /dev/stdout` and `tee /dev/stdout` append instead of truncating or
 writing over the start (Linux's pwrite appends on an O_APPEND description,
-whatever offset the sentry passes). The cost, documented in design-notes:
+whatever offset the sentry passes). A pooled sandbox's stdout becomes O_APPEND only
+once the sandbox has booted (append_after_boot, set_append): the sentry
+fstats an O_APPEND host file before every write, and does not for one that
+was not O_APPEND when it imported it. The cost, documented in design-notes:
 the file's pages are charged to the run's memory cgroup (like the pipe's
 buffer before, but up to the tail's share of the cap plus a poll's worth),
 and nothing slows a flooding writer down.
