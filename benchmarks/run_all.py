@@ -111,7 +111,7 @@ def summary(m: dict, n: int, took: float, failed: list[str]) -> str:
         target(
             "100 MB flood >= 1.0x raw runsc writing a regular file (issue 18)",
             f"{fl['file_ratio']:.2f}x ({fl['ours_ms']:.0f} vs {fl['raw_file_ms']:.0f} ms); "
-            f"execute_command {fl.get('server_file_ratio', 0):.2f}x",
+            f"execute_command {fl.get('server_file_ratio', 0):.2f}x (of raw with the policy's limits to a file)",
             fl["file_ratio"] >= 1.0 and fl.get("server_file_ratio", 0) >= 1.0,
             "100 MB stdout flood",
         )

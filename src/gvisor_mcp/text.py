@@ -61,9 +61,15 @@ def _escape(m: re.Match[str]) -> str:
     return f"\\U{cp:08x}"
 
 
+_LATIN1 = {cp: _escape(m) for cp in range(0x100) if (m := _UNSAFE.match(chr(cp)))}
+"""The unsafe code points below U+0100 and their escapes, for str.translate:
+a flood of NULs (`head -c N /dev/zero`) is all escapes, and one Python call
+per character in re.sub cost ~7 ms per 8 KiB excerpt, translate ~1 ms."""
+
+
 def render(text: str) -> str:
     """`text` with every control, bidi, invisible or unpaired character escaped."""
-    return _UNSAFE.sub(_escape, text)
+    return _UNSAFE.sub(_escape, text.translate(_LATIN1))
 
 
 def render_value(value: Any) -> Any:

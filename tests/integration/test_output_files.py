@@ -33,16 +33,22 @@ class Writer:
         self.skips.append(n)
 
 
-@pytest.mark.parametrize("output_files", [True, False], ids=["file", "pipe"])
-async def test_what_commands_see_is_as_with_a_pipe(sandbox_base, output_files):
+@pytest.mark.parametrize(
+    ("output_files", "warm"), [(True, False), (False, False), (True, True)], ids=["file", "pipe", "warm-file"]
+)
+async def test_what_commands_see_is_as_with_a_pipe(sandbox_base, output_files, warm):
     # `> /dev/stdout` neither truncates nor `tee /dev/stdout` writes over
-    # what came before: the file is O_APPEND.
+    # what came before: the file is O_APPEND (a pooled stub's from the end
+    # of its boot on: outfile.OutputFile.set_append).
     script = (
         "echo one; echo two > /dev/stdout; echo x | tee /dev/stdout; echo three; echo err >&2; "
-        "if test -f /dev/stderr; then echo file >&2; else echo pipe >&2; fi; exit 7"
+        "if test -f /dev/stdout; then echo file >&2; else echo pipe >&2; fi; exit 7"
     )
-    async with Manager(make_config(sandbox_base, output_files=output_files)) as m:
+    async with Manager(make_config(sandbox_base, output_files=output_files)) as manager:
+        m = WarmManager(manager) if warm else manager
         r = await m.run(sh(script))
+        if warm:
+            assert r.warm, r.summary()
     assert r.exit_code == 7, r.summary()
     assert r.stdout == b"one\ntwo\nx\nx\nthree\n"
     assert r.stderr == b"err\n" + (b"file\n" if output_files else b"pipe\n")

@@ -9,6 +9,7 @@ as the sentry's do; tests/integration/test_output_files.py runs real runsc.
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import anyio
@@ -173,6 +174,31 @@ def test_the_sandbox_end_appends(tmp_path):
     anyio.run(f.aclose)
     with pytest.raises(FileExistsError):  # never an existing file
         OutputFile(tmp_path / "stdout")
+
+
+def test_a_pooled_end_turns_append_once_booted(tmp_path):
+    # A pooled stub's stdout: not O_APPEND while the sandbox imports it (the
+    # sentry then skips its fstat per write), O_APPEND from set_append on,
+    # on the description the sandbox shares (here: a dup, as runsc's copy).
+    f = OutputFile(tmp_path / "stdout", append_after_boot=True)
+    sandbox = os.dup(f.writer_fd)
+    try:
+        f.handed_over()  # the client has its copy; ours stays for set_append
+        assert f.writer_fd >= 0
+        assert not fcntl.fcntl(sandbox, fcntl.F_GETFL) & os.O_APPEND
+        f.set_append()
+        assert f.writer_fd == -1
+        assert fcntl.fcntl(sandbox, fcntl.F_GETFL) & os.O_APPEND
+        os.write(sandbox, b"one\n")
+        os.pwrite(sandbox, b"two\n", 0)  # `tee /dev/stdout`: the sentry's own offset 0
+        assert (tmp_path / "stdout").read_bytes() == b"one\ntwo\n"
+    finally:
+        os.close(sandbox)
+        anyio.run(f.aclose)
+    cold = OutputFile(tmp_path / "cold")
+    cold.handed_over()  # a cold run's: O_APPEND from the start, ours closed at once
+    assert cold.writer_fd == -1
+    anyio.run(cold.aclose)
 
 
 def test_punching_works_where_bundles_live(tmp_path):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gvisor_mcp import text as text_mod
 from gvisor_mcp.text import COMMAND_KEPT_BYTES, clip_command, command_sha256, is_safe, render, render_bytes
 from gvisor_mcp.tools.boundary import argument_error, render_call_result
 
@@ -96,6 +97,13 @@ def test_rendered_text_has_nothing_unsafe_and_only_well_formed_escapes(text: str
         for c in text
     )
     assert out == expected
+
+
+@given(st.text())
+def test_render_escapes_exactly_what_the_unsafe_class_matches(text: str) -> None:
+    # render() takes the code points below U+0100 through a translate table
+    # (speed); the result is the one escape per match of the class.
+    assert render(text) == text_mod._UNSAFE.sub(text_mod._escape, text)
 
 
 @given(st.text())

@@ -149,7 +149,8 @@ class Container:
             self.watch = BootWatch(host.runsc, self.container_id)
             outputs = None
             if output_files or stdout_file:
-                stdout = OutputFile(self.bundle / "stdout")
+                # A pooled stub's stdout turns O_APPEND after boot (PoolKeeper._boot).
+                stdout = OutputFile(self.bundle / "stdout", append_after_boot=not output_files)
                 try:
                     outputs = (stdout, OutputFile(self.bundle / "stderr") if output_files else None)
                 except BaseException:

@@ -21,7 +21,10 @@ POLL_INTERVAL (and once more after the `runsc run` client has exited):
 O_APPEND keeps what commands see as with a pipe (measured with runsc here):
 `echo x > /dev/stdout` and `tee /dev/stdout` append instead of truncating or
 writing over the start (Linux's pwrite appends on an O_APPEND description,
-whatever offset the sentry passes). The cost, documented in design-notes:
+whatever offset the sentry passes). A pooled sandbox's stdout becomes O_APPEND only
+once the sandbox has booted (append_after_boot, set_append): the sentry
+fstats an O_APPEND host file before every write, and does not for one that
+was not O_APPEND when it imported it. The cost, documented in design-notes:
 the file's pages are charged to the run's memory cgroup (like the pipe's
 buffer before, but up to the tail's share of the cap plus a poll's worth),
 and nothing slows a flooding writer down.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 from pathlib import Path
 
@@ -90,9 +94,18 @@ class OutputFile:
     """One stream's file: the sandbox's end (`writer_fd`, O_APPEND, given to
     the `runsc run` client) and ours (read, punch)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, append_after_boot: bool = False) -> None:
+        """`append_after_boot` (a pooled sandbox's stdout): the file is not
+        O_APPEND when the sandbox imports it, so gVisor's sentry does not
+        fstat the file before each write (it does for an O_APPEND host file,
+        to track the end itself: ~25% of a 100 MB flood's wall time here);
+        set_append() makes the description O_APPEND once the sandbox has
+        booted, before any command runs, and Linux then appends every write
+        whatever offset the sentry passes."""
         self.path = path
-        self.writer_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._append_later = append_after_boot
+        append = 0 if append_after_boot else os.O_APPEND
+        self.writer_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | append | os.O_CLOEXEC, 0o600)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except BaseException:
@@ -103,8 +116,25 @@ class OutputFile:
         self._punched = 0
         self._punch_ok = True
 
+    def handed_over(self) -> None:
+        """The `runsc run` client has its own copy of the sandbox's end: ours
+        is closed, unless set_append() still needs it."""
+        if not self._append_later:
+            self.close_writer()
+
+    def set_append(self) -> None:
+        """Make the sandbox's end O_APPEND (a description shared with the
+        sandbox): called once the sandbox has booted, i.e. after its sentry
+        read the flags, and before any command wrote. Then close our copy."""
+        if self.writer_fd < 0:
+            raise anyio.ClosedResourceError
+        flags = fcntl.fcntl(self.writer_fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.writer_fd, fcntl.F_SETFL, flags | os.O_APPEND)
+        self._append_later = False
+        self.close_writer()
+
     def close_writer(self) -> None:
-        """Our copy of the sandbox's end, once the client has its own."""
+        """Our copy of the sandbox's end."""
         if self.writer_fd >= 0:
             os.close(self.writer_fd)
             self.writer_fd = -1

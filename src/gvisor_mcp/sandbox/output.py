@@ -107,12 +107,14 @@ class BoundedCapture:
         self._tail_len = len(self._tail[0])
 
     def value(self) -> bytes:
-        tail = b"".join(self._tail)
+        # One copy of at most `limit` bytes (a 10 MiB flood's result was
+        # copied twice more through bytes() and slicing).
         if self.total <= self.limit:
             # Nothing dropped: head is full only if the stream passed head_cap,
             # and the tail holds the remainder exactly.
-            return bytes(self._head) + tail
-        return bytes(self._head) + tail[-self.tail_cap :]
+            return b"".join([self._head, *self._tail])
+        tail = b"".join(self._tail)
+        return b"".join((self._head, memoryview(tail)[max(0, len(tail) - self.tail_cap) :]))
 
 
 def accepts_skips(writer: Callable[[bytes], Any] | None) -> bool:

@@ -45,6 +45,7 @@ from .container import Container
 from .errors import SandboxError
 from .host import Host
 from .options import ContainerOptions, ResourceSpec
+from .outfile import OutputFile
 from .spec import DEFAULT_ENV
 from .stub import EXIT_MARK, STUB_COMMAND, boot_line
 
@@ -314,6 +315,10 @@ class PoolKeeper:
                 return  # no longer wanted: the finally clause stops it
             if watch.running_at is None or proc.returncode is not None:
                 raise SandboxError("pooled sandbox did not boot in time")
+            if isinstance(proc.stdout, OutputFile):
+                # Booted: the sentry has imported stdout without O_APPEND (no
+                # fstat per write); from now on Linux appends whatever it writes.
+                proc.stdout.set_append()
             c.close_watch()
             warm = WarmSandbox(
                 container=c,

@@ -237,7 +237,7 @@ class Runsc:
         finally:
             for f in files:
                 if f is not None:
-                    f.close_writer()
+                    f.handed_over()
             for fd, stream in zip(ends, ours, strict=False):
                 if isinstance(stream, PipeReader):
                     os.close(fd)
