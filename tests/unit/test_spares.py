@@ -45,7 +45,7 @@ def test_close_removes_every_spare_and_stops_refills(tmp_path):
     s = make(tmp_path)
     anyio.run(s.refill, ("/",))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]
-    s.close()
+    anyio.run(s.close)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]
     anyio.run(s.refill, ("/",))
     assert not list(tmp_path.iterdir()) and s.wanted(("/",)) == 0
