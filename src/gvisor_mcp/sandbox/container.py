@@ -174,10 +174,11 @@ class Container:
                 resources=res,
                 netns_path=self.net.netns_path if self.net else None,
             )
-            (self.bundle / "config.json").write_text(json.dumps(spec))
             if self.launched is not None:
+                self.launched.write_config(json.dumps(spec).encode())
                 await self._go(res, stdin)
                 return
+            (self.bundle / "config.json").write_text(json.dumps(spec))
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
             outputs = None
@@ -214,13 +215,11 @@ class Container:
         self.cgroup.reset_peak()
         self.watch = BootWatch(self.host.runsc, self.container_id)
         try:
+            # Without stdin the launcher swaps its stdin for /dev/null; our end
+            # is closed by _supervise's feed, off the way to the boot.
             await proc.stdin.send(go_line(stdin))
-            if not stdin:
-                await proc.stdin.aclose()
         except (anyio.BrokenResourceError, BrokenPipeError, OSError) as e:
             raise SandboxError(f"the sandbox's launcher ended before it was started (exit {proc.returncode})") from e
-        if not stdin:
-            proc.stdin = None
 
     async def _open_network(self) -> NetworkHandle:
         """The provider's namespace; any failure is a SandboxError (status error),
@@ -512,6 +511,8 @@ class Container:
         cid, runsc = self.container_id, self.host.runsc
         try:
             self.close_watch()
+            if self.launched is not None:
+                self.launched.close_config()
             proc = self.process
             if proc is not None:
                 for stream in (proc.stdin, proc.stdout, proc.stderr):
