@@ -54,6 +54,11 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def limits_of(res: ResourceSpec) -> tuple[float, ...]:
+    """What Cgroup.apply writes from: two specs equal here need no rewrite."""
+    return (res.memory_mb, res.cpus, res.max_pids)
+
+
 def detect_version(root: Path = CGROUP_ROOT) -> int | None:
     """2 for a unified hierarchy, 1 when a v1 memory controller is mounted."""
     if (root / "cgroup.controllers").exists():

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import structlog
 
+from .cgroups import limits_of
 from .errors import SandboxError
 from .host import Host, Launched, kill_pid
 from .network import NetworkHandle
@@ -210,8 +211,9 @@ class Container:
         """Start a started spare's runsc: the run's limits on the leaf the
         launcher waits in, peak memory counted from here, then its go line."""
         proc = self.process
-        assert proc is not None and proc.stdin is not None
-        self.cgroup.apply(res)
+        assert proc is not None and proc.stdin is not None and self.launched is not None
+        if limits_of(res) != limits_of(self.launched.limits):
+            self.cgroup.apply(res)
         self.cgroup.reset_peak()
         self.watch = BootWatch(self.host.runsc, self.container_id)
         try:

@@ -24,7 +24,7 @@ from .cgroups import Cgroup, detect_version
 from .config import ManagerConfig
 from .errors import SandboxError
 from .network import NetworkProvider
-from .options import NetworkMode
+from .options import NetworkMode, ResourceSpec
 from .outfile import OutputFile, can_punch
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
@@ -44,6 +44,8 @@ class Launched:
 
     cgroup: Cgroup
     process: RunProcess
+    limits: ResourceSpec
+    """What the leaf's limits were written from (a run with others rewrites them)."""
     config_fd: int
     """The bundle's config.json, created empty: the run writes its spec
     into it (creating a file took ~2 ms on this host's ext4 /run)."""
@@ -118,7 +120,8 @@ class Host:
         the leaf when this returns (SandboxError when it could not)."""
         network = NetworkMode(shape)
         cg = self.cgroup(spare.cid)
-        cg.create(self.config.default_resources)
+        limits = self.config.default_resources
+        cg.create(limits)
         process: RunProcess | None = None
         config_fd = -1
         try:
@@ -140,13 +143,13 @@ class Host:
                 outputs=(stdout, stderr),
                 cwd=str(spare.path),
             )
-            launched = Launched(cg, process, config_fd)
+            launched = Launched(cg, process, limits, config_fd)
             await self._joined(launched)
             return launched
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if process is not None:
-                    await self.stop_spare(Launched(cg, process, config_fd))
+                    await self.stop_spare(Launched(cg, process, limits, config_fd))
                 else:
                     if config_fd >= 0:
                         os.close(config_fd)
