@@ -27,12 +27,24 @@ from gvisor_mcp.sandbox.cgroups import Cgroup, detect_version
 from gvisor_mcp.sandbox.spec import host_pids_limit
 
 from ..conftest import CGROUP_PARENT, leftovers
-from .conftest import WarmManager, make_config
+from .conftest import SpareManager, WarmManager, make_config, running_manager
 
 pytestmark = pytest.mark.runsc
 
 MiB = 1024 * 1024
 OWNED = ("memory", "cpu", "pids")
+
+
+@pytest.fixture(params=["cold", "warm", "spare"])
+async def manager(request, sandbox_base):
+    """As conftest's, plus cold runs served by started spares (spares.py):
+    their leaf and launcher were made before the run, so the same checks
+    (every process in the leaf, limits, OOM vs kill, peak memory) run on
+    that path too."""
+    wrap = {"cold": lambda m: m, "warm": WarmManager, "spare": SpareManager}[request.param]
+    async with running_manager(make_config(sandbox_base)) as m:
+        yield wrap(m)
+    assert leftovers(sandbox_base) == {}
 
 
 def sh(script: str, **res) -> ContainerOptions:

@@ -136,9 +136,11 @@ class Spares:
                 await anyio.to_thread.run_sync(self._make, spare.path, mountpoints)
                 if shape is not None and self._start is not None and not self._closed:
                     spare.started = await self._start(spare, shape)
-            except Exception as e:  # OSError, SandboxError: the runs make their own
-                log.warning("spare_failed", path=str(spare.path), error=str(e))
+            except BaseException as e:  # OSError, SandboxError: the runs make their own
                 await self._discard(spare)
+                if not isinstance(e, Exception):
+                    raise  # cancelled (the Manager's task group ended)
+                log.warning("spare_failed", path=str(spare.path), error=str(e))
                 return
             finally:
                 self._making[key] -= 1
