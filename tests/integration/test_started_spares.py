@@ -131,7 +131,7 @@ CHILD = textwrap.dedent(
         async with Manager(cfg) as m:
             await m.run(ContainerOptions(command=["true"]))
             host = m._entered.host
-            while host.spares.wanted(("/",), "none"):
+            while host.spares.wanted(("/",), "none") or m._tearing:  # spares made, the run torn down
                 await anyio.sleep(0.05)
             print("SPARES", *sorted(host.spares.names()), flush=True)
             await anyio.sleep(600)

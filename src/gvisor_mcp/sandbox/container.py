@@ -98,7 +98,7 @@ class Container:
 
     def replace_spare(self) -> None:
         """After a cold run of the started spares' shape: make the next one
-        (off its clock; made at its start, it took CPU from its boot)."""
+        (off its clock: made at its start, it would take CPU from its boot)."""
         if self.spare_key is not None:
             self.host.start_soon(self.host.spares.refill, *self.spare_key)
 
@@ -159,7 +159,11 @@ class Container:
                 if options.rootfs is None:
                     root = self.bundle / "rootfs"
                     make_root(root, list(mountpoints), host.system)
-            if options.rootfs is None and self.spare_key is None:
+            if self.spare_key is not None and self.launched is None:
+                # None was ready (the first run of its shape, or a burst):
+                # start making them now, as roots were made before.
+                host.start_soon(host.spares.refill, *self.spare_key)
+            elif options.rootfs is None and self.spare_key is None:
                 host.start_soon(host.spares.refill, mountpoints)
             update: dict[str, Any] = {"command": command}
             if options.network is NetworkMode.SANDBOX:
@@ -558,7 +562,7 @@ def spare_shape(host: Host, options: ContainerOptions) -> str | None:
     config = host.config
     if options.rootfs is not None or options.network is NetworkMode.SANDBOX:
         return None
-    if not config.cgroup_prejoin or config.report_memory_limit or not host.output_files:
+    if not config.spare_launchers or not config.cgroup_prejoin or config.report_memory_limit or not host.output_files:
         return None
     if not (accepts_skips(options.stdout_writer) and accepts_skips(options.stderr_writer)):
         return None
