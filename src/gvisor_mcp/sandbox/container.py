@@ -554,7 +554,7 @@ def mountpoints_of(options: ContainerOptions) -> tuple[str, ...]:
 
 
 def spare_shape(host: Host, options: ContainerOptions) -> str | None:
-    """The shape of started spare (spares.py) a cold run with `options` can
+    """The shape of a started spare (spares.py) a cold run with `options` can
     take, or None. A started spare's runsc command line is fixed when it is
     started, all but its limits and stdin: so the built-in root, network
     none or host (its mode is the shape), output files, and a launcher that
