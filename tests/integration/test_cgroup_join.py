@@ -249,3 +249,26 @@ async def test_a_launcher_that_cannot_join_fails_clearly_and_leaves_nothing(sand
         with pytest.raises(SandboxError, match="could not join the run's cgroup"):
             await m.run(ContainerOptions(command=["true"]))
     assert leftovers(sandbox_base) == {}
+
+
+@pytest.mark.parametrize("how", ["spare", "warm"])
+async def test_a_memory_limit_above_the_leafs_own_is_raised(sandbox_base, how):
+    """A leaf made before its run with a lower memory limit (a spare
+    launcher's, made with the Manager's default of 512 MiB; a pooled
+    sandbox booted for a template without one): v1 refuses a memory limit
+    above memsw's, so raising moves memsw first. Before, both runs failed
+    with EINVAL ("could not prepare the sandbox" / "could not apply limits
+    to a pooled sandbox")."""
+    allocate = ["python3", "-c", "x = bytearray(600 << 20)"]
+    big = ContainerOptions(command=allocate, resources=ResourceSpec(memory_mb=1024, timeout=60))
+    async with Manager(make_config(sandbox_base)) as m:
+        if how == "warm":
+            template = ContainerOptions(command=allocate, resources=ResourceSpec(timeout=60))
+            m.warm(template, 1)
+            assert await m.wait_warm(template)
+            r = await m.run(big)
+        else:
+            r = await SpareManager(m).run(big)
+    assert (r.status, r.exit_code, r.warm) == (ContainerStatus.EXITED, 0, how == "warm"), r.summary()
+    assert r.peak_memory_bytes > 600 * MiB
+    assert leftovers(sandbox_base) == {}
