@@ -1,8 +1,8 @@
 """Manager.run(["true"]) cold and warm against a raw `runsc run` of an equivalent bundle.
 
 All are measured in the same run, interleaved (raw, cold, cold with the
-MemTotal namespace, cold with runsc joining the cgroup itself, warm, raw,
-...), so machine noise hits them alike. The
+MemTotal namespace, cold with runsc joining the cgroup itself, cold without
+spare launchers, warm, raw, ...), so machine noise hits them alike. The
 raw reference is the Manager's own runsc command line without its launcher
 (runsc makes and joins the cgroup itself, as before issue 18), so the ratio
 shows what the launcher gains. Warm: a second Manager keeps a pool
@@ -56,18 +56,20 @@ async def bench(n: int) -> tuple[str, dict]:
             cgroup_parent=f"{CGROUP}-{name}",
         )
 
-    raws, cold, boots, warm, claims, plain, old = [], [], [], [], [], [], []
+    raws, cold, boots, warm, claims, plain, old, nospare = [], [], [], [], [], [], [], []
     true = ContainerOptions(command=["true"])
     try:
-        # Four Managers: three never pool (cold: as shipped; showing the
+        # Five Managers: four never pool (cold: as shipped; showing the
         # memory limit in /proc/meminfo, through a mount namespace per run;
-        # runsc joining the cgroup itself, as before issue 18), one keeps a
+        # runsc joining the cgroup itself, as before issue 18; the launcher
+        # started on the clock, as before spare launchers), one keeps a
         # pool of 1 all along, as the server does.
         async with (
             Manager(config("cold")) as cold_m,
             Manager(config("warm")) as warm_m,
             Manager(config("plain").model_copy(update={"report_memory_limit": True})) as plain_m,
             Manager(config("old").model_copy(update={"cgroup_prejoin": False})) as old_m,
+            Manager(config("nospare").model_copy(update={"spare_launchers": False})) as nospare_m,
         ):
             warm_m.warm(true, 1)
             # Warm caches (page cache for runsc and /usr) before measuring.
@@ -75,6 +77,7 @@ async def bench(n: int) -> tuple[str, dict]:
             await cold_m.run(true)
             await plain_m.run(true)
             await old_m.run(true)
+            await nospare_m.run(true)
             for _ in range(n):
                 # Off the clock: the refill from the last claim has booted and
                 # settled (a sandbox claimed within ~0.1 s of its boot runs
@@ -96,16 +99,21 @@ async def bench(n: int) -> tuple[str, dict]:
                 old.append(time.perf_counter() - t)
                 assert r.exit_code == 0 and not r.warm, r.summary()
                 t = time.perf_counter()
+                r = await nospare_m.run(true)
+                nospare.append(time.perf_counter() - t)
+                assert r.exit_code == 0 and not r.warm, r.summary()
+                t = time.perf_counter()
                 r = await warm_m.run(true)
                 warm.append(time.perf_counter() - t)
                 claims.append(r.boot_duration)
                 assert r.exit_code == 0 and r.warm, r.summary()
     finally:
-        check_cold_warm_clean(TITLE, base, raw, CGROUP, extra=("plain", "old"))
+        check_cold_warm_clean(TITLE, base, raw, CGROUP, extra=("plain", "old", "nospare"))
 
     ratio = med(cold) / med(raws)
     pratio = med(plain) / med(raws)
     oratio = med(old) / med(raws)
+    nratio = med(nospare) / med(raws)
     wratio = med(warm) / med(raws)
     table = "\n".join(
         [
@@ -121,6 +129,8 @@ async def bench(n: int) -> tuple[str, dict]:
             f"| {ms(med(plain))} | {ms(p90(plain))} | {pratio:.2f} |",
             f'| `Manager.run(["true"])` (cold, `cgroup_prejoin=False`: runsc joins the leaf itself, as before '
             f"issue 18) | {ms(med(old))} | {ms(p90(old))} | {oratio:.2f} |",
+            f'| `Manager.run(["true"])` (cold, `spare_launchers=False`: its launcher started and joined on the clock, '
+            f"as before the fourth pass) | {ms(med(nospare))} | {ms(p90(nospare))} | {nratio:.2f} |",
             f'| `Manager.run(["true"])` (warm pool hit) | {ms(med(warm))} | {ms(p90(warm))} | {wratio:.2f} |',
             f"| of which claim (`boot_duration`) | {ms(med(claims))} | {ms(p90(claims))} | |",
             "",
@@ -137,6 +147,8 @@ async def bench(n: int) -> tuple[str, dict]:
         "plain_ratio": pratio,
         "old_ms": med(old) * 1000,
         "old_ratio": oratio,
+        "nospare_ms": med(nospare) * 1000,
+        "nospare_ratio": nratio,
         "warm_ratio": wratio,
         "n": n,
         "samples_ms": {

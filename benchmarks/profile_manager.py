@@ -138,8 +138,10 @@ def phases_of(
         out["warm: command, until its exit is reported (or `runsc run` exits)"] = sup_b - claimed
     else:
         cs_a, cs_b = first["create_sandbox"]
-        spawn = total.get("spawn", 0.0)
-        cg = total.get("cgroup_create", 0.0)
+        # Only this run's own: a spare launcher made in the background
+        # (sandbox/spares.py) spawns and makes a cgroup too.
+        spawn = sum(b - a for n, a, b in events if n == "spawn" and cs_a <= a <= cs_b)
+        cg = sum(b - a for n, a, b in events if n == "cgroup_create" and cs_a <= a <= cs_b)
         boot_b = first["boot_wait"][1] if "boot_wait" in first else sup_a
         out["before the sandbox (validate, admission)"] = cs_a - t0
         out["bundle: root dir, spec, config.json"] = (cs_b - cs_a) - spawn - cg

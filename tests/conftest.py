@@ -97,18 +97,25 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
         if files:
             out["runsc state files"] = files
     bundles = base / "bundles"
+    spares: list[str] = []
     if bundles.exists():
         left = [n for n in os.listdir(bundles) if not n.startswith(".")]
         if left:
             out["bundles"] = left
+        # Cold runs' bundles made ahead (sandbox/spares.py), with, for a
+        # started spare, its cgroup leaf and its waiting launcher: listed
+        # here too ("<spare> (cgroup ...)", "<spare> (process ...)").
         spares = [n for n in os.listdir(bundles) if n.startswith(".spare-")]
-        if spares:  # cold runs' roots made ahead (sandbox/spares.py)
-            out["spare bundles"] = spares
+    spare_ids = {n.removeprefix(".spare-"): n for n in spares}
     cg = []
     for ctl in Path("/sys/fs/cgroup").iterdir():
         d = ctl / cgroup_parent
         if d.is_dir() and not ctl.is_symlink():
-            cg += [f"{ctl.name}/{p.name}" for p in d.iterdir() if p.is_dir()]
+            for p in d.iterdir():
+                if p.is_dir() and p.name in spare_ids:
+                    spares.append(f"{spare_ids[p.name]} (cgroup {ctl.name})")
+                elif p.is_dir():
+                    cg.append(f"{ctl.name}/{p.name}")
     if cg:
         out["cgroups"] = cg
     procs = []
@@ -119,9 +126,15 @@ def leftovers(base: Path, cgroup_parent: str = CGROUP_PARENT) -> dict[str, list[
             except OSError:
                 continue
             if f"--root={root}".encode() in cmd:
-                procs.append(pid)
+                spare = next((n for i, n in spare_ids.items() if i.encode() in cmd.split(b"\0")), None)
+                if spare is not None:
+                    spares.append(f"{spare} (process {pid})")
+                else:
+                    procs.append(pid)
     if procs:
         out["processes"] = procs
+    if spares:
+        out["spare bundles"] = spares
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from gvisor_mcp.sandbox import InvalidOptionsError, Manager, ManagerConfig
+from gvisor_mcp.sandbox.container import mountpoints_of, spare_shape
 from gvisor_mcp.sandbox.pool import pool_key
 
 from ..conftest import CGROUP_PARENT, leftovers
@@ -47,6 +48,30 @@ class WarmManager:
         finally:
             self._m.warm(options, 0)
         assert result.warm, result.summary()
+        return result
+
+
+class SpareManager:
+    """The same Manager, but every cold run of the common shape is served by
+    a started spare (sandbox/spares.py: its launcher started ahead, joined
+    to its cgroup leaf): one is made for the run's key first, and the run
+    must have taken a spare's id."""
+
+    def __init__(self, manager: Manager) -> None:
+        self._m = manager
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    async def run(self, options, **kw):
+        host = self._m._entered.host
+        shape = spare_shape(host, options)
+        if shape is None:
+            return await self._m.run(options, **kw)
+        await host.spares.refill(mountpoints_of(options), shape)
+        spares = host.spares.names()
+        result = await self._m.run(options, **kw)
+        assert result.container_id in spares and not result.warm, (result.container_id, spares)
         return result
 
 

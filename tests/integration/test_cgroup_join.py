@@ -27,12 +27,24 @@ from gvisor_mcp.sandbox.cgroups import Cgroup, detect_version
 from gvisor_mcp.sandbox.spec import host_pids_limit
 
 from ..conftest import CGROUP_PARENT, leftovers
-from .conftest import WarmManager, make_config
+from .conftest import SpareManager, WarmManager, make_config, running_manager
 
 pytestmark = pytest.mark.runsc
 
 MiB = 1024 * 1024
 OWNED = ("memory", "cpu", "pids")
+
+
+@pytest.fixture(params=["cold", "warm", "spare"])
+async def manager(request, sandbox_base):
+    """As conftest's, plus cold runs served by started spares (spares.py):
+    their leaf and launcher were made before the run, so the same checks
+    (every process in the leaf, limits, OOM vs kill, peak memory) run on
+    that path too."""
+    wrap = {"cold": lambda m: m, "warm": WarmManager, "spare": SpareManager}[request.param]
+    async with running_manager(make_config(sandbox_base)) as m:
+        yield wrap(m)
+    assert leftovers(sandbox_base) == {}
 
 
 def sh(script: str, **res) -> ContainerOptions:
@@ -236,4 +248,27 @@ async def test_a_launcher_that_cannot_join_fails_clearly_and_leaves_nothing(sand
     async with Manager(make_config(sandbox_base)) as m:
         with pytest.raises(SandboxError, match="could not join the run's cgroup"):
             await m.run(ContainerOptions(command=["true"]))
+    assert leftovers(sandbox_base) == {}
+
+
+@pytest.mark.parametrize("how", ["spare", "warm"])
+async def test_a_memory_limit_above_the_leafs_own_is_raised(sandbox_base, how):
+    """A leaf made before its run with a lower memory limit (a spare
+    launcher's, made with the Manager's default of 512 MiB; a pooled
+    sandbox booted for a template without one): v1 refuses a memory limit
+    above memsw's, so raising moves memsw first. Before, both runs failed
+    with EINVAL ("could not prepare the sandbox" / "could not apply limits
+    to a pooled sandbox")."""
+    allocate = ["python3", "-c", "x = bytearray(600 << 20)"]
+    big = ContainerOptions(command=allocate, resources=ResourceSpec(memory_mb=1024, timeout=60))
+    async with Manager(make_config(sandbox_base)) as m:
+        if how == "warm":
+            template = ContainerOptions(command=allocate, resources=ResourceSpec(timeout=60))
+            m.warm(template, 1)
+            assert await m.wait_warm(template)
+            r = await m.run(big)
+        else:
+            r = await SpareManager(m).run(big)
+    assert (r.status, r.exit_code, r.warm) == (ContainerStatus.EXITED, 0, how == "warm"), r.summary()
+    assert r.peak_memory_bytes > 600 * MiB
     assert leftovers(sandbox_base) == {}

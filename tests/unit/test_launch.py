@@ -7,6 +7,7 @@ tree in a temp directory (these machines have v1 only)."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ from gvisor_mcp.sandbox.cgroups import Cgroup
 from gvisor_mcp.sandbox.container import _runsc_error
 from gvisor_mcp.sandbox.options import NetworkMode
 from gvisor_mcp.sandbox.runsc import (
+    GO_NULL,
+    GO_PIPE,
     LAUNCHER_FAILED,
     PROC_SYS_NET_COVER,
     Launch,
     Runsc,
+    go_line,
     launcher_argv,
     meminfo_mount,
     meminfo_text,
@@ -104,3 +108,58 @@ def test_cgroup_v2_leaf_has_one_procs_file(tmp_path):
     assert v1.procs_files() == tuple(
         f"/sys/fs/cgroup/{c}/gvisor-mcp/gm-1/cgroup.procs" for c in ("memory", "cpu", "pids")
     )
+
+
+def waiting(tmp_path: Path) -> subprocess.Popen:
+    """A launcher that waits for its go line, in front of `sh -c` (not runsc)."""
+    argv = launcher_argv(Launch(wait_for_go=True), str(tmp_path / "log"))
+    return subprocess.Popen(
+        [*argv, "/bin/sh", "-c", 'printf "[%s]" "$(cat)"; echo ran'],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_a_waiting_launcher_runs_nothing_until_its_go_line(tmp_path):
+    launch = Launch(wait_for_go=True)
+    assert not launch.empty and "read -r go" in launcher_argv(launch, "/log")[2]
+    # EOF instead of a go line (a spare nobody took): exit 0, runsc never runs.
+    p = waiting(tmp_path)
+    out, err = p.communicate(b"", timeout=10)
+    assert (p.returncode, out, err) == (0, b"", b"")
+
+
+def test_go_pipe_gives_runsc_the_rest_of_the_pipe_byte_for_byte(tmp_path):
+    p = waiting(tmp_path)
+    out, _ = p.communicate(GO_PIPE + b"first\nsecond", timeout=10)
+    assert (p.returncode, out) == (0, b"[first\nsecond]ran\n")
+    assert go_line(True) == GO_PIPE
+
+
+def test_go_null_gives_runsc_dev_null_whatever_else_the_pipe_holds(tmp_path):
+    p = waiting(tmp_path)
+    out, _ = p.communicate(GO_NULL + b"not for the command", timeout=10)
+    assert (p.returncode, out) == (0, b"[]ran\n")
+    assert go_line(False) == GO_NULL
+
+
+def test_a_waiting_launcher_joins_before_it_waits(tmp_path):
+    """The join (the costly part: a cgroup migration) is done before the go
+    line is read, so a spare's launcher has joined before a run takes it;
+    a failed join ends it with LAUNCHER_FAILED before any go line."""
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    argv = launcher_argv(Launch(join_cgroups=(str(procs),), wait_for_go=True), str(tmp_path / "log"))
+    p = subprocess.Popen([*argv, "/bin/echo", "ran"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while procs.read_text() != "0\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert procs.read_text() == "0\n" and p.poll() is None  # joined, still waiting
+    out, _ = p.communicate(GO_NULL, timeout=10)
+    assert (p.returncode, out) == (0, b"ran\n")
+    gone = launcher_argv(
+        Launch(join_cgroups=(str(tmp_path / "missing" / "cgroup.procs"),), wait_for_go=True), str(tmp_path / "log")
+    )
+    p = subprocess.run([*gone, "/bin/echo", "ran"], input=b"", capture_output=True, timeout=10)
+    assert (p.returncode, p.stdout) == (LAUNCHER_FAILED, b"")

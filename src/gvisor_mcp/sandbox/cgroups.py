@@ -54,6 +54,11 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def limits_of(res: ResourceSpec) -> tuple[float, ...]:
+    """What Cgroup.apply writes from: two specs equal here need no rewrite."""
+    return (res.memory_mb, res.cpus, res.max_pids)
+
+
 def detect_version(root: Path = CGROUP_ROOT) -> int | None:
     """2 for a unified hierarchy, 1 when a v1 memory controller is mounted."""
     if (root / "cgroup.controllers").exists():
@@ -106,10 +111,14 @@ class Cgroup:
         mem = self._dir("memory")
         limit = str(res.memory_mb * 1024 * 1024) if res.memory_mb else "-1"
         sw = mem / "memory.memsw.limit_in_bytes"
-        # v1 wants memsw >= mem at every step: order the two writes accordingly.
+        # v1 wants memsw >= mem at every step: a limit going up moves memsw
+        # first, one going down moves it last (a leaf made with other limits:
+        # a claimed pooled sandbox, a spare launcher's leaf).
         writes = [(mem / "memory.limit_in_bytes", limit)]
         if sw.exists():
-            writes = [writes[0], (sw, limit)] if res.memory_mb else [(sw, limit), writes[0]]
+            current = _read_int(mem / "memory.limit_in_bytes")
+            raising = not res.memory_mb or res.memory_mb * 1024 * 1024 > current
+            writes = [(sw, limit), writes[0]] if raising else [writes[0], (sw, limit)]
         for path, value in writes:
             try:
                 _write(path, value)

@@ -26,15 +26,16 @@ from typing import Any
 import anyio
 import structlog
 
+from .cgroups import limits_of
 from .errors import SandboxError
-from .host import Host, kill_pid
+from .host import Host, Launched, kill_pid
 from .network import NetworkHandle
 from .options import ContainerOptions, NetworkMode, ResourceSpec
 from .outfile import OutputFile
 from .output import BoundedCapture, accepts_skips, feed, pump
 from .result import ContainerResult, ContainerStatus
 from .rootfs import make_root
-from .runsc import BootWatch, Launch, RunProcess, meminfo_mount, meminfo_text
+from .runsc import BootWatch, Launch, RunProcess, go_line, meminfo_mount, meminfo_text
 from .spec import DEFAULT_ENV, build_spec
 from .stub import claim_line
 
@@ -74,7 +75,32 @@ class Container:
         self.exit_mark: str | None = None
         """A pooled stub's exit mark (stub.py), given to it at boot."""
         self.waited = 0.0
+        self.launched: Launched | None = None
+        """A cold run's launcher started ahead (a started spare, spares.py)."""
+        self.spare_key: tuple[tuple[str, ...], str] | None = None
+        """A cold run of the started spares' shape: (mountpoints, shape), to replace after it."""
         self._torn_down = False
+
+    @classmethod
+    async def cold(cls, host: Host, options: ContainerOptions) -> Container:
+        """The container of a cold run: a started spare's when one of its
+        shape is ready (the container id is the spare's), else a new one."""
+        shape = spare_shape(host, options)
+        if shape is None:
+            return cls(host, host.new_container_id())
+        key = (mountpoints_of(options), shape)
+        spare = await host.spares.take_started(*key, lambda launched: launched.waiting)
+        c = cls(host, spare.cid if spare is not None else host.new_container_id())
+        c.spare_key = key
+        if spare is not None:
+            c.launched = spare.started
+        return c
+
+    def replace_spare(self) -> None:
+        """After a cold run of the started spares' shape: make the next one
+        (off its clock: made at its start, it would take CPU from its boot)."""
+        if self.spare_key is not None:
+            self.host.start_soon(self.host.spares.refill, *self.spare_key)
 
     def begin(
         self,
@@ -119,16 +145,25 @@ class Container:
         at claim)."""
         host = self.host
         try:
-            mountpoints = (*(m.destination for m in options.extra_mounts), options.workdir)
+            mountpoints = mountpoints_of(options)
             root = None
-            if options.rootfs is None and host.spares.take(mountpoints, self.bundle):
+            if self.launched is not None:
+                # Bundle, root, cgroup leaf, output files and the launcher
+                # in the leaf: made ahead (spares.py, Host.start_spare).
+                self.process = self.launched.process
+                root = self.bundle / "rootfs"
+            elif options.rootfs is None and host.spares.take(mountpoints, self.bundle):
                 root = self.bundle / "rootfs"  # made ahead (spares.py)
             else:
                 self.bundle.mkdir(mode=0o700)
                 if options.rootfs is None:
                     root = self.bundle / "rootfs"
                     make_root(root, list(mountpoints), host.system)
-            if options.rootfs is None:
+            if self.spare_key is not None and self.launched is None:
+                # None was ready (the first run of its shape, or a burst):
+                # start making them now, as roots were made before.
+                host.start_soon(host.spares.refill, *self.spare_key)
+            elif options.rootfs is None and self.spare_key is None:
                 host.start_soon(host.spares.refill, mountpoints)
             update: dict[str, Any] = {"command": command}
             if options.network is NetworkMode.SANDBOX:
@@ -144,6 +179,10 @@ class Container:
                 resources=res,
                 netns_path=self.net.netns_path if self.net else None,
             )
+            if self.launched is not None:
+                self.launched.write_config(json.dumps(spec).encode())
+                await self._go(res, stdin)
+                return
             (self.bundle / "config.json").write_text(json.dumps(spec))
             self.cgroup.create(res)
             self.watch = BootWatch(host.runsc, self.container_id)
@@ -171,6 +210,22 @@ class Container:
             if isinstance(e, OSError):
                 raise SandboxError(f"could not prepare the sandbox: {e}") from e
             raise
+
+    async def _go(self, res: ResourceSpec, stdin: bool) -> None:
+        """Start a started spare's runsc: the run's limits on the leaf the
+        launcher waits in, peak memory counted from here, then its go line."""
+        proc = self.process
+        assert proc is not None and proc.stdin is not None and self.launched is not None
+        if limits_of(res) != limits_of(self.launched.limits):
+            self.cgroup.apply(res)
+        self.cgroup.reset_peak()
+        self.watch = BootWatch(self.host.runsc, self.container_id)
+        try:
+            # Without stdin the launcher swaps its stdin for /dev/null; our end
+            # is closed by _supervise's feed, off the way to the boot.
+            await proc.stdin.send(go_line(stdin))
+        except (anyio.BrokenResourceError, BrokenPipeError, OSError) as e:
+            raise SandboxError(f"the sandbox's launcher ended before it was started (exit {proc.returncode})") from e
 
     async def _open_network(self) -> NetworkHandle:
         """The provider's namespace; any failure is a SandboxError (status error),
@@ -462,6 +517,8 @@ class Container:
         cid, runsc = self.container_id, self.host.runsc
         try:
             self.close_watch()
+            if self.launched is not None:
+                self.launched.close_config()
             proc = self.process
             if proc is not None:
                 for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -489,6 +546,27 @@ class Container:
             await anyio.to_thread.run_sync(shutil.rmtree, self.bundle, True)
         except Exception as e:  # teardown must not mask the result
             log.error("teardown_failed", container_id=cid, error=repr(e))
+
+
+def mountpoints_of(options: ContainerOptions) -> tuple[str, ...]:
+    """What a run's empty root must have directories for (spares are kept per set)."""
+    return (*(m.destination for m in options.extra_mounts), options.workdir)
+
+
+def spare_shape(host: Host, options: ContainerOptions) -> str | None:
+    """The shape of a started spare (spares.py) a cold run with `options` can
+    take, or None. A started spare's runsc command line is fixed when it is
+    started, all but its limits and stdin: so the built-in root, network
+    none or host (its mode is the shape), output files, and a launcher that
+    only joins the cgroup (no mount namespace: network=sandbox, MemTotal)."""
+    config = host.config
+    if options.rootfs is not None or options.network is NetworkMode.SANDBOX:
+        return None
+    if not config.spare_launchers or not config.cgroup_prejoin or config.report_memory_limit or not host.output_files:
+        return None
+    if not (accepts_skips(options.stdout_writer) and accepts_skips(options.stderr_writer)):
+        return None
+    return options.network.value
 
 
 def _runsc_error(log_path: Path) -> str | None:

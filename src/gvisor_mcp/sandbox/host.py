@@ -11,6 +11,9 @@ closing inotify fds off the event loop) runs in.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -21,11 +24,49 @@ from .cgroups import Cgroup, detect_version
 from .config import ManagerConfig
 from .errors import SandboxError
 from .network import NetworkProvider
-from .outfile import can_punch
+from .options import NetworkMode, ResourceSpec
+from .outfile import OutputFile, can_punch
 from .ownership import OwnerLock, new_container_id
 from .rootfs import host_system_entries, write_etc
-from .runsc import Runsc, missing_launcher_tools
-from .spares import Spares
+from .runsc import Launch, RunProcess, Runsc, missing_launcher_tools
+from .spares import Spare, Spares
+
+JOIN_WAIT = 5.0
+"""Seconds a started spare's launcher may take to join its cgroup leaf."""
+
+
+@dataclass
+class Launched:
+    """A started spare's host side (Host.start_spare): its cgroup leaf (the
+    Manager's default limits until a run applies its own) and the `runsc
+    run` launcher in it, waiting for its go line, writing to the spare's
+    output files."""
+
+    cgroup: Cgroup
+    process: RunProcess
+    limits: ResourceSpec
+    """What the leaf's limits were written from (a run with others rewrites them)."""
+    config_fd: int
+    """The bundle's config.json, created empty: the run writes its spec
+    into it (creating a file took ~2 ms on this host's ext4 /run)."""
+
+    @property
+    def waiting(self) -> bool:
+        return self.process.returncode is None
+
+    def write_config(self, data: bytes) -> None:
+        """The run's spec, into the config.json made ahead; then closed."""
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.config_fd, view) :]
+        finally:
+            self.close_config()
+
+    def close_config(self) -> None:
+        fd, self.config_fd = self.config_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class Host:
@@ -60,8 +101,8 @@ class Host:
         """Cold runs' output goes through files (outfile.py); not where the
         bundle directory's filesystem cannot punch holes."""
         self.owner = OwnerLock(self.base / ".owners")
-        self.spares = Spares(self.base, self.system, self.new_container_id)
-        """Cold runs' empty roots, made ahead (spares.py)."""
+        self.spares = Spares(self.base, self.system, self.new_container_id, self.start_spare, self.stop_spare)
+        """Cold runs' empty roots, and for the common shape their launchers, made ahead (spares.py)."""
 
     @property
     def instance(self) -> str:
@@ -72,6 +113,84 @@ class Host:
 
     def cgroup(self, container_id: str) -> Cgroup:
         return Cgroup(f"/{self.config.cgroup_parent}/{container_id}", self.cgroup_version)
+
+    async def start_spare(self, spare: Spare, shape: Hashable) -> Launched:
+        """The host side of a cold run of `shape` (its network mode), made
+        ahead: cgroup leaf, output files and the launcher, which has joined
+        the leaf when this returns (SandboxError when it could not)."""
+        network = NetworkMode(shape)
+        cg = self.cgroup(spare.cid)
+        limits = self.config.default_resources
+        cg.create(limits)
+        process: RunProcess | None = None
+        config_fd = -1
+        try:
+            config_fd = os.open(spare.path / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            stdout = OutputFile(spare.path / "stdout")
+            try:
+                stderr = OutputFile(spare.path / "stderr")
+            except BaseException:
+                await stdout.aclose()
+                raise
+            bundle = self.base / spare.cid
+            process = await self.runsc.open_run(
+                spare.cid,
+                str(bundle),
+                network,
+                str(bundle / "runsc.log"),
+                stdin=True,
+                launch=Launch(join_cgroups=cg.procs_files(), wait_for_go=True),
+                outputs=(stdout, stderr),
+                cwd=str(spare.path),
+            )
+            launched = Launched(cg, process, limits, config_fd)
+            await self._joined(launched)
+            return launched
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if process is not None:
+                    await self.stop_spare(Launched(cg, process, limits, config_fd))
+                else:
+                    if config_fd >= 0:
+                        os.close(config_fd)
+                    await cg.remove()
+            raise
+
+    async def _joined(self, launched: Launched) -> None:
+        """Wait until the launcher is in its leaf: a run that takes it then
+        waits for no cgroup migration, and a launcher that failed to join is
+        never offered."""
+        procs = Path(launched.cgroup.procs_files()[-1])
+        pid = str(launched.process.pid)
+        deadline = time.monotonic() + JOIN_WAIT
+        while launched.waiting and time.monotonic() < deadline:
+            try:
+                if pid in procs.read_text().split():
+                    return
+            except OSError:
+                break
+            await anyio.sleep(0.005)
+        raise SandboxError(f"a spare's launcher did not join its cgroup ({procs})")
+
+    async def stop_spare(self, launched: Launched) -> None:
+        """A started spare nobody took: EOF on the launcher's stdin ends it
+        without running runsc; then its files and leaf go."""
+        proc = launched.process
+        with anyio.CancelScope(shield=True):
+            if proc.stdin is not None:
+                try:
+                    await proc.stdin.aclose()
+                except (anyio.BrokenResourceError, BrokenPipeError, OSError):
+                    pass
+            with anyio.move_on_after(self.config.kill_grace):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                await stream.aclose()
+            launched.close_config()
+            await launched.cgroup.remove()
 
     def start_soon(self, func, *args) -> None:  # type: ignore[no-untyped-def]
         """Background work in the Manager's task group; skipped once it has ended."""

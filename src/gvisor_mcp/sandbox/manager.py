@@ -204,7 +204,7 @@ class Manager:
                     return _never_ran(boot.container, stopped, waited)
             if warm is None:
                 entered.keeper.make_room()
-                c = Container(entered.host, entered.host.new_container_id())
+                c = await Container.cold(entered.host, options)
             else:
                 c = warm.container
                 entered.host.tg.start_soon(self._refill_after, c)
@@ -286,7 +286,8 @@ class Manager:
                         await c.done.wait()
         finally:
             if self._parts is not None:
-                self._parts.host.spares.close()
+                with anyio.CancelScope(shield=True):
+                    await self._parts.host.spares.close()
                 self._parts.host.owner.release()
             self._close_done.set()
 
@@ -318,8 +319,10 @@ class Manager:
 
         After an early answer the command is done and reported, but the
         sandbox still has to exit (~50 ms): that finishes in the background
-        and its capacity slot stays taken until it is gone.
+        and its capacity slot stays taken until it is gone. A cold run's
+        started spare is replaced from here on (spares.py).
         """
+        c.replace_spare()
         if c.answered_early:
             self._tearing.add(c.container_id)
             self._entered.host.tg.start_soon(self._teardown_later, c)

@@ -41,6 +41,9 @@ async def reap_stale(host: Host, owned: Callable[[], set[str]]) -> list[dict]:
     candidates.update(runsc.all_run_ids(ID_PREFIX))
     candidates.update(p.name for p in host.base.iterdir() if p.name.startswith(ID_PREFIX))
     candidates.update(n for n in list_leaves(config.cgroup_parent, host.cgroup_version) if n.startswith(ID_PREFIX))
+    # A started spare (spares.py) has a leaf and a launcher under its id: it
+    # is reaped as a spare below, not reported as a container.
+    candidates -= {p.name[len(SPARE_PREFIX) :] for p in host.base.iterdir() if p.name.startswith(SPARE_PREFIX)}
     report = []
     alive: dict[str, bool] = {}
     for cid in sorted(candidates):
@@ -55,15 +58,17 @@ async def reap_stale(host: Host, owned: Callable[[], set[str]]) -> list[dict]:
             if alive[inst]:
                 continue
         report.append(await _reap(host, cid))
-    _reap_spares(host, alive)
+    await _reap_spares(host, alive)
     host.owner.forget_dead()
     if report:
         log.info("cleanup_stale", removed=len(report))
     return report
 
 
-def _reap_spares(host: Host, alive: dict[str, bool]) -> None:
-    """Spare bundles (spares.py) of dead owners, and ours no longer listed."""
+async def _reap_spares(host: Host, alive: dict[str, bool]) -> None:
+    """Spare bundles (spares.py) of dead owners, and ours no longer listed,
+    with a started spare's launcher (it exits by itself once its server's
+    end of its stdin is closed) and cgroup leaf."""
     for p in host.base.iterdir():
         if not p.name.startswith(SPARE_PREFIX):
             continue
@@ -79,6 +84,9 @@ def _reap_spares(host: Host, alive: dict[str, bool]) -> None:
                 alive[inst] = host.owner.alive(inst)
             if alive[inst]:
                 continue
+        for pid in host.runsc.process_pids(cid):
+            kill_pid(pid)
+        await host.cgroup(cid).remove()
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -61,6 +61,13 @@ class Launch(BaseModel):
       `--ignore-cgroups` runsc would otherwise tell the sandbox the host's
       memory), a tmpfs over /proc/sys/net for `--network=sandbox`.
 
+    - `wait_for_go`: after its steps, the launcher waits for one line on its
+      stdin (GO_NULL or GO_PIPE, see go_line) before it execs runsc, so it
+      can be started and joined ahead of the run it serves (a started spare,
+      spares.py): the fork/exec and the cgroup migration (one RCU grace
+      period, ~10 ms here) are then off the run's clock. EOF instead of a
+      line: it exits 0 without running runsc (a spare nobody took).
+
     Empty: runsc is exec'd directly, as before (the benchmarks' reference).
     """
 
@@ -68,10 +75,23 @@ class Launch(BaseModel):
 
     join_cgroups: tuple[str, ...] = ()
     mounts: tuple[tuple[str, ...], ...] = ()
+    wait_for_go: bool = False
 
     @property
     def empty(self) -> bool:
-        return not self.join_cgroups and not self.mounts
+        return not self.join_cgroups and not self.mounts and not self.wait_for_go
+
+
+GO_NULL = b"null\n"
+"""Go line: runsc's stdin becomes /dev/null (a run without stdin)."""
+GO_PIPE = b"pipe\n"
+"""Go line: runsc's stdin is the rest of the launcher's stdin pipe (dash's
+`read` takes one byte at a time from a pipe, never more than the line)."""
+
+
+def go_line(stdin: bool) -> bytes:
+    """What a waiting launcher (Launch.wait_for_go) is sent to exec runsc."""
+    return GO_PIPE if stdin else GO_NULL
 
 
 LAUNCHER_TOOLS = ("unshare", "mount")
@@ -116,6 +136,9 @@ def launcher_argv(launch: Launch, log_path: str) -> list[str]:
     for cmd, why in steps:
         error = json.dumps({"level": "error", "msg": why})
         lines.append(f"{{ {cmd}; }} 2>/dev/null || fail {shlex.quote(error)}")
+    if launch.wait_for_go:
+        lines.append("read -r go || exit 0")
+        lines.append(f'[ "$go" = {GO_PIPE.decode().strip()} ] || exec </dev/null')
     lines.append('exec "$0" "$@"')
     script = "\n".join(lines)
     prefix = ["/bin/sh", "-c", script]
@@ -202,10 +225,13 @@ class Runsc:
         stdin: bool,
         launch: Launch = Launch(),
         outputs: tuple[OutputFile | None, OutputFile | None] | None = None,
+        cwd: str | None = None,
     ) -> RunProcess:
         """The client, started; its stdout/stderr are our pipes, or, for a
         stream `outputs` gives a file, the sandbox writes that file itself
-        (outfile.py; a pooled sandbox has a file stdout and a pipe stderr)."""
+        (outfile.py; a pooled sandbox has a file stdout and a pipe stderr).
+        `cwd`: the bundle's directory while it has another name (a started
+        spare's, renamed to `bundle` before the launcher is told to go)."""
         files = outputs or (None, None)
         ends: list[int] = []  # what the client's stdout/stderr get
         ours: list[PipeReader | OutputFile] = []
@@ -223,7 +249,7 @@ class Runsc:
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=ends[0],
                 stderr=ends[1],
-                cwd=bundle,
+                cwd=cwd or bundle,
                 env=RUNSC_ENV,
                 # Our own process group: a Ctrl-C aimed at the server or CLI must
                 # not reach runsc behind our back; we kill containers ourselves.
