@@ -33,7 +33,7 @@ from .errors import InvalidOptionsError, ManagerClosedError
 from .host import Host
 from .network import NetworkProvider
 from .options import ContainerOptions, NetworkMode, ResourceSpec
-from .pool import REFILL_DELAY, Boot, PoolKeeper, WarmPool, WarmSandbox, pool_key
+from .pool import REFILL_DELAY, REFILL_DELAY_SPARE, Boot, PoolKeeper, PoolKey, WarmPool, WarmSandbox, pool_key
 from .reaper import reap_stale
 from .result import ContainerResult, ContainerStatus
 from .spec import check_workdir
@@ -207,7 +207,8 @@ class Manager:
                 c = await Container.cold(entered.host, options)
             else:
                 c = warm.container
-                entered.host.tg.start_soon(self._refill_after, c)
+                delay = REFILL_DELAY_SPARE if self.pool.ready.get(warm.key) else REFILL_DELAY
+                entered.host.tg.start_soon(self._refill_after, c, warm.key, self.pool.hold(warm.key), delay)
             rid = run_id or c.container_id
             c.begin(rid, options.command, res, warm=warm is not None, slot=slot, waited=waited)
             self._active[rid] = c
@@ -366,12 +367,15 @@ class Manager:
         if given is not None:
             self._entered.host.tg.start_soon(self._entered.keeper.destroy, given)
 
-    async def _refill_after(self, c: Container) -> None:
-        """Wake the pool keeper once `c`'s command is answered, or after
-        REFILL_DELAY (pool.py says why not at the claim)."""
-        with anyio.move_on_after(REFILL_DELAY):
-            await c.done.wait()
-        self.pool.wake()
+    async def _refill_after(self, c: Container, key: PoolKey, hold: object, delay: float) -> None:
+        """Let the pool keeper replace `c` once its command is answered, or
+        after `delay`: REFILL_DELAY, or REFILL_DELAY_SPARE when the claim
+        left a sandbox ready for `key` (pool.py says why not at the claim)."""
+        try:
+            with anyio.move_on_after(delay):
+                await c.done.wait()
+        finally:
+            self.pool.release(key, hold)
 
     async def _teardown_later(self, c: Container) -> None:
         with anyio.CancelScope(shield=True):
