@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from gvisor_mcp.sandbox import ContainerOptions, ContainerStatus, Manager, ResourceSpec
-from gvisor_mcp.sandbox.cgroups import CGROUP_ROOT, Cgroup, freezer_available
+from gvisor_mcp.sandbox.cgroups import CGROUP_ROOT, Cgroup
 from gvisor_mcp.sandbox.pool import WarmSandbox
 
 from ..conftest import CGROUP_PARENT, leftovers
@@ -97,9 +97,7 @@ async def test_freeze_after_zero_never_freezes(sandbox_base):
 
 @pytest.mark.parametrize("how", ["kill", "timeout"])
 async def test_kill_and_timeout_of_a_run_claimed_after_the_freeze_are_honest(sandbox_base, how):
-    sleep = ContainerOptions(
-        command=["sleep", "300"], resources=ResourceSpec(timeout=2.0 if how == "timeout" else 0)
-    )
+    sleep = ContainerOptions(command=["sleep", "300"], resources=ResourceSpec(timeout=2.0 if how == "timeout" else 0))
     async with Manager(make_config(sandbox_base, pool_freeze_after=FREEZE_AFTER)) as m:
         (warm,) = await _frozen_pool(m, sleep)
         result = None
@@ -155,7 +153,7 @@ def test_a_frozen_task_does_not_die_of_sigkill_until_thawed():
     cg = Cgroup(f"/{CGROUP_PARENT}/gm-{uuid.uuid4().hex[:12]}", 1, freezer=True)
     leaf = _freezer_leaf(cg)
     leaf.mkdir(parents=True)
-    proc = subprocess.Popen(["/bin/sh", "-c", f'echo $$ > {leaf}/cgroup.procs && exec sleep 300'])
+    proc = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {leaf}/cgroup.procs && exec sleep 300"])
     try:
         for _ in range(500):
             if str(proc.pid) in (leaf / "cgroup.procs").read_text().split():

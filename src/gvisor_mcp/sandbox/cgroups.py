@@ -188,7 +188,7 @@ class Cgroup:
             _write(self._dir(V1_FREEZER) / "freezer.state", "THAWED")
 
     def freezer_state(self) -> str | None:
-        """"THAWED", "FREEZING" (asked, not all stopped yet) or "FROZEN";
+        """The freezer's state: "THAWED", "FREEZING" (asked, not all stopped yet) or "FROZEN";
         None without a freezer leaf."""
         try:
             if self.version == 2:
