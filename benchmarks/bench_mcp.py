@@ -428,10 +428,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
     if "idle_ms_per_s" in cpu:
         mem_lines += [
             "",
-            f"CPU while idle (both servers, the {pool_size} pooled sandboxes, 2 s, cpuacct): "
-            f"{cpu['idle_ms_per_s']:.0f} ms per second, "
+            f"CPU while idle (both servers, the {pool_size} pooled sandboxes, 2 s, cpuacct, from 1 s after "
+            f"the pool filled): {cpu['idle_ms_per_s']:.0f} ms per second, "
             f"{cpu['idle_ms_per_s'] / pool_size:.0f} ms per second per idle pooled sandbox "
-            "(gVisor's sentry is not fully idle while a task waits).",
+            "(frozen after `--pool-freeze-after`, default 1 s; not frozen, this runsc's systrap sentry "
+            "polls ~40-60 ms per second: `bench_idle_pool.py`).",
         ]
     metrics = {
         "n": n,
