@@ -81,6 +81,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds_or_never(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: a number of seconds, or 0 for never")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gvisor-mcp",
@@ -155,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pool-freeze-after",
-        type=float,
+        type=_seconds_or_never,
         default=1.0,
         metavar="SECONDS",
         help="freeze a pooled sandbox left unclaimed this long; it is thawed when claimed "
