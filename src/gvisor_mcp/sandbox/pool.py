@@ -30,7 +30,7 @@ A ready sandbox that no run claimed for `ManagerConfig.pool_freeze_after`
 seconds is frozen (cgroup freezer): this runsc's systrap sentry polls
 ~40-60 ms of CPU per second while it idles, none frozen. Whatever takes a
 sandbox out of the ready list thaws it before talking to it: the claim
-(Manager.run; a sandbox that will not thaw is discarded and the call goes
+(PoolKeeper.claim; a sandbox that will not thaw is discarded and the call goes
 on as a miss), its stop (Container.stop_idle, teardown), the stale reaper
 (a dead server's frozen sandboxes stay frozen until the next start reaps
 them: their stubs cannot read the EOF that would end them).
@@ -38,6 +38,11 @@ them: their stubs cannot read the EOF that would end them).
 `WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
 `PoolKeeper` boots and destroys pooled sandboxes in the Manager's task group,
 within the Manager's capacity.
+
+Why over ~400 lines: the bookkeeping and the keeper share one set of
+invariants (what counts as the pool's capacity: ready, booting, taken,
+held; which sandbox may be frozen, and when it must be thawed), read
+together whenever either changes.
 """
 
 from __future__ import annotations
@@ -397,6 +402,17 @@ class PoolKeeper:
             self.booting_ids.discard(cid)
             boot.settled.set()
             self.pool.wake()
+
+    def claim(self, key: PoolKey | None) -> WarmSandbox | None:
+        """WarmPool.claim, thawed (Manager.run claims before it writes the
+        claim line). One that will not thaw is destroyed, and the claim
+        counts as a miss: the run goes on as a miss does."""
+        warm = self.pool.claim(key)
+        if warm is not None and not warm.container.thaw():
+            self.pool.unclaim(warm)
+            self.host.tg.start_soon(self.destroy, warm)
+            return None
+        return warm
 
     async def _freeze_later(self, warm: WarmSandbox) -> None:
         """Freeze `warm` once it has idled `freeze_after` seconds. The check
