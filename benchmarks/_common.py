@@ -282,6 +282,18 @@ class CpuMeter:
         self.dir = None
 
 
+def newest_leaf_frozen(parent: str) -> bool:
+    """Whether the newest run cgroup under `parent` (v1 freezer) is frozen:
+    a server's pool claims its newest sandbox first (pool.WarmPool.claim),
+    so this says, close enough, whether the next warm call thaws one."""
+    d = Path("/sys/fs/cgroup/freezer") / parent
+    try:
+        leaves = sorted((p for p in d.iterdir() if p.is_dir()), key=lambda p: p.stat().st_ctime_ns)
+        return bool(leaves) and (leaves[-1] / "freezer.state").read_text().strip() == "FROZEN"
+    except OSError:
+        return False
+
+
 # --- cleanup --------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     machine_line,
     med,
     ms,
+    newest_leaf_frozen,
     p90,
     pss_kib,
     runsc_processes,
@@ -242,6 +243,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         )
     }
     warm_hits = 0
+    warm_frozen = 0
     b2b_hits = 0
     mem: dict = {}
     cpu: dict = {}
@@ -293,6 +295,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
                 rows["cold_dur"].append(s["duration_ms"] / 1000)
                 rows["cold_boot"].append(s["boot_ms"] / 1000)
                 await wait_pool_full(warm_root / "runsc", pool_size)
+                warm_frozen += newest_leaf_frozen(f"{CGROUP_PREFIX}-warm")
                 dt, s = await call_true(warm)
                 warm_hits += bool(s.get("warm"))
                 rows["warm"].append(dt)
@@ -356,7 +359,10 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         row('`execute_command("true")` cold (`--pool-size 0`), call_tool round trip', "cold"),
         row("of which the server's `duration_ms` (run, excl. teardown)", "cold_dur", False),
         row("of which `boot_ms`", "cold_boot", False),
-        row(f'`execute_command("true")` warm, pool refilled between calls ({warm_hits}/{n} warm)', "warm"),
+        row(
+            f'`execute_command("true")` warm, pool refilled between calls ({warm_hits}/{n} warm, {warm_frozen} frozen)',
+            "warm",
+        ),
         row("of which the server's `duration_ms`", "warm_dur", False),
         row("of which `boot_ms` (claim)", "warm_boot", False),
         row(f'`execute_command("true")` warm, back to back ({b2b_hits}/{n} warm)', "b2b"),
@@ -422,10 +428,11 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
     if "idle_ms_per_s" in cpu:
         mem_lines += [
             "",
-            f"CPU while idle (both servers, the {pool_size} pooled sandboxes, 2 s, cpuacct): "
-            f"{cpu['idle_ms_per_s']:.0f} ms per second, "
+            f"CPU while idle (both servers, the {pool_size} pooled sandboxes, 2 s, cpuacct, from 1 s after "
+            f"the pool filled): {cpu['idle_ms_per_s']:.0f} ms per second, "
             f"{cpu['idle_ms_per_s'] / pool_size:.0f} ms per second per idle pooled sandbox "
-            "(gVisor's sentry is not fully idle while a task waits).",
+            "(frozen after `--pool-freeze-after`, default 1 s; not frozen, this runsc's systrap sentry "
+            "polls ~40-60 ms per second: `bench_idle_pool.py`).",
         ]
     metrics = {
         "n": n,
@@ -437,6 +444,7 @@ async def bench(n: int, pool_size: int) -> tuple[str, str, dict]:
         "warm_ratio": warm_ratio,
         "b2b_ratio": b2b_ratio,
         "warm_hits": warm_hits,
+        "warm_frozen_claims": warm_frozen,
         "b2b_hits": b2b_hits,
         "binding_ms": med(rows["b_total"]) * 1000 if rows["b_total"] else None,
         "binding_problem": binding_problem,

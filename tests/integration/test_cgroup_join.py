@@ -91,12 +91,16 @@ async def started(manager, options: ContainerOptions, run_id: str, tg, results: 
 
 
 async def test_every_runsc_process_of_a_run_lives_in_its_own_leaf(manager):
-    """Client, gofer and sandbox all start in the leaf (memory, cpu, pids);
-    runsc made no cgroup of its own in any other hierarchy."""
+    """Client, gofer and sandbox all start in the leaf (memory, cpu, pids;
+    a pooled sandbox's also in the freezer: pool.py); runsc made no cgroup
+    of its own in any other hierarchy."""
     results: dict = {}
     async with anyio.create_task_group() as tg:
         cid = await started(manager, sh("sleep 60", timeout=120), "leaf-check", tg, results)
-        client = manager.active_run("leaf-check").process.pid
+        run = manager.active_run("leaf-check")
+        owned = (*OWNED, "freezer") if run.cgroup.freezer else OWNED
+        assert run.warm or not run.cgroup.freezer  # a cold run gets no freezer leaf
+        client = run.process.pid
         pids = [client, *children(client)]
         kinds = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0] for p in pids}
         names = sorted(os.path.basename(k) for k in kinds.values())
@@ -107,12 +111,12 @@ async def test_every_runsc_process_of_a_run_lives_in_its_own_leaf(manager):
             if detect_version() == 2:
                 assert cgs[""] == want, (kinds[pid], cgs)
             else:
-                assert all(cgs[c] == want for c in OWNED), (kinds[pid], cgs)
+                assert all(cgs[c] == want for c in owned), (kinds[pid], cgs)
         if detect_version() == 1:
             others = [
                 c.name
                 for c in Path("/sys/fs/cgroup").iterdir()
-                if c.name not in OWNED and not c.is_symlink() and (c / CGROUP_PARENT / cid).exists()
+                if c.name not in owned and not c.is_symlink() and (c / CGROUP_PARENT / cid).exists()
             ]
             assert others == [], f"runsc made cgroups in {others}"
         # The host pids limit (the safety net) is ours, and counts runsc's threads.

@@ -94,3 +94,40 @@ def test_a_missing_v2_leaf_fails_the_launcher_with_a_reason(tmp_path):
     r = subprocess.run([*launcher_argv(Launch(join_cgroups=(str(missing),)), str(log)), "/bin/true"])
     assert r.returncode != 0
     assert "could not join the run's cgroup" in log.read_text()
+
+
+def test_a_real_v2_leaf_freezes_and_thaws_its_processes(leaf, tmp_path):
+    """The pool's idle freeze (pool.py) on v2: `cgroup.freeze` stops every
+    process in the leaf, `cgroup.events` says so, and a thaw lets them on."""
+    if not (leaf._dir() / "cgroup.freeze").exists():
+        pytest.skip("this kernel's cgroup2 has no cgroup.freeze (< 5.2)")
+    (procs,) = leaf.procs_files()
+    argv = launcher_argv(Launch(join_cgroups=(procs,)), str(tmp_path / "log"))
+    # Prints a line per wake-up: frozen, the file stops growing.
+    out = tmp_path / "ticks"
+    proc = subprocess.Popen([*argv, "/bin/sh", "-c", f"while :; do echo t >> {out}; sleep 0.02; done"])
+    try:
+        for _ in range(500):
+            if out.exists() and out.stat().st_size > 0:
+                break
+            anyio.run(anyio.sleep, 0.01)
+        leaf.freeze()
+        for _ in range(500):
+            if leaf.freezer_state() == "FROZEN":
+                break
+            anyio.run(anyio.sleep, 0.01)
+        assert leaf.freezer_state() == "FROZEN"
+        size = out.stat().st_size
+        anyio.run(anyio.sleep, 0.3)
+        assert out.stat().st_size == size  # nothing ran
+        leaf.thaw()
+        assert leaf.freezer_state() == "THAWED"
+        for _ in range(500):
+            if out.stat().st_size > size:
+                break
+            anyio.run(anyio.sleep, 0.01)
+        assert out.stat().st_size > size
+    finally:
+        leaf.thaw()
+        proc.kill()
+        proc.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import anyio
 
 from gvisor_mcp.sandbox import ResourceSpec
-from gvisor_mcp.sandbox.cgroups import Cgroup, detect_version, list_leaves
+from gvisor_mcp.sandbox.cgroups import Cgroup, detect_version, freezer_available, list_leaves
 
 
 def fake_v2(tmp_path):
@@ -38,3 +38,26 @@ def test_v2_create_stats_remove(tmp_path):
         f.unlink()  # a real cgroupfs rmdir needs no unlinks
     assert anyio.run(cg.remove) == []
     assert not leaf.exists()
+
+
+def test_v2_freeze_and_thaw_write_cgroup_freeze_and_read_cgroup_events(tmp_path):
+    """v2 freezes the run's one leaf (`cgroup.freeze`); the kernel reports
+    the outcome in `cgroup.events` ("frozen 1"), simulated here."""
+    root = fake_v2(tmp_path)
+    assert freezer_available(2, root)
+    cg = Cgroup("/gvisor-mcp/gm-abcdef12-000000000001", 2, root=root, freezer=True)
+    cg.create(ResourceSpec(memory_mb=64))
+    leaf = root / "gvisor-mcp" / "gm-abcdef12-000000000001"
+    assert cg.procs_files() == (str(leaf / "cgroup.procs"),)  # no second leaf to join on v2
+    (leaf / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    (leaf / "cgroup.freeze").write_text("0\n")
+    assert cg.freezer_state() == "THAWED"
+    cg.freeze()
+    assert (leaf / "cgroup.freeze").read_text() == "1"
+    assert cg.freezer_state() == "FREEZING"  # asked, the kernel not done yet
+    (leaf / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    assert cg.freezer_state() == "FROZEN"
+    cg.thaw()
+    (leaf / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert (leaf / "cgroup.freeze").read_text() == "0"
+    assert cg.freezer_state() == "THAWED"

@@ -22,6 +22,8 @@ from .spec import CPU_PERIOD_US, host_pids_limit, to_cgroup_v2_entries
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_OWNED = ("memory", "cpu", "pids")
 """v1 controllers whose leaf we create (not cpuset: it needs cpus/mems copied)."""
+V1_FREEZER = "freezer"
+"""The v1 hierarchy a freezable leaf (a pooled sandbox's) is also made and joined in."""
 
 
 class CgroupStats(BaseModel):
@@ -68,13 +70,30 @@ def detect_version(root: Path = CGROUP_ROOT) -> int | None:
     return None
 
 
-class Cgroup:
-    """One run's cgroup at `rel` (e.g. "/gvisor-mcp/gm-...") under `root`."""
+def freezer_available(version: int, root: Path = CGROUP_ROOT) -> bool:
+    """Whether leaves can be frozen: v2 has `cgroup.freeze` in every
+    non-root cgroup (kernel >= 5.2); v1 needs the freezer hierarchy mounted."""
+    if version == 2:
+        return True
+    return (root / V1_FREEZER / "cgroup.procs").exists()
 
-    def __init__(self, rel: str, version: int, root: Path = CGROUP_ROOT) -> None:
+
+class Cgroup:
+    """One run's cgroup at `rel` (e.g. "/gvisor-mcp/gm-...") under `root`.
+
+    `freezer`: v1 also makes (and the launcher joins) a leaf in the freezer
+    hierarchy, so `freeze()` can stop every process of the sandbox (a pooled
+    one, idle: pool.py). v2 freezes the one leaf, whatever this says."""
+
+    def __init__(self, rel: str, version: int, root: Path = CGROUP_ROOT, *, freezer: bool = False) -> None:
         self.rel = rel
         self.version = version
         self.root = root
+        self.freezer = freezer
+
+    @property
+    def _v1_owned(self) -> tuple[str, ...]:
+        return (*V1_OWNED, V1_FREEZER) if self.freezer else V1_OWNED
 
     def _dir(self, controller: str | None = None) -> Path:
         base = self.root if self.version == 2 else self.root / (controller or "")
@@ -137,7 +156,7 @@ class Cgroup:
         into the whole leaf (v1: one per owned controller; v2: the one)."""
         if self.version == 2:
             return (str(self._dir() / "cgroup.procs"),)
-        return tuple(str(self._dir(c) / "cgroup.procs") for c in V1_OWNED)
+        return tuple(str(self._dir(c) / "cgroup.procs") for c in self._v1_owned)
 
     def reset_peak(self) -> None:
         """Start peak-memory accounting afresh (a claimed warm sandbox's boot
@@ -148,10 +167,43 @@ class Cgroup:
         except OSError:
             pass
 
+    def freeze(self) -> None:
+        """Ask the kernel to freeze every process in the leaf (raises OSError).
+
+        Returns at once: the tasks stop as they next leave the kernel
+        (v1 reads FREEZING, then FROZEN; v2's cgroup.events says frozen 1).
+        A frozen task runs nothing, not even a pending SIGKILL, until
+        thawed: whatever must talk to the sandbox or kill it thaws first."""
+        if self.version == 2:
+            _write(self._dir() / "cgroup.freeze", "1")
+        else:
+            _write(self._dir(V1_FREEZER) / "freezer.state", "FROZEN")
+
+    def thaw(self) -> None:
+        """Let the leaf's processes run again (raises OSError, e.g.
+        FileNotFoundError without a freezer leaf). Harmless when not frozen."""
+        if self.version == 2:
+            _write(self._dir() / "cgroup.freeze", "0")
+        else:
+            _write(self._dir(V1_FREEZER) / "freezer.state", "THAWED")
+
+    def freezer_state(self) -> str | None:
+        """The freezer's state: "THAWED", "FREEZING" (asked, not all stopped yet) or "FROZEN";
+        None without a freezer leaf."""
+        try:
+            if self.version == 2:
+                d = self._dir()
+                if _read_keyed(d / "cgroup.events", "frozen"):
+                    return "FROZEN"
+                return "FREEZING" if (d / "cgroup.freeze").read_text().strip() == "1" else "THAWED"
+            return (self._dir(V1_FREEZER) / "freezer.state").read_text().strip()
+        except OSError:
+            return None
+
     def _mkdirs_v1(self) -> list[Path]:
         made: list[Path] = []
         try:
-            for c in V1_OWNED:
+            for c in self._v1_owned:
                 d = self._dir(c)
                 d.parent.mkdir(parents=True, exist_ok=True)
                 d.mkdir()

@@ -40,6 +40,11 @@ class ManagerConfig(BaseModel):
     """Seconds a run may take to exit after `runsc kill` before it is force-deleted."""
     pool_max_age: float = Field(default=300.0, gt=0)
     """Seconds a pooled sandbox may wait for a claim before it is recycled."""
+    pool_freeze_after: float = Field(default=1.0, ge=0)
+    """Seconds a pooled sandbox idles unclaimed before it is frozen (cgroup
+    freezer; 0: never). Idle, this runsc's systrap sentry burns ~40-60 ms of
+    CPU per second; frozen, none. It is thawed (~1-2 ms) before anything
+    talks to it: the claim, its stop, the stale reaper (docs/design-notes.md)."""
     boot_timeout: float = Field(default=30.0, gt=0)
     """Seconds a pooled sandbox may take to boot."""
     cgroup_prejoin: bool = True

@@ -43,11 +43,17 @@ log = structlog.get_logger("gvisor_mcp.sandbox")
 
 
 class Container:
-    def __init__(self, host: Host, container_id: str) -> None:
+    def __init__(self, host: Host, container_id: str, *, freezable: bool = False) -> None:
+        """`freezable`: a pooled sandbox, which the pool may freeze while it
+        idles (v1: its cgroup gets a freezer leaf too; pool.py)."""
         self.host = host
         self.container_id = container_id
         self.bundle = host.base / container_id
         self.cgroup = host.cgroup(container_id)
+        self.cgroup.freezer = freezable
+        self.frozen = False
+        """Frozen by freeze() and not thawed since: nothing in it runs, not
+        even the stub reading its stdin's EOF, nor a SIGKILL."""
         self.watch: BootWatch | None = None
         self.process: RunProcess | None = None
         self.net: NetworkHandle | None = None
@@ -485,8 +491,35 @@ class Container:
         if self.watch is not None:
             self.host.close_fd_later(self.watch.detach())
 
+    def freeze(self) -> bool:
+        """Freeze an idle pooled sandbox (its systrap sentry otherwise polls
+        ~40-60 ms of CPU per second; pool.py). False when it could not be."""
+        try:
+            self.cgroup.freeze()
+        except OSError as e:
+            log.warning("freeze_failed", container_id=self.container_id, error=str(e))
+            return False
+        self.frozen = True
+        return True
+
+    def thaw(self) -> bool:
+        """Before anything talks to a frozen sandbox or kills it: a frozen
+        stub reads no claim line and no EOF, and a frozen task does not even
+        die of SIGKILL until thawed. False when the kernel refused (the
+        sandbox is then useless: the caller discards it)."""
+        if not self.frozen:
+            return True
+        try:
+            self.cgroup.thaw()
+        except OSError as e:
+            log.warning("thaw_failed", container_id=self.container_id, error=str(e))
+            return False
+        self.frozen = False
+        return True
+
     async def stop_idle(self) -> None:
         """An unclaimed (pooled) sandbox: EOF on the stub's stdin ends it cleanly."""
+        self.thaw()
         proc = self.process
         if proc is not None and proc.stdin is not None:
             try:
@@ -515,6 +548,7 @@ class Container:
             return
         self._torn_down = True
         cid, runsc = self.container_id, self.host.runsc
+        self.thaw()  # a frozen sandbox would not die of `runsc delete`'s SIGKILL
         try:
             self.close_watch()
             if self.launched is not None:

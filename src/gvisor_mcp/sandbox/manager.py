@@ -193,7 +193,7 @@ class Manager:
                 raise ManagerClosedError()
             if run_id is not None and run_id in self._active:  # taken while we waited
                 raise InvalidOptionsError("run_id", run_id, "an id not already running")
-            warm = self.pool.claim(key)
+            warm = entered.keeper.claim(key)  # thawed, before its claim line is written
             waited = 0.0
             boot = self.pool.reserve(key) if warm is None else None
             if boot is not None:

@@ -103,6 +103,14 @@ async def _reap(host: Host, cid: str) -> dict:
     removed: dict = {"container_id": cid}
     pids = runsc.process_pids(cid)
     had_state = runsc.has_state(cid)
+    cg = host.cgroup(cid)
+    try:
+        # A pooled sandbox the dead server froze (pool.py): frozen, its
+        # sentry answers no `runsc kill`, and its tasks do not die of
+        # SIGKILL until thawed. Harmless on a leaf that is not frozen.
+        cg.thaw()
+    except OSError:
+        pass  # no freezer leaf: it was never frozen
     if had_state:
         await runsc.kill(cid)
         await runsc.delete(cid)
@@ -111,7 +119,6 @@ async def _reap(host: Host, cid: str) -> dict:
         kill_pid(pid)
     removed["processes"] = len(pids)
     removed["runsc_state"] = had_state
-    cg = host.cgroup(cid)
     dirs = cg.existing_dirs()
     left = await cg.remove()
     removed["cgroups"] = len(dirs) - len(left)
