@@ -198,6 +198,7 @@ def main() -> None:
     pulls, gz = pull_times(store, base / "pull", max(3, args.n // 5))
     shutil.rmtree(base / "pull", ignore_errors=True)
     r = anyio.run(runs, store, base / "runs", args.n)
+    shutil.rmtree(base, ignore_errors=True)  # scratch, checked clean by runs()
     load_after = load_line()
     raws, cold, warm, image = r["raws"], r["cold"], r["warm"], r["image"]
     ratio, wratio = med(cold) / med(raws), med(warm) / med(raws)

@@ -17,6 +17,7 @@ least 3) of each, interleaved. Writes docs/benchmarks.md section "network=sandbo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -197,6 +198,7 @@ async def bench(n: int) -> tuple[str, dict]:
             [f"{CGROUP}-{m}" for m in ("cold", "sandbox", "warm", "direct")] + [f"{CGROUP_PREFIX}-raw"],
             base=base,
         )
+        shutil.rmtree(base, ignore_errors=True)  # scratch (etc, raw bundles), checked clean above
     cold_ratio = med(sb_cold) / med(none_cold)
     warm_ratio = med(sb_warm) / med(raws)
     mbps_p, mbps_d = SIZE / med(proxied) / 1e6, SIZE / med(direct) / 1e6
