@@ -36,6 +36,7 @@ Scenarios that do not apply, and why (NOT_APPLICABLE below):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import anyio
@@ -92,12 +93,32 @@ NOT_APPLICABLE = {
 }
 
 
+# The suite names each result directory `server-<scenario>-<ISO time with : and . as ->`,
+# e.g. server-tools-list-2026-11-30T03-49-20-123Z. Cutting at the last "-20" (as this
+# file once did) broke whenever the time itself held one: a CI run at 03:49:20 failed.
+_RESULT_DIR = re.compile(r"^server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z$")
+
+
+def _scenario(result_dir: str) -> str:
+    match = _RESULT_DIR.match(result_dir)
+    assert match, f"the suite's result directory {result_dir!r} no longer matches {_RESULT_DIR.pattern}"
+    return match["scenario"]
+
+
 def _results(out: Path) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {}
-    for f in out.glob("*/checks.json"):
-        scenario = f.parent.name.removeprefix("server-").rsplit("-20", 1)[0]
-        results[scenario] = json.loads(f.read_text())
-    return results
+    return {_scenario(f.parent.name): json.loads(f.read_text()) for f in out.glob("*/checks.json")}
+
+
+@pytest.mark.parametrize(
+    ("result_dir", "scenario"),
+    [
+        ("server-tools-list-2026-11-30T03-49-20-123Z", "tools-list"),  # the time that broke CI
+        ("server-server-initialize-2020-01-20T20-20-20-200Z", "server-initialize"),
+        ("server-dns-rebinding-protection-2026-11-29T23-59-59-999Z", "dns-rebinding-protection"),
+    ],
+)
+def test_result_directories_name_their_scenario_whatever_the_time(result_dir, scenario):
+    assert _scenario(result_dir) == scenario
 
 
 async def test_the_official_conformance_suite_passes_every_scenario_that_applies(sandbox_base, tmp_path):
