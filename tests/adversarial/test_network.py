@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gvisor_mcp.network import referenced_netns
 from gvisor_mcp.network.netns import netns_fds
+from gvisor_mcp.sandbox.spares import PER_KEY
 
 from ..conftest import leftovers
 from .conftest import audit, run, server_pids, structured, text, write_policy
@@ -37,10 +38,16 @@ def flags(internet, policy, *extra: str) -> tuple[str, ...]:
 
 
 async def no_netns_held(pid: int) -> None:
-    """Teardown of an answered run finishes in the background: wait for it."""
-    with anyio.fail_after(30):
-        while netns_fds(pid):
+    """Teardown of an answered run finishes in the background: wait until
+    the server holds no run's namespaces, only those of the spares made
+    ahead for the next cold network=sandbox runs (spares.PER_KEY of them,
+    S and E each; every run here has the same shape)."""
+    spares = 2 * PER_KEY
+    host = os.stat("/proc/self/ns/net").st_ino  # held for a moment while a namespace is made
+    with anyio.move_on_after(30):
+        while len(held := netns_fds(pid) - {host}) != spares:
             await anyio.sleep(0.1)
+    assert len(held) == spares, f"the server holds {len(held)} network namespaces, its spares' {spares}"
 
 
 def free_port() -> int:

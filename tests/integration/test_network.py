@@ -23,6 +23,8 @@ from gvisor_mcp.sandbox import (
     ResourceSpec,
     SandboxError,
 )
+from gvisor_mcp.sandbox import spares as spares_mod
+from gvisor_mcp.sandbox.container import mountpoints_of, spare_shape
 
 from ..conftest import leftovers
 from .conftest import WarmManager, make_config
@@ -163,7 +165,7 @@ async def test_another_runs_proxy_is_unreachable(sandbox_base, internet, rules):
 
             tg.start_soon(hold)
             with anyio.fail_after(60):
-                while not (m.active_run("holder") and net.open_count() >= 1 and _proxy_of(net)):
+                while not (m.active_run("holder") and _proxy_of(net)):
                     await anyio.sleep(0.05)
             other = _proxy_of(net)
             r = await m.run(opts(f"curl -sS -m 10 -x {other} http://web.test/hello; echo rc=$?", rules))
@@ -174,7 +176,8 @@ async def test_another_runs_proxy_is_unreachable(sandbox_base, internet, rules):
 
 
 def _proxy_of(net) -> str | None:
-    runs = list(net._open.values())
+    """The proxy of the run in progress (not a spare's namespace waiting for a run)."""
+    runs = [run for run in net._open.values() if run.started]
     return runs[0].proxy_url if runs else None
 
 
@@ -204,7 +207,7 @@ async def test_nothing_left_after_timeout_or_kill(sandbox_base, internet, rules,
 
                 tg.start_soon(go)
                 with anyio.fail_after(60):
-                    while not m.active_run("k") or net.open_count() == 0:
+                    while not m.active_run("k") or net.open_count(started=True) == 0:
                         await anyio.sleep(0.05)
                 await anyio.sleep(1.0)
                 await m.kill("k")
@@ -212,8 +215,9 @@ async def test_nothing_left_after_timeout_or_kill(sandbox_base, internet, rules,
             assert r.status is ContainerStatus.KILLED
         # A cold run is answered first and torn down right after (issue 18): its
         # namespace goes with the teardown, not necessarily before the answer.
+        # (Spares' namespaces, waiting for the next run, stay until the Manager closes.)
         with anyio.fail_after(60):
-            while net.open_count():
+            while net.open_count(started=True):
                 await anyio.sleep(0.05)
     # network_manager checked: no namespace referenced, no runsc leftovers
 
@@ -238,3 +242,34 @@ async def test_proxy_failure_ends_the_run_as_error(sandbox_base, internet, rules
     async with network_manager(sandbox_base, internet) as (m, net):
         r = await m.run(opts("sleep 30", rules))
     assert r.status is ContainerStatus.ERROR and "injected" in (r.error or ""), r.summary()
+
+
+async def test_a_cold_sandbox_run_takes_a_spare_with_its_namespace_made_ahead(sandbox_base, internet, rules):
+    """The second cold run of a shape takes a started spare (spares.py): its
+    namespaces were opened when the spare was made, and bound to this run,
+    its egress rules and its accounting at the go; the run's teardown
+    closes them, and a new spare (new namespaces) replaces it."""
+    cmd = "curl -sS -m 20 http://web.test/hello; curl -fsS -m 10 http://evil.example/; echo rc=$?"
+    async with network_manager(sandbox_base, internet) as (m, net):
+        first = await m.run(opts(cmd, rules))
+        host = m._entered.host
+        key = (mountpoints_of(first_opts := opts(cmd, rules)), spare_shape(host, first_opts))
+        assert key[1] == "sandbox"
+        with anyio.fail_after(60):
+            while host.spares.wanted(*key) or net.open_count(started=False) < spares_mod.PER_KEY:
+                await anyio.sleep(0.05)
+        waiting = {run.container_id: run for run in net._open.values() if not run.started}
+        assert set(waiting) == host.spares.names()
+        second = await m.run(opts(cmd, rules))
+        assert second.container_id in waiting and first.container_id not in waiting
+        assert waiting[second.container_id].started  # the spare's own namespace served the run
+        with anyio.fail_after(60):  # its teardown closes it; a new spare replaces the one taken
+            while second.container_id in net._open or host.spares.wanted(*key):
+                await anyio.sleep(0.05)
+        assert net.open_count(started=True) == 0 and net.open_count() == spares_mod.PER_KEY
+    for r in (first, second):
+        assert (r.status, r.warm) == (ContainerStatus.EXITED, False), r.summary()
+        assert r.stdout.decode() == f"hello from the test internet path=/hello client={internet.gateway}\nrc=22\n"
+        got = rows(r)
+        assert got["web.test:80"]["verdict"] == "allowed" and got["evil.example:80"]["verdict"] == "denied", got
+    # network_manager checked: every namespace made (the spares' too) is gone, nothing left

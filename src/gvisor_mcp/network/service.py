@@ -101,6 +101,11 @@ class RunNetwork:
         return self.ns.netns_path
 
     @property
+    def started(self) -> bool:
+        """Bound to a run; until then it waits (a pooled sandbox's or a spare's, sandbox/spares.py)."""
+        return self._started
+
+    @property
     def env(self) -> Mapping[str, str]:
         """What the command is told, in both cases (pip, curl, git, npm read one or the other)."""
         url = self.proxy_url
@@ -242,8 +247,9 @@ class NetworkService:
         self._open.pop(run.container_id, None)
         self._slots.give_back(run.ns.slot)
 
-    def open_count(self) -> int:
-        return len(self._open)
+    def open_count(self, *, started: bool | None = None) -> int:
+        """Namespaces open now; `started`: only those bound to a run (True) or waiting for one (False)."""
+        return sum(1 for run in self._open.values() if started is None or run.started == started)
 
     async def open(self, container_id: str) -> RunNetwork:
         """S, E, veth and listener for one sandbox; raises NetnsError."""

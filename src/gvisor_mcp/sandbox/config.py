@@ -55,13 +55,15 @@ class ManagerConfig(BaseModel):
     processes keep the CPUs busy, False (runsc joins the leaf itself, its
     client outside) was faster here (docs/benchmarks.md)."""
     spare_launchers: bool = True
-    """A cold run of the common shape (built-in root, network none or host,
-    output files, cgroup_prejoin without report_memory_limit) takes a
-    bundle whose cgroup leaf, output files and `runsc run` launcher were
-    made ahead, the launcher joined to the leaf and waiting (spares.py): its
-    fork/exec and cgroup migration are off the run's clock. Each Manager
-    keeps two per shape in use: two waiting `/bin/sh` processes and their
-    cgroup leaves."""
+    """A cold run of the common shape (built-in root, output files,
+    cgroup_prejoin without report_memory_limit; any network mode, sandbox
+    when the Manager has a network provider) takes a bundle whose cgroup
+    leaf, output files and `runsc run` launcher were made ahead, the
+    launcher joined to the leaf and waiting (spares.py): its fork/exec and
+    cgroup migration are off the run's clock, and for network=sandbox the
+    namespaces, proxy listener and the launcher's mount namespace too. Each
+    Manager keeps two per shape in use: two waiting `/bin/sh` processes and
+    their cgroup leaves (network=sandbox: and two prepared namespaces)."""
     output_files: bool = True
     """A cold run's stdout/stderr go to files in its bundle, followed and
     capped by us (outfile.py): a flood runs at raw runsc's speed writing a

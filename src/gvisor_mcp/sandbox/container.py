@@ -100,6 +100,7 @@ class Container:
         c.spare_key = key
         if spare is not None:
             c.launched = spare.started
+            c.net = c.launched.net  # network=sandbox: its namespace, made ahead; closed by teardown
         return c
 
     def replace_spare(self) -> None:
@@ -173,7 +174,8 @@ class Container:
                 host.start_soon(host.spares.refill, mountpoints)
             update: dict[str, Any] = {"command": command}
             if options.network is NetworkMode.SANDBOX:
-                self.net = await self._open_network()
+                if self.net is None:  # else a started spare's
+                    self.net = await self._open_network()
                 update["env"] = {**(options.env or {}), **self.net.env}
                 if run_id is not None:
                     self.net.start(run_id, options.egress)
@@ -590,11 +592,13 @@ def mountpoints_of(options: ContainerOptions) -> tuple[str, ...]:
 def spare_shape(host: Host, options: ContainerOptions) -> str | None:
     """The shape of a started spare (spares.py) a cold run with `options` can
     take, or None. A started spare's runsc command line is fixed when it is
-    started, all but its limits and stdin: so the built-in root, network
-    none or host (its mode is the shape), output files, and a launcher that
-    only joins the cgroup (no mount namespace: network=sandbox, MemTotal)."""
+    started, all but its limits and stdin: so the built-in root, its network
+    mode (the shape; network=sandbox when there is a provider to prepare
+    its namespace ahead, as for a pooled sandbox), output files, and a
+    launcher whose steps do not depend on the run (not report_memory_limit:
+    MemTotal is the run's own limit)."""
     config = host.config
-    if options.rootfs is not None or options.network is NetworkMode.SANDBOX:
+    if options.rootfs is not None or (options.network is NetworkMode.SANDBOX and host.network is None):
         return None
     if not config.spare_launchers or not config.cgroup_prejoin or config.report_memory_limit or not host.output_files:
         return None

@@ -23,7 +23,7 @@ import anyio.to_thread
 from .cgroups import Cgroup, detect_version
 from .config import ManagerConfig
 from .errors import SandboxError
-from .network import NetworkProvider
+from .network import NetworkHandle, NetworkProvider
 from .options import NetworkMode, ResourceSpec
 from .outfile import OutputFile, can_punch
 from .ownership import OwnerLock, new_container_id
@@ -49,6 +49,9 @@ class Launched:
     config_fd: int
     """The bundle's config.json, created empty: the run writes its spec
     into it (creating a file took ~2 ms on this host's ext4 /run)."""
+    net: NetworkHandle | None = None
+    """network=sandbox: the namespace prepared for it (not yet bound to a
+    run: the run that takes the spare binds it, as a pooled claim does)."""
 
     @property
     def waiting(self) -> bool:
@@ -116,15 +119,21 @@ class Host:
 
     async def start_spare(self, spare: Spare, shape: Hashable) -> Launched:
         """The host side of a cold run of `shape` (its network mode), made
-        ahead: cgroup leaf, output files and the launcher, which has joined
-        the leaf when this returns (SandboxError when it could not)."""
+        ahead: for network=sandbox its namespace (from the network
+        provider), then cgroup leaf, output files and the launcher, which has
+        joined the leaf when this returns (SandboxError when it could not)."""
         network = NetworkMode(shape)
+        net: NetworkHandle | None = None
+        if network is NetworkMode.SANDBOX:
+            if self.network is None:
+                raise SandboxError("network=sandbox needs a network provider, and this Manager has none")
+            net = await self.network.open(spare.cid)
         cg = self.cgroup(spare.cid)
         limits = self.config.default_resources
-        cg.create(limits)
         process: RunProcess | None = None
         config_fd = -1
         try:
+            cg.create(limits)
             config_fd = os.open(spare.path / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             stdout = OutputFile(spare.path / "stdout")
             try:
@@ -139,21 +148,25 @@ class Host:
                 network,
                 str(bundle / "runsc.log"),
                 stdin=True,
+                # network=sandbox: run_argv adds the /proc/sys/net cover, so
+                # this launcher has its private mount namespace made too.
                 launch=Launch(join_cgroups=cg.procs_files(), wait_for_go=True),
                 outputs=(stdout, stderr),
                 cwd=str(spare.path),
             )
-            launched = Launched(cg, process, limits, config_fd)
+            launched = Launched(cg, process, limits, config_fd, net)
             await self._joined(launched)
             return launched
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if process is not None:
-                    await self.stop_spare(Launched(cg, process, limits, config_fd))
+                    await self.stop_spare(Launched(cg, process, limits, config_fd, net))
                 else:
                     if config_fd >= 0:
                         os.close(config_fd)
                     await cg.remove()
+                    if net is not None:
+                        await net.aclose()
             raise
 
     async def _joined(self, launched: Launched) -> None:
@@ -191,6 +204,8 @@ class Host:
                 await stream.aclose()
             launched.close_config()
             await launched.cgroup.remove()
+            if launched.net is not None:
+                await launched.net.aclose()
 
     def start_soon(self, func, *args) -> None:  # type: ignore[no-untyped-def]
         """Background work in the Manager's task group; skipped once it has ended."""

@@ -9,10 +9,11 @@ in the bundle base directory; a run whose mountpoints match renames it to
 its own bundle (one rename) and the next spare is made after it.
 
 A spare of a *shape* (issue 18) is more: for cold runs of the common shape
-(built-in root, network none or host, output files, the cgroup pre-join)
+(built-in root, output files, the cgroup pre-join; any network mode)
 the spare's id is the run's container id, and the host side of its `runsc
 run` is started ahead too (Host.start_spare): its cgroup leaf, its output
-files and the launcher, joined to the leaf and waiting for a go line
+files, for network=sandbox its namespaces, and the launcher, joined to the
+leaf and waiting for a go line
 (runsc.Launch.wait_for_go). A run takes it with one rename, writes its
 config.json and limits, and says go: the launcher's fork/exec and its
 cgroup migration (an RCU grace period, ~10 ms here) are off its clock. The
