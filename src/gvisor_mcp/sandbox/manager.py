@@ -142,6 +142,10 @@ class Manager:
         """Warm sandboxes booted and waiting for a claim."""
         return self.pool.idle()
 
+    def frozen_pooled(self) -> int:
+        """Pooled sandboxes frozen now, until thawed or torn down (pool.py)."""
+        return self.pool.frozen()
+
     def active_runs(self) -> list[Container]:
         return list(self._active.values())
 
