@@ -1,9 +1,9 @@
 """Prometheus metrics of one server process (prometheus-client, own registry).
 
 What an operator watches: calls by tenant and how they ended, policy and
-quota denials, boot and run durations, sandboxes running now, warm pool hits
-and misses, OOMs and timeouts. Labels are tenant names and fixed enums only:
-never a command, a result id or a token.
+quota denials, boot and run durations, sandboxes running now, warm pool hits,
+misses, idle and frozen sandboxes, OOMs and timeouts. Labels are tenant names
+and fixed enums only: never a command, a result id or a token.
 """
 
 from __future__ import annotations
