@@ -1,9 +1,9 @@
 """Prometheus metrics of one server process (prometheus-client, own registry).
 
 What an operator watches: calls by tenant and how they ended, policy and
-quota denials, boot and run durations, sandboxes running now, warm pool hits
-and misses, OOMs and timeouts. Labels are tenant names and fixed enums only:
-never a command, a result id or a token.
+quota denials, boot and run durations, sandboxes running now, warm pool hits,
+misses, idle and frozen sandboxes, OOMs and timeouts. Labels are tenant names
+and fixed enums only: never a command, a result id or a token.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class Metrics:
         self.timeouts = Counter("gvisor_mcp_timeouts", "runs ended by their time limit", ["tenant"], registry=r)
         self.active = Gauge("gvisor_mcp_active_containers", "sandboxes running commands now", registry=r)
         self.pool_idle = Gauge("gvisor_mcp_pool_idle", "pre-booted sandboxes waiting to be claimed", registry=r)
+        self.pool_frozen = Gauge(
+            "gvisor_mcp_pool_frozen",
+            "pre-booted sandboxes frozen (cgroup freezer) after idling --pool-freeze-after seconds",
+            registry=r,
+        )
         self.egress_connections = Counter(
             "gvisor_mcp_egress_connections",
             "connection attempts through the egress proxy, by tenant and verdict (allowed, denied, failed)",
@@ -71,10 +76,14 @@ class Metrics:
             registry=r,
         )
 
-    def watch(self, active: Callable[[], float], pool_idle: Callable[[], float]) -> None:
-        """Gauges read live from the Manager at scrape time."""
+    def watch(
+        self, active: Callable[[], float], pool_idle: Callable[[], float], pool_frozen: Callable[[], float]
+    ) -> None:
+        """Gauges read live from the Manager at scrape time (nothing to keep in
+        step on every path that starts, claims, freezes or thaws a sandbox)."""
         self.active.set_function(active)
         self.pool_idle.set_function(pool_idle)
+        self.pool_frozen.set_function(pool_frozen)
 
     def egress(self, tenant: str, verdict: str, up: int, down: int) -> None:
         self.egress_connections.labels(tenant, verdict).inc()

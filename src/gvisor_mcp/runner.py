@@ -60,6 +60,8 @@ class JobRunner(Protocol):
 
     def idle_pooled(self) -> int: ...
 
+    def frozen_pooled(self) -> int: ...
+
     def active_run(self, run_id: str) -> RunView | None: ...
 
     async def run_job(
@@ -97,6 +99,9 @@ class LocalRunner:
 
     def idle_pooled(self) -> int:
         return self.manager.idle_pooled()
+
+    def frozen_pooled(self) -> int:
+        return self.manager.frozen_pooled()
 
     def active_run(self, run_id: str) -> RunView | None:
         return self.manager.active_run(run_id)

@@ -414,7 +414,7 @@ async def start_runtime(config: ServeConfig, policy: PolicyHolder) -> AsyncItera
                 pool_size=config.pool_size,
             )
             metrics = Metrics()
-            metrics.watch(manager.active_containers, manager.idle_pooled)
+            metrics.watch(manager.active_containers, manager.idle_pooled, manager.frozen_pooled)
             jobs = Jobs(manager, store, audit, tg, metrics, shared=config.multi_tenant)
             rt = Runtime(config, policy, manager, store, audit, jobs, metrics)
             if config.backend == "ray":

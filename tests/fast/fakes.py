@@ -91,6 +91,9 @@ class FakeManager:
     def idle_pooled(self) -> int:
         return 0
 
+    def frozen_pooled(self) -> int:
+        return 0
+
     def active_run(self, run_id: str) -> FakeContainer | None:
         return self._active.get(run_id)
 

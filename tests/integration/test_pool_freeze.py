@@ -52,7 +52,15 @@ async def _frozen_pool(m: Manager, template: ContainerOptions, size: int = 1) ->
     await _until(lambda: all(w.container.cgroup.freezer_state() == "FROZEN" for w in _ready(m)))
     warm = _ready(m)
     assert len(warm) == size and all(w.container.frozen for w in warm)
+    assert m.frozen_pooled() == size
     return warm
+
+
+def _counted_right(m: Manager) -> bool:
+    """The frozen gauge's count (Manager.frozen_pooled) is the ready sandboxes
+    frozen now, once nothing taken out of the ready list is still on its way
+    out (a claim thaws at once; a stop thaws before anything else)."""
+    return m.frozen_pooled() == sum(w.container.frozen for w in _ready(m))
 
 
 def _freezer_leaf(cg: Cgroup) -> Path:
@@ -79,6 +87,7 @@ async def test_an_idle_pooled_sandbox_is_frozen_with_all_its_processes_and_a_cla
         assert r.warm and r.container_id == warm.container_id, r.summary()
         assert (r.status, r.exit_code, r.stdout, r.stderr) == (ContainerStatus.EXITED, 3, b"got hi\n", b"err\n")
         assert not warm.container.frozen
+        assert _counted_right(m)  # the claimed one no longer counts (its refill may)
         m.warm(SH, 0)
     assert leftovers(sandbox_base) == {}
 
@@ -125,6 +134,7 @@ async def test_a_manager_closed_with_frozen_sandboxes_leaves_nothing(sandbox_bas
         warm = await _frozen_pool(m, SH, size=2)
         leaves = [_freezer_leaf(w.container.cgroup) for w in warm]
         assert all(p.is_dir() for p in leaves)
+    assert m.frozen_pooled() == 0
     left = leftovers(sandbox_base)
     assert left == {}, left
     assert not any(p.exists() for p in leaves)
@@ -145,6 +155,45 @@ async def test_a_sandbox_that_will_not_thaw_is_discarded_and_the_call_goes_cold(
         assert (r.status, r.exit_code) == (ContainerStatus.EXITED, 0)
         assert m.pool.hits == 0 and m.pool.misses == 1
         await _until(lambda: not c.cgroup.existing_dirs())
+        assert c.torn_down and not c.frozen  # its stop thawed it after all
+        assert _counted_right(m)
+    assert leftovers(sandbox_base) == {}
+
+
+def _processes_of(cid: str) -> list[str]:
+    """`ps` lines of any process (runsc-sandbox, gofer, the runsc client) naming `cid`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if cid in line]
+
+
+async def test_a_frozen_sandbox_reaching_max_age_is_thawed_and_retired_and_the_pool_refills(sandbox_base):
+    async with Manager(make_config(sandbox_base, pool_freeze_after=FREEZE_AFTER)) as m:
+        (warm,) = await _frozen_pool(m, SH)
+        c, cid = warm.container, warm.container_id
+        leaf = _freezer_leaf(c.cgroup)
+        assert leaf.is_dir() and _processes_of(cid) and c.bundle.is_dir()
+        # It reaches pool_max_age now: the keeper's own check retires it.
+        warm.booted_at -= m.config.pool_max_age + 1
+        m.pool.wake()
+        # (A frozen sandbox stopped without a thaw would not get past this.)
+        await _until(lambda: c.torn_down and not c.cgroup.existing_dirs() and not c.bundle.exists())
+        assert not c.frozen and not leaf.exists()
+        # Cleanly: thawed first, so its stub read the EOF and exited (1: the
+        # waiting `read` failed); stopped unthawed, it would have been killed
+        # (-9) after kill_grace, by runsc kill then teardown's thaw.
+        assert c.process is not None and c.process.returncode == 1, c.process.returncode
+        assert m.pool.hits == 0 and m.pool.misses == 0  # retired, not claimed
+        listed = subprocess.run(
+            ["runsc", f"--root={sandbox_base / 'runsc'}", "list", "-quiet"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert cid not in listed, listed
+        assert _processes_of(cid) == []
+        assert _counted_right(m)
+        # The pool refills with a new sandbox, which idles and is frozen in turn.
+        (fresh,) = await _frozen_pool(m, SH)
+        assert fresh.container_id != cid
+        m.warm(SH, 0)
+    assert m.frozen_pooled() == 0
     assert leftovers(sandbox_base) == {}
 
 

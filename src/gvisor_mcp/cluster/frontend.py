@@ -302,6 +302,9 @@ class RayRunner:
         """Warm pools live on the agents; the server's metrics see none here."""
         return 0
 
+    def frozen_pooled(self) -> int:
+        return 0
+
     async def run_job(
         self, options: ContainerOptions, *, run_id: str, tenant: str, session: str | None
     ) -> ContainerResult:

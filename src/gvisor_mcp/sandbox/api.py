@@ -48,6 +48,10 @@ class ManagerAPI(Protocol):
         """Warm sandboxes booted and waiting for a claim (metrics)."""
         ...
 
+    def frozen_pooled(self) -> int:
+        """Pooled sandboxes frozen now, idling (metrics)."""
+        ...
+
     def active_run(self, run_id: str) -> RunView | None:
         """The run with this id while it is in flight, else None."""
         ...

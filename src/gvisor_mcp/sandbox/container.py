@@ -493,6 +493,11 @@ class Container:
         if self.watch is not None:
             self.host.close_fd_later(self.watch.detach())
 
+    @property
+    def torn_down(self) -> bool:
+        """teardown() has begun (it thaws first): nothing of it is the pool's any more."""
+        return self._torn_down
+
     def freeze(self) -> bool:
         """Freeze an idle pooled sandbox (its systrap sentry otherwise polls
         ~40-60 ms of CPU per second; pool.py). False when it could not be."""

@@ -15,6 +15,10 @@ Ownership: every Manager holds an exclusive flock on its own owner file for
 its lifetime. Container ids embed the Manager's instance id, so
 `cleanup_stale` can tell a live neighbour's runs (lock held: never touched)
 from a dead process's leftovers (lock free: reaped; reaper.py).
+
+Why over ~400 lines: admission, the registry of runs in flight and the
+warm hand-offs (claim, reserve, refill, early answer) share the capacity
+slots, and are read together whenever one of them changes.
 """
 
 from __future__ import annotations
@@ -141,6 +145,10 @@ class Manager:
     def idle_pooled(self) -> int:
         """Warm sandboxes booted and waiting for a claim."""
         return self.pool.idle()
+
+    def frozen_pooled(self) -> int:
+        """Pooled sandboxes frozen now (WarmPool.frozen)."""
+        return self.pool.frozen()
 
     def active_runs(self) -> list[Container]:
         return list(self._active.values())
