@@ -2,7 +2,8 @@
 
 Rows, interleaved per iteration: raw `runsc run` of `true` (network none,
 the reference), cold `Manager.run` with network none, cold with network
-sandbox (namespaces + proxy set up and torn down on the clock), a warm
+sandbox (both take started spares, spares.py: for sandbox, its namespaces
+and proxy listener were made ahead; the teardown follows the answer), a warm
 sandbox-mode claim from a pool of 1, and the namespace setup + teardown
 alone. Then 100 MB downloaded inside a sandbox from the test internet's web
 server (tests/internet.py): through the egress proxy, and "direct": the
