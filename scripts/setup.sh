@@ -117,7 +117,10 @@ install_claude_code() {
   fi
   log "installing Claude Code into $dir (npm)"
   mkdir -p "$dir"
-  npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@^2" >&2
+  # Pinned: the test reads `claude mcp list`'s words ("Connected"). 2.1.197 is
+  # the last release that runs on Debian 12's Node 18 (later ones need >= 22,
+  # and npm's range resolution picked it for that reason alone).
+  npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@2.1.197" >&2
 }
 
 # tests/protocol/test_conformance.py runs the official MCP conformance suite
