@@ -29,7 +29,7 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -287,13 +287,17 @@ def netns_fds(pid: int | str) -> set[int]:
     return out
 
 
-def referenced_netns() -> set[int]:
-    """Inodes of every network namespace some process on this host holds
-    (as its own, or through an fd). Tests use it to prove a run's S and E
-    are gone; a bind-mounted namespace is not looked for (we make none)."""
+def referenced_netns(exclude: Collection[int] = ()) -> set[int]:
+    """Inodes of every network namespace some process on this host (but the
+    pids in `exclude`) holds (as its own, or through an fd). Tests use it to
+    prove a run's S and E are gone; a bind-mounted namespace is not looked
+    for (we make none). The kernel reuses a freed namespace's inode number,
+    so a process started later may hold the same number for a new one:
+    `exclude` leaves such a process out."""
     seen: set[int] = set()
+    skip = {str(p) for p in exclude}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or pid in skip:
             continue
         try:
             seen.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
