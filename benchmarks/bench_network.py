@@ -214,7 +214,7 @@ async def bench(n: int) -> tuple[str, dict]:
             "|---|---:|---:|---:|",
             f"| raw `runsc run` of `true`, network none (reference) | {ms(med(raws))} | {ms(p90(raws))} | 1.00 |",
             f'| cold `Manager.run(["true"])`, network none | {ms(med(none_cold))} | {ms(p90(none_cold))} | {med(none_cold) / med(raws):.2f} |',
-            f"| cold, network sandbox (namespaces, veth, proxy; torn down on the clock) | {ms(med(sb_cold))} | {ms(p90(sb_cold))} | {med(sb_cold) / med(raws):.2f} |",
+            f"| cold, network sandbox (a spare's namespaces, made ahead, bound at its start) | {ms(med(sb_cold))} | {ms(p90(sb_cold))} | {med(sb_cold) / med(raws):.2f} |",
             f"| warm sandbox-mode claim (pool of 1) | {ms(med(sb_warm))} | {ms(p90(sb_warm))} | {warm_ratio:.2f} |",
             f"| namespace setup + teardown alone (S, E, veth, addresses, listener) | {ms(med(ns_cycle))} | {ms(p90(ns_cycle))} | |",
             "",
