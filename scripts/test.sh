@@ -10,4 +10,5 @@ cd "$here"
 "$here/.venv/bin/ruff" check --quiet .
 "$here/.venv/bin/ruff" format --check --quiet . || { echo "ruff format: run .venv/bin/ruff format . (the files above are not formatted)" >&2; exit 1; }
 "$here/.venv/bin/mypy"
-exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests are named in every CI log (the suite must stay under 30 min).
+exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
