@@ -242,28 +242,54 @@ CHILD = textwrap.dedent(
             await m.wait_warm(t, timeout=120)
             while not all(w.container.frozen for v in m.pool.ready.values() for w in v):
                 await anyio.sleep(0.05)
-            print("FROZEN", *(w.container_id for v in m.pool.ready.values() for w in v), flush=True)
+            guard = m._entered.host.thaw_guard.pid
+            print("FROZEN", guard, *(w.container_id for v in m.pool.ready.values() for w in v), flush=True)
             await anyio.sleep(600)
     anyio.run(main)
     """
 )
 
 
-async def test_a_sigkilled_managers_frozen_sandboxes_are_reaped_by_the_next(sandbox_base):
+def exited(pid: int) -> bool:
+    """Gone, or a zombie its new parent has not reaped (this machine's init may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("guard", ["alive", "killed too"])
+async def test_a_sigkilled_managers_frozen_sandboxes_end_by_themselves_or_are_reaped_by_the_next(sandbox_base, guard):
+    """Its thaw guard (thawguard.py) thaws them once the Manager's process is
+    gone: their stubs read EOF and exit, as unfrozen ones do, leaving the
+    leaves and bundles to the reaper. Without the guard (killed with it),
+    they stay frozen until the next Manager's reaper thaws and removes them."""
     cfg = make_config(sandbox_base, pool_freeze_after=FREEZE_AFTER).model_dump(mode="json")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     try:
-        word, *ids = child.stdout.readline().split()
-        assert word == "FROZEN" and len(ids) == 2
+        word, guard_pid, *ids = child.stdout.readline().split()
+        assert word == "FROZEN" and len(ids) == 2 and guard_pid.isdigit()
+        if guard == "killed too":
+            os.kill(int(guard_pid), signal.SIGKILL)
         child.send_signal(signal.SIGKILL)
         child.wait()
-        # Their stubs' stdin is closed now, but frozen, they cannot see it.
-        time.sleep(1.0)
-        left = leftovers(sandbox_base)
-        assert left.get("processes") and left.get("cgroups"), left
-        assert all(f"freezer/{cid}" in left["cgroups"] for cid in ids), left
+        if guard == "alive":
+            for _ in range(300):
+                if not leftovers(sandbox_base).get("processes"):
+                    break
+                time.sleep(0.1)
+            left = leftovers(sandbox_base)
+            assert not left.get("processes"), left
+            assert all(f"freezer/{cid}" in left["cgroups"] for cid in ids), left  # for the reaper
+            assert exited(int(guard_pid)), "the guard exits once it has thawed them"
+        else:
+            # Their stubs' stdin is closed now, but frozen, they cannot see it.
+            time.sleep(1.0)
+            left = leftovers(sandbox_base)
+            assert left.get("processes") and left.get("cgroups"), left
+            assert all(f"freezer/{cid}" in left["cgroups"] for cid in ids), left
         async with Manager(make_config(sandbox_base)) as m:
             report = await m.reap_stale()
         assert sorted(r["container_id"] for r in report) == sorted(ids), report

@@ -182,10 +182,14 @@ class Cgroup:
     def thaw(self) -> None:
         """Let the leaf's processes run again (raises OSError, e.g.
         FileNotFoundError without a freezer leaf). Harmless when not frozen."""
+        _write(*self.thaw_write())
+
+    def thaw_write(self) -> tuple[Path, str]:
+        """What thaw() writes, and where (for a `rel` with a glob in it: the
+        files a ThawGuard writes, thawguard.py)."""
         if self.version == 2:
-            _write(self._dir() / "cgroup.freeze", "0")
-        else:
-            _write(self._dir(V1_FREEZER) / "freezer.state", "THAWED")
+            return self._dir() / "cgroup.freeze", "0"
+        return self._dir(V1_FREEZER) / "freezer.state", "THAWED"
 
     def freezer_state(self) -> str | None:
         """The freezer's state: "THAWED", "FREEZING" (asked, not all stopped yet) or "FROZEN";

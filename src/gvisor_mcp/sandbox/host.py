@@ -26,10 +26,11 @@ from .errors import SandboxError
 from .network import NetworkHandle, NetworkProvider
 from .options import NetworkMode, ResourceSpec
 from .outfile import OutputFile, can_punch
-from .ownership import OwnerLock, new_container_id
+from .ownership import OwnerLock, ids_of, new_container_id
 from .rootfs import host_system_entries, write_etc
 from .runsc import Launch, RunProcess, Runsc, missing_launcher_tools
 from .spares import Spare, Spares
+from .thawguard import ThawGuard
 
 JOIN_WAIT = 5.0
 """Seconds a started spare's launcher may take to join its cgroup leaf."""
@@ -106,6 +107,9 @@ class Host:
         self.owner = OwnerLock(self.base / ".owners")
         self.spares = Spares(self.base, self.system, self.new_container_id, self.start_spare, self.stop_spare)
         """Cold runs' empty roots, and for the common shape their launchers, made ahead (spares.py)."""
+        every_leaf = Cgroup(f"/{config.cgroup_parent}/{ids_of(self.instance)}", version, freezer=True)
+        self.thaw_guard = ThawGuard(*every_leaf.thaw_write())
+        """Thaws our frozen pooled sandboxes if this process dies (thawguard.py); started by the pool."""
 
     @property
     def instance(self) -> str:

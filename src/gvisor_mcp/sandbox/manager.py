@@ -297,6 +297,7 @@ class Manager:
             if self._parts is not None:
                 with anyio.CancelScope(shield=True):
                     await self._parts.host.spares.close()
+                    await self._parts.host.thaw_guard.aclose()
                 self._parts.host.owner.release()
             self._close_done.set()
 

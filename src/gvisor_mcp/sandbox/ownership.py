@@ -21,6 +21,11 @@ def new_container_id(instance: str) -> str:
     return f"{ID_PREFIX}{instance}-{secrets.token_hex(6)}"
 
 
+def ids_of(instance: str) -> str:
+    """A glob matching every container id `instance` makes."""
+    return f"{ID_PREFIX}{instance}-*"
+
+
 def instance_of(container_id: str) -> str | None:
     """The owner instance a container id names; None for ids not ours."""
     if not container_id.startswith(ID_PREFIX):

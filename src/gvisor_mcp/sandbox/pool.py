@@ -31,9 +31,10 @@ seconds is frozen (cgroup freezer): this runsc's systrap sentry polls
 ~40-60 ms of CPU per second while it idles, none frozen. Whatever takes a
 sandbox out of the ready list thaws it before talking to it: the claim
 (PoolKeeper.claim; a sandbox that will not thaw is discarded and the call goes
-on as a miss), its stop (Container.stop_idle, teardown), the stale reaper
-(a dead server's frozen sandboxes stay frozen until the next start reaps
-them: their stubs cannot read the EOF that would end them).
+on as a miss), its stop (Container.stop_idle, teardown), the stale reaper.
+A dead server's frozen sandboxes cannot read the EOF that would end them:
+its thaw guard (thawguard.py, started before the first freeze) thaws them
+once the server is gone, or, if it died too, the next start's reaper.
 
 `WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
 `PoolKeeper` boots and destroys pooled sandboxes in the Manager's task group,
@@ -439,6 +440,11 @@ class PoolKeeper:
         and the write happen in one turn of the event loop, as the claim's
         pop and thaw do: a claimed sandbox is never frozen behind its run."""
         await anyio.sleep(self.freeze_after)
+        try:
+            await self.host.thaw_guard.ensure()  # thaws them if this server dies (thawguard.py)
+        except OSError as e:
+            log.warning("freeze_skipped", container_id=warm.container_id, error=f"no thaw guard: {e}")
+            return
         idle = not self._closed() and any(w is warm for w in self.pool.ready.get(warm.key, []))
         if idle and warm.container.freeze():
             self.pool.froze(warm)
