@@ -68,7 +68,18 @@ per character in re.sub cost ~7 ms per 8 KiB excerpt, translate ~1 ms."""
 
 
 def render(text: str) -> str:
-    """`text` with every control, bidi, invisible or unpaired character escaped."""
+    """`text` with every control, bidi, invisible or unpaired character escaped.
+
+    Every string a client receives goes through here, some several times
+    (a 4 KiB read_file page: ~16 calls). Two shortcuts, same result: ASCII
+    text needs translate alone (every unsafe ASCII character is in _LATIN1,
+    and its escapes are safe ASCII): 10 us per 4 KiB instead of 170; other
+    text with nothing to escape is returned after one search (150 us
+    instead of 650: translate leaves ASCII's fast path)."""
+    if text.isascii():
+        return text.translate(_LATIN1)
+    if _UNSAFE.search(text) is None:
+        return text
     return _UNSAFE.sub(_escape, text.translate(_LATIN1))
 
 
