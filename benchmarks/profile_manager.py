@@ -124,9 +124,12 @@ def phases_of(
         first.setdefault(name, (a, b))
         total[name] += b - a
     sup_a, sup_b = first["supervise"]
-    # A warm run may answer as soon as the command's exit status is known and
-    # remove the sandbox in the background: then no teardown is inside [t0, t1].
-    td_a, td_b = first.get("teardown", (t1, t1))
+    # Runs answer first and remove the sandbox in the background (a warm one
+    # as soon as the command's exit status is known, a cold one once its
+    # result is built): then no teardown of this run is inside [t0, t1]. The
+    # previous run's background teardown may start after t0: only one that
+    # starts after this run's supervision ended is this run's.
+    td_a, td_b = next(((a, b) for n, a, b in events if n == "teardown" and a >= sup_b), (t1, t1))
     if td_a > t1:
         td_a = td_b = t1
     out: dict[str, float] = {}
@@ -424,6 +427,10 @@ async def bench(n: int, keep: Path | None) -> tuple[str, dict]:
         + " |"
     )
     lines += [
+        "",
+        "Teardown rows read 0 where the run answered first and removed its sandbox in the "
+        "background (every run here: the result is built, then it is returned); the "
+        "teardown's CPU still shows in the rows below and in the py-spy buckets.",
         "",
         "py-spy: where the Python process is busy (samples at 500 Hz that are not the event "
         "loop waiting in epoll), in ms per run, and the bucket's share of the busy samples. "
