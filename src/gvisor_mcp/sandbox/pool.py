@@ -33,7 +33,7 @@ sandbox out of the ready list thaws it before talking to it: the claim
 (PoolKeeper.claim; a sandbox that will not thaw is discarded and the call goes
 on as a miss), its stop (Container.stop_idle, teardown), the stale reaper.
 A dead server's frozen sandboxes cannot read the EOF that would end them:
-its thaw guard (thawguard.py, started before the first freeze) thaws them
+its thaw guard (thawguard.py, started with the first pooled sandbox) thaws them
 once the server is gone, or, if it died too, the next start's reaper.
 
 `WarmPool` is the bookkeeping (targets, ready sandboxes, hit counts);
@@ -369,6 +369,14 @@ class PoolKeeper:
         host, key, c = self.host, boot.key, boot.container
         cid = c.container_id
         pooled = False
+        if self.freeze_after > 0:
+            # Started with the first pooled sandbox rather than at its first
+            # freeze: a server's processes and fds do not change once its pool
+            # is up (the soak counts them); _freeze_later checks it again.
+            try:
+                await host.thaw_guard.ensure()
+            except OSError as e:
+                log.warning("thaw_guard_failed", error=str(e))
         try:
             res = template.resources.merged_over(host.config.default_resources)
             # stdout a file (outfile.py), as a cold run's; stderr stays a

@@ -6,12 +6,12 @@ cannot read that EOF, and on cgroup v1 does not even die of SIGKILL until
 thawed, so it would wait, holding its memory, for the next start's reaper or
 `gvisor-mcp cleanup`.
 
-The guard is one `/bin/sh` per Manager, started before its first freeze, in
-a session of its own (a Ctrl-C aimed at the server is not aimed at it),
-blocked reading a pipe only the server holds. However the server ends, the
-read returns, and the guard thaws every leaf of the Manager's instance
-(container ids embed it: ownership.py); their stubs then read EOF and exit
-as unfrozen ones do. A Manager that closes normally thaws and stops its
+The guard is one `/bin/sh` per Manager, started with its first pooled
+sandbox (before any freeze), in a session of its own (a Ctrl-C aimed at
+the server is not aimed at it), blocked reading a pipe only the server
+holds. However the server ends, the read returns, and the guard thaws
+every leaf of the Manager's instance (container ids embed it:
+ownership.py); their stubs then read EOF and exit as unfrozen ones do. A Manager that closes normally thaws and stops its
 sandboxes itself first, then closes the pipe: the guard finds nothing left
 and exits. The leaves and bundle directories stay for the reaper, as an
 unfrozen sandbox's do.
