@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import (  # noqa: E402
     CGROUP_PREFIX,
+    RAW_CGROUP,
     Raw,
     bench_main,
     check_clean,
@@ -196,7 +197,7 @@ async def bench(n: int) -> tuple[str, dict]:
             TITLE,
             [(base / m / "runsc", base / m / "bundles") for m in ("cold", "sandbox", "warm", "direct")]
             + [(raw.root, None)],
-            [f"{CGROUP}-{m}" for m in ("cold", "sandbox", "warm", "direct")] + [f"{CGROUP_PREFIX}-raw"],
+            [f"{CGROUP}-{m}" for m in ("cold", "sandbox", "warm", "direct")] + [RAW_CGROUP],
             base=base,
         )
         shutil.rmtree(base, ignore_errors=True)  # scratch (etc, raw bundles), checked clean above
