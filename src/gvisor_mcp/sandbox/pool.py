@@ -161,8 +161,6 @@ class WarmPool:
         self.holds: dict[PoolKey, list[object]] = {}
         """Per key, one entry per claimed sandbox whose replacement must not
         boot yet (REFILL_DELAY): the keeper counts them as if booting."""
-        self._frozen: list[WarmSandbox] = []
-        """Sandboxes the keeper froze; `frozen()` drops those thawed or torn down since."""
 
     def wake(self) -> None:
         self.changed.set()
@@ -262,23 +260,11 @@ class WarmPool:
     def idle(self) -> int:
         return sum(len(v) for v in self.ready.values())
 
-    def froze(self, warm: WarmSandbox) -> None:
-        """Count `warm`, frozen by the keeper; pruned here too, so a server
-        nobody scrapes does not keep every sandbox it ever froze."""
-        self.frozen()
-        self._frozen.append(warm)
-
     def frozen(self) -> int:
-        """Pooled sandboxes frozen now (the metrics gauge). Read from each
-        container's own state rather than kept in step with the ready list:
-        whatever takes one out of it (a claim, an eviction, retirement at
-        max_age, close) thaws it in Container.thaw or ends it in
-        Container.teardown, failures included, so the count follows every
-        path without each one having to remember it. One whose teardown
-        could not thaw it is no longer counted (thaw_failed, cgroup_left
-        are logged): it is no longer the pool's."""
-        self._frozen = [w for w in self._frozen if w.container.frozen and not w.container.torn_down]
-        return len(self._frozen)
+        """Pooled sandboxes frozen now (the metrics gauge). Only a ready one is
+        ever frozen, and whatever takes one out of the ready list thaws it
+        (claim, stop_idle, teardown): counting the ready list is enough."""
+        return sum(w.container.frozen for ws in self.ready.values() for w in ws)
 
     def booting(self, key: PoolKey) -> int:
         return sum(not b.abandoned for b in self.boots.get(key, []))
@@ -454,8 +440,8 @@ class PoolKeeper:
             log.warning("freeze_skipped", container_id=warm.container_id, error=f"no thaw guard: {e}")
             return
         idle = not self._closed() and any(w is warm for w in self.pool.ready.get(warm.key, []))
-        if idle and warm.container.freeze():
-            self.pool.froze(warm)
+        if idle:
+            warm.container.freeze()
 
     async def destroy(self, warm: WarmSandbox) -> None:
         with anyio.CancelScope(shield=True):
